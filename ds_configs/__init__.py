@@ -1,0 +1,1 @@
+"""DeepSpeed configs (JSON), shipped as package data."""

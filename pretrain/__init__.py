@@ -1,0 +1,4 @@
+"""Continued pretraining: corpus -> packed token shards, the DeepSpeed engine, stage presets, planner.
+
+Imported as `zhllama.pretrain`.
+"""

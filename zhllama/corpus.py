@@ -1,0 +1,252 @@
+"""Reading text corpora: files, directories and globs of txt / jsonl / parquet, optionally .gz.
+
+Shared by `vocab train` and `data pack`. Every problem names its file (and line): a missing path, a
+glob that matches nothing, an empty or binary file, undecodable bytes, a JSON line that is not an
+object or lacks the text field. Bad lines are counted and skipped, or raise with `strict=True`.
+"""
+
+import glob
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+from .errors import InputError
+
+TEXT_SUFFIXES = (".txt", ".text")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+KNOWN_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class CorpusStats:
+    """Counts of what was read and what was skipped, per reason."""
+    files: int = 0
+    documents: int = 0
+    bytes: int = 0
+    empty: int = 0
+    bad_utf8: int = 0
+    bad_json: int = 0
+    missing_field: int = 0
+    first_problems: List[str] = field(default_factory=list)
+
+    def skipped(self) -> int:
+        return self.bad_utf8 + self.bad_json + self.missing_field
+
+    def note(self, message: str) -> None:
+        if len(self.first_problems) < 5:
+            self.first_problems.append(message)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def data_format(path) -> str:
+    """'text', 'jsonl' or 'parquet' from the file name (a trailing .gz is looked through)."""
+    name = str(path).lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for suffixes, kind in ((JSON_SUFFIXES, "jsonl"), (PARQUET_SUFFIXES, "parquet")):
+        if name.endswith(suffixes):
+            return kind
+    return "text"
+
+
+def expand_inputs(specs) -> List[Path]:
+    """Files named directly, the known-format files under directories (recursively, sorted), and
+    glob matches (sorted). Order is deterministic; duplicates are dropped."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    out, seen = [], set()
+
+    def add(p: Path):
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+
+    for spec in specs:
+        spec = str(spec)
+        if _GLOB_CHARS & set(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            files = [Path(m) for m in matches if os.path.isfile(m)]
+            if not files:
+                raise InputError(spec, "glob matches no file")
+            for f in files:
+                add(f)
+        elif os.path.isdir(spec):
+            files = sorted(
+                Path(root) / name
+                for root, _, names in os.walk(spec)
+                for name in names
+                if not name.startswith(".")
+                and name.lower().removesuffix(".gz").endswith(KNOWN_SUFFIXES))
+            if not files:
+                raise InputError(spec, f"directory holds no {'/'.join(KNOWN_SUFFIXES)} file")
+            for f in files:
+                add(f)
+        elif os.path.isfile(spec):
+            add(Path(spec))
+        else:
+            raise InputError(spec, "no such file or directory")
+    return out
+
+
+def _open_binary(path: Path):
+    if str(path).lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def check_readable(path: Path) -> None:
+    """Refuse empty and binary files up front, with the file's name."""
+    if os.path.getsize(path) == 0:
+        raise InputError(path, "file is empty")
+    try:
+        with _open_binary(path) as f:
+            head = f.read(8192)
+    except (OSError, EOFError) as e:
+        raise InputError(path, f"cannot read: {e}") from None
+    if data_format(path) == "parquet":
+        return
+    if not head.strip():
+        raise InputError(path, "file holds no text")
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise InputError(path, f"looks like a binary file (NUL byte at offset {nul}), not text")
+
+
+def _decode(raw: bytes, path, lineno, strict, stats) -> Optional[str]:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        msg = f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
+        if strict:
+            raise InputError(path, f"not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                   "convert the file to UTF-8 (e.g. iconv -f GBK -t UTF-8)", lineno) from None
+        stats.bad_utf8 += 1
+        stats.note(msg)
+        return None
+
+
+def iter_lines(path: Path, strict=False, stats: Optional[CorpusStats] = None) -> Iterator[tuple]:
+    """(line number, decoded line without newline) for each decodable line."""
+    stats = stats if stats is not None else CorpusStats()
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            stats.bytes += len(raw)
+            text = _decode(raw, path, lineno, strict, stats)
+            if text is not None:
+                yield lineno, text.rstrip("\r\n")
+
+
+def iter_documents(path, *, text_field="text", doc_sep="line", strict=False,
+                   stats: Optional[CorpusStats] = None) -> Iterator[str]:
+    """Documents of one file.
+
+    text: one document per line (`doc_sep="line"`) or blank-line separated paragraphs
+    (`doc_sep="blank"`); jsonl: the `text_field` of each JSON object; parquet: the `text_field` column.
+    Empty documents are counted and skipped.
+    """
+    path = Path(path)
+    stats = stats if stats is not None else CorpusStats()
+    check_readable(path)
+    stats.files += 1
+    kind = data_format(path)
+    if kind == "parquet":
+        yield from _iter_parquet(path, text_field, strict, stats)
+        return
+    if kind == "jsonl":
+        for lineno, line in iter_lines(path, strict, stats):
+            if not line.strip():
+                continue
+            text = _json_text(line, path, lineno, text_field, strict, stats)
+            if text is None:
+                continue
+            if not text.strip():
+                stats.empty += 1
+                continue
+            stats.documents += 1
+            yield text
+        return
+    if doc_sep == "line":
+        for _, line in iter_lines(path, strict, stats):
+            if not line.strip():
+                stats.empty += 1
+                continue
+            stats.documents += 1
+            yield line
+    elif doc_sep == "blank":
+        para: List[str] = []
+        for _, line in iter_lines(path, strict, stats):
+            if line.strip():
+                para.append(line)
+            elif para:
+                stats.documents += 1
+                yield "\n".join(para)
+                para = []
+        if para:
+            stats.documents += 1
+            yield "\n".join(para)
+    else:
+        raise ValueError(f"doc_sep must be 'line' or 'blank', not {doc_sep!r}")
+
+
+def _json_text(line, path, lineno, text_field, strict, stats) -> Optional[str]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        problem = f"not valid JSON ({e.msg} at column {e.colno})"
+        counter = "bad_json"
+    else:
+        if not isinstance(obj, dict):
+            problem, counter = f"JSON line is a {type(obj).__name__}, not an object", "bad_json"
+        elif text_field not in obj:
+            problem, counter = f"JSON object has no field '{text_field}' (use --text-field)", "missing_field"
+        elif not isinstance(obj[text_field], str):
+            problem = f"field '{text_field}' is a {type(obj[text_field]).__name__}, not a string"
+            counter = "bad_json"
+        else:
+            return obj[text_field]
+    if strict:
+        raise InputError(path, problem, lineno)
+    setattr(stats, counter, getattr(stats, counter) + 1)
+    stats.note(f"{path}:{lineno}: {problem}")
+    return None
+
+
+def _iter_parquet(path, text_field, strict, stats):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(path, "reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise InputError(path, f"not a readable parquet file: {e}") from None
+    if text_field not in pf.schema_arrow.names:
+        raise InputError(path, f"parquet file has no column '{text_field}' "
+                               f"(columns: {', '.join(pf.schema_arrow.names)}; use --text-field)")
+    for rg in range(pf.num_row_groups):
+        column = pf.read_row_group(rg, columns=[text_field]).column(0)
+        for text in column.to_pylist():
+            if not isinstance(text, str) or not text.strip():
+                stats.empty += 1
+                continue
+            stats.bytes += len(text.encode("utf-8"))
+            stats.documents += 1
+            yield text
+
+
+def iter_corpus(specs, **kwargs) -> Iterator[str]:
+    """Documents of all inputs, in `expand_inputs` order."""
+    for path in expand_inputs(specs):
+        yield from iter_documents(path, **kwargs)
+
+
+def total_size(paths) -> int:
+    return sum(os.path.getsize(p) for p in paths)

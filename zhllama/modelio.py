@@ -1,0 +1,251 @@
+"""Model and tokenizer I/O shared by every stage.
+
+One place decides how a checkpoint directory becomes a model and a tokenizer, so every stage agrees
+on the quirks of LLaMA checkpoints in the wild:
+
+* tokenizers come as an HF dir (`tokenizer.json` preferred), or only a SentencePiece
+  `tokenizer.model` (a dir holding one, or the file itself);
+* early LLaMA conversions (decapoda) name the class `LLaMATokenizer` and give bos/eos ids 0/1;
+  we repair both with a warning instead of failing or silently training with wrong special ids;
+* a tokenizer and a model whose vocabularies disagree fail early, with a message saying what to run,
+  rather than with an index error deep inside the embedding;
+* models are always loaded from local files (never the hub) and written atomically.
+
+Padded vocabularies: `zhllama vocab resize --pad-to-multiple-of` leaves rows past the tokenizer's
+size; the config then says `"zhllama_tokenizer_vocab_size": N` and those rows are never produced by
+the tokenizer, so a model with more rows than the tokenizer is accepted only when that key matches.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+from .fsutil import atomic_dir
+from .log import get_logger
+
+log = get_logger(__name__)
+
+# Config key written by `vocab resize --pad-to-multiple-of`: the tokenizer's size; rows past it pad.
+PADDED_VOCAB_KEY = "zhllama_tokenizer_vocab_size"
+SP_MODEL_NAME = "tokenizer.model"
+# Files that make an HF tokenizer dir (copied/written next to a model).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
+def _transformers_major() -> int:
+    import transformers
+    return int(transformers.__version__.split(".")[0])
+
+
+def sp_model_path(path) -> Path:
+    """The SentencePiece `tokenizer.model` of a dir, or `path` itself when it is a file."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        cand = p / SP_MODEL_NAME
+        if cand.is_file():
+            return cand
+        raise UserError(f"{p}: no {SP_MODEL_NAME} in this directory (a SentencePiece model is needed)")
+    raise UserError(f"{p}: no such tokenizer file or directory")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read JSON: {e}") from e
+
+
+def _sp_special_pieces(sp_file: Path) -> dict:
+    """unk/bos/eos piece strings as the SentencePiece model defines them."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+    out = {}
+    for name, idx in (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id())):
+        if 0 <= idx < sp.get_piece_size():
+            out[name] = sp.id_to_piece(idx)
+    return out
+
+
+def _llama_tokenizer_from_sp(sp_file: Path, **kwargs):
+    """An HF (tokenizers-backed) LLaMA tokenizer converted from a SentencePiece model file.
+
+    The file is exposed as `tokenizer.model` in a temporary dir because that is the one loading path
+    that works on both transformers 4.4x and 5.x.
+    """
+    from transformers import LlamaTokenizerFast
+
+    kwargs = {**_sp_special_pieces(sp_file), "add_bos_token": True, "add_eos_token": False, **kwargs}
+    with tempfile.TemporaryDirectory(prefix="zhllama-tok-") as tmp:
+        link = Path(tmp) / SP_MODEL_NAME
+        try:
+            os.symlink(sp_file.resolve(), link)
+        except OSError:
+            shutil.copyfile(sp_file, link)
+        try:
+            tok = LlamaTokenizerFast.from_pretrained(tmp, local_files_only=True, **kwargs)
+        except Exception as e:  # a corrupt .model surfaces as various library errors
+            raise UserError(f"{sp_file}: cannot load as a SentencePiece tokenizer: {e}") from e
+    # Loaded from a temp dir: remember the real file so save_pretrained_atomic can copy it along.
+    tok.init_kwargs["zhllama_sp_model"] = str(sp_file.resolve())
+    return tok
+
+
+def load_tokenizer(path):
+    """An HF tokenizer from an HF dir, or from a SentencePiece `tokenizer.model` (dir or file).
+
+    `tokenizer.json` is preferred when present (it is what the merge writes and what users ship).
+    A decapoda-era `LLaMATokenizer` config is repaired: the real LLaMA class, with unk/bos/eos taken
+    from the SentencePiece model instead of the empty strings those configs carry.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such tokenizer file or directory")
+    if p.is_file():
+        if p.suffix == ".json":
+            raise UserError(f"{p}: pass the tokenizer directory, not one of its JSON files")
+        return _llama_tokenizer_from_sp(p)
+
+    cfg_file = p / "tokenizer_config.json"
+    cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+    if cfg.get("tokenizer_class") == "LLaMATokenizer":
+        log.warning("%s: tokenizer_class 'LLaMATokenizer' is from an early LLaMA conversion; "
+                    "loading it as LlamaTokenizer with special tokens from %s", cfg_file, SP_MODEL_NAME)
+        return _llama_tokenizer_from_sp(sp_model_path(p))
+    if (p / "tokenizer.json").is_file() or cfg_file.is_file():
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{p}: cannot load the tokenizer: {e}") from e
+        if (p / SP_MODEL_NAME).is_file():
+            tok.init_kwargs.setdefault("zhllama_sp_model", str((p / SP_MODEL_NAME).resolve()))
+        return tok
+    if (p / SP_MODEL_NAME).is_file():
+        return _llama_tokenizer_from_sp(p / SP_MODEL_NAME)
+    raise UserError(f"{p}: not a tokenizer directory (no tokenizer.json, tokenizer_config.json "
+                    f"or {SP_MODEL_NAME})")
+
+
+def tokenizer_size(path) -> int:
+    """len(tokenizer) including added tokens; a bare SentencePiece model is read without converting."""
+    p = Path(path)
+    if p.is_file() and p.suffix != ".json":
+        import sentencepiece as spm
+        try:
+            return spm.SentencePieceProcessor(model_file=str(p)).get_piece_size()
+        except Exception as e:
+            raise UserError(f"{p}: cannot load as a SentencePiece model: {e}") from e
+    return len(load_tokenizer(p))
+
+
+def read_model_config(path) -> dict:
+    """The raw `config.json` of a checkpoint dir (no weights read)."""
+    p = Path(path)
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise UserError(f"{p}: not a model checkpoint directory (no config.json)")
+    return _read_json(cfg)
+
+
+def check_vocab_match(model_path, tokenizer_path, model_config=None, tok_size=None) -> None:
+    """Fail with what to run when the model's embedding rows do not fit the tokenizer."""
+    cfg = model_config if model_config is not None else read_model_config(model_path)
+    rows = cfg.get("vocab_size")
+    if rows is None:
+        raise UserError(f"{model_path}/config.json: missing key 'vocab_size'")
+    n = tok_size if tok_size is not None else tokenizer_size(tokenizer_path)
+    if rows == n:
+        return
+    padded_to = cfg.get(PADDED_VOCAB_KEY)
+    if rows > n and padded_to == n:
+        return  # rows n..rows-1 are padding the tokenizer never produces
+    raise UserError(
+        f"vocabulary mismatch: tokenizer {tokenizer_path} has {n} tokens but model {model_path} has "
+        f"{rows} embedding rows; run `zhllama vocab resize --model {model_path} "
+        f"--tokenizer {tokenizer_path} --out DIR` first")
+
+
+def _fix_special_ids(model, tokenizer) -> None:
+    """Repair decapoda-style bos/eos ids (0/1 where the tokenizer says 1/2) in the model's configs."""
+    for name in ("bos_token_id", "eos_token_id"):
+        want = getattr(tokenizer, name, None)
+        if want is None:
+            continue
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is None:
+                continue
+            have = getattr(cfg, name, None)
+            if have is not None and have != want and not isinstance(have, list):
+                log.warning("%s: %s is %s but the tokenizer says %s; using the tokenizer's",
+                            type(cfg).__name__, name, have, want)
+                setattr(cfg, name, want)
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is not None and pad < 0:  # decapoda: pad_token_id -1
+        model.config.pad_token_id = None
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = None
+
+
+def load_model(path, dtype=None, device="cpu", tokenizer_path=None):
+    """`AutoModelForCausalLM` from a local HF dir (never the hub), SDPA attention.
+
+    With `tokenizer_path`, the tokenizer/vocab sizes are checked before any weight is read and the
+    model's bos/eos ids are aligned with the tokenizer's.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
+    p = Path(path)
+    cfg = read_model_config(p)
+    tok = None
+    if tokenizer_path is not None:
+        tok = load_tokenizer(tokenizer_path)
+        check_vocab_match(p, tokenizer_path, cfg, len(tok))
+    dtype_kw = {"dtype": dtype} if _transformers_major() >= 5 else {"torch_dtype": dtype}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p), local_files_only=True, attn_implementation="sdpa", **dtype_kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: cannot load the model: {e}") from e
+    if tok is not None:
+        _fix_special_ids(model, tok)
+    return model.to(device)
+
+
+def save_tokenizer(tokenizer_dir_or_obj, out_dir) -> None:
+    """Write an HF tokenizer into `out_dir`, with its SentencePiece `tokenizer.model` when known.
+
+    transformers 5 no longer writes `tokenizer.model`; later stages (merge reports, subword-mean
+    init) need it, so it is copied from where the tokenizer came from.
+    """
+    out_dir = Path(out_dir)
+    tok = tokenizer_dir_or_obj
+    if isinstance(tok, (str, os.PathLike)):
+        tok = load_tokenizer(tok)
+    tok.save_pretrained(str(out_dir))
+    sp_file = tok.init_kwargs.get("zhllama_sp_model") or getattr(tok, "vocab_file", None)
+    if sp_file and Path(sp_file).is_file() and not (out_dir / SP_MODEL_NAME).exists():
+        shutil.copyfile(sp_file, out_dir / SP_MODEL_NAME)
+    # The private key must not leak into the written config.
+    cfg_file = out_dir / "tokenizer_config.json"
+    if cfg_file.is_file():
+        cfg = _read_json(cfg_file)
+        if cfg.pop("zhllama_sp_model", None) is not None:
+            cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def save_pretrained_atomic(model, tokenizer_dir_or_obj, out_dir, overwrite=False) -> Path:
+    """Write a complete HF checkpoint (safetensors, config, generation config, tokenizer) atomically."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(str(tmp))  # safetensors is the default (4.4x and 5.x)
+        if tokenizer_dir_or_obj is not None:
+            save_tokenizer(tokenizer_dir_or_obj, tmp)
+    return out_dir

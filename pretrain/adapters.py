@@ -1,0 +1,431 @@
+"""What each stage trains, expressed as a PEFT adapter, and the adapter files on disk.
+
+Every stage is a real PEFT adapter, so `final/` of any run loads with `PeftModel.from_pretrained`
+and merges with `merge_and_unload`:
+
+* stage2 / sft: `LoraConfig(r, alpha, dropout, target_modules, modules_to_save=[embed_tokens, lm_head])`.
+* stage1: `TrainableTokensConfig(token_indices=...)` on `embed_tokens`: all rows by default, or only
+  rows >= `new_rows_from` ("new rows only"). Only the trained rows are parameters, so old rows cannot
+  move whatever the optimizer does (weight decay, Adam moments, loss scaling), and optimizer state is
+  kept for the trained rows only. A gradient hook that zeroes old rows also keeps them unchanged under
+  DeepSpeed ZeRO-2 with AdamW, but only while weight decay is 0 (decoupled decay moves every row) and at
+  the price of fp32 master weights and moments for the whole matrix; see docs/plan.md.
+
+`save_adapter` writes the adapter atomically and then re-reads what it wrote: every expected tensor
+(LoRA A/B of each targeted module of each layer, embed_tokens/lm_head with the model's vocab rows, the
+trained token rows) must be there, with the live model's shape and values, and not all-zero where
+training cannot leave zeros. An empty or wrong adapter is an error, never a successful `final/`.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from zhllama.errors import ConfigError, InputError, UserError
+from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
+from zhllama.log import get_logger
+
+log = get_logger(__name__)
+
+ADAPTER = "default"  # PEFT's adapter name; it is stripped from the keys on disk
+WEIGHTS = "adapter_model.safetensors"
+META = "zhllama_adapter.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "merge_report.json")
+
+
+# --------------------------------------------------------------------------------------- the stage's PEFT model
+
+def _unwrap(model):
+    """The module inside a DeepSpeed engine or DDP wrapper (they keep it in `.module`)."""
+    while type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel", "PipelineEngine"):
+        model = model.module
+    return model
+
+
+def _module_name(model, module) -> str:
+    for name, mod in model.named_modules():
+        if mod is module:
+            return name
+    raise ConfigError(f"{type(model).__name__} has no module {type(module).__name__}")
+
+
+def _peft_config(preset, model, new_rows_from):
+    from peft import LoraConfig, TrainableTokensConfig
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if not preset.uses_lora:
+        if not preset.trains_embeddings or preset.trains_lm_head:
+            raise ConfigError(f"stage {preset.name}: a stage without LoRA must train embed_tokens only")
+        start = 0 if new_rows_from is None else int(new_rows_from)
+        if not 0 <= start < vocab:
+            raise ConfigError(f"new_rows_from={new_rows_from} must be in [0, {vocab}) for a vocabulary of {vocab} rows")
+        embed_name = _module_name(model, model.get_input_embeddings()).rsplit(".", 1)[-1]
+        return TrainableTokensConfig(token_indices=list(range(start, vocab)), target_modules=[embed_name],
+                                     task_type="CAUSAL_LM")
+    if new_rows_from is not None:
+        raise ConfigError(f"new_rows_from (train new embedding rows only) is a stage1 option; {preset.name} trains "
+                          "embed_tokens and lm_head in full")
+    return LoraConfig(r=preset.lora_r, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
+                      target_modules=list(preset.lora_targets), modules_to_save=list(preset.modules_to_save),
+                      task_type="CAUSAL_LM")
+
+
+def apply_stage(model, preset, *, new_rows_from=None):
+    """Freeze `model` and wrap it so that exactly what `preset` trains is trainable; returns the PEFT model.
+
+    `model` is a plain transformers causal LM whose embeddings already have the merged vocabulary. An
+    earlier stage's adapter must be merged first (`merge_adapters`), so each stage has one adapter.
+    """
+    from peft import PeftModel, get_peft_model
+
+    model = _unwrap(model)
+    if isinstance(model, PeftModel):
+        raise UserError("apply_stage needs a plain model; merge the previous stage's adapter into it first "
+                        "(zhllama.pretrain.adapters.merge_adapters)")
+    if getattr(model.config, "tie_word_embeddings", False) and preset.trains_lm_head:
+        log.warning("the model ties lm_head to embed_tokens; LLaMA does not, and %s trains both separately",
+                    preset.name)
+    model.requires_grad_(False)
+    peft_model = get_peft_model(model, _peft_config(preset, model, new_rows_from))
+    peft_model.zhllama_stage = preset.name
+    peft_model.zhllama_new_rows_from = new_rows_from
+    _check_trainable_set(peft_model, preset)
+    return peft_model
+
+
+_LORA_PARAM = re.compile(r"\.lora_[AB]\.")
+_SAVED_PARAM = re.compile(r"\.modules_to_save\.")
+_TOKENS_PARAM = re.compile(r"\.trainable_tokens_delta\.")
+
+
+def _check_trainable_set(model, preset) -> None:
+    """Fail loudly if PEFT made anything trainable that the stage does not train, or missed something."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise RuntimeError(f"stage {preset.name}: no trainable parameters after applying the adapter")
+    for n in names:
+        ok = (_TOKENS_PARAM.search(n) if not preset.uses_lora else
+              (_LORA_PARAM.search(n) and n.split(".lora_")[0].rsplit(".", 1)[-1] in preset.lora_targets)
+              or (_SAVED_PARAM.search(n) and any(f".{m}.modules_to_save." in n for m in preset.modules_to_save)))
+        if not ok:
+            raise RuntimeError(f"stage {preset.name}: unexpected trainable parameter {n}")
+
+
+def count_trainable(model):
+    """(trainable, total) parameters, each parameter counted once.
+
+    PEFT keeps a frozen copy of every module it trains in full (`modules_to_save`) and of every row it
+    trains (`TrainableTokens`); those copies are the same weights as the trainable ones, so they are not
+    counted again. LoRA matrices are new parameters and count in the total. This is the convention of the
+    published figures (LLaMA-7B with 49,953 rows: stage1 2.97%, stage2 6.06%, sft 6.22%).
+    """
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    model = _unwrap(model)
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    shadowed = 0
+    for mod in model.modules():
+        if isinstance(mod, ModulesToSaveWrapper):
+            shadowed += sum(p.numel() for p in mod.original_module.parameters())
+        elif isinstance(mod, TrainableTokensLayer) and mod.tied_adapter is None:
+            shadowed += sum(p.numel() for p in mod.trainable_tokens_delta.values())
+    return trainable, total - shadowed
+
+
+# --------------------------------------------------------------------------------------------- expected tensors
+
+def _disk_key(param_name: str) -> str:
+    """The key PEFT writes for a live parameter: adapter name and `modules_to_save` segment removed."""
+    key = param_name.replace(f".modules_to_save.{ADAPTER}.", ".")
+    key = key.replace(f".{ADAPTER}.", ".")
+    if key.endswith(f".{ADAPTER}"):
+        key = key[: -len(ADAPTER) - 1]
+    return key
+
+
+def _expected_keys(model, preset_name):
+    """Keys the adapter must hold, derived from the base model's structure (not from PEFT's state dict)."""
+    from zhllama.pretrain.presets import get_stage
+
+    preset = get_stage(preset_name)
+    base = model.get_base_model()
+    prefix = "base_model.model."
+    keys = set()
+    if preset.uses_lora:
+        for name, _ in base.named_modules():
+            if name.rsplit(".", 1)[-1] in preset.lora_targets:
+                keys.add(f"{prefix}{name}.lora_A.weight")
+                keys.add(f"{prefix}{name}.lora_B.weight")
+        for mod in preset.modules_to_save:
+            names = [n for n, _ in base.named_modules() if n.rsplit(".", 1)[-1] == mod]
+            keys.update(f"{prefix}{n}.weight" for n in names)
+    else:
+        name = _module_name(base, base.get_input_embeddings())
+        keys.add(f"{prefix}{name}.trainable_tokens_delta")
+    return keys
+
+
+def _may_be_zero(key: str) -> bool:
+    # LoRA B starts at zero by design (the adapter is a no-op before training).
+    return ".lora_B." in key
+
+
+# ------------------------------------------------------------------------------------------------------ saving
+
+def save_adapter(model, out_dir, *, tokenizer_dir=None, run_config=None, base_model=None, overwrite=False,
+                 require_trained=False):
+    """Write the stage's adapter, the tokenizer and `zhllama_adapter.json` to `out_dir`, atomically.
+
+    Call it on one rank (rank 0). The written files are re-opened and checked against the live model
+    before the directory is renamed into place. `require_trained` also rejects an all-zero LoRA B (an
+    adapter that was never updated). Returns the metadata dict.
+    """
+    import peft
+
+    model = _unwrap(model)
+    stage = getattr(model, "zhllama_stage", None)
+    if stage is None or not hasattr(model, "peft_config"):
+        raise UserError("save_adapter needs a model returned by apply_stage or load_adapter(is_trainable=True)")
+    if base_model is None:
+        base_model = model.peft_config[ADAPTER].base_model_name_or_path or getattr(
+            model.get_base_model().config, "_name_or_path", "") or None
+    if base_model is not None:
+        model.peft_config[ADAPTER].base_model_name_or_path = str(base_model)
+    tok_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        for f in tok_files:
+            shutil.copy2(f, tmp / f.name)
+        modules = verify_written(model, tmp / WEIGHTS, stage, require_trained=require_trained)
+        vocab = int(model.get_base_model().get_input_embeddings().weight.shape[0])
+        meta = {
+            "format": "zhllama-adapter", "format_version": FORMAT_VERSION,
+            "stage": stage, "peft_type": str(model.peft_config[ADAPTER].peft_type.value),
+            "base_model": None if base_model is None else str(base_model),
+            "vocab_size": vocab,
+            "hidden_size": int(model.get_base_model().get_input_embeddings().weight.shape[1]),
+            "new_rows_from": getattr(model, "zhllama_new_rows_from", None),
+            "modules": modules,
+            "tokenizer": [f.name for f in tok_files],
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                      for p in sorted(tmp.iterdir()) if p.is_file()},
+            "versions": {"peft": peft.__version__, "torch": torch.__version__.split("+")[0]},
+            "run_config": run_config,
+        }
+        atomic_write_json(tmp / META, meta)
+    log.info("saved %s adapter to %s (%s)", stage, out_dir,
+             ", ".join(f"{n}: {_mb(m['bytes'])}" for n, m in modules.items()))
+    return meta
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _tokenizer_files(tokenizer_dir):
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise InputError(tokenizer_dir, "tokenizer directory not found")
+    files = [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
+    if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in files):
+        raise InputError(tokenizer_dir, "no tokenizer.model or tokenizer.json in the tokenizer directory")
+    return files
+
+
+def verify_written(model, weights_path, stage, *, require_trained=False):
+    """Check the adapter file against the live model; return a summary of the trained modules.
+
+    Raises RuntimeError naming the first problem: a missing, extra, misshapen, changed or all-zero tensor.
+    """
+    from safetensors import safe_open
+
+    weights_path = Path(weights_path)
+    if not weights_path.is_file() or weights_path.stat().st_size == 0:
+        raise RuntimeError(f"{weights_path}: adapter weights were not written")
+    live = {_disk_key(n): p for n, p in model.named_parameters() if p.requires_grad}
+    expected = _expected_keys(model, stage)
+    if set(live) != expected:
+        raise RuntimeError(f"stage {stage}: trainable parameters {sorted(set(live) ^ expected)[:4]} do not match "
+                           "the stage's structure")
+    with safe_open(str(weights_path), framework="pt") as f:
+        on_disk = set(f.keys())
+        missing, extra = sorted(expected - on_disk), sorted(on_disk - expected)
+        if missing or extra:
+            raise RuntimeError(f"{weights_path}: {len(missing)} expected tensor(s) missing (e.g. {missing[:3]}), "
+                               f"{len(extra)} unexpected (e.g. {extra[:3]}); {len(on_disk)} tensors on disk")
+        modules = {}
+        for key in sorted(expected):
+            t = f.get_tensor(key)
+            want = live[key].detach()
+            if tuple(t.shape) != tuple(want.shape):
+                raise RuntimeError(f"{weights_path}: {key} has shape {tuple(t.shape)}, the model's is "
+                                   f"{tuple(want.shape)}")
+            if not torch.equal(t, want.to(device=t.device, dtype=t.dtype)):
+                raise RuntimeError(f"{weights_path}: {key} differs from the model's trained values")
+            if not bool(t.any()) and (require_trained or not _may_be_zero(key)):
+                raise RuntimeError(f"{weights_path}: {key} is all zeros")
+            group = _group(key)
+            m = modules.setdefault(group, {"tensors": 0, "params": 0, "bytes": 0, "dtype": str(t.dtype)})
+            m["tensors"] += 1
+            m["params"] += t.numel()
+            m["bytes"] += t.numel() * t.element_size()
+            if group in ("embed_tokens", "lm_head", "trainable_tokens"):
+                m["shape"] = list(t.shape)
+    if "trainable_tokens" in modules:
+        idx = model.peft_config[ADAPTER].token_indices
+        modules["trainable_tokens"]["rows"] = [min(idx), max(idx) + 1]
+    if "lora" in modules:
+        cfg = model.peft_config[ADAPTER]
+        modules["lora"].update(r=cfg.r, alpha=cfg.lora_alpha, targets=sorted(cfg.target_modules))
+    return modules
+
+
+def _group(key: str) -> str:
+    if ".lora_" in key:
+        return "lora"
+    if "trainable_tokens_delta" in key:
+        return "trainable_tokens"
+    return key.rsplit(".", 2)[-2]  # ...embed_tokens.weight -> embed_tokens
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+def _read_adapter_dir(adapter_dir: Path):
+    """(adapter_config, weights path, zhllama meta or None), with a UserError for anything unusable."""
+    if not adapter_dir.is_dir():
+        raise InputError(adapter_dir, "adapter directory not found")
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise InputError(adapter_dir, "not a PEFT adapter: adapter_config.json is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(cfg_path, f"not valid JSON ({e})") from None
+    if "peft_type" not in cfg:
+        raise InputError(cfg_path, "missing key 'peft_type'")
+    weights = adapter_dir / WEIGHTS
+    if not weights.is_file():
+        legacy = adapter_dir / "adapter_model.bin"
+        raise InputError(weights, "adapter weights are missing" + (
+            " (only a legacy adapter_model.bin is present; re-save it as safetensors)" if legacy.exists() else ""))
+    size = weights.stat().st_size
+    if size == 0:
+        raise InputError(weights, "empty file (0 bytes): the adapter was not written")
+    meta = None
+    meta_path = adapter_dir / META
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise InputError(meta_path, f"not valid JSON ({e})") from None
+        want = (meta.get("files") or {}).get(WEIGHTS)
+        if want and want.get("bytes") != size:
+            raise InputError(weights, f"truncated or replaced: {size:,} bytes, {META} records {want['bytes']:,}")
+        if want and sha256_file(weights) != want.get("sha256"):
+            raise InputError(weights, f"corrupt: sha256 differs from the one recorded in {META}")
+    return cfg, weights, meta
+
+
+def _read_shapes(weights: Path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header or short file
+        raise InputError(weights, f"unreadable or truncated safetensors file ({e})") from None
+    if not shapes:
+        raise InputError(weights, "the adapter holds no tensors (an empty adapter; was it saved from a DeepSpeed "
+                                  "engine without gathering its weights?)")
+    return shapes
+
+
+def _check_against_base(base_model, cfg, weights, shapes):
+    """Every tensor must fit the base module it adapts; a mismatch names both shapes and the file."""
+    prefix = "base_model.model."
+    modules = dict(base_model.named_modules())
+    hint = "the adapter was trained on another base model (resize the base to the adapter's tokenizer first)"
+    for key, shape in sorted(shapes.items()):
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if ".lora_A." in name or ".lora_B." in name:
+            mod_name = name.split(".lora_")[0]
+            mod = modules.get(mod_name)
+            if mod is None or not hasattr(mod, "in_features"):
+                raise UserError(f"{weights}: {key} adapts {mod_name}, which the base model does not have; {hint}")
+            want_dim = mod.in_features if ".lora_A." in name else mod.out_features
+            got_dim = shape[1] if ".lora_A." in name else shape[0]
+            if got_dim != want_dim:
+                raise UserError(f"{weights}: {key} has shape {shape} but {mod_name} of the base model is "
+                                f"{tuple(mod.weight.shape)}; {hint}")
+        elif name.endswith(".trainable_tokens_delta"):
+            mod_name = name[: -len(".trainable_tokens_delta")]
+            mod = modules.get(mod_name)
+            if mod is None:
+                raise UserError(f"{weights}: {key} adapts {mod_name}, which the base model does not have; {hint}")
+            rows, dim = tuple(mod.weight.shape)
+            idx = cfg.get("token_indices") or []
+            if shape != (len(idx), dim) or (idx and max(idx) >= rows):
+                raise UserError(f"{weights}: {key} has shape {shape} for rows {min(idx, default=0)}.."
+                                f"{max(idx, default=-1)}, but {mod_name} of the base model is {(rows, dim)}; {hint}")
+        else:
+            mod_name = name.rsplit(".", 1)[0]
+            mod = modules.get(mod_name)
+            if mod is None or not hasattr(mod, "weight"):
+                raise UserError(f"{weights}: {key} replaces {mod_name}, which the base model does not have; {hint}")
+            if tuple(mod.weight.shape) != shape:
+                raise UserError(f"{weights}: {key} has shape {shape} but {mod_name} of the base model is "
+                                f"{tuple(mod.weight.shape)}; {hint}")
+
+
+def load_adapter(base_model, adapter_dir, is_trainable=False):
+    """Apply the adapter in `adapter_dir` to `base_model` (a plain transformers model); returns the PEFT model.
+
+    The files are checked first (present, non-empty, complete, matching the sha256 recorded at save time)
+    and every tensor is checked against the base module it adapts, so a wrong base is a clear error rather
+    than a size-mismatch traceback from deep inside PEFT.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    base_model = _unwrap(base_model)
+    if isinstance(base_model, PeftModel):
+        raise UserError("load_adapter needs a plain base model; merge the adapter already applied first")
+    cfg, weights, meta = _read_adapter_dir(adapter_dir)
+    shapes = _read_shapes(weights)
+    _check_against_base(base_model, cfg, weights, shapes)
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    model.zhllama_stage = (meta or {}).get("stage") or _guess_stage(cfg)
+    model.zhllama_new_rows_from = (meta or {}).get("new_rows_from")
+    return model
+
+
+def _guess_stage(cfg) -> str:
+    if cfg.get("peft_type") == "TRAINABLE_TOKENS":
+        return "stage1"
+    targets = set(cfg.get("target_modules") or [])
+    return "sft" if "gate_proj" in targets else "stage2"
+
+
+def merge_adapters(base_model, adapter_dirs):
+    """Apply each adapter in order and fold it into the weights; returns a plain transformers model.
+
+    The SFT stage starts from base + stage-2 adapter merged this way; `zhllama merge` does the same.
+    """
+    model = _unwrap(base_model)
+    for d in adapter_dirs:
+        model = load_adapter(model, d).merge_and_unload()
+        log.info("merged adapter %s", d)
+    return model

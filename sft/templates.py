@@ -1,0 +1,259 @@
+"""Prompt templates: one registry for training, `zhllama generate` and the chat/serve path.
+
+Training (`zhllama.sft.examples`) and inference render prompts with the same `Template` methods, so
+the text a model was trained on and the text it is prompted with cannot drift apart.
+
+Built-in templates reproduce published prompts byte for byte:
+
+- `alpaca`: Stanford Alpaca's `PROMPT_DICT` (train.py), one prompt with input and one without; the
+  output follows "### Response:" directly.
+- `chinese-alpaca`: Chinese-LLaMA-Alpaca v1 (scripts/training/build_dataset.py): the no-input
+  Alpaca prompt ending in "### Response: " (with a trailing space); a non-empty input is folded into
+  the instruction as `instruction + "\\n" + input`.
+- `llama2-chat`: Chinese-LLaMA-Alpaca-2 (Llama-2 chat style) with its default system prompt; input
+  folded as in v1.
+
+A user template is a YAML or JSON file (see `Template.from_file` and docs/sft.md).
+
+Placeholders are `{instruction}`, `{input}` and `{system}`, substituted in a single pass over the
+template text: values are never re-scanned, and any other braces in a template are literal text.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from zhllama.errors import ConfigError, InputError
+
+SEAMS = ("continue", "standalone")
+_PLACEHOLDER = re.compile(r"\{(instruction|input|system)\}")
+
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:")
+CHINESE_ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: ")
+LLAMA2_CHAT_PROMPT = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{instruction} [/INST]"
+LLAMA2_DEFAULT_SYSTEM = "You are a helpful assistant. 你是一个乐于助人的助手。"
+
+
+@dataclass(frozen=True)
+class Template:
+    """How a conversation becomes text.
+
+    The first user turn is rendered with `prompt_input` (when the record has an input and the template
+    has such a prompt) or `prompt_no_input`; without `prompt_input`, a non-empty input is folded into
+    the instruction as `instruction + input_separator + input`. Later user turns are rendered with
+    `turn`. Every assistant response is followed by the EOS token; with `bos_each_turn` every later
+    user turn starts with the BOS token (Llama-2 chat does this). `stop` lists strings that end a
+    response at inference, besides EOS.
+
+    `response_seam` says how a response is tokenized after its prompt: "continue" (as the text
+    continues the prompt, no SentencePiece dummy prefix: the ids Stanford's train.py got by
+    tokenizing prompt + output in one piece) or "standalone" (tokenized on its own, dummy prefix
+    included: what Chinese-LLaMA-Alpaca v1 and v2 build_dataset.py do). See zhllama.sft.examples.
+    """
+    name: str
+    prompt_no_input: str
+    prompt_input: Optional[str] = None
+    input_separator: str = "\n"
+    system: Optional[str] = None
+    turn: Optional[str] = None
+    bos_each_turn: bool = False
+    stop: Tuple[str, ...] = ()
+    description: str = ""
+    response_seam: str = "continue"
+    # How `render_chat` spells the special tokens between turns (LLaMA's). Token ids are what
+    # training and `zhllama.sft.examples.encode_chat_prompt` use; these only make the text readable.
+    bos_text: str = "<s>"
+    eos_text: str = "</s>"
+
+    @property
+    def has_system(self) -> bool:
+        """Whether the template has a `{system}` slot (Alpaca's prompts do not)."""
+        return "{system}" in self.prompt_no_input or "{system}" in (self.prompt_input or "")
+
+    # -- rendering -------------------------------------------------------------------------------
+    def render_prompt(self, instruction: str, input: str = "", system: Optional[str] = None) -> str:
+        """The exact text before the response of a single-turn example (no BOS: the tokenizer adds it)."""
+        values = {"instruction": instruction, "input": input or "",
+                  "system": self.system if system is None else system}
+        values["system"] = values["system"] or ""
+        if input and self.prompt_input is not None:
+            return _fill(self.prompt_input, values)
+        if input:
+            values["instruction"] = instruction + self.input_separator + input
+        return _fill(self.prompt_no_input, values)
+
+    def render_turn(self, instruction: str) -> str:
+        """The text of a later user turn (after the previous response and its EOS)."""
+        if self.turn is None:
+            raise ConfigError(f"template '{self.name}' has no 'turn' format, so it cannot render "
+                              "multi-turn conversations; add one to the template file")
+        return _fill(self.turn, {"instruction": instruction, "input": "", "system": ""})
+
+    def segments(self, messages: Sequence[Dict[str, str]], system: Optional[str] = None,
+                 input: str = "") -> List[Tuple[str, str]]:
+        """The conversation as (kind, text) pieces in order: kind is "prompt" (first user turn),
+        "turn" (a later user turn), or "response". This is the one place that decides what text
+        goes where; training tokenizes these pieces, `render_chat` joins them."""
+        _check_messages(messages)
+        out = []
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                out.append(("response", m["content"]))
+            elif i == 0:
+                out.append(("prompt", self.render_prompt(m["content"], input, system)))
+            else:
+                out.append(("turn", self.render_turn(m["content"])))
+        return out
+
+    def render_chat(self, messages: Sequence[Dict[str, str]], system: Optional[str] = None) -> str:
+        """The prompt for the next assistant turn of a conversation.
+
+        `messages` is [{"role": "user"|"assistant", "content": str}, ...] alternating, starting and
+        ending with a user turn. Between turns the EOS (and BOS, with `bos_each_turn`) tokens are
+        written as `eos_text`/`bos_text`; to get the exact token ids training uses, call
+        `zhllama.sft.examples.encode_chat_prompt` instead of tokenizing this text.
+        """
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("render_chat needs messages ending with a user turn")
+        text = []
+        for kind, piece in self.segments(messages, system):
+            if kind == "turn" and self.bos_each_turn:
+                text.append(self.bos_text)
+            text.append(piece)
+            if kind == "response":
+                text.append(self.eos_text)
+        return "".join(text)
+
+    # -- user templates --------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path) -> "Template":
+        """A template from a YAML (.yaml/.yml) or JSON file with the keys:
+
+        name (default: the file's stem), prompt_no_input (required), prompt_input, input_separator,
+        system, turn, bos_each_turn, stop (a string or a list), description, response_seam
+        ("continue" or "standalone").
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise InputError(path, f"cannot read template: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise InputError(path, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+                data = yaml.safe_load(text)
+        except Exception as e:  # json and yaml raise different types; both are "bad file"
+            line = getattr(e, "lineno", None) or getattr(getattr(e, "problem_mark", None), "line", None)
+            if line is not None and not isinstance(e, json.JSONDecodeError):
+                line += 1  # yaml marks count from 0
+            raise InputError(path, f"not a valid template file: {str(e).splitlines()[0]}", line) from None
+        return cls.from_dict(data, source=str(path), default_name=path.stem)
+
+    @classmethod
+    def from_dict(cls, data, source: str = "<dict>", default_name: str = "custom") -> "Template":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a template must be a mapping of keys, not {type(data).__name__}")
+        known = {"name", "prompt_no_input", "prompt_input", "input_separator", "system", "turn",
+                 "bos_each_turn", "stop", "description", "response_seam"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown template key(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(sorted(known))})")
+        if "prompt_no_input" not in data:
+            raise ConfigError(f"{source}: template key 'prompt_no_input' is required")
+        for key in ("name", "prompt_no_input", "prompt_input", "input_separator", "system", "turn",
+                    "description"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ConfigError(f"{source}: template key '{key}' must be a string, "
+                                  f"not {type(data[key]).__name__}")
+        if "{instruction}" not in data["prompt_no_input"]:
+            raise ConfigError(f"{source}: template key 'prompt_no_input' must contain {{instruction}}")
+        if data.get("prompt_input") is not None:
+            for slot in ("{instruction}", "{input}"):
+                if slot not in data["prompt_input"]:
+                    raise ConfigError(f"{source}: template key 'prompt_input' must contain {slot}")
+        if data.get("turn") is not None and "{instruction}" not in data["turn"]:
+            raise ConfigError(f"{source}: template key 'turn' must contain {{instruction}}")
+        if not isinstance(data.get("bos_each_turn", False), bool):
+            raise ConfigError(f"{source}: template key 'bos_each_turn' must be true or false")
+        seam = data.get("response_seam", "continue")
+        if seam not in SEAMS:
+            raise ConfigError(f"{source}: template key 'response_seam' must be one of {', '.join(SEAMS)}")
+        stop = data.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ConfigError(f"{source}: template key 'stop' must be a string or a list of non-empty strings")
+        return cls(name=data.get("name") or default_name, prompt_no_input=data["prompt_no_input"],
+                   prompt_input=data.get("prompt_input"),
+                   input_separator=data.get("input_separator", "\n"), system=data.get("system"),
+                   turn=data.get("turn"), bos_each_turn=data.get("bos_each_turn", False),
+                   stop=tuple(stop), description=data.get("description", ""), response_seam=seam)
+
+
+def _fill(template: str, values: Dict[str, str]) -> str:
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def _check_messages(messages) -> None:
+    if not messages:
+        raise ValueError("a conversation needs at least one user message")
+    for i, m in enumerate(messages):
+        want = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or m.get("role") != want or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be {{'role': '{want}', 'content': str}} "
+                             "(messages alternate user/assistant, starting with user)")
+
+
+_BUILTIN = {
+    "alpaca": Template(
+        name="alpaca", prompt_input=ALPACA_PROMPT_INPUT, prompt_no_input=ALPACA_PROMPT_NO_INPUT,
+        turn="\n\n### Instruction:\n{instruction}\n\n### Response:", stop=("### Instruction:",),
+        description="Stanford Alpaca PROMPT_DICT (with and without input)"),
+    "chinese-alpaca": Template(
+        name="chinese-alpaca", prompt_no_input=CHINESE_ALPACA_PROMPT, input_separator="\n",
+        turn="\n\n### Instruction:\n{instruction}\n\n### Response: ", stop=("### Instruction:",),
+        response_seam="standalone", description="Chinese-LLaMA-Alpaca v1 (input folded into the instruction)"),
+    "llama2-chat": Template(
+        name="llama2-chat", prompt_no_input=LLAMA2_CHAT_PROMPT, input_separator="\n",
+        system=LLAMA2_DEFAULT_SYSTEM, turn="[INST] {instruction} [/INST]", bos_each_turn=True,
+        stop=("[INST]",), response_seam="standalone",
+        description="Chinese-LLaMA-Alpaca-2 / Llama-2 chat, with a system prompt"),
+}
+
+
+def list_templates() -> List[str]:
+    """Names of the built-in templates."""
+    return sorted(_BUILTIN)
+
+
+def get_template(name_or_path) -> Template:
+    """A built-in template by name, a `Template` as is, or a user template from a YAML/JSON file."""
+    if isinstance(name_or_path, Template):
+        return name_or_path
+    key = str(name_or_path)
+    if key in _BUILTIN:
+        return _BUILTIN[key]
+    path = Path(key)
+    if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
+        if not path.is_file():
+            raise InputError(path, "template file not found")
+        return Template.from_file(path)
+    raise ConfigError(f"unknown template '{key}' (built-in: {', '.join(list_templates())}; "
+                      "or the path of a .yaml/.json template file)")

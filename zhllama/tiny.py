@@ -25,7 +25,8 @@ def _llama_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_s
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_heads,
         intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
+        rms_norm_eps=1e-6, hidden_act="silu",
+        tie_word_embeddings=kwargs.pop("tie_word_embeddings", False),
         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
 

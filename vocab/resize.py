@@ -1,0 +1,383 @@
+"""Resize a checkpoint's embed_tokens and lm_head to a merged tokenizer, shard by shard.
+
+Rows 0..N-1 (the base vocabulary) are copied bit for bit, so the model computes exactly what it did
+on base-vocabulary input. The new rows are initialised by one of:
+
+  subword-mean (default)  each new token's row is the mean of the rows of the pieces the base
+                          tokenizer splits its text into (byte-fallback pieces included): the new
+                          token starts where the model already "reads" that text, so training starts
+                          from a much lower loss than with an uninformed row
+  mean                    every new row is the mean of the old rows
+  random                  N(0, initializer_range), as a freshly constructed model would have
+
+--pad-to-multiple-of 64 adds rows up to a multiple of 64 (tensor-core friendly matmuls). The
+tokenizer never produces those ids; the config records the real size under
+"zhllama_tokenizer_vocab_size" so every zhllama stage knows which rows are padding.
+
+Memory: tensors are streamed from the input safetensors one at a time and written to output shards
+of at most --max-shard-size, so peak memory is the two embedding matrices (old and new) plus one
+output shard, not the whole model. The output is a complete HF checkpoint (safetensors, config with
+the new vocab_size, generation config, tokenizer) that AutoModelForCausalLM loads.
+
+Example:
+  zhllama vocab resize --model llama-7b-hf --tokenizer merged_tokenizer --out llama-7b-zh \\
+      --init subword-mean --pad-to-multiple-of 64
+"""
+
+import json
+import math
+import re
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from zhllama.errors import UserError
+from zhllama.fsutil import atomic_dir, atomic_write_json
+from zhllama.log import get_logger
+from zhllama.modelio import (PADDED_VOCAB_KEY, load_tokenizer, read_model_config, save_tokenizer,
+                             sp_model_path)
+
+log = get_logger(__name__)
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+INITS = ("subword-mean", "mean", "random")
+REPORT_NAME = "resize_report.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers: what the new ids are, and which base pieces each new token's text splits into.
+
+def _find_sp(path):
+    try:
+        return sp_model_path(path)
+    except UserError:
+        return None
+
+
+def token_strings(tokenizer_path):
+    """(tokens, no_text_ids, tokenizer): the string of every id, and ids that have no text.
+
+    SentencePiece pieces are taken from the `tokenizer.model` when there is one (the ground truth
+    for ids below its size); ids added on top by HF (`added_tokens`) come from the HF tokenizer.
+    Control/unknown pieces and HF special tokens have no text to split, so they get the mean row.
+    """
+    import sentencepiece as spm
+
+    tok = load_tokenizer(tokenizer_path)
+    n = len(tok)
+    sp_file = _find_sp(tokenizer_path)
+    no_text = set(int(i) for i in tok.all_special_ids)
+    if sp_file is None:
+        return list(tok.convert_ids_to_tokens(list(range(n)))), no_text, tok
+    sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+    m = sp.get_piece_size()
+    if m > n:
+        raise UserError(f"{tokenizer_path}: {sp_file.name} has {m} pieces but the HF tokenizer only "
+                        f"{n}; the tokenizer files disagree")
+    tokens = [sp.id_to_piece(i) for i in range(m)]
+    tokens += list(tok.convert_ids_to_tokens(list(range(m, n))))
+    no_text |= {i for i in range(m) if sp.is_control(i) or sp.is_unknown(i)}
+    return tokens, no_text, tok
+
+
+def _sp_without_dummy_prefix(sp_file):
+    """The base SentencePiece model, set to encode a string exactly as written.
+
+    With add_dummy_prefix the model would turn "中国" into "▁中国", so a mid-word piece would be
+    averaged with the word-start "▁" pieces, and "▁中国" (" 中国") would get two "▁". Turning it off
+    (and keeping spaces) makes the encoding of a piece's text the base's split of that very piece.
+    """
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(sp_file).read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def subword_sources(base_sp_file, new_tokens, no_text_ids, first_id):
+    """For each new token, the base ids its text encodes to (no BOS), or None (-> mean row)."""
+    sp = _sp_without_dummy_prefix(base_sp_file)
+    byte_re = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+    out = []
+    for i, piece in enumerate(new_tokens, start=first_id):
+        if i in no_text_ids or byte_re.match(piece):
+            out.append(None)
+            continue
+        ids = sp.encode(piece.replace("\u2581", " "))
+        out.append(list(ids) or None)
+    return out
+
+
+def check_extends(base_tokens, new_tokens, base_path, new_path):
+    """The new tokenizer must keep every base id with its piece, and not be smaller."""
+    nb, nn = len(base_tokens), len(new_tokens)
+    if nn < nb:
+        raise UserError(f"{new_path} has {nn} tokens, fewer than the model's {nb} ({base_path}); "
+                        f"resize only grows the vocabulary")
+    for i, (a, b) in enumerate(zip(base_tokens, new_tokens)):
+        if a != b:
+            raise UserError(
+                f"{new_path} does not extend the model's tokenizer {base_path}: id {i} is {b!r} "
+                f"there but {a!r} in the base; the first {nb} pieces must be the base's (build the "
+                f"tokenizer with `zhllama vocab merge --base {base_path}`)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrices.
+
+def build_matrix(old, old_size, rows, sources, init, seed=0, std=0.02):
+    """The resized matrix: old rows copied, new rows initialised, padding rows set to the mean.
+
+    New rows are computed in float32 and cast to the matrix's dtype; old rows are copied unchanged.
+    """
+    import torch
+
+    n_new = len(sources)
+    assert old_size + n_new <= rows
+    new = torch.empty(rows, old.shape[1], dtype=old.dtype)
+    new[:old_size] = old[:old_size]
+    old32 = old[:old_size].float()
+    mean = old32.mean(0)
+    if init == "subword-mean":
+        vals = torch.stack([old32[ids].mean(0) if ids else mean for ids in sources]) if n_new else None
+    elif init == "mean":
+        vals = mean.expand(n_new, -1)
+    elif init == "random":
+        g = torch.Generator().manual_seed(seed)
+        vals = torch.randn(n_new, old.shape[1], generator=g) * std
+    else:
+        raise UserError(f"unknown --init '{init}'; choose one of {', '.join(INITS)}")
+    if n_new:
+        new[old_size:old_size + n_new] = vals.to(old.dtype)
+    # Padding rows: never produced by the tokenizer; the mean row keeps their logits ordinary.
+    new[old_size + n_new:] = mean.to(old.dtype)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint streaming.
+
+def input_shards(model_dir):
+    """The safetensors files of a checkpoint, in index order."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{index}: not a safetensors index (need key 'weight_map'): {e}") from e
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise UserError(f"{index}: shard {missing[0]} listed but not found in {d}")
+        return [d / f for f in files]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    if list(d.glob("pytorch_model*.bin")):
+        raise UserError(f"{d}: only pytorch_model*.bin weights; convert to safetensors first "
+                        f"(load with transformers and save_pretrained)")
+    raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def parse_size(text) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UserError(f"--max-shard-size: cannot read '{text}' (examples: 2GB, 500MB)")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+class _ShardWriter:
+    """Accumulates tensors and writes numbered shards of at most `max_bytes` (one tensor may exceed)."""
+
+    def __init__(self, out_dir, max_bytes):
+        self.out_dir, self.max_bytes = Path(out_dir), max_bytes
+        self.pending, self.pending_bytes = {}, 0
+        self.files, self.weight_map, self.total = [], {}, 0
+
+    def add(self, name, tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def flush(self):
+        from safetensors.torch import save_file
+        if not self.pending:
+            return
+        tmp_name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.out_dir / tmp_name), metadata={"format": "pt"})
+        for k in self.pending:
+            self.weight_map[k] = tmp_name
+        self.files.append(tmp_name)
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self):
+        """Rename parts to HF names and write the index (none for a single shard)."""
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            (self.out_dir / self.files[0]).rename(self.out_dir / "model.safetensors")
+            return ["model.safetensors"]
+        names = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(self.files)}
+        for old, new in names.items():
+            (self.out_dir / old).rename(self.out_dir / new)
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {k: names[v] for k, v in sorted(self.weight_map.items())}}
+        atomic_write_json(self.out_dir / "model.safetensors.index.json", index)
+        return list(names.values())
+
+
+def peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
+                      pad_to_multiple_of=None, base_tokenizer=None, seed=0,
+                      max_shard_size="2GB", overwrite=False) -> dict:
+    """Write `out_dir`: the checkpoint at `model_dir` with its vocabulary grown to `tokenizer_path`.
+
+    Returns the report also written to `out_dir/resize_report.json`.
+    """
+    from safetensors import safe_open
+
+    t0 = time.perf_counter()
+    if init not in INITS:
+        raise UserError(f"unknown --init '{init}'; choose one of {', '.join(INITS)}")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise UserError(f"--pad-to-multiple-of must be a positive integer, got {pad_to_multiple_of}")
+    model_dir = Path(model_dir)
+    base_tok_path = Path(base_tokenizer) if base_tokenizer else model_dir
+    cfg = read_model_config(model_dir)
+    if "vocab_size" not in cfg:
+        raise UserError(f"{model_dir}/config.json: missing key 'vocab_size'")
+    old_rows = int(cfg["vocab_size"])
+    old_size = int(cfg.get(PADDED_VOCAB_KEY, old_rows))  # a padded base: its real vocabulary
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    shards = input_shards(model_dir)
+    max_bytes = parse_size(max_shard_size)
+
+    base_tokens, _, _ = token_strings(base_tok_path)
+    if len(base_tokens) != old_size:
+        raise UserError(f"the model {model_dir} has {old_size} vocabulary rows but its tokenizer "
+                        f"{base_tok_path} has {len(base_tokens)} tokens; pass the tokenizer the "
+                        f"model was trained with as --base-tokenizer")
+    new_tokens, no_text, new_tok = token_strings(tokenizer_path)
+    check_extends(base_tokens, new_tokens, base_tok_path, tokenizer_path)
+    new_size = len(new_tokens)
+    rows = new_size
+    if pad_to_multiple_of:
+        rows = math.ceil(new_size / pad_to_multiple_of) * pad_to_multiple_of
+
+    added = new_tokens[old_size:]
+    if init == "subword-mean":
+        base_sp = _find_sp(base_tok_path)
+        if base_sp is None:
+            raise UserError(f"--init subword-mean needs the base SentencePiece model: no tokenizer.model "
+                            f"in {base_tok_path}; pass it with --base-tokenizer, or use --init mean")
+        sources = subword_sources(base_sp, added, no_text, old_size)
+    else:
+        sources = [None] * len(added)
+    n_split = sum(1 for s in sources if s)
+    log.info("resize %s: %d -> %d tokens (%d rows%s), init %s%s", model_dir, old_size, new_size,
+             rows, f", padded to a multiple of {pad_to_multiple_of}" if pad_to_multiple_of else "",
+             init, f" ({n_split} from base pieces, {len(added) - n_split} mean)"
+             if init == "subword-mean" else "")
+
+    std = float(cfg.get("initializer_range", 0.02))
+    seen = set()
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, max_bytes)
+        for shard_i, shard in enumerate(shards):
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if name in (EMBED, LM_HEAD):
+                        if t.shape[0] != old_rows:
+                            raise UserError(f"{shard}: {name} has {t.shape[0]} rows but config.json "
+                                            f"says vocab_size {old_rows}")
+                        t = build_matrix(t, old_size, rows, sources, init,
+                                         seed=seed + (name == LM_HEAD), std=std)
+                        seen.add(name)
+                    writer.add(name, t)
+                    del t
+            log.info("shard %d/%d done (%s), peak RSS %.2f GB", shard_i + 1, len(shards), shard.name,
+                     peak_rss_bytes() / 1e9)
+        if EMBED not in seen:
+            raise UserError(f"{model_dir}: no tensor '{EMBED}' in the checkpoint (not a LLaMA model?)")
+        if LM_HEAD not in seen and not tied:
+            raise UserError(f"{model_dir}: no tensor '{LM_HEAD}' and tie_word_embeddings is false")
+        out_files = writer.finish()
+
+        new_cfg = dict(cfg, vocab_size=rows)
+        new_cfg.pop(PADDED_VOCAB_KEY, None)
+        if rows != new_size:
+            new_cfg[PADDED_VOCAB_KEY] = new_size
+        for key in ("bos_token_id", "eos_token_id"):
+            want = getattr(new_tok, key, None)
+            if want is not None and new_cfg.get(key) != want:
+                log.warning("config.json %s %s -> %s (the tokenizer's)", key, new_cfg.get(key), want)
+                new_cfg[key] = want
+        atomic_write_json(tmp / "config.json", new_cfg)
+        gen = model_dir / "generation_config.json"
+        gen_cfg = json.loads(gen.read_text(encoding="utf-8")) if gen.is_file() else {}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if new_cfg.get(key) is not None:
+                gen_cfg[key] = new_cfg[key]
+        atomic_write_json(tmp / "generation_config.json", gen_cfg)
+        save_tokenizer(new_tok, tmp)
+        if (Path(tokenizer_path) / "merge_report.json").is_file():
+            shutil.copyfile(Path(tokenizer_path) / "merge_report.json", tmp / "merge_report.json")
+
+        report = {
+            "model": str(model_dir), "tokenizer": str(tokenizer_path), "init": init,
+            "old_vocab": old_size, "new_vocab": new_size, "rows": rows,
+            "padding_rows": rows - new_size, "rows_from_base_pieces": n_split,
+            "rows_mean_fallback": len(added) - n_split if init == "subword-mean" else None,
+            "tied_embeddings": tied, "seed": seed, "shards_in": len(shards), "shards_out": out_files,
+            "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - t0, 2),
+        }
+        atomic_write_json(tmp / REPORT_NAME, report)
+    log.info("wrote %s (%d shards, peak RSS %.2f GB, %.1fs)", out_dir, len(out_files),
+             report["peak_rss_bytes"] / 1e9, report["seconds"])
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="HF checkpoint dir (safetensors) with its tokenizer")
+    parser.add_argument("--tokenizer", required=True,
+                        help="the merged tokenizer (HF dir or tokenizer.model); its first ids must be "
+                             "the model's tokenizer's")
+    parser.add_argument("--out", required=True, help="output checkpoint dir (written atomically)")
+    parser.add_argument("--init", choices=INITS, default="subword-mean",
+                        help="initialisation of the new rows (default: subword-mean)")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
+                        help="pad the rows to a multiple of N (e.g. 64) for faster matmuls; padding "
+                             "rows are never produced by the tokenizer and marked in config.json")
+    parser.add_argument("--base-tokenizer", default=None,
+                        help="the tokenizer the model was trained with (default: the one in --model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
+    parser.add_argument("--max-shard-size", default="2GB",
+                        help="largest output shard, which bounds peak memory (default 2GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def run(args) -> int:
+    report = resize_checkpoint(args.model, args.tokenizer, args.out, init=args.init,
+                               pad_to_multiple_of=args.pad_to_multiple_of,
+                               base_tokenizer=args.base_tokenizer, seed=args.seed,
+                               max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(json.dumps(report, ensure_ascii=False))
+    return 0

@@ -1,0 +1,205 @@
+"""Run configuration: one YAML file per run, `key=value` overrides from the command line.
+
+Keys left unset (null) take the stage preset's value (`pretrain/presets.py`), so `configs/stage1.yaml`
+only needs paths. Unknown keys and bad values are a `ConfigError` naming the key, raised before any
+model is loaded.
+"""
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+from zhllama.errors import ConfigError
+
+from .presets import get_stage
+
+
+@dataclass
+class RunConfig:
+    # what to train
+    stage: str = "stage1"
+    model: str = ""  # HF checkpoint dir (already resized to the tokenizer)
+    tokenizer: Optional[str] = None  # default: the model dir
+    init_adapters: List[str] = field(default_factory=list)  # earlier stages' final/ dirs, merged in order first
+    out: str = ""  # run directory
+    # data
+    data: List[str] = field(default_factory=list)  # pretrain: a `data pack` dir; sft: instruction files
+    template: str = "alpaca"  # sft prompt template
+    field_map: dict = field(default_factory=dict)  # sft: other field names -> instruction/input/output
+    strict_data: bool = False
+    # batch and schedule (null: the stage preset's value)
+    global_batch: Optional[int] = None
+    micro_batch: int = 1
+    block_size: Optional[int] = None  # pretrain: must equal the pack's block size; sft: max length
+    max_steps: Optional[int] = None  # default: one pass over the training data
+    epochs: float = 1.0
+    lr: Optional[float] = None
+    min_lr_ratio: float = 0.0
+    warmup_ratio: Optional[float] = None
+    weight_decay: Optional[float] = None
+    betas: Optional[List[float]] = None
+    grad_clip: Optional[float] = None
+    # what is trained (null: the preset's)
+    lora_r: Optional[int] = None
+    lora_alpha: Optional[int] = None
+    lora_dropout: Optional[float] = None
+    lora_targets: Optional[List[str]] = None
+    new_rows_only: bool = False  # stage1: train only rows of tokens added by the merge
+    # engine
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False
+    ds_config: str = "zero2"  # a name in ds_configs/ or a JSON path
+    seed: int = 42
+    # bookkeeping
+    log_every: int = 1
+    eval_every: int = 0  # steps; 0: only at the end
+    eval_batches: int = 16  # validation micro-batches per rank
+    save_every: int = 100
+    keep_last: int = 2
+    resume: bool = True  # restart from the latest complete checkpoint in out/checkpoints
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    tensorboard: bool = True
+
+    def preset(self):
+        """The stage preset with this config's overrides applied."""
+        base = get_stage(self.stage)
+        changes = {}
+        for key in ("lr", "global_batch", "block_size", "warmup_ratio", "weight_decay", "grad_clip",
+                    "lora_r", "lora_alpha", "lora_dropout"):
+            value = getattr(self, key)
+            if value is not None:
+                changes[key] = value
+        if self.betas is not None:
+            changes["betas"] = tuple(self.betas)
+        if self.lora_targets is not None:
+            changes["lora_targets"] = tuple(self.lora_targets)
+        return base.with_overrides(**changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _FIELDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}; known keys: {', '.join(_FIELDS)}")
+
+
+def _coerce(key: str, value, where: str):
+    """Check a value against the field's type; YAML already parsed numbers, lists and booleans."""
+    f = _FIELDS[key]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    kind = str(f.type)
+    if value is None:
+        if "Optional" in kind:
+            return None
+        raise ConfigError(f"{where}: key '{key}' may not be null")
+    if "List" in kind:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{key}' must be a list, got {value!r}")
+        return value
+    if "dict" in kind:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' must be a mapping, got {value!r}")
+        return value
+    if "bool" in kind:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if "int" in kind:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: key '{key}' must be an integer, got {value!r}")
+        return value
+    if "float" in kind:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 1e-4 as a string
+            except ValueError:
+                raise ConfigError(f"{where}: key '{key}' must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) or "str" in kind:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: key '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_override(item: str):
+    """'key=value' -> (key, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
+    return key, value
+
+
+def load_config(path=None, overrides=()) -> RunConfig:
+    """Read a YAML config and apply `key=value` overrides (relative paths are relative to the working directory)."""
+    values = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys to values")
+        for key, value in loaded.items():
+            if key not in _FIELDS:
+                raise _unknown_key(key, where)
+            values[key] = _coerce(key, value, where)
+    for item in overrides:
+        key, value = parse_override(item)
+        if key not in _FIELDS:
+            raise _unknown_key(key, "command line")
+        values[key] = _coerce(key, value, "command line")
+    cfg = RunConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no model or data: fail before any compute."""
+    cfg.preset()  # unknown stage -> ConfigError
+    if not cfg.model:
+        raise ConfigError("config: key 'model' is required (an HF checkpoint directory)")
+    if not cfg.out:
+        raise ConfigError("config: key 'out' is required (the run directory)")
+    if not cfg.data:
+        raise ConfigError("config: key 'data' is required")
+    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"config: key 'precision' must be auto, bf16, fp16 or fp32, got '{cfg.precision}'")
+    if cfg.new_rows_only and cfg.stage != "stage1":
+        raise ConfigError("config: key 'new_rows_only' applies to stage1 only")
+    for key in ("micro_batch", "save_every", "log_every", "keep_last", "max_nonfinite_steps"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config: key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"config: key 'max_steps' must be >= 1, got {cfg.max_steps}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config: key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio}")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,465 @@
+"""The training loop, on the DeepSpeed engine (ZeRO-2), for every stage.
+
+We drive the engine ourselves (as DeepSpeed-Chat does) instead of going through HF Trainer, because
+three things must be exactly right and stay ours:
+
+* the global batch: `global_batch` sequences per optimizer step whatever the world size; rank r of W
+  takes a contiguous slice of the step's sample positions, cut into micro-batches;
+* the loss: token-weighted over the whole global batch (sum of token losses / tokens in the global
+  batch), so 1 rank and 2 ranks compute the same update, and SFT examples of different lengths weigh
+  by their tokens, not by their micro-batch;
+* the data position and the checkpoint: the sample order is a pure function of (seed, position), so
+  resuming at step k replays exactly what an uninterrupted run would have seen.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zhllama.errors import ConfigError, UserError
+from zhllama.fsutil import atomic_write_text
+from zhllama.log import get_logger
+
+from . import checkpoint
+from .config import RunConfig, dump_config
+from .flops import flops_per_token, peak_flops
+from .presets import grad_accumulation
+
+log = get_logger("zhllama.train")
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- distributed setup
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """(rank, world_size, local_rank). Works under `deepspeed`/`torchrun` and as a plain process."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain `zhllama train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_(tensor, op=None):
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """bf16 on GPUs that have it, fp16 (dynamic loss scaling) on older GPUs, fp32 on CPU."""
+    if requested != "auto":
+        if requested in ("bf16", "fp16") and device.type != "cuda":
+            raise ConfigError(f"config: precision '{requested}' needs a GPU; use precision=fp32 (or auto) on CPU")
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+def resolve_ds_config(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".json" or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config: ds_config '{name_or_path}' not found")
+        return p
+    from importlib import resources
+    candidate = resources.files("zhllama.ds_configs") / f"{name_or_path}.json"
+    if not candidate.is_file():
+        raise ConfigError(f"config: ds_config '{name_or_path}' is neither a JSON file nor one of "
+                          f"zero2, zero2_offload")
+    return Path(str(candidate))
+
+
+def build_ds_config(path: Path, *, global_batch, micro_batch, grad_accum, grad_clip, precision) -> dict:
+    """The DeepSpeed JSON with every 'auto' filled from the run config."""
+    cfg = json.loads(Path(path).read_text())
+    cfg.pop("_comment", None)
+    cfg["train_batch_size"] = global_batch
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["gradient_clipping"] = grad_clip
+    cfg.setdefault("bf16", {})["enabled"] = precision == "bf16"
+    cfg.setdefault("fp16", {})["enabled"] = precision == "fp16"
+    if precision != "fp16":
+        cfg.pop("fp16")
+    if not torch.cuda.is_available():
+        # overlap_comm needs CUDA streams; on CPU it only adds copies.
+        cfg.get("zero_optimization", {})["overlap_comm"] = False
+    return cfg
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """Linear warmup over warmup_ratio of the steps, then cosine down to min_lr_ratio x peak."""
+    warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Data:
+    train: object
+    validation: object
+    collate: object  # list of dataset items -> dict of tensors with input_ids, labels (+ attention_mask)
+    description: str
+
+
+def _collate_blocks(items):
+    ids = torch.stack([torch.as_tensor(x, dtype=torch.long) for x in items])
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
+    if cfg.stage == "sft":
+        from zhllama.sft.dataset import SFTDataset, collate
+        train = SFTDataset(cfg.data, tokenizer, cfg.template, max_length=preset.block_size,
+                           strict=cfg.strict_data, field_map=cfg.field_map or None)
+        if len(train) == 0:
+            raise UserError(f"{', '.join(cfg.data)}: no usable SFT example (see the skipped counts above)")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return Data(train, None, lambda items: collate(items, pad), f"{len(train):,} SFT examples")
+    from .shards import PackedBlocks
+    if len(cfg.data) != 1:
+        raise ConfigError("config: key 'data' must name exactly one `zhllama data pack` directory for "
+                          f"stage {cfg.stage}, got {len(cfg.data)}")
+    train = PackedBlocks(cfg.data[0], "train", expect_tokenizer=tokenizer_path,
+                         expect_block_size=preset.block_size)
+    if len(train) == 0:
+        raise UserError(f"{cfg.data[0]}: the training split holds no block")
+    try:
+        val = PackedBlocks(cfg.data[0], "validation", expect_tokenizer=tokenizer_path,
+                           expect_block_size=preset.block_size)
+        val = val if len(val) else None
+    except UserError:
+        val = None
+    return Data(train, val, _collate_blocks,
+                f"{len(train):,} blocks of {preset.block_size} tokens from {cfg.data[0]}")
+
+
+def rank_positions(step: int, global_batch: int, rank: int, world: int):
+    """The stream positions rank `rank` trains on at optimizer step `step` (a contiguous slice)."""
+    per_rank = global_batch // world
+    start = step * global_batch + rank * per_rank
+    return range(start, start + per_rank)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(cfg: RunConfig, preset, dtype):
+    from zhllama.modelio import load_model, load_tokenizer
+
+    from . import adapters
+
+    tokenizer_path = cfg.tokenizer or cfg.model
+    tokenizer = load_tokenizer(tokenizer_path)
+    model = load_model(cfg.model, dtype=dtype, tokenizer_path=tokenizer_path)
+    if cfg.init_adapters:  # earlier stages' final/ dirs, folded into the weights in order
+        log.info("merging earlier stages' adapters: %s", ", ".join(cfg.init_adapters))
+        model = adapters.merge_adapters(model, cfg.init_adapters)
+    new_rows_from = None
+    if cfg.new_rows_only:
+        new_rows_from = getattr(model.config, "zhllama_base_vocab_size", None)
+        if not new_rows_from:
+            raise ConfigError(f"config: new_rows_only needs the base vocab size recorded by `zhllama vocab "
+                              f"resize` in {cfg.model}/config.json (zhllama_base_vocab_size)")
+    model = adapters.apply_stage(model, preset, new_rows_from=new_rows_from)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer, tokenizer_path
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class Metrics:
+    """Rank 0's outputs: a progress line, metrics.jsonl and TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():  # drop records of steps after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def write(self, record: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _crash_hook(kind: str, step: int, rank: int):
+    """Test hook: SIGKILL this process at a chosen point (ZHLLAMA_CRASH=after-step:K | in-checkpoint:K)."""
+    spec = os.environ.get("ZHLLAMA_CRASH", "")
+    if rank == 0 and spec == f"{kind}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.preset = cfg.preset()
+        self.run_dir = Path(cfg.out)
+
+    def run(self) -> dict:
+        import deepspeed
+
+        cfg, preset = self.cfg, self.preset
+        rank, world, local_rank = init_distributed()
+        self.rank, self.world = rank, world
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        precision = choose_precision(cfg.precision, device)
+        grad_accum = grad_accumulation(preset.global_batch, cfg.micro_batch, world)
+        ds_path = resolve_ds_config(cfg.ds_config)
+        ds_config = build_ds_config(ds_path, global_batch=preset.global_batch, micro_batch=cfg.micro_batch,
+                                    grad_accum=grad_accum, grad_clip=preset.grad_clip, precision=precision)
+        torch.manual_seed(cfg.seed)
+
+        model, tokenizer, tokenizer_path = build_model(cfg, preset, DTYPES[precision])
+        data = build_data(cfg, preset, tokenizer, tokenizer_path)
+        from .adapters import count_trainable
+        trainable, total = count_trainable(model)
+        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
+
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            log.info("stage %s | %s | world %d x micro %d x accum %d = global batch %d | %d steps | "
+                     "precision %s | trainable %s of %s (%.2f%%) | ds config %s", cfg.stage, data.description,
+                     world, cfg.micro_batch, grad_accum, preset.global_batch, total_steps, precision,
+                     f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, ds_path.name)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if ds_config.get("zero_optimization", {}).get("offload_optimizer"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(params, lr=preset.lr, betas=preset.betas,
+                                         weight_decay=preset.weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=preset.lr, betas=preset.betas,
+                                          weight_decay=preset.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total_steps, preset.warmup_ratio, cfg.min_lr_ratio))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+
+        ckpt_root = self.run_dir / "checkpoints"
+        start_step = 0
+        latest = checkpoint.latest_checkpoint(ckpt_root) if cfg.resume else None
+        if latest is not None:
+            state = checkpoint.load(engine, latest, rank=rank)
+            start_step = state["step"]
+            if rank == 0:
+                log.info("resumed from %s (step %d of %d)", latest, start_step, total_steps)
+
+        from .shards import BlockOrder
+        order = BlockOrder(len(data.train), cfg.seed)
+        metrics = Metrics(self.run_dir, rank == 0, cfg.tensorboard, start_step)
+        hf_config = getattr(model, "get_base_model", lambda: model)().config
+        fpt = flops_per_token(hf_config, preset.block_size)
+        peak = peak_flops(device) * world
+        self.engine, self.data, self.device = engine, data, device
+        summary = {"start_step": start_step, "total_steps": total_steps, "trainable": trainable, "total": total,
+                   "nonfinite_skipped": 0}
+        nonfinite_in_row = 0
+        last = {}
+
+        for step in range(start_step, total_steps):
+            engine.train()
+            lr = scheduler.get_last_lr()[0]
+            t0 = time.perf_counter()
+            loss, tokens, nonfinite = self._train_step(step, order, grad_accum)
+            dt = time.perf_counter() - t0
+            if nonfinite:
+                summary["nonfinite_skipped"] += nonfinite
+                nonfinite_in_row += 1
+                if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                    raise UserError(self._nonfinite_diagnosis(step, nonfinite_in_row, last))
+            else:
+                nonfinite_in_row = 0
+            done = step + 1
+            record = {"step": done, "loss": loss, "lr": lr,
+                      "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": tokens / dt,
+                      "mfu": fpt * tokens / dt / peak, "step_time_s": dt, "tokens": tokens,
+                      "nonfinite_microbatches": nonfinite}
+            if precision == "fp16":
+                record["loss_scale"] = _float(getattr(engine.optimizer, "cur_scale", None))
+            if cfg.eval_every and done % cfg.eval_every == 0 and data.validation is not None:
+                record.update(self.evaluate())
+            if done == total_steps and data.validation is not None and "val_loss" not in record:
+                record.update(self.evaluate())
+            last = record
+            if rank == 0:
+                metrics.write(record)
+                if done % cfg.log_every == 0 or done == total_steps:
+                    log.info(_progress_line(record, total_steps))
+            if done % cfg.save_every == 0 or done == total_steps:
+                checkpoint.save(engine, ckpt_root, done, {"step": done, "positions_consumed": done * preset.global_batch,
+                                                         "seed": cfg.seed, "stage": cfg.stage},
+                                rank=rank, local_rank=local_rank, barrier=barrier, keep_last=cfg.keep_last,
+                                crash_hook=lambda: _crash_hook("in-checkpoint", done, rank))
+            _crash_hook("after-step", done, rank)
+
+        metrics.close()
+        summary.update({k: last.get(k) for k in ("loss", "val_loss", "tokens_per_s", "mfu")})
+        self._save_final(engine, tokenizer_path)
+        return summary
+
+    # one optimizer step --------------------------------------------------------------------------
+    def _train_step(self, step, order, grad_accum):
+        """Forward/backward over this rank's micro-batches, then the optimizer step (at the boundary)."""
+        cfg, engine = self.cfg, self.engine
+        positions = rank_positions(step, self.preset.global_batch, self.rank, self.world)
+        items = [self.data.train[order.index(p)] for p in positions]
+        micro = [self.data.collate(items[i:i + cfg.micro_batch]) for i in range(0, len(items), cfg.micro_batch)]
+        assert len(micro) == grad_accum
+        # The global number of predicted tokens, known before any forward: the loss denominator.
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+                               sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in micro)],
+                              dtype=torch.float64)
+        all_reduce_(counts)
+        target_tokens, seen_tokens = counts.tolist()
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, non-finite micro-batches)
+        for batch in micro:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = engine(**batch).logits
+            token_loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum")
+            bad = torch.tensor([0.0 if torch.isfinite(token_loss) else 1.0])
+            all_reduce_(bad, torch.distributed.ReduceOp.MAX)
+            if bad.item():
+                # Skip this micro-batch on every rank alike: a zero loss that still touches every
+                # trainable parameter, so ZeRO's gradient hooks fire in the same order everywhere.
+                zero = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+                engine.backward(zero, scale_wrt_gas=False)
+                loss_sum[1] += 1
+            else:
+                # DeepSpeed averages gradients over ranks, hence x world: sum / global tokens overall.
+                engine.backward(token_loss * (self.world / max(target_tokens, 1.0)), scale_wrt_gas=False)
+                loss_sum[0] += float(token_loss.detach())
+            engine.step()
+        all_reduce_(loss_sum)
+        nonfinite = int(loss_sum[1].item())
+        loss = float(loss_sum[0] / max(target_tokens, 1.0)) if not nonfinite else float("nan")
+        return loss, seen_tokens, nonfinite
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted loss over the first eval_batches micro-batches per rank of the validation split."""
+        cfg, engine, val = self.cfg, self.engine, self.data.validation
+        engine.eval()
+        n = min(len(val), cfg.eval_batches * cfg.micro_batch * self.world)
+        sums = torch.zeros(2, dtype=torch.float64)
+        for start in range(self.rank * cfg.micro_batch, n, cfg.micro_batch * self.world):
+            batch = self.data.collate([val[i] for i in range(start, min(start + cfg.micro_batch, n))])
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = engine(**batch).logits
+            sums[0] += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum"))
+            sums[1] += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        all_reduce_(sums)
+        engine.train()
+        val_loss = float(sums[0] / max(sums[1], 1.0))
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def _save_final(self, engine, tokenizer_path):
+        from .adapters import save_adapter
+        final = self.run_dir / "final"
+        if self.rank == 0:
+            save_adapter(engine.module, final, tokenizer_dir=tokenizer_path, run_config=self.cfg.to_dict(),
+                         overwrite=True)
+            log.info("final adapter written to %s", final)
+        barrier()
+
+    def _nonfinite_diagnosis(self, step, n, last) -> str:
+        return (f"stopped at step {step + 1}: the loss was non-finite in {n} steps in a row "
+                f"(max_nonfinite_steps={self.cfg.max_nonfinite_steps}). Last finite record: {last or 'none'}. "
+                "Likely causes: lr too high for this stage (try lr=5e-5), fp16 overflow (use bf16 on "
+                "A100/H100, or precision=fp32 to check), or corrupt data (re-run `zhllama data pack`). "
+                "The last complete checkpoint is intact; the run resumes from it.")
+
+
+def _float(x):
+    if x is None:
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _progress_line(r: dict, total: int) -> str:
+    parts = [f"step {r['step']}/{total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+    if r.get("grad_norm") is not None:
+        parts.append(f"gnorm {r['grad_norm']:.3f}")
+    parts += [f"{r['tokens_per_s']:,.0f} tok/s", f"MFU {100 * r['mfu']:.1f}%", f"{r['step_time_s']:.2f} s/step"]
+    if r.get("loss_scale") is not None:
+        parts.append(f"scale {r['loss_scale']:g}")
+    if "val_loss" in r:
+        parts.append(f"val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f})")
+    if r.get("nonfinite_microbatches"):
+        parts.append(f"skipped {r['nonfinite_microbatches']} non-finite micro-batches")
+    return " | ".join(parts)

@@ -1,0 +1,45 @@
+"""One training run (stage1, stage2 or sft) on the DeepSpeed engine.
+
+  zhllama train --config configs/stage1.yaml [key=value ...]
+
+Runs alone (a world of one) or under the launcher, e.g.
+  deepspeed --num_gpus 8 -m zhllama.cli train --config configs/stage2.yaml out=runs/stage2
+(launch/*.sh wrap this for one or several nodes). Keys are those of configs/*.yaml; any of them can be
+overridden as key=value. A run restarts from its latest complete checkpoint in OUT/checkpoints unless
+resume=false. Outputs: OUT/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-N/, and final/
+(the adapter with the trained embeddings, the tokenizer and the run config).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_arguments(p):
+    p.add_argument("--config", help="YAML run config (configs/stage1.yaml, stage2.yaml, sft.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. micro_batch=4")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, print the resolved config and batch plan, and exit")
+    # The deepspeed launcher passes --local_rank; the engine reads LOCAL_RANK from the environment.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args):
+    from .config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from .presets import grad_accumulation
+        preset = cfg.preset()
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        accum = grad_accumulation(preset.global_batch, cfg.micro_batch, world)
+        sys.stdout.write(dump_config(cfg))
+        print(f"# world {world} x micro {cfg.micro_batch} x accumulation {accum} = global batch "
+              f"{preset.global_batch} sequences of {preset.block_size} tokens")
+        return 0
+    from .engine import Trainer
+    summary = Trainer(cfg).run()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(summary))
+    return 0

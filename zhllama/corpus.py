@@ -160,8 +160,50 @@ def iter_documents(path, *, text_field="text", doc_sep="line", strict=False,
     if kind == "parquet":
         yield from _iter_parquet(path, text_field, strict, stats)
         return
+    yield from _split_documents(iter_lines(path, strict, stats), path, kind, text_field, doc_sep,
+                                strict, stats)
+
+
+def iter_lines_range(path, start: int, end: int, first_line: int = 1, strict=False,
+                     stats: Optional[CorpusStats] = None) -> Iterator[tuple]:
+    """(line number, decoded line) for the lines that start in the byte range [start, end) of an
+    uncompressed file; `start` must be a line start, `first_line` its line number. Lets several
+    workers read one large file without reading its prefix."""
+    stats = stats if stats is not None else CorpusStats()
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        for lineno, raw in enumerate(f, first_line):
+            if pos >= end:
+                break
+            pos += len(raw)
+            stats.bytes += len(raw)
+            text = _decode(raw, path, lineno, strict, stats)
+            if text is not None:
+                yield lineno, text.rstrip("\r\n")
+
+
+def iter_documents_range(path, start: int, end: int, first_line: int = 1, *, text_field="text",
+                         doc_sep="line", strict=False,
+                         stats: Optional[CorpusStats] = None) -> Iterator[str]:
+    """Documents of the byte range [start, end) of an uncompressed txt/jsonl file, split exactly as
+    `iter_documents` splits the whole file (the range must start and end on a document boundary:
+    a line start, or after a blank line with `doc_sep="blank"`). Does not count the file in
+    `stats.files` (a file read in several ranges is still one file)."""
+    path = Path(path)
+    stats = stats if stats is not None else CorpusStats()
+    kind = data_format(path)
+    if kind == "parquet" or str(path).lower().endswith(".gz"):
+        raise ValueError(f"{path}: byte ranges need an uncompressed text or JSON-lines file")
+    lines = iter_lines_range(path, start, end, first_line, strict, stats)
+    yield from _split_documents(lines, path, kind, text_field, doc_sep, strict, stats)
+
+
+def _split_documents(lines, path, kind, text_field, doc_sep, strict, stats) -> Iterator[str]:
+    """Documents from (line number, line) pairs: JSON objects' text fields, one line each, or
+    blank-line separated paragraphs. Empty documents are counted and skipped."""
     if kind == "jsonl":
-        for lineno, line in iter_lines(path, strict, stats):
+        for lineno, line in lines:
             if not line.strip():
                 continue
             text = _json_text(line, path, lineno, text_field, strict, stats)
@@ -174,7 +216,7 @@ def iter_documents(path, *, text_field="text", doc_sep="line", strict=False,
             yield text
         return
     if doc_sep == "line":
-        for _, line in iter_lines(path, strict, stats):
+        for _, line in lines:
             if not line.strip():
                 stats.empty += 1
                 continue
@@ -182,7 +224,7 @@ def iter_documents(path, *, text_field="text", doc_sep="line", strict=False,
             yield line
     elif doc_sep == "blank":
         para: List[str] = []
-        for _, line in iter_lines(path, strict, stats):
+        for _, line in lines:
             if line.strip():
                 para.append(line)
             elif para:

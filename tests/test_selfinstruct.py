@@ -1,0 +1,332 @@
+"""Self-instruct: parsing recorded answers, language-aware filters, the client's retries against a
+misbehaving server, resumable output, and the whole loop against `zhllama serve` on loopback."""
+
+import json
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import run_cli, shared_path
+
+from zhllama.errors import InputError, UserError
+from zhllama.sft import selfinstruct as si
+from zhllama.sft.api_client import APIClient, APIError
+
+# -- recorded answers ---------------------------------------------------------------------------
+
+# A completion continuing Stanford's prompt after "4. Instruction:" (text-davinci-003 style), cut by
+# max_tokens in the middle of task 7.
+EN_COMPLETION = """ Suggest three names for a bakery that sells gluten-free bread.
+4. Input:
+<noinput>
+4. Output:
+1. The Golden Crust 2. Free Rise Bakery 3. Honest Loaf
+###
+5. Instruction: Classify the sentiment of the following tweet as positive, negative or neutral.
+5. Input:
+Just missed my train again. Great start to the week.
+5. Output:
+Negative
+###
+6. Instruction: Draw a picture of a cat sitting on a mat.
+6. Input:
+<noinput>
+6. Output:
+(a drawing)
+###
+7. Instruction: Rewrite the sentence so that it uses the passive voice.
+7. Input:
+The committee approved the new budget on"""
+
+# A chat answer with a preamble, markdown bold and a closing remark.
+EN_CHAT = """Sure! Here are more tasks in the same format:
+
+###
+**4. Instruction:** Explain the difference between weather and climate in two sentences.
+**4. Input:**
+<noinput>
+**4. Output:**
+Weather is the state of the atmosphere at a given moment; climate is the average of the weather over decades.
+###
+**5. Instruction:** Give me a synonym.
+**5. Input:**
+happy
+**5. Output:**
+joyful
+###
+I hope these help!"""
+
+# A Chinese chat answer: full-width colons, 、 after the number, a missing output, a truncated end.
+ZH_CHAT = """好的，以下是新的任务：
+###
+4、指令：请把下面这句话翻译成英文。
+4、输入：
+我每天早上七点起床。
+4、输出：
+I get up at seven every morning.
+###
+5. 指令：根据下面的描述，判断这是哪种动物。
+5. 输入：
+它有长长的鼻子和大大的耳朵，生活在非洲和亚洲。
+5. 输出：
+大象
+###
+6. 指令：列出三种常见的编程范式
+6. 输入：
+<无输入>
+###
+7. 指令：写一首关于秋天的五言绝句。
+7. 输入：
+<无输入>
+7. 输出：
+秋风"""
+
+GARBAGE = "▁的的 of of 了 the 我 ，，， 9 9 9 ."
+
+
+def test_parse_english_completion_drops_truncated_last():
+    tasks, dropped = si.parse_response(EN_COMPLETION, finish_reason="length")
+    assert [t["instruction"] for t in tasks] == [
+        "Suggest three names for a bakery that sells gluten-free bread.",
+        "Classify the sentiment of the following tweet as positive, negative or neutral.",
+        "Draw a picture of a cat sitting on a mat."]
+    assert tasks[0]["input"] == "" and tasks[0]["output"].startswith("1. The Golden Crust")
+    assert tasks[1]["input"] == "Just missed my train again. Great start to the week."
+    assert tasks[1]["output"] == "Negative"
+    assert dropped == Counter(truncated=1)
+    # Had the answer stopped normally, task 7 would still lack an output: incomplete.
+    tasks, dropped = si.parse_response(EN_COMPLETION, finish_reason="stop")
+    assert len(tasks) == 3 and dropped == Counter(incomplete=1)
+
+
+def test_parse_english_chat_with_stray_text_and_markdown():
+    tasks, dropped = si.parse_response(EN_CHAT, "stop")
+    assert [t["instruction"] for t in tasks] == [
+        "Explain the difference between weather and climate in two sentences.", "Give me a synonym."]
+    assert tasks[0]["output"].endswith("over decades.") and "###" not in tasks[1]["output"]
+    assert tasks[1] == {"instruction": "Give me a synonym.", "input": "happy", "output": "joyful"}
+    assert not dropped
+
+
+def test_parse_chinese_numbered_list_incomplete_and_truncated():
+    tasks, dropped = si.parse_response(ZH_CHAT, "length")
+    assert [t["instruction"] for t in tasks] == ["请把下面这句话翻译成英文。", "根据下面的描述，判断这是哪种动物。"]
+    assert tasks[0]["output"] == "I get up at seven every morning."
+    assert tasks[1]["input"].startswith("它有长长的鼻子")
+    assert dropped == Counter(truncated=1, incomplete=1)
+
+
+def test_parse_garbage_is_counted_not_raised():
+    for text in (GARBAGE, "", "4. 输出", "###\n###"):
+        tasks, dropped = si.parse_response(text, "stop")
+        assert tasks == [] and dropped["unparsable"] == 1
+
+
+def test_filters_language_aware():
+    def reason(inst, lang):
+        return si.filter_reason({"instruction": inst, "input": "", "output": "x"}, lang)
+    # English: Stanford's rules.
+    assert reason("Give three tips for staying healthy.", "en") is None
+    assert reason("Sort the list.", "en") == "too_short"
+    assert reason("Describe the map of Paris.", "en") == "blacklist"
+    assert reason("Describe the mapping of keys.", "en") is None          # whole words only
+    assert reason("Write a program that sorts numbers in Python.", "en") == "write_a_program"
+    assert reason('"Quote" this sentence for me please.', "en") == "punctuation"
+    assert reason("请给出三条保持健康的建议。", "en") == "too_short"          # one "word" to str.split
+    assert reason("请 给出 三条 保持 健康 的 建议", "en") == "wrong_language"
+    # Chinese: characters, the Chinese blacklist, Chinese punctuation, "mostly Chinese".
+    assert reason("给出三条保持健康的建议。", "zh") is None
+    assert reason("写首诗", "zh") == "too_short"                             # 3 characters
+    assert reason("写" * 301, "zh") == "too_long"
+    assert reason("根据下面的描述绘制一张流程图", "zh") == "blacklist"
+    assert reason("描述一下这张 image 的内容", "zh") == "blacklist"        # English words too
+    assert reason("编写一个程序来计算斐波那契数列", "zh") == "write_a_program"
+    assert reason("【重要】总结下面这段话的要点", "zh") == "punctuation"
+    assert reason("Give three tips for staying healthy.", "zh") == "wrong_language"
+    assert reason("将下面的句子翻译成中文：I like apples", "zh") is None     # an English term or two is fine
+
+
+def test_filters_keep_the_real_seed_tasks():
+    """The human seeds are what good tasks look like: the length and language filters keep them all."""
+    for rel, lang in (("data/sft/seed_tasks_belle_zh.json", "zh"), ("data/sft/seed_tasks_alpaca_en.jsonl", "en")):
+        seeds = si.load_seed_tasks(shared_path(rel))
+        assert len(seeds) == 175
+        reasons = Counter(si.filter_reason(t, lang) for t in seeds)
+        assert reasons["wrong_language"] == reasons["punctuation"] == 0
+        assert reasons[None] >= 170, reasons
+
+
+def test_prompt_round_trips_through_the_parser():
+    seeds = [{"instruction": f"示例任务第{i}号：写一段话", "input": "" if i % 2 else "输入", "output": f"输出{i}"}
+             for i in range(3)]
+    for lang in ("zh", "en"):
+        prompt = si.encode_prompt(seeds, lang, num_tasks=20)
+        assert "20" in prompt and prompt.rstrip().endswith(("4. 指令：", "4. Instruction:"))
+        tasks, _ = si.parse_response(prompt + " 新的任务：解释一下什么是光合作用\n4. Output: 植物利用光能")
+        assert [t["instruction"] for t in tasks][:3] == [s["instruction"] for s in seeds]
+        assert tasks[3]["instruction"] == "新的任务：解释一下什么是光合作用"
+
+
+def test_seed_file_errors_name_the_line(tmp_path):
+    good = {"instruction": "给出下面词语的同义词", "instances": [{"input": "惊人地", "output": "令人惊奇地"}]}
+    cases = {
+        "not json": (json.dumps(good) + "\n{not json\n", 2),
+        "no instruction": (json.dumps(good) + "\n\n" + json.dumps({"instances": []}) + "\n", 3),
+        "bad instances": (json.dumps(dict(good, instances=[])) + "\n", 1),
+        "not object": ("[1, 2]\n", 1),
+    }
+    for name, (text, line) in cases.items():
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text(text, encoding="utf-8")
+        with pytest.raises(InputError) as e:
+            si.load_seed_tasks(f)
+        assert f"{f}:{line}" in str(e.value), name
+    with pytest.raises(InputError, match="no such"):
+        si.load_seed_tasks(tmp_path / "missing.jsonl")
+
+
+def test_resumable_jsonl_cuts_an_unfinished_batch(tmp_path):
+    out = tmp_path / "out.jsonl"
+    w = si.ResumableJsonl(out)
+    records, state = w.open({"lang": "zh"})
+    assert records == []
+    w.commit([{"instruction": "一"}, {"instruction": "二"}], state)
+    with open(out, "ab") as f:                       # a crash in the middle of the next batch
+        f.write(b'{"instruction": "\xe4\xb8\x89"}\n{"instruc')
+    records, state = si.ResumableJsonl(out).open({"lang": "zh"})
+    assert [r["instruction"] for r in records] == ["一", "二"]
+    assert out.read_bytes().endswith("二\"}\n".encode())
+    with pytest.raises(UserError, match="different lang"):
+        si.ResumableJsonl(out).open({"lang": "en"})
+
+
+# -- the client against a misbehaving server ----------------------------------------------------
+
+def _ok_body(text, finish="stop"):
+    return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": finish}]}).encode()
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    """Plays `server.script` in order: 'ok', '500', '429', 'garbage', 'noschema', 'slow', '401'."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with self.server.lock:
+            action = self.server.script.pop(0) if self.server.script else "ok"
+            self.server.seen.append(action)
+        if action == "slow":
+            threading.Event().wait(1.0)
+            action = "ok"
+        status, body, headers = 200, _ok_body("4. Instruction: ok"), {}
+        if action in ("500", "401"):
+            status, body = int(action), b'{"error": {"message": "boom"}}'
+        elif action == "429":
+            status, body, headers = 429, b"slow down", {"Retry-After": "0"}
+        elif action == "garbage":
+            body = b"<html>502 Bad Gateway</html>"
+        elif action == "noschema":
+            body = b'{"result": "no choices here"}'
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def scripted_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    server.script, server.seen, server.lock = [], [], threading.Lock()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _client(server, **kw):
+    kw = {"max_retries": 4, "backoff": 0.01, "timeout": 5, **kw}
+    return APIClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", **kw)
+
+
+def test_client_retries_errors_and_counts_them(scripted_server):
+    scripted_server.script = ["500", "garbage", "429", "noschema", "ok"]
+    client = _client(scripted_server)
+    assert client.chat([{"role": "user", "content": "hi"}]).text == "4. Instruction: ok"
+    assert client.stats["requests"] == 5 and client.stats["retries"] == 4 and client.stats["ok"] == 1
+    assert {k: v for k, v in client.stats.items() if k.startswith("retry:")} == {
+        "retry:http_500": 1, "retry:bad_json": 1, "retry:http_429": 1, "retry:bad_response": 1}
+
+
+def test_client_gives_up_with_a_clear_message(scripted_server):
+    scripted_server.script = ["500"] * 3
+    with pytest.raises(APIError, match=r"HTTP 500 .*boom.*gave up after 3 attempts"):
+        _client(scripted_server, max_retries=2).chat([])
+    scripted_server.script = ["401"]
+    client = _client(scripted_server)
+    with pytest.raises(APIError, match="HTTP 401.*not retried"):
+        client.chat([])
+    assert client.stats["requests"] == 1                # a bad key is not worth retrying
+    scripted_server.script = ["slow", "slow"]
+    client = _client(scripted_server, timeout=0.2, max_retries=1)
+    with pytest.raises(APIError, match="no answer within 0.2s"):
+        client.chat([])
+    assert client.stats["retry:timeout"] == 1
+
+
+def test_client_endpoint_down(tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                             # nothing listens there now
+    client = APIClient(f"http://127.0.0.1:{port}/v1", "m", max_retries=2, backoff=0.01)
+    with pytest.raises(APIError, match="cannot connect.*gave up after 3 attempts"):
+        client.chat([])
+    with pytest.raises(UserError, match="expected an http"):
+        APIClient("127.0.0.1:8000", "m")
+
+
+def test_generate_keeps_what_was_written_when_the_endpoint_fails(scripted_server, tmp_path):
+    """A batch that succeeds is committed; when every request of a batch fails the run stops with a
+    message, and the file still holds the earlier batch."""
+    seeds = si.load_seed_tasks(_write_seeds(tmp_path))
+    answer = ("4. 指令：把下面的句子改写得更正式一些。\n4. 输入：\n我觉得这事儿挺好。\n4. 输出：\n我认为此事甚好。\n###\n"
+              "5. 指令：请把下面的句子改写得更加正式一些。\n5. 输入：\n这事儿挺好\n5. 输出：\n此事甚好\n###\n"
+              "6. 指令：解释什么是通货膨胀\n6. 输入：\n<无输入>\n6. 输出：\n物价持续上涨。")
+    client = _client(scripted_server, max_retries=1, concurrency=1)
+    orig = client.generate
+    client.generate = lambda prompt, **kw: _fixed(answer)     # a recorded answer for the first batch
+    out = tmp_path / "out.jsonl"
+    kept, counts = si.generate(seeds, out, client, num=10, lang="zh", batch_size=1, max_requests=1)
+    assert [t["instruction"] for t in kept] == ["把下面的句子改写得更正式一些。", "解释什么是通货膨胀"]
+    assert counts["similar"] == 1 and counts["kept"] == 2
+    client.generate = orig
+    scripted_server.script = ["500"] * 10
+    with pytest.raises(UserError, match=r"every request of batch 2 failed.*HTTP 500.*2 instructions are safe"):
+        si.generate(seeds, out, client, num=10, lang="zh", batch_size=2)
+    assert len(out.read_text("utf-8").splitlines()) == 2
+    state = json.loads((tmp_path / "out.jsonl.state.json").read_text("utf-8"))
+    assert state["counts"]["request_failed"] == 2 and state["counts"]["kept"] == 2
+
+
+def _fixed(text):
+    from zhllama.sft.api_client import Completion
+    return Completion(text, "stop")
+
+
+def _write_seeds(tmp_path):
+    rows = [{"instruction": inst, "instances": [{"input": "", "output": out}]} for inst, out in [
+        ("给出三条保持健康的建议", "多运动、均衡饮食、保证睡眠。"), ("解释一下什么是光合作用", "植物利用光能合成有机物。"),
+        ("推荐几本适合初学者的理财书籍", "《小狗钱钱》《富爸爸穷爸爸》。"), ("把这句话翻译成英文：你好", "Hello."),
+    ]]
+    f = tmp_path / "seeds.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return f

@@ -134,7 +134,10 @@ class BadRecord(Exception):
 
 # -- field mapping -----------------------------------------------------------------------------
 def parse_field_map(field_map) -> Dict[str, str]:
-    """{canonical: source} from a dict or a "instruction=question,output=std_answer" string."""
+    """{canonical: source} from a dict or a "instruction=question,output=std_answer" string.
+
+    Either direction is accepted: {"instruction": "question"} and {"question": "instruction"} mean
+    the same (keys are read as the canonical names when they all are, else the values must be)."""
     if field_map is None or field_map == "":
         return {}
     if isinstance(field_map, str):
@@ -149,11 +152,18 @@ def parse_field_map(field_map) -> Dict[str, str]:
     if not isinstance(field_map, dict):
         raise ConfigError(f"field map must be a mapping, not {type(field_map).__name__}")
     for k, v in field_map.items():
-        if k not in CANONICAL_FIELDS:
-            raise ConfigError(f"field map key '{k}' is not one of {', '.join(CANONICAL_FIELDS)}")
-        if not isinstance(v, str) or not v:
-            raise ConfigError(f"field map value for '{k}' must be a field name")
-    return dict(field_map)
+        if not isinstance(k, str) or not k or not isinstance(v, str) or not v:
+            raise ConfigError(f"field map entry {k!r}: {v!r} must map a field name to a field name")
+    if all(k in CANONICAL_FIELDS for k in field_map):
+        return dict(field_map)
+    if all(v in CANONICAL_FIELDS for v in field_map.values()):
+        inverted = {v: k for k, v in field_map.items()}
+        if len(inverted) != len(field_map):
+            raise ConfigError(f"field map {field_map} maps two fields to the same name")
+        return inverted
+    bad = [k for k in field_map if k not in CANONICAL_FIELDS]
+    raise ConfigError(f"field map: '{bad[0]}' is not one of {', '.join(CANONICAL_FIELDS)} "
+                      "(write canonical=source, e.g. instruction=question,output=std_answer)")
 
 
 def _get(obj: dict, name: str, field_map: Dict[str, str]):

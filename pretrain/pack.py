@@ -597,6 +597,7 @@ def run(args) -> int:
     # From here the directory is being changed: it must not look complete until the new manifest.
     _unlink(out / fmt.MANIFEST)
     _unlink(out / fmt.INDEX)
+    (out / fmt.PROGRESS).touch()         # marks the dir as a pack in progress (resumable)
     shard_dir = out / fmt.SHARD_DIR
     shard_dir.mkdir(exist_ok=True)
     for p in shard_dir.glob(".*.tmp"):

@@ -245,3 +245,19 @@ def positions_for_rank(step: int, global_batch: int, rank: int, world_size: int)
 def split_counts(manifest: dict) -> Dict[str, dict]:
     """Per-split counts of a manifest (documents, tokens, blocks, dropped_tokens)."""
     return manifest["counts"]["splits"]
+
+
+def iter_unit_streams(data_dir, split: str = "train"):
+    """(index entry, token array) of each work unit's shard, in corpus order, tails included.
+
+    Concatenated, these are the split's whole token stream before cutting (the same documents, in
+    input order, BOS/EOS included): what a round-trip check decodes. Not used by training.
+    """
+    d = Path(data_dir)
+    manifest = read_manifest(d)
+    dtype = np.dtype(manifest["dtype"])
+    index = json.loads((d / INDEX).read_text(encoding="utf-8"))
+    for e in index["splits"][split]["shards"]:
+        if e.get("role") == "tail":
+            continue
+        yield e, np.memmap(d / SHARD_DIR / e["file"], dtype=dtype, mode="r", shape=(e["tokens"],))

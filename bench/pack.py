@@ -1,0 +1,227 @@
+"""Benchmark `zhllama data pack` against its baselines, in one command, on the same text.
+
+  1. raw sentencepiece: `sp.encode(documents, num_threads=N)` on text already in memory (the
+     tokenizer's own speed; no reading, no packing, no writing). Goal: pack >= 0.7 of it end to end.
+  2. the anchors' pipeline (Chinese-LLaMA-Alpaca run_clm_pt_with_peft.py): load_dataset("text"),
+     datasets.map(tokenizer) with the HF LLaMA tokenizer, then datasets.map(group_texts) into
+     block_size chunks, num_proc=N, fresh cache (a first run, as a user meets it).
+  3. peak memory (RSS of the pack process and its workers) packing the corpus and the corpus repeated
+     R times: it should stay flat.
+
+Same documents (non-empty lines), same token ids (the HF tokenizer is asked for BOS and EOS too), same
+number of threads/processes N. Times are the best of --repeats runs, alternated, because the machine
+may be shared.
+
+  python bench/pack.py                        # ../shared/data/zh, LLaMA tokenizer, N = CPUs
+  python bench/pack.py --workers 2 --repeats 3 --memory-repeat 10 --json out.json
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ZHLLAMA_SHARED", REPO.parent / "shared"))
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(SHARED / "data" / "zh"), help="corpus dir/files (txt)")
+    p.add_argument("--tokenizer", default=str(SHARED / "data" / "llama" / "tokenizer.model"))
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-repeat", type=int, default=10, help="corpus copies for the memory run (0: skip)")
+    p.add_argument("--skip-datasets", action="store_true", help="skip the datasets.map baseline")
+    p.add_argument("--json", help="also write the figures here")
+    return p.parse_args()
+
+
+def load_documents(paths):
+    docs, nbytes = [], 0
+    for p in paths:
+        nbytes += os.path.getsize(p)
+        with open(p, encoding="utf-8") as f:
+            docs.extend(line.rstrip("\r\n") for line in f if line.strip())
+    return docs, nbytes
+
+
+def time_raw(tokenizer, docs, threads):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    t = time.perf_counter()
+    ids = sp.encode(docs, add_bos=True, add_eos=True, num_threads=threads)
+    dt = time.perf_counter() - t
+    return dt, sum(map(len, ids))
+
+
+def time_pack(tokenizer, inputs, workers, block_size, work):
+    """The whole command, in process: tokenizer load, input hashing, workers, shards, manifest."""
+    from zhllama.cli import main
+    out = Path(tempfile.mkdtemp(dir=work, prefix="pack-"))
+    shutil.rmtree(out)
+    t = time.perf_counter()
+    rc = main(["data", "pack", "--tokenizer", tokenizer, "--input", *inputs, "--out", str(out),
+               "--workers", str(workers), "--block-size", str(block_size), "--validation-ratio", "0"])
+    dt = time.perf_counter() - t
+    if rc != 0:
+        sys.exit(f"data pack failed with exit code {rc}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    shutil.rmtree(out)
+    return dt, manifest["counts"]["splits"]["train"]
+
+
+def time_datasets(tokenizer, inputs, workers, block_size, work):
+    """Chinese-LLaMA-Alpaca's preprocessing: datasets.map(tokenize) then datasets.map(group_texts)."""
+    from itertools import chain
+
+    from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar
+    from transformers import LlamaTokenizer
+    disable_progress_bar()
+    tok_dir = Path(tempfile.mkdtemp(dir=work, prefix="hf-tok-"))
+    shutil.copy(tokenizer, tok_dir / "tokenizer.model")
+    cache = Path(tempfile.mkdtemp(dir=work, prefix="hf-cache-"))
+    t = time.perf_counter()
+    tok = LlamaTokenizer.from_pretrained(str(tok_dir), add_bos_token=True, add_eos_token=True)
+
+    def tokenize_function(examples):
+        return tok(examples["text"])
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total = len(concatenated[list(examples.keys())[0]])
+        if total >= block_size:
+            total = (total // block_size) * block_size
+        result = {k: [v[i:i + block_size] for i in range(0, total, block_size)]
+                  for k, v in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    raw = load_dataset("text", data_files={"train": list(inputs)}, cache_dir=str(cache))
+    raw = raw.filter(lambda x: bool(x["text"].strip()), num_proc=workers)   # same documents as ours
+    tokenized = raw.map(tokenize_function, batched=True, num_proc=workers, remove_columns="text")
+    grouped = tokenized.map(group_texts, batched=True, num_proc=workers)
+    dt = time.perf_counter() - t
+    n_blocks = len(grouped["train"])
+    n_tokens = sum(len(x) for x in tokenized["train"]["input_ids"])
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return dt, n_blocks, n_tokens
+
+
+def peak_rss_of_pack(tokenizer, inputs, workers, block_size, work):
+    """Run `data pack` as a process and sample the RSS of it and its workers every 20 ms."""
+    import psutil
+    out = Path(tempfile.mkdtemp(dir=work, prefix="mem-"))
+    shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "zhllama.cli", "data", "pack", "--tokenizer", tokenizer,
+           "--input", *inputs, "--out", str(out), "--workers", str(workers),
+           "--block-size", str(block_size)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"total": 0, "largest": 0}
+    stop = threading.Event()
+
+    def sample():
+        p = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                procs = [p] + p.children(recursive=True)
+                rss = [q.memory_info().rss for q in procs]
+            except psutil.Error:
+                break
+            peak["total"] = max(peak["total"], sum(rss))
+            peak["largest"] = max(peak["largest"], max(rss))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    t = time.perf_counter()
+    th.start()
+    stdout, stderr = proc.communicate()
+    dt = time.perf_counter() - t
+    stop.set()
+    th.join()
+    if proc.returncode != 0:
+        sys.exit(f"data pack failed: {stderr[-2000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return dt, peak
+
+
+def main():
+    args = parse_args()
+    sys.path.insert(0, str(REPO))
+    from zhllama import corpus
+    if not Path(args.tokenizer).exists() or not Path(args.data).exists():
+        sys.exit(f"needs {args.tokenizer} and {args.data} (the shared data)")
+    inputs = [str(p) for p in corpus.expand_inputs([args.data])]
+    docs, nbytes = load_documents(inputs)
+    mb = nbytes / 1e6
+    n = args.workers
+    work = Path(tempfile.mkdtemp(prefix="zhllama-bench-pack-"))
+    print(f"corpus: {len(inputs)} file(s), {len(docs):,} documents, {mb:.1f} MB; tokenizer "
+          f"{args.tokenizer}; N = {n} thread(s)/worker(s); block size {args.block_size}; "
+          f"best of {args.repeats}", flush=True)
+    res = {"corpus_mb": mb, "documents": len(docs), "workers": n, "block_size": args.block_size}
+    try:
+        raw_t, pack_t = [], []
+        for _ in range(args.repeats):
+            dt, tokens = time_raw(args.tokenizer, docs, n)
+            raw_t.append(dt)
+            dt, counts = time_pack(args.tokenizer, inputs, n, args.block_size, work)
+            pack_t.append(dt)
+        raw, packed = min(raw_t), min(pack_t)
+        assert counts["tokens"] == tokens, (counts["tokens"], tokens)   # same work, same ids count
+        ratio = raw / packed
+        print(f"raw sentencepiece encode   : {raw:6.2f} s  {mb / raw:6.2f} MB/s  {tokens / raw:,.0f} tok/s"
+              f"  (runs: {', '.join(f'{x:.2f}' for x in raw_t)})")
+        print(f"zhllama data pack          : {packed:6.2f} s  {mb / packed:6.2f} MB/s  "
+              f"{tokens / packed:,.0f} tok/s  (runs: {', '.join(f'{x:.2f}' for x in pack_t)})")
+        print(f"  pack speed / raw encode speed = {ratio:.2f}  (goal >= 0.70: "
+              f"{'met' if ratio >= 0.7 else 'NOT met'})", flush=True)
+        res.update(raw_s=raw, pack_s=packed, tokens=tokens, pack_over_raw=ratio,
+                   blocks=counts["blocks"], dropped_tokens=counts["dropped_tokens"])
+
+        if not args.skip_datasets:
+            ds_t, ds_blocks, ds_tokens = time_datasets(args.tokenizer, inputs, n, args.block_size, work)
+            speedup = ds_t / packed
+            lost = ds_tokens - ds_blocks * args.block_size
+            print(f"datasets.map + group_texts : {ds_t:6.2f} s  {mb / ds_t:6.2f} MB/s  "
+                  f"({ds_tokens:,} tokens -> {ds_blocks:,} blocks; {lost:,} tokens dropped by "
+                  f"per-batch grouping vs {counts['dropped_tokens']} by data pack)")
+            print(f"  pack speed / datasets pipeline speed = {speedup:.2f}", flush=True)
+            res.update(datasets_s=ds_t, pack_over_datasets=speedup, datasets_blocks=ds_blocks,
+                       datasets_dropped_tokens=lost)
+
+        if args.memory_repeat > 0:
+            big = work / "big"
+            big.mkdir()
+            for p in inputs:                 # each file repeated R times: multi-unit files
+                with open(p, "rb") as src:
+                    data = src.read()
+                with open(big / Path(p).name, "wb") as f:
+                    for _ in range(args.memory_repeat):
+                        f.write(data)
+            t1, p1 = peak_rss_of_pack(args.tokenizer, inputs, n, args.block_size, work)
+            tr, pr = peak_rss_of_pack(args.tokenizer, [str(big)], n, args.block_size, work)
+            print(f"peak RSS, pack + workers   : 1x corpus ({mb:.0f} MB) {p1['total'] / 2**20:,.0f} MiB "
+                  f"(largest process {p1['largest'] / 2**20:,.0f}) in {t1:.1f} s; "
+                  f"{args.memory_repeat}x ({mb * args.memory_repeat:.0f} MB) {pr['total'] / 2**20:,.0f} MiB "
+                  f"(largest {pr['largest'] / 2**20:,.0f}) in {tr:.1f} s; ratio "
+                  f"{pr['total'] / p1['total']:.2f}")
+            res.update(peak_rss_1x_mib=p1["total"] / 2**20, peak_rss_rx_mib=pr["total"] / 2**20,
+                       memory_repeat=args.memory_repeat, pack_rx_s=tr, pack_1x_subprocess_s=t1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

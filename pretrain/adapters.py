@@ -155,25 +155,24 @@ def _disk_key(param_name: str) -> str:
     return key
 
 
-def _expected_keys(model, preset_name):
-    """Keys the adapter must hold, derived from the base model's structure (not from PEFT's state dict)."""
-    from zhllama.pretrain.presets import get_stage
-
-    preset = get_stage(preset_name)
+def _expected_keys(model):
+    """Keys the adapter must hold, derived from the base model's structure and the adapter's config
+    (not from PEFT's state dict, which is what goes wrong when an adapter comes out empty)."""
+    cfg = model.peft_config[ADAPTER]
     base = model.get_base_model()
     prefix = "base_model.model."
     keys = set()
-    if preset.uses_lora:
-        for name, _ in base.named_modules():
-            if name.rsplit(".", 1)[-1] in preset.lora_targets:
-                keys.add(f"{prefix}{name}.lora_A.weight")
-                keys.add(f"{prefix}{name}.lora_B.weight")
-        for mod in preset.modules_to_save:
-            names = [n for n, _ in base.named_modules() if n.rsplit(".", 1)[-1] == mod]
-            keys.update(f"{prefix}{n}.weight" for n in names)
-    else:
+    if str(cfg.peft_type.value) == "TRAINABLE_TOKENS":
         name = _module_name(base, base.get_input_embeddings())
         keys.add(f"{prefix}{name}.trainable_tokens_delta")
+        return keys
+    targets = set([cfg.target_modules] if isinstance(cfg.target_modules, str) else cfg.target_modules)
+    for name, _ in base.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            keys.add(f"{prefix}{name}.lora_A.weight")
+            keys.add(f"{prefix}{name}.lora_B.weight")
+    for mod in cfg.modules_to_save or ():
+        keys.update(f"{prefix}{n}.weight" for n, _ in base.named_modules() if n.rsplit(".", 1)[-1] == mod)
     return keys
 
 
@@ -236,7 +235,12 @@ def _mb(n: int) -> str:
 
 
 def _tokenizer_files(tokenizer_dir):
+    """The tokenizer files to ship with the adapter: an HF tokenizer dir, or a bare tokenizer.model file."""
     tokenizer_dir = Path(tokenizer_dir)
+    if tokenizer_dir.is_file():
+        if tokenizer_dir.name != "tokenizer.model":
+            raise InputError(tokenizer_dir, "a tokenizer file must be a SentencePiece tokenizer.model")
+        return [tokenizer_dir]
     if not tokenizer_dir.is_dir():
         raise InputError(tokenizer_dir, "tokenizer directory not found")
     files = [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
@@ -256,7 +260,7 @@ def verify_written(model, weights_path, stage, *, require_trained=False):
     if not weights_path.is_file() or weights_path.stat().st_size == 0:
         raise RuntimeError(f"{weights_path}: adapter weights were not written")
     live = {_disk_key(n): p for n, p in model.named_parameters() if p.requires_grad}
-    expected = _expected_keys(model, stage)
+    expected = _expected_keys(model)
     if set(live) != expected:
         raise RuntimeError(f"stage {stage}: trainable parameters {sorted(set(live) ^ expected)[:4]} do not match "
                            "the stage's structure")

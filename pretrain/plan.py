@@ -1,0 +1,358 @@
+"""Plan a run before renting the GPUs: trainable parameters, memory per GPU, FLOPs and GPU-hours.
+
+Trainable parameters are counted on the real module structure: the model is built with transformers on
+the meta device (no memory), its embeddings resized to the vocabulary, the stage applied with the same
+`apply_stage` the trainer uses, and the parameters counted. The planner and the trainer cannot disagree.
+
+Memory per GPU under DeepSpeed ZeRO-2 (bytes; P = all parameters and buffers of the staged model,
+including PEFT's frozen copies, T = trainable parameters, N = GPUs, B = bucket elements):
+  weights       2 P                    bf16/fp16, replicated on every GPU
+  gradients     2 T / N                16-bit gradient partition kept by ZeRO-2
+  buckets       2 x 2 min(T, B) x 4.5  reduce + allgather buckets (x4.5 with overlap_comm, DeepSpeed docs)
+  optimizer     16 T / N               fp32 master weights, Adam m and v, fp32 gradient: partitioned
+  activations   tokens x per-token     tokens = micro batch x sequence length, see `activation_bytes`;
+                                       checked against what autograd saves on a real HF LLaMA
+  overhead      1 GiB                  CUDA context and workspaces
+FLOPs per token: model FLOPs 6 N_mm + 12 L d s (`zhllama.pretrain.flops`, the MFU convention of the
+training metrics). GPU-hours = tokens x model FLOPs / (MFU x datasheet peak) / 3600, plus a reserve for
+failures, restarts and evaluation. See docs/plan.md for the formulas and the LLaMA paper check.
+
+  zhllama plan --model llama-7b --vocab-size 49953 --stage stage2 --tokens 20e9 --gpus 16 --gpu a100-80g
+"""
+
+import json
+import math
+from pathlib import Path
+
+from zhllama.errors import ConfigError, InputError, UserError
+
+from . import flops as flops_mod
+from .presets import STAGES, grad_accumulation
+
+GIB = 1024 ** 3
+DEFAULT_MFU = 0.40  # a well-tuned DeepSpeed ZeRO-2 run on A100s; the LLaMA paper's own stack implies 0.46-0.50
+DEFAULT_RESERVE = 0.30  # BloombergGPT kept about 30% of its compute budget for failures and restarts
+OVERHEAD_BYTES = 1 * GIB
+HEADROOM = 0.90  # plan to use at most 90% of a GPU's memory (allocator fragmentation, spikes)
+PLAN_STAGES = tuple(STAGES) + ("full",)  # full: every parameter trained (the LLaMA pretraining itself)
+
+# Memory as nvidia-smi reports it (GiB) and bf16 support. Peak FLOP/s come from pretrain/flops.py.
+GPUS = {
+    "a100-40g": (40.0, True), "a100-80g": (80.0, True), "a800": (80.0, True),
+    "h100": (79.6, True), "h800": (79.6, True), "h200": (140.4, True), "h20": (95.6, True),
+    "l40s": (45.0, True), "a10": (22.5, True), "v100": (32.0, False), "v100-16g": (16.0, False),
+    "4090": (24.0, True), "3090": (24.0, True),
+}
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+def model_config(spec: str, vocab_size=None):
+    """A transformers config from `llama-7b|13b|33b|65b`, `tiny`, or an HF config.json (file or dir)."""
+    from zhllama import tiny
+
+    key = spec.lower()
+    if key in tiny.LLAMA_SHAPES:
+        return tiny.llama_config(key, vocab_size or tiny.LLAMA_VOCAB)
+    if key == "tiny":
+        return tiny.tiny_llama_config(vocab_size or 512)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"--model {spec}: not a known shape ({', '.join(tiny.LLAMA_SHAPES)}, tiny) and no "
+                        f"config.json at {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"not a readable JSON config ({e})") from None
+    if "model_type" not in data:
+        raise InputError(path, "missing key 'model_type' (is this a transformers config.json?)")
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.for_model(**data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(path, f"transformers cannot build a config from it ({e})") from None
+
+
+def staged_meta_model(config, vocab_size, stage, new_rows_from=None):
+    """The model as training sees it, on the meta device: resized to `vocab_size`, stage applied."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import apply_stage
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if vocab_size and vocab_size != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)  # what `zhllama vocab resize` does
+    if stage == "full":
+        model.requires_grad_(True)
+        return model
+    return apply_stage(model, STAGES[stage], new_rows_from=new_rows_from)
+
+
+def _weight_elements(model) -> int:
+    """Elements of every parameter and floating buffer, each counted once (PEFT copies included)."""
+    seen, n = set(), 0
+    for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel()
+    return n
+
+
+def activation_profile(model, full: bool) -> dict:
+    """What decides the activation memory of a staged model: which weights train, and its LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    lora_in, lora_r = 0, 0
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
+            drop = mod.lora_dropout["default"]
+            lora_in += mod.in_features * (3 if getattr(drop, "p", 0) > 0 else 2)  # dropout output + mask
+            lora_r += 2 * mod.r["default"]
+    head = model.get_output_embeddings()
+    lm_head_trained = any(p.requires_grad for p in head.parameters()) if head is not None else False
+    return {"full": full, "lora_bytes": lora_in + lora_r, "lm_head_trained": full or lm_head_trained}
+
+
+def _trainable_matmul(model) -> int:
+    """Trainable parameters that take part in matmuls (LoRA, lm_head): their weight gradients cost 2 FLOPs each."""
+    emb = model.get_input_embeddings()
+    emb_ids = {id(p) for p in emb.parameters()}
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in emb_ids)
+
+
+# ------------------------------------------------------------------------------------------- formulas
+
+def activation_bytes(config, tokens: int, checkpointing: bool, profile=None) -> dict:
+    """Activation memory of one micro batch of `tokens` tokens (bf16 activations, SDPA attention, HF LLaMA).
+
+    Bytes kept for the backward pass, per token and layer (h = d_model, i = MLP width):
+      frozen layer   16h + 6i   fp32 inputs of both RMSNorms (8h); q, k, v and output of SDPA (8h);
+                                SwiGLU: gate output, silu(gate), up output (6i)
+      trained layer  26h + 8i   + normalised RMSNorm outputs (4h) and the inputs of the trained
+                                matmuls: norm outputs, o_proj input (6h), down_proj input (2i)
+      LoRA           3 in + 2r  per LoRA layer: dropout output and mask, lora_B input
+    Head: the fp32 log-softmax of the loss (4V), the final RMSNorm's fp32 input (4h), lm_head's input if
+    it trains (2h). With gradient checkpointing a layer keeps only its input (2h) and one layer at a time
+    is recomputed. The peak adds the logits' gradient in fp32 and bf16 (6V) during the backward.
+    `saved` is checked against the tensors autograd really saves (tests/test_plan.py).
+    """
+    profile = profile or {"full": True, "lora_bytes": 0, "lm_head_trained": True}
+    h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    layer = (26 * h + 8 * i) if profile["full"] else (16 * h + 6 * i)
+    layer += profile["lora_bytes"] / L
+    head = 4 * V + 4 * h + (2 * h if profile["lm_head_trained"] else 0) + (2 * h if profile["full"] else 0)
+    saved = tokens * ((L * 2 * h if checkpointing else L * layer) + head)
+    peak = saved + tokens * ((layer if checkpointing else 0) + 6 * V)
+    return {"saved": int(saved), "peak": int(peak)}
+
+
+def executed_flops_per_token(config, seq_len, trainable_matmul, full_backward, checkpointing):
+    """FLOPs a step really executes per token (for comparison with the 6N model FLOPs).
+
+    Forward 2 N_mm + 4 L d s; backward to the activations 2 N_mm + 8 L d s, which flows through every
+    frozen layer down to the trained embeddings or LoRA; weight gradients 2 per trainable matmul parameter
+    (all of N_mm when everything is trained); recomputed forward of the layers with checkpointing.
+    """
+    n_mm = flops_mod.matmul_params(config)
+    attn = 4 * config.num_hidden_layers * config.hidden_size * seq_len
+    weight_grads = 2 * (n_mm if full_backward else trainable_matmul)
+    recompute = (2 * (n_mm - config.hidden_size * config.vocab_size) + attn) if checkpointing else 0
+    return 2 * n_mm + attn + 2 * n_mm + 2 * attn + weight_grads + recompute
+
+
+def _ds_buckets(ds_config):
+    """(bucket elements, overlap factor) from a DeepSpeed JSON; DeepSpeed's defaults where unset."""
+    from importlib import resources
+    if ds_config is None:
+        path = Path(str(resources.files("zhllama.ds_configs") / "zero2.json"))
+        if not path.is_file():
+            return 5e8, 4.5
+    else:
+        path = Path(ds_config)
+    try:
+        zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {})
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"cannot read the DeepSpeed config ({e})") from None
+    bucket = float(max(zero.get("reduce_bucket_size", 5e8), zero.get("allgather_bucket_size", 5e8)))
+    return bucket, (4.5 if zero.get("overlap_comm", False) else 1.0)
+
+
+def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap):
+    """ZeRO-2 memory per GPU by component, in bytes (see the module docstring)."""
+    return {
+        "weights": 2 * weights,
+        "gradients": 2 * trainable / gpus,
+        "buckets": 2 * 2 * min(trainable, bucket) * overlap,
+        "optimizer": 16 * trainable / gpus,
+        "activations": act_bytes,
+        "overhead": OVERHEAD_BYTES,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16, gpu="a100-80g",
+         mfu=DEFAULT_MFU, reserve=DEFAULT_RESERVE, micro_batch=None, seq_len=None, global_batch=None,
+         new_rows_from=None, ds_config=None):
+    """Everything `zhllama plan` prints, as a dict."""
+    if stage not in PLAN_STAGES:
+        raise ConfigError(f"unknown stage '{stage}'; choose one of {', '.join(PLAN_STAGES)}")
+    gpu_key = gpu.lower()
+    if gpu_key not in GPUS:
+        raise ConfigError(f"unknown GPU '{gpu}'; known: {', '.join(GPUS)}")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
+    if not 0 <= reserve < 10:
+        raise ConfigError(f"--reserve must be a fraction >= 0 (0.3 = 30%), got {reserve}")
+    if not tokens > 0 or not gpus >= 1:
+        raise ConfigError("--tokens and --gpus must be positive")
+    mem_gib, has_bf16 = GPUS[gpu_key]
+    peak = flops_mod.gpu_peak_flops(gpu_key)
+    preset = STAGES["stage2" if stage == "full" else stage]
+    seq = seq_len or preset.block_size
+    gbatch = global_batch or preset.global_batch
+
+    from .adapters import count_trainable
+
+    config = model_config(model)
+    staged = staged_meta_model(config, vocab_size, stage, new_rows_from)
+    config = staged.config if stage == "full" else staged.get_base_model().config
+    trainable, total = count_trainable(staged) if stage != "full" else (
+        sum(p.numel() for p in staged.parameters()),) * 2
+    weights = _weight_elements(staged)
+    profile = activation_profile(staged, full=stage == "full")
+    t_mm = trainable if stage == "full" else _trainable_matmul(staged)
+
+    model_fpt = flops_mod.flops_per_token(config, seq)
+    exec_fpt = {ck: executed_flops_per_token(config, seq, t_mm, stage == "full", ck) for ck in (False, True)}
+    seconds = tokens * model_fpt / (mfu * peak * gpus)
+    gpu_hours = seconds * gpus / 3600
+    budget_hours = gpu_hours * (1 + reserve)
+
+    bucket, overlap = _ds_buckets(ds_config)
+    divisible = [m for m in range(1, gbatch // gpus + 1) if gbatch % (m * gpus) == 0] if gbatch % gpus == 0 else []
+    if micro_batch is not None:
+        grad_accumulation(gbatch, micro_batch, gpus)  # ConfigError with valid choices when impossible
+        candidates = [micro_batch]
+    elif not divisible:
+        grad_accumulation(gbatch, 1, gpus)
+        candidates = []
+    else:
+        candidates = divisible
+
+    def mem(mb, ck):
+        act = activation_bytes(config, mb * seq, ck, profile)["peak"]
+        return memory_per_gpu(weights, trainable, gpus, act, bucket, overlap)
+
+    budget = HEADROOM * mem_gib * GIB
+    chosen = {}
+    for ck in (False, True):
+        fits = [m for m in candidates if sum(mem(m, ck).values()) <= budget]
+        chosen[ck] = (max(fits) if fits else None) if micro_batch is None else micro_batch
+    shown_mb = micro_batch or chosen[True] or chosen[False] or 1
+
+    memory = {}
+    for ck in (False, True):
+        mb = micro_batch or chosen[ck] or 1
+        parts = mem(mb, ck)
+        memory["with_checkpointing" if ck else "without_checkpointing"] = {
+            "micro_batch": mb, "fits": sum(parts.values()) <= budget,
+            "grad_accumulation": gbatch // (mb * gpus) if gbatch % (mb * gpus) == 0 else None,
+            "gib": {k: v / GIB for k, v in parts.items()}, "total_gib": sum(parts.values()) / GIB}
+
+    return {
+        "model": model, "stage": stage, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "layers": config.num_hidden_layers, "seq_len": seq, "global_batch": gbatch,
+        "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
+        "weight_elements": weights,
+        "gpu": gpu_key, "gpus": gpus, "gpu_memory_gib": mem_gib, "precision": "bf16" if has_bf16 else "fp16",
+        "peak_flops": peak, "mfu": mfu, "reserve": reserve, "tokens": tokens,
+        "steps": math.ceil(tokens / (gbatch * seq)),
+        "model_flops_per_token": model_fpt,
+        "executed_flops_per_token": {"without_checkpointing": exec_fpt[False], "with_checkpointing": exec_fpt[True]},
+        "total_model_flops": tokens * model_fpt,
+        "tokens_per_s_per_gpu": mfu * peak / model_fpt,
+        "gpu_hours": gpu_hours, "gpu_hours_with_reserve": budget_hours,
+        "days": budget_hours / gpus / 24, "days_without_reserve": gpu_hours / gpus / 24,
+        "micro_batch": shown_mb, "memory": memory,
+        "ds_buckets": {"elements": bucket, "overlap_factor": overlap},
+    }
+
+
+def _fmt_params(n):
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def format_plan(p) -> str:
+    lines = [
+        f"model {p['model']} (d={p['hidden_size']}, layers={p['layers']}, vocab={p['vocab_size']:,}), "
+        f"stage {p['stage']}, {p['tokens']:.3g} tokens of {p['seq_len']}, global batch {p['global_batch']}",
+        f"  trainable      {p['trainable_params']:,} of {p['total_params']:,} = {p['trainable_pct']:.2f}%",
+        f"  GPUs           {p['gpus']} x {p['gpu']} ({p['gpu_memory_gib']:g} GiB, {p['precision']}, "
+        f"peak {p['peak_flops'] / 1e12:g} TFLOP/s)",
+        f"  FLOPs/token    {p['model_flops_per_token'] / 1e9:.2f} GFLOP model (6N + 12·L·d·s); executed "
+        f"{p['executed_flops_per_token']['without_checkpointing'] / 1e9:.2f} "
+        f"({p['executed_flops_per_token']['with_checkpointing'] / 1e9:.2f} with checkpointing)",
+        f"  compute        {p['total_model_flops']:.3g} FLOPs, {p['steps']:,} steps, "
+        f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU at MFU {p['mfu']:.0%}",
+        f"  GPU-hours      {p['gpu_hours']:,.0f} ({p['days_without_reserve']:.1f} days); with "
+        f"{p['reserve']:.0%} reserve {p['gpu_hours_with_reserve']:,.0f} GPU-hours = {p['days']:.1f} days",
+        "  memory per GPU (ZeRO-2, GiB):",
+        f"    {'':<30}{'weights':>8}{'grads':>7}{'buckets':>8}{'optim':>7}{'activ':>7}{'other':>7}{'total':>8}",
+    ]
+    for key, label in (("without_checkpointing", "no checkpointing"), ("with_checkpointing", "checkpointing")):
+        m = p["memory"][key]
+        g = m["gib"]
+        verdict = "fits" if m["fits"] else f"DOES NOT FIT in {0.9 * p['gpu_memory_gib']:.0f}"
+        accum = f", accum {m['grad_accumulation']}" if m["grad_accumulation"] else ""
+        label = f"{label} (micro {m['micro_batch']})"
+        lines.append(
+            f"    {label:<30}{g['weights']:>8.1f}{g['gradients']:>7.1f}"
+            f"{g['buckets']:>8.1f}{g['optimizer']:>7.1f}{g['activations']:>7.1f}{g['overhead']:>7.1f}"
+            f"{m['total_gib']:>8.1f}  {verdict}{accum}")
+    if not any(m["fits"] for m in p["memory"].values()):
+        lines.append("  no micro batch fits: use ds_configs/zero2_offload.json, more GPUs, or a shorter sequence")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="llama-7b",
+                        help="llama-7b, llama-13b, llama-33b, llama-65b, tiny, or an HF config.json (file or dir)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="vocabulary after the merge, e.g. 49953 (default: the model's)")
+    parser.add_argument("--stage", default="stage2", choices=PLAN_STAGES,
+                        help="what is trained (presets of pretrain/presets.py; full: every parameter)")
+    parser.add_argument("--new-rows-from", type=int, default=None,
+                        help="stage1 only: train only embedding rows >= this id (the base vocab size, e.g. 32000)")
+    parser.add_argument("--tokens", type=float, required=True, help="tokens to train on, e.g. 20e9")
+    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel world size)")
+    parser.add_argument("--gpu", default="a100-80g", help=f"GPU type: {', '.join(GPUS)}")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                        help=f"model FLOPs utilisation (6N + attention convention, as in metrics.jsonl); "
+                             f"default {DEFAULT_MFU}")
+    parser.add_argument("--reserve", type=float, default=DEFAULT_RESERVE,
+                        help=f"extra fraction of compute for failures, restarts and evaluation; default "
+                             f"{DEFAULT_RESERVE} (BloombergGPT's)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per GPU per forward (default: the largest that fits and divides the "
+                             "global batch)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the stage's, 512)")
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="sequences per optimizer step (default: the stage's)")
+    parser.add_argument("--ds-config", default=None,
+                        help="DeepSpeed JSON for the bucket sizes (default: ds_configs/zero2.json)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args):
+    p = plan(model=args.model, vocab_size=args.vocab_size, stage=args.stage, tokens=args.tokens, gpus=args.gpus,
+             gpu=args.gpu, mfu=args.mfu, reserve=args.reserve, micro_batch=args.micro_batch, seq_len=args.seq_len,
+             global_batch=args.global_batch, new_rows_from=args.new_rows_from, ds_config=args.ds_config)
+    print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    return 0

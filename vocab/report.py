@@ -1,0 +1,264 @@
+"""Compare tokenizers on text: compression, reachability, slow/fast parity, changes from a reference.
+
+    zhllama vocab report --tokenizer merged/ --tokenizer other/tokenizer.model \\
+        --reference llama/tokenizer.model --text heldout_zh.txt english.txt [--json]
+
+A tokenizer is a sentencepiece `.model` file or a Hugging Face directory holding `tokenizer.model`.
+Each text line (document, for JSON lines) is classified by `zhllama.vocab.spm.has_cjk`:
+
+- zh tokens/char: tokens / characters over lines with a CJK character (no BOS; all characters of the
+  line count, punctuation and digits included);
+- en tokens/word: tokens / whitespace-separated words over lines without any CJK character;
+- byte fallback: share of all tokens that are byte pieces (<0x..>);
+- unreachable: pieces whose own text does not encode to them; counted over the pieces added to the
+  reference (those after the longest common prefix) when the tokenizer extends it, else over all;
+- slow/fast differ: lines where the HF tokenizer differs from sentencepiece (HF directory:
+  `AutoTokenizer.from_pretrained`; bare .model: the tokenizer.json `vocab merge` would write; with
+  `--hf-loader llama`: transformers' own `LlamaTokenizer` conversion instead);
+- vs reference: lines tokenized differently from the reference, over lines without CJK and over all.
+
+`--english-sample N` adds N lines of English prose (docstrings of the Python standard library, always
+available, deterministic for a Python version) to the text.
+"""
+
+import ast
+import json
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+from zhllama import corpus
+from zhllama.errors import UserError
+from zhllama.vocab import spm as _spm
+
+HF_LOADERS = ("auto", "llama")
+
+
+def add_arguments(parser):
+    parser.add_argument("--tokenizer", "-t", action="append", required=True,
+                        help="a sentencepiece .model or a HF tokenizer directory (repeat for several)")
+    parser.add_argument("--text", nargs="+", action="extend", default=[],
+                        help="text files (txt/jsonl/gz), directories or globs to measure on")
+    parser.add_argument("--reference", default=None,
+                        help="count lines tokenized differently from this tokenizer (e.g. the base LLaMA one)")
+    parser.add_argument("--english-sample", type=int, default=0,
+                        help="add this many lines of built-in English prose (Python docstrings)")
+    parser.add_argument("--max-lines", type=int, default=200_000,
+                        help="use at most this many lines per input file, from its start (default 200000)")
+    parser.add_argument("--text-field", default="text", help="JSON-lines text field (default text)")
+    parser.add_argument("--hf-loader", choices=HF_LOADERS, default="auto",
+                        help="how to load the HF side of the slow/fast parity check (default auto)")
+    parser.add_argument("--no-parity", action="store_true", help="skip the slow/fast parity check")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text
+
+def stdlib_english_lines(n: int) -> List[str]:
+    """`n` lines of English prose without CJK: docstring lines (4+ words) of the Python standard
+    library, in a fixed file order. Deterministic for a given Python version."""
+    out: List[str] = []
+    if n <= 0:
+        return out
+    std = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "encodings"}
+    for root, dirs, files in os.walk(std):
+        dirs[:] = sorted(d for d in dirs if d not in skip)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(root, name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node, clean=True)
+                    if not doc:
+                        continue
+                    for line in doc.splitlines():
+                        if (len(line.split()) >= 4 and re.search(r"[A-Za-z]{3}", line)
+                                and not _spm.has_cjk(line) and line.isprintable()):
+                            out.append(line)
+                            if len(out) >= n:
+                                return out
+    return out
+
+
+def read_lines(specs, *, max_lines: int, text_field: str = "text") -> List[str]:
+    lines: List[str] = []
+    for path in corpus.expand_inputs(specs):
+        n = 0
+        for doc in corpus.iter_documents(path, text_field=text_field):
+            lines.append(doc)
+            n += 1
+            if n >= max_lines:
+                break
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measures
+
+def _hf_tokenizer(path, proto, loader: str):
+    """The HF side of the parity check, or (None, reason)."""
+    from zhllama.vocab import hf_tokenizer as hft
+    p = Path(path)
+    if loader == "llama":
+        from transformers import LlamaTokenizer
+        if p.is_dir():
+            return LlamaTokenizer.from_pretrained(str(p)), "LlamaTokenizer.from_pretrained(dir)"
+        tmp = tempfile.mkdtemp(prefix="zhllama-report-")
+        try:
+            shutil.copy(p, Path(tmp) / "tokenizer.model")
+            return LlamaTokenizer.from_pretrained(tmp), "LlamaTokenizer (transformers conversion of tokenizer.model)"
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
+        return hft.load_hf_tokenizer(p), "AutoTokenizer.from_pretrained(dir)"
+    if proto.trainer_spec.model_type != _spm.BPE:
+        return None, f"n/a ({_spm.model_type_name(proto)} model)"
+    return hft.hf_tokenizer_from_proto(proto), "zhllama tokenizer.json (built from the .model)"
+
+
+def measure(path, lines: List[str], *, reference=None, ref_ids=None, parity: bool = True,
+            hf_loader: str = "auto") -> dict:
+    """All figures for one tokenizer over `lines` (see the module doc)."""
+    proto = _spm.load_proto(path)
+    sp = _spm.processor(proto)
+    ids = sp.encode(lines)
+    is_zh = [_spm.has_cjk(t) for t in lines]
+    byte_ids = {i for i, p in enumerate(proto.pieces) if p.type == _spm.BYTE}
+
+    zh_tok = zh_chars = en_tok = en_words = all_tok = byte_tok = 0
+    for t, e, z in zip(lines, ids, is_zh):
+        all_tok += len(e)
+        byte_tok += sum(1 for i in e if i in byte_ids)
+        if z:
+            zh_tok += len(e)
+            zh_chars += len(t)
+        else:
+            en_tok += len(e)
+            en_words += len(t.split())
+
+    r = {"tokenizer": str(path), "vocab_size": len(proto.pieces), "model_type": _spm.model_type_name(proto),
+         "lines": len(lines), "zh_lines": sum(is_zh), "en_lines": len(lines) - sum(is_zh),
+         "zh_tokens_per_char": zh_tok / zh_chars if zh_chars else None,
+         "en_tokens_per_word": en_tok / en_words if en_words else None,
+         "byte_fallback_share": byte_tok / all_tok if all_tok else None,
+         "tokens": all_tok}
+
+    # Reachability: of the pieces added to the reference, or of every normal piece.
+    scope, start = "all", 0
+    if reference is not None:
+        prefix = _spm.common_prefix_size(reference, proto)
+        if prefix == len(reference.pieces) and len(proto.pieces) >= prefix:
+            scope, start = "added", prefix
+    check = [i for i in range(start, len(proto.pieces)) if proto.pieces[i].type == _spm.NORMAL]
+    if proto.trainer_spec.model_type == _spm.BPE:
+        unreachable = _spm.unreachable_pieces(proto, check)
+        r["unreachable"] = len(unreachable)
+        r["unreachable_examples"] = [proto.pieces[i].piece for i in unreachable[:20]]
+    else:
+        r["unreachable"] = None  # only meaningful for BPE (unigram can always emit a piece)
+    r["unreachable_checked"] = len(check)
+    r["unreachable_scope"] = scope
+
+    if parity:
+        hf, how = _hf_tokenizer(path, proto, hf_loader)
+        r["parity_loader"] = how
+        if hf is not None:
+            from zhllama.vocab.hf_tokenizer import parity as _parity
+            pr = _parity(proto, hf, lines)
+            r["parity_differ"] = pr["differ"]
+            r["parity_bos_ok"] = pr["bos_ok"]
+            r["parity_examples"] = pr["examples"]
+        else:
+            r["parity_differ"] = None
+
+    if ref_ids is not None:
+        differ = [a != b for a, b in zip(ids, ref_ids)]
+        r["ref_differ_all"] = sum(differ)
+        r["ref_differ_cjk_free"] = sum(d for d, z in zip(differ, is_zh) if not z)
+        r["ref_differ_cjk_free_examples"] = [t for t, d, z in zip(lines, differ, is_zh) if d and not z][:5]
+    return r
+
+
+def build_report(tokenizers, lines: List[str], *, reference=None, parity=True, hf_loader="auto") -> dict:
+    ref_proto = ref_ids = None
+    rows = []
+    if reference is not None:
+        ref_proto = _spm.load_proto(reference, "reference")
+        ref_ids = _spm.processor(ref_proto).encode(lines)
+    for t in tokenizers:
+        rows.append(measure(t, lines, reference=ref_proto, ref_ids=ref_ids, parity=parity, hf_loader=hf_loader))
+    return {"lines": len(lines), "zh_lines": sum(_spm.has_cjk(t) for t in lines),
+            "reference": str(reference) if reference is not None else None, "tokenizers": rows}
+
+
+def _fmt(v, kind):
+    if v is None:
+        return "n/a"
+    if kind == "f":
+        return f"{v:.3f}"
+    if kind == "pct":
+        return f"{100 * v:.2f}%"
+    return f"{v:,}"
+
+
+def format_table(report: dict) -> str:
+    rows = report["tokenizers"]
+    has_ref = report["reference"] is not None
+    head = ["tokenizer", "vocab", "zh tok/char", "en tok/word", "byte fb", "unreachable", "slow/fast differ"]
+    if has_ref:
+        head += ["differ vs ref (no CJK)", "differ vs ref (all)"]
+    table = [head]
+    for r in rows:
+        unreach = "n/a" if r["unreachable"] is None else f"{r['unreachable']:,}/{r['unreachable_checked']:,} {r['unreachable_scope']}"
+        par = r.get("parity_differ")
+        par = "skipped" if "parity_differ" not in r else ("n/a" if par is None else f"{par:,}/{r['lines']:,}")
+        row = [r["tokenizer"], _fmt(r["vocab_size"], "d"), _fmt(r["zh_tokens_per_char"], "f"),
+               _fmt(r["en_tokens_per_word"], "f"), _fmt(r["byte_fallback_share"], "pct"), unreach, par]
+        if has_ref:
+            row += [f"{r['ref_differ_cjk_free']:,}/{r['en_lines']:,}", f"{r['ref_differ_all']:,}/{r['lines']:,}"]
+        table.append(row)
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    lines = []
+    for k, row in enumerate(table):
+        lines.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(f"{report['lines']:,} lines ({report['zh_lines']:,} with CJK, "
+                 f"{report['lines'] - report['zh_lines']:,} without)"
+                 + (f"; reference: {report['reference']}" if has_ref else ""))
+    for r in rows:
+        if r.get("parity_loader"):
+            lines.append(f"slow/fast for {r['tokenizer']}: sentencepiece vs {r['parity_loader']}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    if not args.text and args.english_sample <= 0:
+        raise UserError("give text to measure on: --text FILE... and/or --english-sample N")
+    for t in args.tokenizer + ([args.reference] if args.reference else []):
+        _spm.load_proto(t)  # every bad tokenizer fails before any work, naming its file
+    lines = read_lines(args.text, max_lines=args.max_lines, text_field=args.text_field) if args.text else []
+    if args.english_sample > 0:
+        lines += stdlib_english_lines(args.english_sample)
+    if not lines:
+        raise UserError("the given text holds no lines")
+    report = build_report(args.tokenizer, lines, reference=args.reference, parity=not args.no_parity,
+                          hf_loader=args.hf_loader)
+    if args.json:
+        json.dump(report, sys.stdout, ensure_ascii=False, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(report))
+    return 0

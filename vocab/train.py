@@ -1,0 +1,292 @@
+"""Train the Chinese SentencePiece model on text files.
+
+    zhllama vocab train --input data/zh --vocab-size 20000 --out zh_sp
+
+Inputs: plain text (one document a line), JSON lines with a `text` field (`--text-field`), either
+gzipped; files, directories (recursively) and globs. LLaMA-compatible settings by default: BPE, byte
+fallback, split digits, identity normalization, dummy prefix, extra whitespace kept, character
+coverage 0.9995, 20,000 pieces.
+
+Corpora far larger than memory: documents are streamed and cut into sentences (lines, and long lines
+at sentence punctuation), and at most `--max-sentences` of them are kept by uniform reservoir
+sampling (seeded: the same inputs and seed give the same sample and the same model).
+
+`--jieba` segments Chinese text with jieba first and forbids pieces from crossing a word boundary
+between two Chinese words (sentencepiece's pretokenization delimiter), so pieces are whole words or
+parts of one.
+
+Writes DIR/zh_sp.model, DIR/zh_sp.vocab and DIR/train_config.json (every setting, the corpus counts,
+the sample, the time), atomically.
+"""
+
+import io
+import json
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+from zhllama import corpus
+from zhllama.errors import InputError, UserError
+from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
+from zhllama.log import Progress, get_logger
+from zhllama.vocab import spm as _spm
+
+log = get_logger("zhllama.vocab.train")
+
+MODEL_NAME = "zh_sp"
+DELIMITER = "\u241f"  # SYMBOL FOR UNIT SEPARATOR: never in normal text; the jieba word boundary
+
+# LLaMA's trainer spec, minus what depends on the corpus (see ../shared/data/llama/tokenizer.model).
+LLAMA_SETTINGS = dict(
+    model_type="bpe",
+    character_coverage=0.9995,
+    byte_fallback=True,
+    split_digits=True,
+    split_by_unicode_script=True,
+    split_by_whitespace=True,
+    split_by_number=True,
+    allow_whitespace_only_pieces=True,
+    normalization_rule_name="identity",
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    max_sentencepiece_length=16,
+    unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+)
+
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
+
+
+def add_arguments(parser):
+    parser.add_argument("--input", "-i", nargs="+", required=True,
+                        help="text files, JSON-lines files (.jsonl/.json), .gz, directories or globs")
+    parser.add_argument("--out", "-o", required=True, help="output directory (zh_sp.model, zh_sp.vocab, train_config.json)")
+    parser.add_argument("--vocab-size", type=int, default=20000, help="pieces in the model (default 20000)")
+    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
+                        help="bpe (default, like LLaMA; what `vocab merge` expects) or unigram")
+    parser.add_argument("--character-coverage", type=float, default=0.9995,
+                        help="share of characters covered by pieces; the rest falls back to bytes (default 0.9995)")
+    parser.add_argument("--max-sentences", type=int, default=2_000_000,
+                        help="train on a uniform sample of at most this many sentences (default 2,000,000)")
+    parser.add_argument("--max-sentence-length", type=int, default=4192,
+                        help="longest sentence in bytes; longer lines are cut at sentence punctuation (default 4192)")
+    parser.add_argument("--threads", type=int, default=None, help="training threads (default: all cores)")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    parser.add_argument("--jieba", action="store_true",
+                        help="pre-segment Chinese with jieba so pieces never cross a word boundary")
+    parser.add_argument("--text-field", default="text", help="the field of JSON lines holding the text (default text)")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="count and skip lines that are not UTF-8 / not valid JSON (default: stop with an error)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def split_sentences(text: str, max_bytes: int):
+    """Lines of `text`; a line longer than `max_bytes` (UTF-8) is cut at sentence punctuation, then
+    hard-cut if a sentence is still too long."""
+    for line in text.split("\n"):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        if len(line.encode("utf-8")) <= max_bytes:
+            yield line
+            continue
+        buf = ""
+        for part in _SENTENCE_END.split(line):
+            if len((buf + part).encode("utf-8")) <= max_bytes:
+                buf += part
+                continue
+            if buf.strip():
+                yield buf
+            buf = part
+            while len(buf.encode("utf-8")) > max_bytes:
+                cut = buf.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+                yield cut
+                buf = buf[len(cut):]
+        if buf.strip():
+            yield buf
+
+
+class Reservoir:
+    """Uniform sample of at most `k` items from a stream (Algorithm R), seeded."""
+
+    def __init__(self, k: int, seed: int):
+        self.k = k
+        self.items = []
+        self.seen = 0
+        self.rng = random.Random(seed)
+
+    def add(self, item):
+        self.seen += 1
+        if len(self.items) < self.k:
+            self.items.append(item)
+        else:
+            j = self.rng.randrange(self.seen)
+            if j < self.k:
+                self.items[j] = item
+
+
+def jieba_delimit(sentence: str, cut) -> str:
+    """Insert DELIMITER between two adjacent jieba words that both contain CJK (Latin words, numbers
+    and spaces keep their usual sentencepiece treatment)."""
+    out = []
+    prev_cjk = False
+    for word in cut(sentence):
+        cjk = _spm.has_cjk(word)
+        if out and cjk and prev_cjk:
+            out.append(DELIMITER)
+        out.append(word)
+        prev_cjk = cjk
+    return "".join(out)
+
+
+def read_sample(inputs, *, max_sentences: int, max_sentence_length: int, seed: int, text_field: str,
+                strict: bool):
+    """Stream every input and keep a reservoir sample of sentences. Returns (sentences, info)."""
+    paths = corpus.expand_inputs(inputs)
+    stats = corpus.CorpusStats()
+    res = Reservoir(max_sentences, seed)
+    prog = Progress("reading", total_bytes=corpus.total_size(paths), logger=log)
+    chars = 0
+    per_file = []
+    for path in paths:
+        before = (stats.documents, res.seen, stats.bytes)
+        for doc in corpus.iter_documents(path, text_field=text_field, strict=strict, stats=stats):
+            for sent in split_sentences(doc, max_sentence_length):
+                res.add(sent)
+                chars += len(sent)
+            prog.update(1, 0)
+        prog.update(0, stats.bytes - before[2])
+        if stats.documents == before[0]:
+            raise InputError(path, "holds no text (no non-empty line or document)")
+        per_file.append({"path": str(path), "documents": stats.documents - before[0],
+                         "sentences": res.seen - before[1]})
+    prog.done()
+    if stats.skipped():
+        log.warning("skipped %d bad lines (%s)", stats.skipped(), "; ".join(stats.first_problems))
+    info = {"files": per_file, "corpus": stats.as_dict(), "sentences_seen": res.seen,
+            "sentences_sampled": len(res.items), "characters_seen": chars,
+            "sampled": res.seen > len(res.items)}
+    return res.items, info, paths
+
+
+def _trainer_error(e: Exception, vocab_size: int, paths) -> UserError:
+    msg = str(e)
+    names = ", ".join(str(p) for p in paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
+    m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+    if m:
+        return UserError(f"{names}: --vocab-size {vocab_size} is larger than this corpus supports "
+                         f"(at most {m.group(2)} pieces); use more text or a smaller --vocab-size")
+    m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if m:
+        return UserError(f"{names}: --vocab-size {vocab_size} is smaller than the {m.group(2)} characters, "
+                         f"bytes and special pieces the model must hold; raise --vocab-size or lower "
+                         f"--character-coverage")
+    first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    return UserError(f"{names}: sentencepiece training failed: {first}")
+
+
+def train(inputs, out_dir, *, vocab_size=20000, model_type="bpe", character_coverage=0.9995,
+          max_sentences=2_000_000, max_sentence_length=4192, threads=None, seed=42, use_jieba=False,
+          text_field="text", strict=True, overwrite=False) -> dict:
+    """Train `out_dir/zh_sp.model` on `inputs`; returns the training config that is written next to it."""
+    import sentencepiece as spm
+
+    if vocab_size < 1:
+        raise UserError(f"--vocab-size must be positive, not {vocab_size}")
+    if max_sentences < 1:
+        raise UserError(f"--max-sentences must be positive, not {max_sentences}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir}: output exists; pass --overwrite to replace it")
+    threads = threads or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    sentences, info, paths = read_sample(inputs, max_sentences=max_sentences,
+                                         max_sentence_length=max_sentence_length, seed=seed,
+                                         text_field=text_field, strict=strict)
+    t_read = time.perf_counter() - t0
+    log.info("%d sentences read, %d kept for training (%.1fs)", info["sentences_seen"],
+             info["sentences_sampled"], t_read)
+
+    settings = dict(LLAMA_SETTINGS, model_type=model_type, vocab_size=vocab_size,
+                    character_coverage=character_coverage, num_threads=threads,
+                    max_sentence_length=max_sentence_length + (max_sentence_length // 2 if use_jieba else 0),
+                    input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+    t_seg = 0.0
+    if use_jieba:
+        t1 = time.perf_counter()
+        import logging
+        import jieba
+        jieba.setLogLevel(logging.WARNING)
+        jieba.initialize()
+        sentences = [jieba_delimit(s, jieba.cut) for s in sentences]
+        settings["pretokenization_delimiter"] = DELIMITER
+        t_seg = time.perf_counter() - t1
+        log.info("jieba segmentation: %.1fs", t_seg)
+
+    t2 = time.perf_counter()
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, **settings)
+    except RuntimeError as e:
+        raise _trainer_error(e, vocab_size, paths) from None
+    t_train = time.perf_counter() - t2
+    model = buf.getvalue()
+    proto = _spm.load_proto(model, "trained model")
+
+    config = {
+        "command": "zhllama vocab train",
+        "inputs": [str(x) for x in inputs],
+        "files": info["files"],
+        "settings": {k: v for k, v in settings.items() if k != "minloglevel"},
+        "sampling": {"max_sentences": max_sentences, "seed": seed, "sentences_seen": info["sentences_seen"],
+                     "sentences_sampled": info["sentences_sampled"], "sampled": info["sampled"],
+                     "characters_seen": info["characters_seen"]},
+        "jieba": bool(use_jieba),
+        "text_field": text_field,
+        "corpus": info["corpus"],
+        "pieces": len(proto.pieces),
+        "seconds": {"read": round(t_read, 3), "jieba": round(t_seg, 3), "train": round(t_train, 3),
+                    "total": round(time.perf_counter() - t0, 3)},
+        "versions": _versions(),
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        tmp = Path(tmp)
+        (tmp / f"{MODEL_NAME}.model").write_bytes(model)
+        with open(tmp / f"{MODEL_NAME}.vocab", "w", encoding="utf-8") as f:
+            for p in proto.pieces:
+                f.write(f"{p.piece}\t{p.score:g}\n")
+        config["model_sha256"] = sha256_file(tmp / f"{MODEL_NAME}.model")
+        atomic_write_json(tmp / "train_config.json", config)
+    log.info("wrote %s/%s.model (%d pieces) in %.1fs", out_dir, MODEL_NAME, len(proto.pieces),
+             config["seconds"]["total"])
+    return config
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("sentencepiece", "jieba"):
+        try:
+            from importlib.metadata import version
+            out[name] = version(name)
+        except Exception:
+            pass
+    return out
+
+
+def run(args) -> int:
+    cfg = train(args.input, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
+                character_coverage=args.character_coverage, max_sentences=args.max_sentences,
+                max_sentence_length=args.max_sentence_length, threads=args.threads, seed=args.seed,
+                use_jieba=args.jieba, text_field=args.text_field, strict=not args.skip_bad_lines,
+                overwrite=args.overwrite)
+    s = cfg["sampling"]
+    print(f"trained {cfg['pieces']:,} pieces on {s['sentences_sampled']:,} of {s['sentences_seen']:,} sentences "
+          f"in {cfg['seconds']['total']:.1f}s -> {Path(args.out) / (MODEL_NAME + '.model')}")
+    return 0
+
+
+def load_config(out_dir) -> dict:
+    with open(Path(out_dir) / "train_config.json", encoding="utf-8") as f:
+        return json.load(f)

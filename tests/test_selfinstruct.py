@@ -330,3 +330,79 @@ def _write_seeds(tmp_path):
     f = tmp_path / "seeds.jsonl"
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     return f
+
+
+# -- end to end against `zhllama serve` on loopback ---------------------------------------------
+
+from test_serve import tiny_model, tiny_server  # noqa: E402,F401  (session fixtures: one tiny model)
+
+
+def _si_args(server, seeds, out, *extra):
+    return ["selfinstruct", "--seed-tasks", seeds, "--out", out, "--api-base", server.url, "--model", "tiny-zh",
+            "--lang", "zh", "--batch-size", "2", "--concurrency", "2", "--max-tokens", "8",
+            "--backoff", "0.01", "--timeout", "60", *extra]
+
+
+def test_end_to_end_tiny_model_output_is_rejected_not_fatal(tiny_server, tmp_path, capsys):
+    """A tiny random model answers nonsense: every request is made and answered, every answer is
+    counted as rejected, and a second run resumes the counts and the seed sampling."""
+    seeds, out = _write_seeds(tmp_path), tmp_path / "regen.jsonl"
+    state_file = tmp_path / "regen.jsonl.state.json"
+    before = tiny_server.engine.requests
+    assert run_cli(*_si_args(tiny_server, seeds, out, "--num", "5", "--max-requests", "2")) == 0
+    assert tiny_server.engine.requests - before == 2
+    state = json.loads(state_file.read_text("utf-8"))
+    counts = Counter(state["counts"])
+    assert state["requests_total"] == 2 and state["batches"] == 1
+    assert counts["request_failed"] == 0
+    rejected = sum(v for k, v in counts.items() if k not in ("kept", "request_failed"))
+    assert rejected >= 2 - counts["kept"]          # each answer yields at least one count
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "requests 2 (ok 2, failed 0" in printed
+
+    # Resume: same command, the state carries on (batch 2 samples other seeds: rng keyed by batch).
+    assert run_cli(*_si_args(tiny_server, seeds, out, "--num", "5", "--max-requests", "2", "--api",
+                             "completions")) == 0
+    state = json.loads(state_file.read_text("utf-8"))
+    assert state["requests_total"] == 4 and state["batches"] == 2
+    assert tiny_server.engine.requests - before == 4
+
+
+def test_end_to_end_recorded_answers_kept_and_resumed(tiny_server, tmp_path, monkeypatch, capsys):
+    """The server's model replaced by recorded answers (HTTP, JSON, client and filters all real):
+    tasks are kept and written; a rerun with a larger --num resumes from the file, and the recorded
+    answer, now a duplicate of what was kept, is rejected as similar."""
+    def recorded(prompt_ids, max_tokens=None, temperature=1.0, top_p=1.0, stop=None, seed=None,
+                 on_text=None, template_stop=True):
+        with tiny_server.engine.lock:
+            tiny_server.engine.requests += 1
+        if on_text is not None:
+            on_text(ZH_CHAT)
+        return ZH_CHAT, "length", len(prompt_ids), 50
+    monkeypatch.setattr(tiny_server.engine, "generate", recorded)
+    seeds, out = _write_seeds(tmp_path), tmp_path / "regen.jsonl"
+    assert run_cli(*_si_args(tiny_server, seeds, out, "--num", "1", "--batch-size", "1")) == 0
+    lines = [json.loads(x) for x in out.read_text("utf-8").splitlines()]
+    # Task 4 is a near-copy of the seed "把这句话翻译成英文：你好": rejected as similar.
+    assert lines == [{"instruction": "根据下面的描述，判断这是哪种动物。",
+                      "input": "它有长长的鼻子和大大的耳朵，生活在非洲和亚洲。", "output": "大象"}]
+    assert run_cli(*_si_args(tiny_server, seeds, out, "--num", "3", "--max-requests", "2")) == 0
+    assert [json.loads(x) for x in out.read_text("utf-8").splitlines()] == lines   # nothing new, nothing lost
+    counts = json.loads((tmp_path / "regen.jsonl.state.json").read_text("utf-8"))["counts"]
+    assert counts == {"kept": 1, "similar": 1 + 2 * 2, "truncated": 3, "incomplete": 3}
+    assert "1 instructions (kept 1, rejected 11" in capsys.readouterr().out
+
+
+def test_end_to_end_endpoint_down_is_a_clear_error(tmp_path, capsys):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    seeds, out = _write_seeds(tmp_path), tmp_path / "regen.jsonl"
+    code = run_cli("selfinstruct", "--seed-tasks", seeds, "--out", out, "--api-base", f"http://127.0.0.1:{port}/v1",
+                   "--model", "m", "--num", "3", "--max-retries", "1", "--backoff", "0.01", "--batch-size", "2")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "every request of batch 1 failed" in err and "cannot connect" in err and "resume" in err
+    assert len(err.strip().splitlines()) == 1 or err.count("error:") == 1

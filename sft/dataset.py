@@ -12,7 +12,9 @@ Packing (`pack=True`, off by default) concatenates consecutive examples into seq
 `max_length` tokens and gives each a `position_ids` that restarts at 0 at every example. The collate
 function then returns no `attention_mask`: HF LLaMA (transformers >= 4.54) reads the restarts in
 `position_ids` and builds a block-diagonal causal mask, so no token attends across an example
-boundary (tests/test_sft_examples.py checks logits against each example run alone). The first
+boundary (tests/test_sft_examples.py checks logits against each example run alone). The forward
+must run with `use_cache=False` (as training does anyway): with a KV cache transformers skips that
+detection and attention would cross examples. FlashAttention-2 reads the same restarts. The first
 token of every example is its BOS/prompt token, labelled -100, so no loss term predicts one example
 from the one before it.
 """
@@ -131,7 +133,7 @@ def collate(batch, pad_id: int, pad_to_multiple_of: Optional[int] = None) -> Dic
     longest = max(len(b["input_ids"]) for b in batch)
     if pad_to_multiple_of:
         longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    packed = "position_ids" in batch[0]
+    packed = any("position_ids" in b for b in batch)
     n = len(batch)
     input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
     labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
@@ -145,7 +147,8 @@ def collate(batch, pad_id: int, pad_to_multiple_of: Optional[int] = None) -> Dic
         input_ids[row, :k] = torch.as_tensor(b["input_ids"])
         labels[row, :k] = torch.as_tensor(b["labels"])
         if packed:
-            out["position_ids"][row, :k] = torch.as_tensor(b["position_ids"])
+            if "position_ids" in b:  # an unpacked item in a packed batch is one example: 0..k-1
+                out["position_ids"][row, :k] = torch.as_tensor(b["position_ids"])
             out["position_ids"][row, k:] = torch.arange(longest - k)
         else:
             out["attention_mask"][row, :k] = 1

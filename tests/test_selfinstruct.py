@@ -406,3 +406,93 @@ def test_end_to_end_endpoint_down_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     assert "every request of batch 1 failed" in err and "cannot connect" in err and "resume" in err
     assert len(err.strip().splitlines()) == 1 or err.count("error:") == 1
+
+
+# -- translate ----------------------------------------------------------------------------------
+
+class _Translator(BaseHTTPRequestHandler):
+    """'Translates' the JSON object in the prompt by prefixing each value with 译:. Requests whose
+    number is in server.broken get a 500; a record whose instruction contains GARBLE gets prose."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.n += 1
+            n = self.server.n
+        if n in self.server.broken or self.server.down:
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        prompt = body["messages"][0]["content"]
+        obj = json.loads(prompt[prompt.index("{"):])
+        answer = ("抱歉，我无法翻译。" if "GARBLE" in obj.get("instruction", "")
+                  else "```json\n" + json.dumps({k: "译:" + v for k, v in obj.items()}, ensure_ascii=False) + "\n```")
+        data = _ok_body(answer)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_translate_keeps_fields_counts_failures_and_resumes(tmp_path, capsys):
+    records = [{"id": i, "instruction": f"Give tip number {i}.", "input": "" if i % 2 else f"ctx {i}",
+                "output": f"Tip {i}."} for i in range(7)]
+    records[3]["instruction"] = "GARBLE this"
+    records.append({"id": 7, "instruction": "", "input": "", "output": ""})
+    src = tmp_path / "alpaca.json"
+    src.write_text(json.dumps(records), encoding="utf-8")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Translator)
+    server.lock, server.n, server.broken, server.down = threading.Lock(), 0, {2}, False
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    out = tmp_path / "alpaca_zh.jsonl"
+    args = ["translate", "--input", src, "--out", out, "--api-base", url, "--model", "m", "--batch-size", "3",
+            "--concurrency", "1", "--backoff", "0.01", "--max-retries", "1", "--parse-retries", "1"]
+    try:
+        # First run: the endpoint goes down after the first batch (3 records).
+        orig = _Translator.do_POST
+
+        def flaky(self):
+            if self.server.n >= 4:          # request 2 was a retried 500; requests 1-4 make batch 1
+                self.server.down = True
+            orig(self)
+        _Translator.do_POST = flaky
+        assert run_cli(*args) == 2
+        assert "every request for records 3..5 failed" in capsys.readouterr().err
+        first = [json.loads(x) for x in out.read_text("utf-8").splitlines()]
+        assert [r["id"] for r in first] == [0, 1, 2]
+        _Translator.do_POST = orig
+        server.down = False
+        assert run_cli(*args) == 0                       # resumes at record 3
+        printed = capsys.readouterr().out
+    finally:
+        _Translator.do_POST = orig
+        server.shutdown()
+        server.server_close()
+    rows = [json.loads(x) for x in out.read_text("utf-8").splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2, 4, 5, 6, 7]         # 3 failed, listed in the state
+    assert rows[0] == {"id": 0, "instruction": "译:Give tip number 0.", "input": "译:ctx 0", "output": "译:Tip 0."}
+    assert rows[1]["input"] == "" and list(rows[1]) == ["id", "instruction", "input", "output"]
+    assert rows[-1] == records[-1]                                   # nothing to translate: copied
+    state = json.loads((tmp_path / "alpaca_zh.jsonl.state.json").read_text("utf-8"))
+    assert state["failed"] == [3] and state["counts"]["failed_bad_translation"] == 1
+    assert "6 translated, 1 copied" in printed and "1 failed" in printed
+
+
+def test_translate_bad_input_names_the_record(tmp_path):
+    from zhllama.sft.translate import load_records, parse_translation
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": 3}]), encoding="utf-8")
+    with pytest.raises(InputError, match=r"record 1: field 'instruction' must be a string"):
+        load_records(f, ("instruction", "input", "output"))
+    f.write_text('{"instruction": "a"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"bad.json:2: invalid JSON"):
+        load_records(f, ("instruction",))
+    with pytest.raises(ValueError, match="expected keys"):
+        parse_translation('{"instruction": "x"}', ["instruction", "output"])
+    assert parse_translation('好的：\n```json\n{"output": "输出"}\n```', ["output"]) == {"output": "输出"}

@@ -216,3 +216,21 @@ def test_belle_eval_set_via_field_map():
     assert len(recs) == len(answered) and dict(stats.skipped) == {"empty_field": len(rows) - len(answered)}
     assert recs[0].turns[0].user == answered[0]["question"]
     assert recs[-1].turns[0].assistant == answered[-1]["std_answer"]
+
+
+def test_convert_writes_records_that_read_back_unchanged(tmp_path):
+    from zhllama.sft.convert import main
+    src = write_jsonl(tmp_path / "in.jsonl", ALPACA + [
+        {"question": "q?", "std_answer": "a."},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+                      {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                      {"role": "assistant", "content": "a2"}]},
+        {"instruction": "x", "output": ""}])
+    out = tmp_path / "out.jsonl"
+    assert main([str(src), "--out", str(out), "--field-map", "instruction=question,output=std_answer"]) == 0
+    before, _ = load_records([src], field_map="instruction=question,output=std_answer")
+    after, stats = load_records([out], strict=True)
+    strip = lambda rs: [(r.system, r.input, [(t.user, t.assistant) for t in r.turns]) for r in rs]
+    assert strip(after) == strip(before) and len(after) == len(ALPACA) + 2
+    assert main([str(src), "--out", str(tmp_path / "o2.jsonl"), "--strict"]) == 2
+    assert not (tmp_path / "o2.jsonl").exists()

@@ -50,3 +50,32 @@ def zhllama_exe() -> str:
     if not exe.exists():
         pytest.skip("zhllama console script not installed (run scripts/setup.sh)")
     return str(exe)
+
+
+# ----------------------------------------------------------------------------- tiny model fixtures
+# A small LLaMA-style tokenizer trained on the bundled samples (Chinese + English) and a tiny LLaMA
+# built from it: shared by the engine, SFT and export tests so they build it once per session.
+
+SAMPLES = REPO / "zhllama" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from zhllama.modelio import load_tokenizer, save_tokenizer
+    from zhllama.tiny import make_tiny_sp
+
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    text = (SAMPLES / "zh_sample.txt").read_text(encoding="utf-8") + \
+        (SAMPLES / "en_sample.txt").read_text(encoding="utf-8")
+    make_tiny_sp(out / "tokenizer.model", text=text, vocab_size=3000, seed_lines=1)
+    save_tokenizer(load_tokenizer(out / "tokenizer.model"), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    from zhllama.tiny import make_tiny_llama
+
+    out = tmp_path_factory.mktemp("tiny_model") / "model"
+    make_tiny_llama(tiny_tokenizer_dir / "tokenizer.model", out, seed=0)
+    return out

@@ -17,11 +17,11 @@ Each text line (document, for JSON lines) is classified by `zhllama.vocab.spm.ha
   `--hf-loader llama`: transformers' own `LlamaTokenizer` conversion instead);
 - vs reference: lines tokenized differently from the reference, over lines without CJK and over all.
 
-`--english-sample N` adds N lines of English prose (docstrings of the Python standard library, always
+`--english-sample N` adds N lines of English prose (docstrings and comments of the Python standard library, always
 available, deterministic for a Python version) to the text.
 """
 
-import ast
+import functools
 import json
 import os
 import re
@@ -60,12 +60,12 @@ def add_arguments(parser):
 # ----------------------------------------------------------------------------------------------------
 # Text
 
-def stdlib_english_lines(n: int) -> List[str]:
-    """`n` lines of English prose without CJK: docstring lines (4+ words) of the Python standard
-    library, in a fixed file order. Deterministic for a given Python version."""
+_DOCSTRING = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'|^[ \t]*#+ ([^\n]*)$', re.S | re.M)
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_english(n: int) -> tuple:
     out: List[str] = []
-    if n <= 0:
-        return out
     std = sysconfig.get_paths()["stdlib"]
     skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "encodings"}
     for root, dirs, files in os.walk(std):
@@ -74,21 +74,29 @@ def stdlib_english_lines(n: int) -> List[str]:
             if not name.endswith(".py"):
                 continue
             try:
-                tree = ast.parse(Path(root, name).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+                text = Path(root, name).read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
                 continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node, clean=True)
-                    if not doc:
-                        continue
-                    for line in doc.splitlines():
-                        if (len(line.split()) >= 4 and re.search(r"[A-Za-z]{3}", line)
-                                and not _spm.has_cjk(line) and line.isprintable()):
-                            out.append(line)
-                            if len(out) >= n:
-                                return out
-    return out
+            for groups in _DOCSTRING.findall(text):
+                for line in "".join(groups).splitlines():
+                    line = line.strip()
+                    if (len(line.split()) >= 4 and _PROSE.search(line) and line.isprintable()
+                            and not _spm.has_cjk(line)):
+                        out.append(line)
+                        if len(out) >= n:
+                            return tuple(out)
+    return tuple(out)
+
+
+_PROSE = re.compile(r"[A-Za-z]{3,} [a-z]{2,} ")
+
+
+def stdlib_english_lines(n: int) -> List[str]:
+    """Up to `n` lines of English prose without CJK: docstring and comment lines (4+ words, stripped)
+    of the Python standard library, in a fixed file order. Deterministic for a given Python version."""
+    if n <= 0:
+        return []
+    return list(_stdlib_english(int(n)))
 
 
 def read_lines(specs, *, max_lines: int, text_field: str = "text") -> List[str]:

@@ -147,7 +147,8 @@ def read_sample(inputs, *, max_sentences: int, max_sentence_length: int, seed: i
     paths = corpus.expand_inputs(inputs)
     stats = corpus.CorpusStats()
     res = Reservoir(max_sentences, seed)
-    prog = Progress("reading", total_bytes=corpus.total_size(paths), logger=log)
+    any_gz = any(str(p).lower().endswith(".gz") for p in paths)  # sizes on disk are compressed
+    prog = Progress("reading", total_bytes=0 if any_gz else corpus.total_size(paths), logger=log)
     chars = 0
     per_file = []
     for path in paths:

@@ -1,0 +1,193 @@
+"""The training engine, for real: DeepSpeed ZeRO-2 on CPU ranks (gloo), tiny LLaMA, packed data.
+
+Runs (module-scoped, each a real `zhllama train` process):
+  two_rank   2 ranks through launch/pretrain_stage2.sh (the `deepspeed` launcher), LoRA dropout 0
+  one_rank   the same config in a plain process (a world of one)
+  baseline   1 rank with LoRA dropout 0.05 (RNG matters), uninterrupted
+  crashes    the baseline config SIGKILLed after a step / inside a checkpoint write, then restarted
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zhllama.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 8
+COMMON = [f"max_steps={STEPS}", "global_batch=8", "micro_batch=2", "block_size=32", "lr=0.01",
+          "save_every=2", "keep_last=2", "eval_every=4", "eval_batches=2", "tensorboard=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def _train(args, **env):
+    cmd = [sys.executable, "-m", "zhllama.cli", "train", *map(str, args)]
+    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def _final_weights(run: Path) -> dict:
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+def _metrics(run: Path):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, tiny_tokenizer_dir):
+    out = tmp_path_factory.mktemp("engine") / "packed"
+    code = main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input",
+                 str(REPO / "zhllama" / "data" / "zh_sample.txt"), "--block-size", "32", "--out", str(out),
+                 "--validation-ratio", "0.05", "--workers", "1"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_args(tiny_model_dir, packed):
+    return ["stage=stage2", f"model={tiny_model_dir}", f"data=[{packed}]", "init_adapters=[]", *COMMON]
+
+
+@pytest.fixture(scope="module")
+def two_rank(tmp_path_factory, base_args):
+    run = tmp_path_factory.mktemp("two_rank") / "run"
+    res = subprocess.run(
+        ["bash", str(REPO / "launch" / "pretrain_stage2.sh"), *base_args, "lora_dropout=0.0", f"out={run}"],
+        env=_env(GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()), LOG_DIR=str(run.parent / "logs"),
+                 PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, base_args):
+    run = tmp_path_factory.mktemp("one_rank") / "run"
+    res = _train([*base_args, "lora_dropout=0.0", f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, base_args):
+    run = tmp_path_factory.mktemp("baseline") / "run"
+    res = _train([*base_args, f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_run_trains_checkpoints_and_writes_final(two_rank, tiny_model_dir):
+    records = _metrics(two_rank)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert records[-1]["loss"] < records[0]["loss"] - 0.1, [r["loss"] for r in records]
+    assert all(r["grad_norm"] is not None and r["tokens_per_s"] > 0 for r in records)
+    assert "val_loss" in records[3] and "val_loss" in records[-1]
+    ckpts = sorted(p.name for p in (two_rank / "checkpoints").iterdir())
+    assert ckpts == [f"step-{STEPS - 2}", f"step-{STEPS}"]  # keep_last=2, no .tmp leftovers
+    shards = sorted(p.name for p in (two_rank / "checkpoints" / f"step-{STEPS}" / "engine").iterdir())
+    assert any("zero_pp_rank_1" in s for s in shards), shards  # ZeRO-partitioned optimizer of rank 1
+    assert (two_rank / "config.yaml").is_file()
+    log = (two_rank.parent / "logs" / "pretrain_stage2_node0.log").read_text()
+    assert "step 8/8" in log
+
+    # final/ reloads onto the base model and changes its output.
+    from zhllama.modelio import load_model
+    from zhllama.pretrain.adapters import load_adapter
+    base = load_model(tiny_model_dir)
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    before = base(ids).logits
+    tuned = load_adapter(load_model(tiny_model_dir), two_rank / "final")
+    after = tuned(ids).logits
+    assert after.shape == before.shape and not torch.allclose(before, after)
+
+
+@pytest.mark.slow
+def test_one_rank_and_two_ranks_give_the_same_weights(two_rank, one_rank):
+    """Same global batch, fp32: the same update on 1 and 2 ranks.
+
+    Tolerance: the gradient allreduce sums in another order, and Adam divides by sqrt(v), so float
+    rounding grows over steps. After 8 steps at lr 0.01 (each weight moves up to ~0.01 a step) we allow
+    1e-4 absolute, i.e. ~1% of a single step's update; a wrong batch split or loss scaling (e.g. a
+    missing 1/world or a per-micro-batch mean) moves weights by whole updates."""
+    a, b = _final_weights(one_rank), _final_weights(two_rank)
+    assert a.keys() == b.keys() and len(a) > 0
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, worst
+    la = [r["loss"] for r in _metrics(one_rank)]
+    lb = [r["loss"] for r in _metrics(two_rank)]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash", ["after-step:5", "in-checkpoint:4"])
+def test_sigkill_then_resume_ends_with_the_same_weights(crash, tmp_path, base_args, baseline):
+    run = tmp_path / "run"
+    args = [*base_args, f"out={run}"]
+    killed = _train(args, ZHLLAMA_CRASH=crash)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    complete = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    expected_resume = "step-4" if crash.startswith("after-step") else "step-2"
+    assert complete[-1] == expected_resume
+    if crash.startswith("in-checkpoint"):
+        assert (run / "checkpoints" / ".tmp-step-4").exists()  # the half-written one, never used
+
+    resumed = _train(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / expected_resume}" in resumed.stderr
+    a, b = _final_weights(baseline), _final_weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["step"] for r in _metrics(run)] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(baseline)]
+
+
+def test_config_errors_before_any_compute(tmp_path, tiny_model_dir, packed, capsys):
+    base = ["stage=stage2", f"model={tiny_model_dir}", f"data=[{packed}]", f"out={tmp_path / 'r'}"]
+    assert main(["train", *base, "learning_rate=1e-4"]) == 2
+    assert "unknown key 'learning_rate'" in capsys.readouterr().err
+    assert main(["train", *base, "global_batch=10", "micro_batch=4"]) == 2
+    err = capsys.readouterr().err
+    assert "global_batch 10 is not divisible by micro_batch 4" in err
+    assert main(["train", *base, "precision=fp64"]) == 2
+    assert "precision" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_mismatched_shards_and_vocab_are_refused(tmp_path, tiny_model_dir, packed, tiny_tokenizer_dir):
+    from zhllama.errors import UserError
+    from zhllama.pretrain.shards import PackedBlocks
+    from zhllama.tiny import make_tiny_llama, make_tiny_sp
+
+    other_tok = make_tiny_sp(tmp_path / "other" / "tokenizer.model", vocab_size=400)
+    with pytest.raises(UserError, match="packed with tokenizer"):
+        PackedBlocks(packed, "train", expect_tokenizer=other_tok)
+    with pytest.raises(UserError, match="blocks of 32 tokens"):
+        PackedBlocks(packed, "train", expect_tokenizer=tiny_tokenizer_dir, expect_block_size=512)
+    # A model whose vocab does not match the tokenizer: the run stops with both sizes named.
+    small = make_tiny_llama(other_tok, tmp_path / "small_model")
+    res = _train(["stage=stage2", f"model={small}", f"tokenizer={tiny_tokenizer_dir}", f"data=[{packed}]",
+                  f"out={tmp_path / 'r'}", *COMMON])
+    assert res.returncode == 2
+    assert "vocab" in res.stderr and str(tiny_tokenizer_dir) in res.stderr

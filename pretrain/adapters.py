@@ -17,9 +17,11 @@ trained token rows) must be there, with the live model's shape and values, and n
 training cannot leave zeros. An empty or wrong adapter is an error, never a successful `final/`.
 """
 
+import contextlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,6 +54,14 @@ def _module_name(model, module) -> str:
         if mod is module:
             return name
     raise ConfigError(f"{type(model).__name__} has no module {type(module).__name__}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers 5's deprecation warning raised from inside PEFT on every wrap."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _peft_config(preset, model, new_rows_from):
@@ -91,7 +101,8 @@ def apply_stage(model, preset, *, new_rows_from=None):
         log.warning("the model ties lm_head to embed_tokens; LLaMA does not, and %s trains both separately",
                     preset.name)
     model.requires_grad_(False)
-    peft_model = get_peft_model(model, _peft_config(preset, model, new_rows_from))
+    with _quiet():
+        peft_model = get_peft_model(model, _peft_config(preset, model, new_rows_from))
     peft_model.zhllama_stage = preset.name
     peft_model.zhllama_new_rows_from = new_rows_from
     _check_trainable_set(peft_model, preset)
@@ -410,7 +421,8 @@ def load_adapter(base_model, adapter_dir, is_trainable=False):
     cfg, weights, meta = _read_adapter_dir(adapter_dir)
     shapes = _read_shapes(weights)
     _check_against_base(base_model, cfg, weights, shapes)
-    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    with _quiet():
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
     model.zhllama_stage = (meta or {}).get("stage") or _guess_stage(cfg)
     model.zhllama_new_rows_from = (meta or {}).get("new_rows_from")
     return model

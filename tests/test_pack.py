@@ -133,6 +133,26 @@ def test_help(capsys):
     assert "--block-size" in out and "--validation-ratio" in out and "resume" in out
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_range_reader_matches_whole_file_reader(tmp_path, chunk):
+    """corpus.iter_lines_range over consecutive ranges == corpus.iter_lines over the file: same lines,
+    numbers, skipped bad lines, CRLF handling, a last line without newline."""
+    from zhllama import corpus
+    raw = ("一行\r\n第二行 text\n\n" * 5).encode() + b"\xff bad\n" + ("尾巴\n" * 7).encode() + b"last"
+    f = tmp_path / "r.txt"
+    f.write_bytes(raw)
+    whole_stats, range_stats = corpus.CorpusStats(), corpus.CorpusStats()
+    want = list(corpus.iter_lines(f, stats=whole_stats))
+    cuts = [0] + [i + 1 for i, b in enumerate(raw) if b == 10][3::4] + [len(raw)]
+    got = []
+    for a, b in zip(cuts, cuts[1:]):
+        first = raw[:a].count(b"\n") + 1
+        got += list(corpus.iter_lines_range(f, a, b, first, stats=range_stats, chunk_bytes=chunk))
+    assert got == want
+    assert (range_stats.bytes, range_stats.bad_utf8) == (whole_stats.bytes, 1)
+    assert range_stats.first_problems == whole_stats.first_problems
+
+
 def test_round_trip_multi_unit(tiny_sp, sp, tmp_path):
     """Blocks decode to the corpus; only one final partial block per split is dropped."""
     docs_a, docs_b = make_docs(700, seed=1), make_docs(300, seed=2)

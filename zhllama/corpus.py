@@ -165,20 +165,54 @@ def iter_documents(path, *, text_field="text", doc_sep="line", strict=False,
 
 
 def iter_lines_range(path, start: int, end: int, first_line: int = 1, strict=False,
-                     stats: Optional[CorpusStats] = None) -> Iterator[tuple]:
-    """(line number, decoded line) for the lines that start in the byte range [start, end) of an
-    uncompressed file; `start` must be a line start, `first_line` its line number. Lets several
-    workers read one large file without reading its prefix."""
+                     stats: Optional[CorpusStats] = None, chunk_bytes: int = 4 << 20) -> Iterator[tuple]:
+    """(line number, decoded line) for the lines of the byte range [start, end) of an uncompressed
+    file; `start` must be a line start and `end` a line start or the end of the file, `first_line`
+    the line number at `start`. Lets several workers read one large file without reading its prefix.
+
+    Same lines, numbers and skips as `iter_lines`, but faster: the range is read and decoded in
+    chunks of whole lines (UTF-8 never holds a newline byte inside a character), falling back to
+    line-by-line decoding only for a chunk that holds undecodable bytes. Memory: one chunk."""
     stats = stats if stats is not None else CorpusStats()
+    lineno = first_line
     with open(path, "rb") as f:
         f.seek(start)
-        pos = start
-        for lineno, raw in enumerate(f, first_line):
-            if pos >= end:
+        pos, pending = start, b""
+        while pos < end:
+            chunk = f.read(min(end - pos, chunk_bytes))
+            if not chunk:
                 break
-            pos += len(raw)
-            stats.bytes += len(raw)
-            text = _decode(raw, path, lineno, strict, stats)
+            pos += len(chunk)
+            data = pending + chunk
+            pending = b""
+            if pos < end:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    pending = data
+                    continue
+                data, pending = data[:cut], data[cut:]
+            stats.bytes += len(data)
+            try:
+                lines = data.decode("utf-8").split("\n")
+            except UnicodeDecodeError:
+                raws = data.split(b"\n")
+                if data.endswith(b"\n"):
+                    raws.pop()
+                for raw in raws:
+                    text = _decode(raw, path, lineno, strict, stats)
+                    if text is not None:
+                        yield lineno, text.rstrip("\r\n")
+                    lineno += 1
+                continue
+            if data.endswith(b"\n"):
+                lines.pop()
+            if b"\r" in data:
+                lines = [line.rstrip("\r") for line in lines]
+            yield from zip(range(lineno, lineno + len(lines)), lines)
+            lineno += len(lines)
+        if pending:  # a last line longer than the chunk, without a newline
+            stats.bytes += len(pending)
+            text = _decode(pending, path, lineno, strict, stats)
             if text is not None:
                 yield lineno, text.rstrip("\r\n")
 

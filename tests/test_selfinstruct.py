@@ -496,3 +496,16 @@ def test_translate_bad_input_names_the_record(tmp_path):
     with pytest.raises(ValueError, match="expected keys"):
         parse_translation('{"instruction": "x"}', ["instruction", "output"])
     assert parse_translation('好的：\n```json\n{"output": "输出"}\n```', ["output"]) == {"output": "输出"}
+
+
+def test_rate_limiter_spaces_request_starts():
+    from zhllama.sft.api_client import RateLimiter
+    now, slept = [100.0], []
+    limiter = RateLimiter(per_minute=120, clock=lambda: now[0], sleep=slept.append)
+    for _ in range(3):
+        limiter.wait()                       # three starts at t=100: 0.5 s apart
+    assert slept == [0.5, 1.0]
+    now[0] = 200.0                           # after a pause, no wait
+    limiter.wait()
+    assert slept == [0.5, 1.0]
+    RateLimiter(0).wait()                    # 0 = no limit, returns at once

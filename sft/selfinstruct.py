@@ -109,7 +109,11 @@ def load_seed_tasks(path) -> list:
 
 
 def load_prompt(name: str) -> str:
-    return (PROMPT_DIR / name).read_text("utf-8")
+    try:
+        return (PROMPT_DIR / name).read_text("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{PROMPT_DIR / name}: prompt file missing from the installation "
+                        f"(package data of zhllama.sft); reinstall zhllama")
 
 
 def encode_prompt(examples, lang: str, num_tasks: int = 20, header: str = None) -> str:

@@ -1,0 +1,160 @@
+"""`zhllama plan`: trainable %, the LLaMA paper's GPU-hours, ZeRO-2 memory, the activation formula."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from zhllama.pretrain import flops
+from zhllama.pretrain.plan import activation_bytes, activation_profile, executed_flops_per_token, plan
+
+# LLaMA paper (Touvron et al. 2023): Table 15 GPU-hours on A100-80GB, §2.4 throughput of the 65B run.
+LLAMA_7B_GPU_HOURS, LLAMA_7B_TOKENS = 82_432, 1.0e12
+LLAMA_65B_GPU_HOURS, LLAMA_65B_TOKENS = 1_022_362, 1.4e12
+LLAMA_65B_TOKENS_PER_S = 380
+LLAMA_7B_TOKENS_PER_S = 3_300  # ~3,300 tokens/s/GPU for 7B
+LLAMA_SEQ, LLAMA_GLOBAL = 2048, 2048  # 4M-token batches of 2048
+
+
+def implied_mfu(model, tokens_per_s):
+    from zhllama.tiny import llama_config
+    return tokens_per_s * flops.flops_per_token(llama_config(model), LLAMA_SEQ) / flops.gpu_peak_flops("a100-80g")
+
+
+def llama_plan(model, tokens, mfu):
+    return plan(model=model, stage="full", tokens=tokens, gpus=2048, gpu="a100-80g", mfu=mfu, reserve=0.0,
+                seq_len=LLAMA_SEQ, global_batch=LLAMA_GLOBAL)
+
+
+@pytest.mark.parametrize("stage, pct", [("stage1", "2.97%"), ("stage2", "6.06%"), ("sft", "6.22%")])
+def test_cli_prints_the_trainable_percentage_of_llama7b(capsys, stage, pct):
+    code = run_cli("plan", "--model", "llama-7b", "--vocab-size", 49953, "--stage", stage, "--tokens", "20e9",
+                   "--gpus", 16, "--gpu", "a100-80g")
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"= {pct}" in out and "GPU-hours" in out and "checkpointing" in out
+
+
+def test_cli_json(capsys):
+    assert run_cli("plan", "--model", "llama-7b", "--vocab-size", 49953, "--stage", "stage2", "--tokens", "20e9",
+                   "--gpus", 16, "--gpu", "a100-80g", "--mfu", 0.4, "--reserve", 0.3, "--json") == 0
+    p = json.loads(capsys.readouterr().out)
+    assert abs(p["trainable_pct"] - 6.06) <= 0.01 and p["vocab_size"] == 49953
+    assert p["gpu_hours_with_reserve"] == pytest.approx(1.3 * p["gpu_hours"])
+    assert p["gpu_hours"] == pytest.approx(20e9 * p["model_flops_per_token"] / (0.4 * 312e12) / 3600)
+    assert p["days"] == pytest.approx(p["gpu_hours_with_reserve"] / 16 / 24)
+    assert p["steps"] == -(-int(20e9) // (1024 * 512))
+
+
+def test_llama7b_gpu_hours_at_the_mfu_its_throughput_implies():
+    mfu = implied_mfu("llama-7b", LLAMA_7B_TOKENS_PER_S)
+    assert 0.44 < mfu < 0.47  # ~45% model FLOPs utilisation
+    hours = llama_plan("llama-7b", LLAMA_7B_TOKENS, mfu)["gpu_hours"]
+    assert abs(hours / LLAMA_7B_GPU_HOURS - 1) <= 0.15, hours
+
+
+def test_llama7b_gpu_hours_from_the_65b_runs_mfu():
+    """Not circular: the 65B run's stated 380 tokens/s/GPU, carried to 7B through the FLOPs formula."""
+    mfu = implied_mfu("llama-65b", LLAMA_65B_TOKENS_PER_S)
+    assert 0.48 < mfu < 0.51
+    hours = llama_plan("llama-7b", LLAMA_7B_TOKENS, mfu)["gpu_hours"]
+    assert abs(hours / LLAMA_7B_GPU_HOURS - 1) <= 0.15, hours
+    hours65 = llama_plan("llama-65b", LLAMA_65B_TOKENS, implied_mfu("llama-7b", LLAMA_7B_TOKENS_PER_S))["gpu_hours"]
+    assert abs(hours65 / LLAMA_65B_GPU_HOURS - 1) <= 0.15, hours65
+
+
+def test_zero2_memory_terms():
+    a = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=8, micro_batch=4)
+    b = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, micro_batch=4)
+    full = plan(model="llama-7b", vocab_size=49953, stage="full", tokens=1e9, gpus=16, micro_batch=4)
+    ma, mb, mf = (p["memory"]["with_checkpointing"]["gib"] for p in (a, b, full))
+    assert ma["weights"] == mb["weights"]  # replicated under ZeRO-2
+    assert ma["optimizer"] == pytest.approx(2 * mb["optimizer"])  # partitioned
+    assert mb["optimizer"] == pytest.approx(16 * b["trainable_params"] / 16 / 2 ** 30)
+    # PEFT keeps frozen copies of embed_tokens and lm_head: stage2 holds more weights than full training
+    assert mb["weights"] > mf["weights"] == pytest.approx(2 * full["total_params"] / 2 ** 30, rel=1e-4)
+    assert mf["optimizer"] > 10 * mb["optimizer"]
+    for p in (a, b, full):
+        assert p["memory"]["with_checkpointing"]["gib"]["activations"] < \
+            p["memory"]["without_checkpointing"]["gib"]["activations"]
+
+
+def test_micro_batch_choice_and_errors(capsys):
+    p = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, gpu="a100-40g")
+    m = p["memory"]["with_checkpointing"]
+    assert m["fits"] and m["total_gib"] <= 0.9 * 40
+    assert 1024 % (m["micro_batch"] * 16) == 0 and m["grad_accumulation"] * m["micro_batch"] * 16 == 1024
+    bigger = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, gpu="a100-40g",
+                  micro_batch=2 * m["micro_batch"])
+    assert not bigger["memory"]["with_checkpointing"]["fits"]
+    code = run_cli("plan", "--model", "llama-7b", "--stage", "stage2", "--tokens", "1e9", "--gpus", 16,
+                   "--micro-batch", 3)
+    err = capsys.readouterr().err
+    assert code == 2 and "micro_batch 3 x world_size 16" in err and "1, 2, 4, 8, 16, 32, 64" in err
+    assert run_cli("plan", "--tokens", "1e9", "--gpus", 8, "--gpu", "tpu-v9") == 2
+    assert "unknown GPU 'tpu-v9'" in capsys.readouterr().err
+    assert run_cli("plan", "--model", "no/such/config.json", "--tokens", "1e9", "--gpus", 8) == 2
+    assert "no/such/config.json" in capsys.readouterr().err
+
+
+def test_executed_flops_match_model_flops_for_full_training():
+    from zhllama.tiny import llama_config
+    cfg = llama_config("llama-7b")
+    model = flops.flops_per_token(cfg, 512)
+    assert executed_flops_per_token(cfg, 512, flops.matmul_params(cfg), True, False) == pytest.approx(model)
+    # frozen layers: no weight gradients, but the backward still runs through them (> 4N of the 6N)
+    frozen = executed_flops_per_token(cfg, 512, 0, False, False)
+    assert 0.6 * model < frozen < 0.7 * model
+
+
+def test_plan_from_an_hf_config_matches_a_real_model(tmp_path):
+    """The meta-device count equals the count on a real, materialised model with the same stage."""
+    from transformers import LlamaForCausalLM
+
+    from zhllama.pretrain.adapters import apply_stage, count_trainable
+    from zhllama.pretrain.presets import STAGES
+    from zhllama.tiny import tiny_llama_config
+    cfg = tiny_llama_config(256, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    cfg.to_json_file(str(tmp_path / "config.json"))
+    p = plan(model=str(tmp_path), vocab_size=300, stage="sft", tokens=1e6, gpus=1, gpu="4090")
+    real = LlamaForCausalLM(cfg)
+    real.resize_token_embeddings(300, mean_resizing=False)
+    assert (p["trainable_params"], p["total_params"]) == count_trainable(apply_stage(real, STAGES["sft"]))
+    assert p["vocab_size"] == 300 and plan(model="tiny", stage="stage1", tokens=1e6, gpus=1)["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("stage", ["full", "stage1", "stage2", "sft"])
+def test_activation_formula_against_what_autograd_saves(stage):
+    """`activation_bytes(...)['saved']` within 15% of the bytes autograd really keeps for the backward."""
+    from transformers import LlamaForCausalLM
+
+    from zhllama.pretrain.adapters import apply_stage
+    from zhllama.pretrain.presets import STAGES
+    from zhllama.tiny import tiny_llama_config
+    cfg = tiny_llama_config(1000, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352)
+    torch.manual_seed(0)
+    for checkpointing in (False, True):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        if stage == "full":
+            model.requires_grad_(True)
+        else:
+            model = apply_stage(model, STAGES[stage]).to(torch.bfloat16)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        saved = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in weights:
+                saved[s.data_ptr()] = max(saved.get(s.data_ptr(), 0), s.nbytes())
+            return t
+
+        x = torch.randint(0, 1000, (2, 64))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=x, labels=x)
+        want = activation_bytes(cfg, x.numel(), checkpointing, activation_profile(model, stage == "full"))["saved"]
+        got = sum(saved.values())
+        assert abs(want / got - 1) <= 0.15, (stage, checkpointing, got, want)

@@ -30,7 +30,8 @@ class RunConfig:
     data: List[str] = field(default_factory=list)  # pretrain: a `data pack` dir; sft: instruction files
     template: str = "alpaca"  # sft prompt template
     field_map: dict = field(default_factory=dict)  # sft: other field names -> instruction/input/output
-    strict_data: bool = False
+    strict_data: bool = False  # sft: fail on the first bad record instead of counting and skipping
+    pack_examples: bool = False  # sft: pack short examples into one sequence (attention kept per example)
     # batch and schedule (null: the stage preset's value)
     global_batch: Optional[int] = None
     micro_batch: int = 1

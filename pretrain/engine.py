@@ -151,13 +151,13 @@ def _collate_blocks(items):
 
 def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
     if cfg.stage == "sft":
-        from zhllama.sft.dataset import SFTDataset, collate
+        from zhllama.sft.dataset import SFTDataset, default_pad_id, make_collate
         train = SFTDataset(cfg.data, tokenizer, cfg.template, max_length=preset.block_size,
-                           strict=cfg.strict_data, field_map=cfg.field_map or None)
-        if len(train) == 0:
-            raise UserError(f"{', '.join(cfg.data)}: no usable SFT example (see the skipped counts above)")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return Data(train, None, lambda items: collate(items, pad), f"{len(train):,} SFT examples")
+                           strict=cfg.strict_data, field_map=cfg.field_map or None, seed=cfg.seed,
+                           pack=cfg.pack_examples)
+        return Data(train, None, make_collate(default_pad_id(tokenizer)),
+                    f"{len(train):,} SFT {'sequences' if cfg.pack_examples else 'examples'} "
+                    f"(template {cfg.template}, max length {preset.block_size})")
     from .shards import PackedBlocks
     if len(cfg.data) != 1:
         raise ConfigError("config: key 'data' must name exactly one `zhllama data pack` directory for "
@@ -265,12 +265,14 @@ class Trainer:
         import deepspeed
 
         cfg, preset = self.cfg, self.preset
+        # Config errors first, before any process group, model or data is touched.
+        grad_accumulation(preset.global_batch, cfg.micro_batch, int(os.environ.get("WORLD_SIZE", 1)))
+        ds_path = resolve_ds_config(cfg.ds_config)
         rank, world, local_rank = init_distributed()
         self.rank, self.world = rank, world
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         precision = choose_precision(cfg.precision, device)
         grad_accum = grad_accumulation(preset.global_batch, cfg.micro_batch, world)
-        ds_path = resolve_ds_config(cfg.ds_config)
         ds_config = build_ds_config(ds_path, global_batch=preset.global_batch, micro_batch=cfg.micro_batch,
                                     grad_accum=grad_accum, grad_clip=preset.grad_clip, precision=precision)
         torch.manual_seed(cfg.seed)

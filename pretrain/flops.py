@@ -41,8 +41,9 @@ def gpu_peak_flops(device_name: str):
 
 def measured_cpu_peak_flops(size: int = 1024, seconds: float = 0.5) -> float:
     """This CPU's fp32 matmul FLOP/s with the current thread count: the best of a short burst."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+    g = torch.Generator().manual_seed(0)  # its own generator: never disturb the training RNG streams
+    a = torch.randn(size, size, generator=g)
+    b = torch.randn(size, size, generator=g)
     torch.mm(a, b)  # warm up
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -52,7 +52,7 @@ def _usage(commands, group=None) -> str:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     commands = _available()
     groups = {name.split(" ")[0] for name in commands if " " in name}
 

@@ -620,7 +620,7 @@ def run(args) -> int:
     for p in shard_dir.glob(".*.tmp"):
         _unlink(p)
 
-    result = Packer(args, tok, settings, out, paths).pack()
+    result = Packer(args, tok, settings, out, paths, sources).pack()
     elapsed = time.perf_counter() - t0
     c = result["counts"]
     tr, va = c["splits"]["train"], c["splits"]["validation"]
@@ -639,13 +639,15 @@ class Packer:
     # test hook: called with the unit after each unit is recorded (lets tests interrupt a pack)
     after_unit = None
 
-    def __init__(self, args, tok: Tokenizer, settings: dict, out: Path, paths: List[Path]):
+    def __init__(self, args, tok: Tokenizer, settings: dict, out: Path, paths: List[Path],
+                 sources: List[dict]):
         self.args = args
         self.tok = tok
         self.settings = settings
         self.settings_key = _settings_key(settings)
         self.out = out
         self.paths = paths
+        self.sources = sources      # stat taken before reading: a file changed meanwhile is redone next time
         self.shard_dir = out / fmt.SHARD_DIR
         self.progress_path = out / fmt.PROGRESS
         self.dtype = np.dtype(settings["dtype"])
@@ -711,7 +713,11 @@ class Packer:
         unit_bytes = self.settings["unit_bytes"]
         slice_bytes = _mb(self.args.slice_mb)
         for path in self.paths:
-            units = plan_file(path, len(self.units), unit_bytes, slice_bytes, self.settings["doc_sep"])
+            try:
+                units = plan_file(path, len(self.units), unit_bytes, slice_bytes,
+                                  self.settings["doc_sep"])
+            except OSError as e:
+                raise InputError(path, f"cannot read: {e}") from None
             self.file_sha[os.path.realpath(path)] = units[0].sha256
             self.units.extend(units)
             yield from units
@@ -740,15 +746,15 @@ class Packer:
                    "splits": splits, "stats": writer.stats}
             _append_record(self.progress_path, rec)
             self.records[unit.uid] = rec
-            self._count(rec, tokens_already_counted=True)
+            self._count(rec, problems_noted=True)
             if Packer.after_unit is not None:
                 Packer.after_unit(unit)
 
-    def _count(self, rec: dict, tokens_already_counted: bool = False) -> None:
+    def _count(self, rec: dict, problems_noted: bool = False) -> None:
         st = rec["stats"]
         for k in ("documents", "bytes", "empty", "bad_utf8", "bad_json", "missing_field"):
             setattr(self.totals, k, getattr(self.totals, k) + st[k])
-        if not tokens_already_counted:
+        if not problems_noted:
             self.problems.extend(st["first_problems"][:max(0, 5 - len(self.problems))])
 
     def _finish(self) -> dict:
@@ -780,7 +786,7 @@ class Packer:
                         "first: %s", t.skipped(), t.bad_utf8, t.bad_json, t.missing_field,
                         " | ".join(self.problems))
         sources = []
-        for p, st in zip(self.paths, _source_stats(self.paths)):
+        for p, st in zip(self.paths, self.sources):
             sources.append({**st, "sha256": self.file_sha[st["path"]], "given_as": str(p)})
         index = {"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
                  "block_size": self.block_size, "dtype": self.dtype.str, "splits": splits_index}

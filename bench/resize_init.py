@@ -264,7 +264,7 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None,
                    help="extended tokenizer (default: ../shared Chinese-LLaMA-2 tokenizer.model); "
                         "e.g. the output dir of `zhllama vocab merge`")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=250)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)

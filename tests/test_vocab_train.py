@@ -121,7 +121,7 @@ def test_jieba_pieces_respect_word_boundaries(tmp_path):
              for _ in range(400)]
     f = tmp_path / "t.txt"
     f.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    plain = vtrain.train([f], tmp_path / "plain", vocab_size=280, threads=1)
+    vtrain.train([f], tmp_path / "plain", vocab_size=280, threads=1)
     seg = vtrain.train([f], tmp_path / "seg", vocab_size=280, threads=1, use_jieba=True)
     assert seg["jieba"] and seg["settings"]["pretokenization_delimiter"] == vtrain.DELIMITER
     p_plain = {p.piece.lstrip("▁") for p in zspm.load_proto(tmp_path / "plain" / "zh_sp.model").pieces}

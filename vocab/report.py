@@ -30,7 +30,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from zhllama import corpus
 from zhllama.errors import UserError

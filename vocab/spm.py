@@ -10,9 +10,8 @@
   exactly that piece.
 """
 
-import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional
 
 from zhllama.errors import InputError
 
@@ -224,15 +223,3 @@ def special_piece(proto, kind: str, default: str) -> str:
     if 0 <= idx < len(proto.pieces):
         return proto.pieces[idx].piece
     return default
-
-
-def sp_encode_batch(sp, texts: Sequence[str]) -> List[List[int]]:
-    return sp.encode(list(texts))
-
-
-def is_sp_model_path(path) -> bool:
-    """True for a file that is not a directory (treated as a .model file by the report)."""
-    return os.path.isfile(str(path))
-
-
-PathLike = Union[str, os.PathLike]

@@ -141,6 +141,37 @@ def jieba_delimit(sentence: str, cut) -> str:
     return "".join(out)
 
 
+def _jieba_init():
+    import logging
+    import jieba
+    jieba.setLogLevel(logging.WARNING)
+    jieba.initialize()
+    return jieba
+
+
+def _jieba_chunk(chunk):
+    jieba = _jieba_init()
+    return [jieba_delimit(s, jieba.cut) for s in chunk]
+
+
+def jieba_segment(sentences, processes: int = 1, chunk: int = 2000):
+    """`jieba_delimit` over all sentences, in `processes` worker processes (fork) when there are many."""
+    _jieba_init()  # load the dictionary once, before forking
+    if processes <= 1 or len(sentences) < 2 * chunk:
+        return _jieba_chunk(sentences)
+    import multiprocessing as mp
+    try:
+        ctx = mp.get_context("fork")
+    except ValueError:  # no fork (Windows): one process
+        return _jieba_chunk(sentences)
+    parts = [sentences[i:i + chunk] for i in range(0, len(sentences), chunk)]
+    with ctx.Pool(processes) as pool:
+        out = []
+        for seg in pool.imap(_jieba_chunk, parts):
+            out.extend(seg)
+    return out
+
+
 def read_sample(inputs, *, max_sentences: int, max_sentence_length: int, seed: int, text_field: str,
                 strict: bool):
     """Stream every input and keep a reservoir sample of sentences. Returns (sentences, info)."""
@@ -217,11 +248,7 @@ def train(inputs, out_dir, *, vocab_size=20000, model_type="bpe", character_cove
     t_seg = 0.0
     if use_jieba:
         t1 = time.perf_counter()
-        import logging
-        import jieba
-        jieba.setLogLevel(logging.WARNING)
-        jieba.initialize()
-        sentences = [jieba_delimit(s, jieba.cut) for s in sentences]
+        sentences = jieba_segment(sentences, processes=threads)
         settings["pretokenization_delimiter"] = DELIMITER
         t_seg = time.perf_counter() - t1
         log.info("jieba segmentation: %.1fs", t_seg)

@@ -1,0 +1,112 @@
+"""`zhllama vocab report`: the figures, the table, --json, bad input."""
+
+import json
+
+import pytest
+
+from test_vocab_train import synth_chinese
+from zhllama.cli import main
+from zhllama.vocab import spm as zspm
+from zhllama.vocab import train as vtrain
+from zhllama.vocab.merge import merge_tokenizers
+from zhllama.vocab.report import build_report, format_table, stdlib_english_lines
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rep")
+    en = stdlib_english_lines(5000)
+    (d / "en.txt").write_text("\n".join(en[:4000]) + "\n", encoding="utf-8")
+    vtrain.train([d / "en.txt"], d / "base", vocab_size=1200, threads=2)
+    (d / "zh.txt").write_text("\n".join(synth_chinese(2000, seed=5)) + "\n", encoding="utf-8")
+    vtrain.train([d / "zh.txt"], d / "zh", vocab_size=600, threads=2)
+    merge_tokenizers(d / "base" / "zh_sp.model", d / "zh" / "zh_sp.model", d / "merged")
+    merge_tokenizers(d / "base" / "zh_sp.model", d / "zh" / "zh_sp.model", d / "v1", compat="v1")
+    text = d / "text.txt"
+    text.write_text("\n".join(synth_chinese(200, seed=6) + en[4000:4400]) + "\n", encoding="utf-8")
+    return {"d": d, "base": d / "base" / "zh_sp.model", "merged": d / "merged", "v1": d / "v1", "text": text}
+
+
+def test_report_json_figures(setup, capsys):
+    rc = main(["vocab", "report", "--tokenizer", str(setup["base"]), "--tokenizer", str(setup["merged"]),
+               "--tokenizer", str(setup["v1"]), "--reference", str(setup["base"]),
+               "--text", str(setup["text"]), "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["lines"] == 600 and rep["zh_lines"] == 200
+    base, merged, v1 = rep["tokenizers"]
+    # the reference against itself
+    assert base["ref_differ_all"] == 0 and base["parity_differ"] == 0
+    # the merge: far fewer tokens per Chinese character, English untouched, all reachable, exact parity
+    assert merged["zh_tokens_per_char"] < 0.6 * base["zh_tokens_per_char"]
+    assert merged["en_tokens_per_word"] == base["en_tokens_per_word"]
+    assert merged["ref_differ_cjk_free"] == 0 and merged["ref_differ_all"] > 0
+    assert merged["unreachable"] == 0 and merged["unreachable_scope"] == "added"
+    assert merged["unreachable_checked"] == merged["vocab_size"] - base["vocab_size"]
+    assert merged["parity_differ"] == 0 and merged["parity_bos_ok"] is True
+    assert merged["parity_loader"].startswith("AutoTokenizer")
+    assert merged["byte_fallback_share"] < base["byte_fallback_share"]
+    # compat v1 appends Latin pieces with score 0: English changes
+    assert v1["ref_differ_cjk_free"] > 0 and v1["ref_differ_cjk_free_examples"]
+    for r in rep["tokenizers"]:
+        assert 0 <= r["byte_fallback_share"] <= 1 and r["tokens"] > 0
+
+
+def test_report_table(setup, capsys):
+    rc = main(["vocab", "report", "-t", str(setup["merged"]), "--reference", str(setup["base"]),
+               "--text", str(setup["text"]), "--english-sample", "100"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    for col in ("tokenizer", "vocab", "zh tok/char", "en tok/word", "byte fb", "unreachable",
+                "slow/fast differ", "differ vs ref (no CJK)"):
+        assert col in header
+    assert str(setup["merged"]) in out and "700 lines (200 with CJK, 500 without)" in out
+
+
+def test_report_without_reference_checks_all_pieces(setup):
+    lines = synth_chinese(50, seed=8)
+    rep = build_report([setup["base"]], lines, parity=False)
+    r = rep["tokenizers"][0]
+    assert r["unreachable_scope"] == "all" and "parity_differ" not in r and "ref_differ_all" not in r
+    assert r["en_tokens_per_word"] is None and r["zh_tokens_per_char"] > 1
+    assert "n/a" in format_table(rep)
+
+
+def test_report_bad_input(setup, tmp_path, capsys):
+    bad = tmp_path / "bad.model"
+    bad.write_text("nope", encoding="utf-8")
+    assert main(["vocab", "report", "-t", str(bad), "--text", str(setup["text"])]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.model" in err
+    assert main(["vocab", "report", "-t", str(setup["base"]), "--text", str(tmp_path / "none.txt")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "none.txt" in err
+    assert main(["vocab", "report", "-t", str(setup["base"])]) != 0
+    assert "--text" in capsys.readouterr().err
+
+
+def test_english_sample_is_prose_without_cjk():
+    lines = stdlib_english_lines(30000)
+    assert len(lines) == 30000
+    assert not any(zspm.has_cjk(t) for t in lines)
+    assert stdlib_english_lines(10) == lines[:10]
+
+
+def test_report_on_anchors(tmp_path, capsys):
+    """The shared anchors: v1 changes English lines and has ~1.9% unreachable pieces; Chinese-LLaMA-2
+    changes no CJK-free line."""
+    from conftest import shared_path
+    llama = shared_path("data/llama/tokenizer.model")
+    v2 = shared_path("data/anchors/chinese_llama2_tokenizer.model")
+    zh = shared_path("data/zh/news_train.txt")
+    text = tmp_path / "zh.txt"
+    text.write_text("\n".join(zh.read_text(encoding="utf-8").splitlines()[:500]) + "\n", encoding="utf-8")
+    rc = main(["vocab", "report", "-t", str(llama), "-t", str(v2), "--reference", str(llama),
+               "--text", str(text), "--english-sample", "3000", "--json", "--no-parity"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    r_llama, r_v2 = rep["tokenizers"]
+    assert 1.3 < r_llama["zh_tokens_per_char"] < 1.7
+    assert 0.6 < r_v2["zh_tokens_per_char"] < 0.8
+    assert r_v2["ref_differ_cjk_free"] == 0 and r_v2["unreachable_scope"] == "added"

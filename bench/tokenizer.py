@@ -10,7 +10,8 @@
 4. `zhllama vocab report` on the held-out Chinese + 30,000 lines of English prose (Python
    docstrings/comments) plus variants with leading spaces, runs of spaces, digits and newlines:
    LLaMA, the v1 merge, Chinese-LLaMA-2's tokenizer, ours. Prints the table, the ratios of our
-   Chinese tokens/char to the anchors', and the checks of the issue.
+   Chinese tokens/char to the anchors', and the checks of the issue; and how many lines transformers'
+   own conversion of LLaMA's tokenizer.model gets wrong.
 
 Needs ../shared (exits 2 without it). Takes about a minute on 2 cores.
 """
@@ -153,6 +154,11 @@ def main(argv=None):
           f"({100 * v1['ref_differ_cjk_free'] / max(v1['en_lines'], 1):.1f}%), unreachable {v1['unreachable']:,}/"
           f"{v1['unreachable_checked']:,} ({100 * v1['unreachable'] / max(v1['unreachable_checked'], 1):.2f}%)")
     print(f"[bench] v2 anchor: {v2['ref_differ_cjk_free']:,} CJK-free lines differ, unreachable {v2['unreachable']:,}")
+    conv = build_report([str(data / "llama" / "tokenizer.model")], lines, hf_loader="llama")["tokenizers"][0]
+    figures["llama_transformers_conversion_differ"] = conv["parity_differ"]
+    print(f"[bench] LLaMA tokenizer.model converted by transformers ({conv['parity_loader']}): "
+          f"{conv['parity_differ']:,}/{conv['lines']:,} lines differ from sentencepiece; zhllama's tokenizer.json: "
+          f"{rows[str(data / 'llama' / 'tokenizer.model')]['parity_differ']:,}")
     figures["report"] = report
     figures["checks"] = checks
     if args.json:

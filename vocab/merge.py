@@ -10,6 +10,8 @@ checkpoints included) keeps its pieces, ids, scores, normalizer and trainer spec
   2. are not already in the base,
   3. contain at least one CJK character (ideographs, kana, hangul, CJK punctuation, fullwidth forms;
      see `zhllama.vocab.spm.CJK_RANGES`),
+  4. are made only of characters that are pieces of the merged vocabulary (HF tokenizers turn an
+     unknown character into bytes before merging, sentencepiece does not),
 
 in the added model's order, with scores strictly below the base's lowest score (so every base merge
 wins over every new one, and the new pieces keep their relative order). Then every added piece is

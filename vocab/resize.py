@@ -138,23 +138,27 @@ def build_matrix(old, old_size, rows, sources, init, seed=0, std=0.02):
     """
     import torch
 
-    n_new = len(sources)
+    n_new, dim = len(sources), old.shape[1]
     assert old_size + n_new <= rows
-    new = torch.empty(rows, old.shape[1], dtype=old.dtype)
-    new[:old_size] = old[:old_size]
-    old32 = old[:old_size].float()
-    mean = old32.mean(0)
-    if init == "subword-mean":
-        vals = torch.stack([old32[ids].mean(0) if ids else mean for ids in sources]) if n_new else None
-    elif init == "mean":
-        vals = mean.expand(n_new, -1)
-    elif init == "random":
-        g = torch.Generator().manual_seed(seed)
-        vals = torch.randn(n_new, old.shape[1], generator=g) * std
-    else:
+    if init not in INITS:
         raise UserError(f"unknown --init '{init}'; choose one of {', '.join(INITS)}")
-    if n_new:
-        new[old_size:old_size + n_new] = vals.to(old.dtype)
+    # Memory: no float32 copy of the whole matrix (for 7B that would be 0.5 GB per matrix); the
+    # mean is accumulated in float32 and new rows are written in place, a chunk at a time.
+    new = torch.empty(rows, dim, dtype=old.dtype)
+    new[:old_size] = old[:old_size]
+    mean = torch.sum(old[:old_size], 0, dtype=torch.float32) / old_size
+    chunk = 4096
+    if init == "subword-mean":
+        for j, ids in enumerate(sources):
+            row = old[ids].float().mean(0) if ids else mean
+            new[old_size + j] = row.to(old.dtype)
+    elif init == "mean":
+        new[old_size:old_size + n_new] = mean.to(old.dtype)
+    else:  # random
+        g = torch.Generator().manual_seed(seed)
+        for s in range(0, n_new, chunk):
+            n = min(chunk, n_new - s)
+            new[old_size + s:old_size + s + n] = (torch.randn(n, dim, generator=g) * std).to(old.dtype)
     # Padding rows: never produced by the tokenizer; the mean row keeps their logits ordinary.
     new[old_size + n_new:] = mean.to(old.dtype)
     return new

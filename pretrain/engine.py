@@ -31,6 +31,7 @@ from . import checkpoint
 from .config import RunConfig, dump_config
 from .flops import flops_per_token, peak_flops
 from .presets import grad_accumulation
+from .shards import BlockOrder, positions_for_rank
 
 log = get_logger("zhllama.train")
 IGNORE_INDEX = -100
@@ -176,13 +177,6 @@ def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
                 f"{len(train):,} blocks of {preset.block_size} tokens from {cfg.data[0]}")
 
 
-def rank_positions(step: int, global_batch: int, rank: int, world: int):
-    """The stream positions rank `rank` trains on at optimizer step `step` (a contiguous slice)."""
-    per_rank = global_batch // world
-    start = step * global_batch + rank * per_rank
-    return range(start, start + per_rank)
-
-
 # ----------------------------------------------------------------------------- model
 
 def build_model(cfg: RunConfig, preset, dtype):
@@ -313,7 +307,6 @@ class Trainer:
             if rank == 0:
                 log.info("resumed from %s (step %d of %d)", latest, start_step, total_steps)
 
-        from .shards import BlockOrder
         order = BlockOrder(len(data.train), cfg.seed)
         metrics = Metrics(self.run_dir, rank == 0, cfg.tensorboard, start_step)
         hf_config = getattr(model, "get_base_model", lambda: model)().config
@@ -370,7 +363,7 @@ class Trainer:
     def _train_step(self, step, order, grad_accum):
         """Forward/backward over this rank's micro-batches, then the optimizer step (at the boundary)."""
         cfg, engine = self.cfg, self.engine
-        positions = rank_positions(step, self.preset.global_batch, self.rank, self.world)
+        positions = positions_for_rank(step, self.preset.global_batch, self.rank, self.world)
         items = [self.data.train[order.index(p)] for p in positions]
         micro = [self.data.collate(items[i:i + cfg.micro_batch]) for i in range(0, len(items), cfg.micro_batch)]
         assert len(micro) == grad_accum

@@ -1,0 +1,203 @@
+"""Perplexity, bits per character and tokens/s of a checkpoint on held-out text.
+
+Each document (a line of a .txt file, a JSON line's "text", a parquet row; blank-line paragraphs with
+--doc-sep blank) is tokenized as BOS + text and every text token is scored once, given the tokens
+before it in the same document: documents longer than --max-length are scored in sliding windows
+that advance by --stride tokens, each window scoring only its new tokens with the rest as context.
+
+  perplexity     exp(total NLL / scored tokens)  (token-weighted over all documents)
+  bits per char  total NLL / ln 2 / characters of the scored text
+
+Perplexity depends on the tokenizer (a model that splits a character into two tokens has two easier
+predictions where another has one), so it only compares models with the same tokenizer. Bits per
+character divides the same total information by the characters of the text, not by tokens, so it
+compares a 32,000-token LLaMA with its 50,000-token Chinese extension fairly. tokens/s is scored
+tokens over the time spent in forward passes (tokenization and loading excluded).
+
+examples:
+  zhllama eval --model merged/ --text heldout_zh.txt heldout_en.txt
+  zhllama eval --model llama-7b/ --model merged/ --text heldout_zh.txt --json
+"""
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+from zhllama.errors import UserError
+from zhllama.log import get_logger
+
+log = get_logger("zhllama.eval")
+
+
+@dataclass
+class Window:
+    ids: List[int]
+    first: int          # positions >= first are scored (each predicted from the positions before it)
+
+
+def windows(ids: List[int], max_length: int, stride: int) -> List[Window]:
+    """Sliding windows over one document that score every position 1..len-1 exactly once."""
+    if len(ids) < 2:
+        return []
+    out, begin, scored_to = [], 0, 1
+    while True:
+        end = min(begin + max_length, len(ids))
+        out.append(Window(ids[begin:end], scored_to - begin))
+        scored_to = end
+        if end == len(ids):
+            return out
+        begin += stride      # stride < max_length: the next window overlaps, scoring only new tokens
+
+
+def _batches(items: List[Window], batch_size: int):
+    # Longest first: padding stays small and the first batch shows the peak memory. Deterministic order.
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i].ids), i))
+    for k in range(0, len(order), batch_size):
+        yield [items[i] for i in order[k:k + batch_size]]
+
+
+def score(model, windows_: List[Window], batch_size: int = 4, pad_id: int = 0):
+    """(total NLL in nats, scored tokens, forward seconds) of the windows."""
+    import torch
+    import torch.nn.functional as F
+
+    nll, count, seconds = 0.0, 0, 0.0
+    device = next(model.parameters()).device
+    for batch in _batches(windows_, batch_size):
+        width = max(len(w.ids) for w in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, w in enumerate(batch):
+            n = len(w.ids)
+            ids[row, :n] = torch.tensor(w.ids)
+            mask[row, :n] = 1
+            labels[row, w.first:n] = ids[row, w.first:n]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            target = labels[:, 1:].to(device)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), target.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+        seconds += time.perf_counter() - t0
+        nll += float(loss)
+        count += int((target != -100).sum())
+    return nll, count, seconds
+
+
+def read_documents(path, text_field="text", doc_sep="line", limit=None) -> List[str]:
+    from zhllama.corpus import iter_documents
+
+    docs = []
+    for doc in iter_documents(path, text_field=text_field, doc_sep=doc_sep):
+        docs.append(doc)
+        if limit is not None and len(docs) >= limit:
+            break
+    if not docs:
+        raise UserError(f"{path}: no documents to evaluate (empty file?)")
+    return docs
+
+
+def evaluate_docs(model, tokenizer, docs: List[str], max_length: int, stride: int, batch_size: int = 4) -> dict:
+    """Perplexity, bits per character and speed of `model` on `docs` (see the module docstring)."""
+    bos = tokenizer.bos_token_id
+    head = [bos] if bos is not None else []
+    wins, chars, tokens = [], 0, 0
+    for doc in docs:
+        ids = head + list(tokenizer.encode(doc, add_special_tokens=False))
+        tokens += len(ids) - len(head)
+        chars += len(doc)
+        wins.extend(windows(ids, max_length, stride))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    nll, scored, seconds = score(model, wins, batch_size, pad)
+    if scored == 0:
+        raise UserError("no token to score: every document is empty after tokenization")
+    return {
+        "documents": len(docs), "characters": chars, "tokens": tokens, "scored_tokens": scored,
+        "windows": len(wins), "nll": nll, "loss": nll / scored, "perplexity": math.exp(min(nll / scored, 700.0)),
+        "bits_per_char": nll / math.log(2) / chars, "tokens_per_char": tokens / chars,
+        "forward_seconds": round(seconds, 3), "tokens_per_s": round(scored / seconds, 1) if seconds > 0 else None,
+        "max_length": max_length, "stride": stride, "first_token_scored": bos is not None,
+    }
+
+
+def _load(model_dir, tokenizer_dir, device, dtype):
+    import torch
+
+    from zhllama.modelio import load_model, load_tokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
+    try:
+        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise UserError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16") from None
+    tok_path = tokenizer_dir or model_dir
+    tok = load_tokenizer(tok_path)
+    model = load_model(model_dir, dtype=torch_dtype, device=device, tokenizer_path=tok_path).eval()
+    return model, tok
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", action="append", required=True,
+                        help="checkpoint dir; repeat to compare models (bits/char compares across tokenizers)")
+    parser.add_argument("--tokenizer", help="tokenizer dir (default: each model's own; only with one --model)")
+    parser.add_argument("--text", nargs="+", required=True,
+                        help="held-out text: .txt (a document per line), .jsonl, .parquet, .gz, dirs or globs")
+    parser.add_argument("--text-field", default="text", help="JSON/parquet field holding the text (default text)")
+    parser.add_argument("--doc-sep", choices=("line", "blank"), default="line",
+                        help=".txt documents: one per line (default) or blank-line separated paragraphs")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per window (default: the model's context, at most 2048)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="new tokens scored per window for long documents (default: half of --max-length)")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate at most N documents per file")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), float32, ...")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (machine-readable)")
+
+
+def run(args) -> int:
+    from zhllama.corpus import expand_inputs
+
+    if args.tokenizer and len(args.model) > 1:
+        raise UserError("--tokenizer applies to one --model; each of several models uses its own tokenizer")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--batch-size and --limit must be positive")
+    files = expand_inputs(args.text)
+    texts = {str(f): read_documents(f, args.text_field, args.doc_sep, args.limit) for f in files}
+    results = []
+    for model_dir in args.model:
+        if not Path(model_dir).is_dir():
+            raise UserError(f"--model {model_dir}: not a directory")
+        model, tok = _load(model_dir, args.tokenizer, args.device, args.dtype)
+        max_length = args.max_length or min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 2048)
+        stride = args.stride or max(1, max_length // 2)
+        if max_length < 2 or not 1 <= stride <= max_length - 1:
+            raise UserError(f"need --max-length >= 2 and 1 <= --stride < --max-length (got {max_length}, {stride})")
+        for f, docs in texts.items():
+            r = evaluate_docs(model, tok, docs, max_length, stride, args.batch_size)
+            results.append({"model": str(model_dir), "text": f, **r})
+            log.info("%s on %s: ppl %.3f, %.4f bits/char, %.1f tokens/s", model_dir, f, r["perplexity"],
+                     r["bits_per_char"], r["tokens_per_s"] or 0.0)
+        del model
+    if args.json:
+        print(json.dumps({"results": results}, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{'model':<28} {'text':<24} {'docs':>6} {'chars':>9} {'tok/char':>8} {'ppl':>10} {'bits/char':>9} "
+          f"{'tokens/s':>9}")
+    for r in results:
+        print(f"{_short(r['model'], 28):<28} {_short(r['text'], 24):<24} {r['documents']:>6,} {r['characters']:>9,} "
+              f"{r['tokens_per_char']:>8.3f} {r['perplexity']:>10.3f} {r['bits_per_char']:>9.4f} "
+              f"{r['tokens_per_s'] or 0:>9,.1f}")
+    return 0
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]

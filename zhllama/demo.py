@@ -60,16 +60,16 @@ def demo_settings(quick: bool) -> dict:
         "data": {"validation_ratio": 0.1, "max_zh_docs": 3000},
         "base": {"en_vocab": 1000, "hidden_size": 128, "num_layers": 4, "num_heads": 4,
                  "intermediate_size": 344, "max_position_embeddings": 1024, "block_size": 64,
-                 "batch": 16, "steps": 60 if quick else 300, "lr": 3e-3, "seed": 0},
+                 "batch": 16, "steps": 40 if quick else 300, "lr": 3e-3, "seed": 0},
         "vocab-train": {"vocab_size": 3000},
         "vocab-merge": {},
         "resize": {"init": "subword-mean"},
         "pack": {"block_size": 64},
         # lr: far above the 7B presets (1e-4/2e-4), because the model is tiny and the runs are short.
-        "stage1": {"max_steps": 12 if quick else 60, "global_batch": 8, "micro_batch": 2, "lr": 1e-2},
-        "stage2": {"max_steps": 12 if quick else 60, "global_batch": 8, "micro_batch": 2, "lr": 5e-3},
-        "sft": {"max_steps": 10 if quick else 40, "global_batch": 8, "micro_batch": 2, "lr": 5e-3,
-                "block_size": 128, "template": "chinese-alpaca"},
+        "stage1": {"max_steps": 10 if quick else 60, "global_batch": 8, "micro_batch": 2, "lr": 1e-2},
+        "stage2": {"max_steps": 10 if quick else 60, "global_batch": 8, "micro_batch": 2, "lr": 5e-3},
+        "sft": {"max_steps": 8 if quick else 40, "global_batch": 8, "micro_batch": 2, "lr": 5e-3,
+                "block_size": 192, "template": "chinese-alpaca"},
         "merge": {},
         "generate": {"max_new_tokens": 48},
         "eval": {},
@@ -116,7 +116,10 @@ def _say(msg: str = "") -> None:
 # ----------------------------------------------------------------------------------------------- steps
 
 class Demo:
-    """The steps, their directories and done-markers."""
+    """The steps, their directories and done-markers. Step NAME is the method `step_NAME` (dashes as
+    underscores): it gets its directory and returns its figures, which go into NAME/.done.json."""
+
+    steps = STEPS
 
     def __init__(self, out: Path, settings: dict, *, base=None, ranks=2, zh_text=None):
         self.out, self.settings, self.base, self.ranks, self.zh_text = out, settings, base, ranks, zh_text
@@ -139,13 +142,13 @@ class Demo:
 
     def run_all(self, force=None) -> dict:
         t_all = time.perf_counter()
-        _say(f"zhllama demo: {len(STEPS)} steps into {self.out}")
+        _say(f"zhllama demo: {len(self.steps)} steps into {self.out}")
         if hasattr(os, "getloadavg"):
             _say(f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start)")
         prev_id, redo = None, False
         reused = []
-        for i, step in enumerate(STEPS, 1):
-            tag = f"[{i:2d}/{len(STEPS)}] {step}"
+        for i, step in enumerate(self.steps, 1):
+            tag = f"[{i:2d}/{len(self.steps)}] {step}"
             d = self.dir(step)
             want = self._fingerprint_inputs(step, prev_id)
             done = _read_json(d / ".done.json")
@@ -167,9 +170,10 @@ class Demo:
                 _say(f"{tag}: resuming an interrupted run in {d}")
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_json(d / ".started.json", {"inputs": want})
-            _say(f"{tag}: {getattr(self, 'step_' + step.replace('-', '_')).__doc__.strip().splitlines()[0]}")
+            method = getattr(self, "step_" + step.replace("-", "_"))
+            _say(f"{tag}: {(method.__doc__ or '').strip().splitlines()[0] if method.__doc__ else ''}")
             t0 = time.perf_counter()
-            figures = getattr(self, "step_" + step.replace("-", "_"))(d)
+            figures = method(d)
             figures["wall_s"] = time.perf_counter() - t0
             record = {"id": uuid.uuid4().hex, "inputs": want, "figures": figures,
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -498,8 +502,15 @@ class Demo:
         rows = self.table_rows()
         table = format_table(rows)
         ev = self.figures["eval"]
-        lines = ["", f"zhllama demo: all {len(STEPS)} steps done in {_fmt_s(total_s)}"
-                 + (f" ({len(reused)} reused: {', '.join(reused)})" if reused else ""),
+        steps_s = sum(self.figures[s]["wall_s"] for s in self.steps)
+        if len(reused) == len(self.steps):
+            done = (f"zhllama demo: nothing to do, all {len(self.steps)} steps were done earlier "
+                    f"(they took {_fmt_s(steps_s)} in all)")
+        else:
+            done = (f"zhllama demo: all {len(self.steps)} steps done; this run took {_fmt_s(total_s)}"
+                    + (f", reusing {len(reused)} finished step(s): {', '.join(reused)}" if reused else ""))
+        load = f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs now)" if hasattr(os, "getloadavg") else ""
+        lines = ["", done + load,
                  "Held-out Chinese text: "
                  f"{self.figures['data']['zh_heldout_docs']} documents, "
                  f"{self.figures['data']['zh_heldout_chars']:,} characters, never trained on. Loss is nats per "
@@ -527,7 +538,8 @@ class Demo:
         lines.append("Run it again to reuse every step; --force STEP redoes from STEP.")
         text = "\n".join(lines)
         _say(text)
-        summary = {"total_s": total_s, "reused": reused, "rows": rows, "figures": self.figures}
+        summary = {"total_s": total_s, "steps_s": steps_s, "reused": reused, "rows": rows,
+                   "figures": self.figures}
         atomic_write_json(self.out / "summary.json", summary)
         atomic_write_text(self.out / "summary.md", "```\n" + table + "\n```\n")
         return summary
@@ -596,6 +608,8 @@ def heldout_figures(model_dir, tokenizer_dir, adapters, docs, window=512) -> dic
     from .modelio import load_model, sp_model_path
     from .pretrain.adapters import merge_adapters
 
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     model = load_model(model_dir, tokenizer_path=tokenizer_dir)
     if adapters:
         model = merge_adapters(model, adapters)
@@ -672,18 +686,22 @@ def _config_file(step: str) -> Path:
 def _stream(cmd, env):
     """Run a training command, echo its progress lines, and return (the summary JSON it prints, exit code)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    summary, tail = {}, []
+    summary, tail, seen = {}, [], set()
     for line in proc.stdout:
         line = line.rstrip("\n")
         tail = (tail + [line])[-60:]
-        stripped = line.split("] ", 1)[-1] if line.startswith("[") else line
-        if stripped.startswith("{") and '"total_steps"' in stripped:
+        if line.startswith("{") and '"total_steps"' in line:
             try:
-                summary = json.loads(stripped)
+                summary = json.loads(line)
             except ValueError:
                 pass
-        elif "zhllama" in line and ("INFO" in line or "WARNING" in line or "error" in line):
-            _say("      " + line.split("INFO ", 1)[-1])
+        elif line.startswith("[20"):  # the deepspeed launcher's own log lines: in the log file
+            continue
+        elif "zhllama" in line and any(k in line for k in (" INFO ", " WARNING ", " ERROR ", "error:")):
+            shown = line.split(" INFO ", 1)[-1]
+            if shown not in seen:  # every rank logs the same setup lines
+                seen.add(shown)
+                _say("      " + shown)
     code = proc.wait()
     if code != 0:
         _say("      ... last lines of its output:\n" + _indent("\n".join(tail[-25:]), 6))
@@ -691,7 +709,8 @@ def _stream(cmd, env):
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1")
     if not _cuda():
         env["DS_ACCELERATOR"] = "cpu"
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",

@@ -73,6 +73,7 @@ def bench_init(args):
     import torch
     from zhllama import modelio, tiny
     from zhllama.vocab import resize
+    from zhllama.vocab.resize import INITS
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -119,6 +120,8 @@ def bench_init(args):
                 print(f"  step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)",
                       flush=True)
         trained = modelio.save_pretrained_atomic(model, base_dir, work / "trained")
+        if args.keep:
+            shutil.copytree(trained, Path(args.keep) / "trained", dirs_exist_ok=True)
 
         n_chars = sum(len(ln) for ln in eval_lines)
         base_eval = _stream(base_tok, eval_lines)
@@ -139,12 +142,23 @@ def bench_init(args):
             loss, nats = _eval_loss(m, new_eval, args.eval_block)
             results[init] = {"loss": loss, "bits_per_char": nats / math.log(2) / n_chars}
             del m
+        # Diagnostic: which side carries the effect? subword-mean on one matrix, the other init on
+        # the other (new rows swapped between two resized checkpoints).
+        from zhllama.vocab.resize import EMBED, LM_HEAD
+        for label, src_init, key in (("subword-mean embed, random lm_head", "random", LM_HEAD),
+                                     ("random embed, subword-mean lm_head", "random", EMBED)):
+            m = modelio.load_model(work / "resized-subword-mean")
+            other = modelio.load_model(work / f"resized-{src_init}").state_dict()[key]
+            m.load_state_dict({key: other}, strict=False)
+            m.tie_weights()
+            loss, nats = _eval_loss(m, new_eval, args.eval_block)
+            results[label] = {"loss": loss, "bits_per_char": nats / math.log(2) / n_chars}
         ref = results["subword-mean"]["loss"]
         print("\nheld-out loss right after resize (new tokenizer):")
-        print(f"  {'init':<14}{'nats/token':>12}{'bits/char':>11}{'ratio to subword-mean':>24}")
+        print(f"  {'init':<36}{'nats/token':>12}{'bits/char':>11}{'ratio to subword-mean':>24}")
         for init, r in results.items():
-            print(f"  {init:<14}{r['loss']:>12.4f}{r['bits_per_char']:>11.3f}{r['loss'] / ref:>24.3f}")
-        best = min(results, key=lambda k: results[k]["loss"])
+            print(f"  {init:<36}{r['loss']:>12.4f}{r['bits_per_char']:>11.3f}{r['loss'] / ref:>24.3f}")
+        best = min(INITS, key=lambda k: results[k]["loss"])
         print(f"lowest: {best}; total {time.perf_counter() - t0:.0f}s")
         print(json.dumps({"base_loss": base_loss, "results": results, "steps": args.steps,
                           "hidden": args.hidden, "layers": args.layers}))
@@ -175,7 +189,7 @@ def _write_random_checkpoint(out, layers, shard_bytes, seed):
 
     cfg = llama_config("llama-7b")
     cfg.num_hidden_layers = layers
-    cfg.torch_dtype = "float16"
+    setattr(cfg, "dtype" if hasattr(cfg, "dtype") else "torch_dtype", "float16")
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     shapes = [("model.embed_tokens.weight", (v, h))]
     for l in range(layers):
@@ -185,11 +199,23 @@ def _write_random_checkpoint(out, layers, shard_bytes, seed):
         shapes += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                    (p + "mlp.down_proj.weight", (h, i))]
     shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    # Random values from a 32M-element pool, tiled with a random offset per tensor: writing
+    # gigabytes of fresh randn would dominate the bench, and memory does not depend on the values.
     g = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(1 << 25, generator=g) * 0.02).to(torch.float16)
+
+    def rand(shape):
+        t = torch.empty(shape, dtype=torch.float16).view(-1)
+        off = int(torch.randint(0, pool.numel(), (1,), generator=g))
+        src = torch.cat([pool[off:], pool[:off]])
+        for s in range(0, t.numel(), src.numel()):
+            n = min(src.numel(), t.numel() - s)
+            t[s:s + n] = src[:n]
+        return t.view(shape)
+
     shards, cur, cur_bytes, total = [], {}, 0, 0
     for name, shape in shapes:
-        t = (torch.randn(shape, generator=g) * 0.02).to(torch.float16) if len(shape) == 2 \
-            else torch.ones(shape, dtype=torch.float16)
+        t = rand(shape) if len(shape) == 2 else torch.ones(shape, dtype=torch.float16)
         nb = t.numel() * 2
         if cur and cur_bytes + nb > shard_bytes:
             shards.append(cur)
@@ -264,7 +290,7 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None,
                    help="extended tokenizer (default: ../shared Chinese-LLaMA-2 tokenizer.model); "
                         "e.g. the output dir of `zhllama vocab merge`")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -278,6 +304,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-layers", type=int, default=5,
                    help="layers of the memory-bench checkpoint (5 -> ~2.5 GB fp16)")
+    p.add_argument("--keep", default=None, help="copy the briefly trained base model here")
     p.add_argument("--workdir", default=None, help="where the memory bench writes its checkpoints")
     args = p.parse_args(argv)
     return bench_init(args) if args.mode == "init" else bench_memory(args)

@@ -36,6 +36,7 @@ log = get_logger("zhllama.eval")
 class Window:
     ids: List[int]
     first: int          # positions >= first are scored (each predicted from the positions before it)
+    start: int = 0      # where the window begins in its document
 
 
 def windows(ids: List[int], max_length: int, stride: int) -> List[Window]:
@@ -45,7 +46,7 @@ def windows(ids: List[int], max_length: int, stride: int) -> List[Window]:
     out, begin, scored_to = [], 0, 1
     while True:
         end = min(begin + max_length, len(ids))
-        out.append(Window(ids[begin:end], scored_to - begin))
+        out.append(Window(ids[begin:end], scored_to - begin, begin))
         scored_to = end
         if end == len(ids):
             return out

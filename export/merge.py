@@ -178,10 +178,11 @@ def base_tensors(base_dir) -> Tuple[List[Path], Dict[str, tuple], Dict[str, str]
     return shards, shapes, dtypes
 
 
-def _hint(ad: Adapter) -> str:
+def _hint(ad: Adapter, vocab: bool = False) -> str:
     trained_on = (ad.meta or {}).get("base_model")
     return ("the adapter was trained on another base model" + (f" ({trained_on})" if trained_on else "") +
-            "; pass that base, or resize this one to the adapter's tokenizer with `zhllama vocab resize`")
+            "; pass that base" + (", or resize this one to the adapter's tokenizer with `zhllama vocab resize`"
+                                  if vocab else ""))
 
 
 def check_adapter(ad: Adapter, shapes: Dict[str, tuple], rows: int, tied: bool, base_dir) -> int:
@@ -212,7 +213,7 @@ def check_adapter(ad: Adapter, shapes: Dict[str, tuple], rows: int, tied: bool, 
                                 f"{_hint(ad)}")
             if got[0] < rows:
                 raise UserError(f"vocabulary mismatch: {ad.weights} has {got[0]} rows for {target} but the base "
-                                f"{base_dir} (with the adapters before this one) has {rows}; {_hint(ad)}")
+                                f"{base_dir} (with the adapters before this one) has {rows}; {_hint(ad, vocab=True)}")
             rows_out = max(rows_out, got[0])
         elif got != want:
             raise UserError(f"{ad.weights}: {key} has shape {got} but {target} of {base_dir} is {want}; {_hint(ad)}")
@@ -242,9 +243,19 @@ def check_adapter(ad: Adapter, shapes: Dict[str, tuple], rows: int, tied: bool, 
     return rows_out
 
 
-def _tokenizer_len(path) -> int:
+_TOKENIZERS: Dict[str, object] = {}      # one merge loads each tokenizer once (cleared per merge)
+
+
+def _tokenizer(path):
     from zhllama.modelio import load_tokenizer
-    return len(load_tokenizer(path))
+    key = str(Path(path).resolve())
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(path)
+    return _TOKENIZERS[key]
+
+
+def _tokenizer_len(path) -> int:
+    return len(_tokenizer(path))
 
 
 def _check_tokenizer(tok_path, rows: int, padded_to: Optional[int], what: str) -> int:
@@ -257,8 +268,7 @@ def _check_tokenizer(tok_path, rows: int, padded_to: Optional[int], what: str) -
 
 def _check_extends(old_path, new_path) -> None:
     """A grown vocabulary must keep the old ids: the old tokenizer's pieces are a prefix of the new one's."""
-    from zhllama.modelio import load_tokenizer
-    old, new = load_tokenizer(old_path), load_tokenizer(new_path)
+    old, new = _tokenizer(old_path), _tokenizer(new_path)
     n = len(old)
     a = old.convert_ids_to_tokens(list(range(n)))
     b = new.convert_ids_to_tokens(list(range(min(n, len(new)))))
@@ -322,6 +332,7 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
     from zhllama.vocab.resize import _ShardWriter, parse_size
 
     t0 = time.perf_counter()
+    _TOKENIZERS.clear()
     base, out = Path(base), Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: output exists; pass --overwrite to replace it")
@@ -420,6 +431,7 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
             write_manifest(tmp)
     finally:
         handles.clear()
+        _TOKENIZERS.clear()
     log.info("wrote %s: %d shard(s), %d rows, peak RSS %.2f GB, %.1fs", out, len(out_files), rows,
              report["peak_rss_bytes"] / 1e9, time.perf_counter() - t0)
     return report
@@ -435,9 +447,7 @@ def _adapter_record(ad: Adapter) -> dict:
 
 
 def _write_configs(base: Path, cfg: dict, tmp: Path, rows: int, n_tok: int, dtype_name: str, tok_src) -> dict:
-    from zhllama.modelio import load_tokenizer
-
-    tok = load_tokenizer(tok_src)
+    tok = _tokenizer(tok_src)
     new_cfg = dict(cfg, vocab_size=rows)
     new_cfg.pop(PADDED_VOCAB_KEY, None)
     if n_tok < rows:

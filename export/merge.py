@@ -302,7 +302,7 @@ def _apply(name: str, tensor, adapters: List[Adapter], handles, out_dtype):
     touched = [ad for ad in adapters if ad.touches(name)]
     if not touched:
         return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
-    w = tensor.float()
+    w = None if name in touched[0].replace else tensor.float()   # a replaced tensor is never upcast
     for ad in touched:
         f = handles[ad.path]
         if name in ad.replace:

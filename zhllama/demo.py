@@ -103,6 +103,11 @@ def run(args) -> int:
         from .modelio import read_model_config, sp_model_path
         read_model_config(base)
         sp_model_path(base)
+    if base is None:
+        # The tiny model's matmuls are too small for intra-op threads to pay, and on a busy machine
+        # spinning OpenMP threads make a step up to 10x slower: one thread per process.
+        # (Set before torch is first imported, which reads it; subprocesses inherit it.)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     demo = Demo(out, demo_settings(args.quick), base=base, ranks=args.ranks,
                 zh_text=[Path(p).resolve() for p in args.zh_text] if args.zh_text else None)
     demo.run_all(force=args.force)
@@ -451,7 +456,7 @@ class Demo:
             _say(f"    $ zhllama train --config configs/{config.name} " +
                  " ".join(_short(o, self.out) for o in overrides))
             summary, code = _stream([self.py, "-m", "zhllama.cli", "train", "--config", str(config), *overrides],
-                                    _env(OMP_NUM_THREADS=str(os.cpu_count() or 1)))
+                                    _env())
             if code != 0:
                 raise UserError(f"step {step} failed (exit {code}); rerun the demo to resume from the last "
                                 "checkpoint")

@@ -30,6 +30,7 @@ example:
       --adapter runs/sft/final --out merged/chinese-alpaca-7b --dtype fp16
 """
 
+import gc
 import json
 import math
 import shutil
@@ -159,23 +160,23 @@ def read_adapter(path) -> Adapter:
 
 # ------------------------------------------------------------------------------------------------ planning
 
-def base_tensors(base_dir) -> Tuple[List[Path], Dict[str, tuple], Dict[str, str]]:
-    """(shard files, name -> shape, name -> safetensors dtype) from the headers; no tensor is read."""
-    from safetensors import safe_open
-
+def base_tensors(base_dir) -> Tuple[List[Path], Dict[str, tuple], Dict[str, str], List[str]]:
+    """(shard files, name -> shape, name -> safetensors dtype, names in file order) from the headers only."""
     from zhllama.vocab.resize import input_shards
 
+    from .st_stream import Reader
+
     shards = input_shards(base_dir)
-    shapes, dtypes = {}, {}
+    shapes, dtypes, order = {}, {}, []
     for shard in shards:
         try:
-            with safe_open(str(shard), framework="pt") as f:
+            with Reader(shard) as f:
                 for k in f.keys():
-                    s = f.get_slice(k)
-                    shapes[k], dtypes[k] = tuple(s.get_shape()), s.get_dtype()
-        except Exception as e:  # safetensors raises its own types for a short or corrupt file
+                    shapes[k], dtypes[k] = f.shape(k), f.dtype(k)
+                    order.append(k)
+        except (ValueError, KeyError, TypeError, OSError) as e:
             raise InputError(shard, f"unreadable safetensors shard ({e})") from None
-    return shards, shapes, dtypes
+    return shards, shapes, dtypes, order
 
 
 def _hint(ad: Adapter, vocab: bool = False) -> str:
@@ -285,7 +286,9 @@ def _has_tokenizer(d: Path) -> bool:
 def _warn_order(adapters: List[Adapter]) -> None:
     """An SFT adapter trained on base + stage-2 merged must be merged after that stage-2 adapter."""
     for i, ad in enumerate(adapters):
-        run_cfg = (ad.meta or {}).get("run_config") or {}
+        run_cfg = (ad.meta or {}).get("run_config")
+        if not run_cfg:                 # not a zhllama run (or an older one): nothing recorded to compare
+            continue
         before = run_cfg.get("init_adapters") or []
         if len(before) != i:
             log.warning("%s was trained with %d earlier adapter(s) merged in (%s), but %d precede it here; check "
@@ -295,28 +298,40 @@ def _warn_order(adapters: List[Adapter]) -> None:
 
 # ------------------------------------------------------------------------------------------------ merging
 
-def _apply(name: str, tensor, adapters: List[Adapter], handles, out_dtype):
-    """`tensor` (a base tensor) with every adapter's change to it applied in order, cast to `out_dtype`."""
+def _apply(name: str, load, adapters: List[Adapter], handles, out_dtype):
+    """The base tensor `load()` with every adapter's change to it applied in order, cast to `out_dtype`.
+
+    Additions happen in float32; a tensor an adapter replaces is not read from the base at all, and is
+    not upcast unless a later adapter adds to it, so the embedding matrices cost as little as possible."""
     import torch
 
     touched = [ad for ad in adapters if ad.touches(name)]
     if not touched:
+        tensor = load()
         return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
-    w = None if name in touched[0].replace else tensor.float()   # a replaced tensor is never upcast
+    w = None
     for ad in touched:
         f = handles[ad.path]
         if name in ad.replace:
-            w = f.get_tensor(ad.replace[name]).float()
+            w = f.get(ad.replace[name])
         elif name in ad.lora:
             a_key, b_key = ad.lora[name]
-            a, b = f.get_tensor(a_key).float(), f.get_tensor(b_key).float()
+            a, b = f.get(a_key).float(), f.get(b_key).float()
+            w = (load() if w is None else w).float()
             w += (b @ a) * ad.scale          # PEFT's get_delta_weight, in float32
         else:
             key, idx = ad.tokens[name]
-            w = w.index_copy(0, torch.tensor(idx, dtype=torch.long), f.get_tensor(key).float())
-        if not bool(torch.isfinite(w).all()):
+            w = (load() if w is None else w).float()
+            w = w.index_copy(0, torch.tensor(idx, dtype=torch.long), f.get(key).float())
+        if not _finite(w):
             raise UserError(f"{ad.weights}: merging it into {name} gives NaN or infinite values; the adapter is broken")
     return w.to(out_dtype)
+
+
+def _finite(t, chunk: int = 1 << 22) -> bool:
+    """torch.isfinite(t).all() in pieces: on a whole bf16 embedding it would allocate float32 temporaries."""
+    import torch
+    return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(chunk))
 
 
 def _peak_rss() -> int:
@@ -327,9 +342,9 @@ def _peak_rss() -> int:
 def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", tokenizer=None,
                      overwrite=False) -> dict:
     """Merge `adapters` (dirs, in order) into the checkpoint `base`, write `out`; returns the report."""
-    from safetensors import safe_open
+    from zhllama.vocab.resize import parse_size
 
-    from zhllama.vocab.resize import _ShardWriter, parse_size
+    from .st_stream import Reader, ShardWriter, plan_shards
 
     t0 = time.perf_counter()
     _TOKENIZERS.clear()
@@ -344,7 +359,7 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
     cfg = read_model_config(base)
     if "vocab_size" not in cfg:
         raise UserError(f"{base}/config.json: missing key 'vocab_size'")
-    shards, shapes, st_dtypes = base_tensors(base)
+    shards, shapes, st_dtypes, order = base_tensors(base)
     tied = bool(cfg.get("tie_word_embeddings", False))
     if EMBED not in shapes:
         raise UserError(f"{base}: no tensor '{EMBED}' in the checkpoint (not a LLaMA-style model?)")
@@ -390,23 +405,26 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
     log.info("merge %s + %s -> %s (%s, %d -> %d rows, tokenizer %s)", base,
              " + ".join(f"{a.path} [{a.stage}]" for a in ads), out, out_dtype_name, rows0, rows, tok_src)
 
-    # 2. Stream: each base tensor, with every adapter's change, into output shards.
+    # 2. Stream: each base tensor, with every adapter's change, into output shards. The tokenizers loaded
+    #    for the checks are dropped first (a LLaMA tokenizer object is ~70 MB).
+    _TOKENIZERS.clear()
+    gc.collect()
+    out_st = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[out_dtype_name]
+    plan = plan_shards([(n, cur_shapes[n], out_st if st_dtypes[n] in ("BF16", "F16", "F32", "F64") else st_dtypes[n])
+                        for n in order], max_bytes)
     handles = {}
     try:
         for ad in ads:
-            handles[ad.path] = safe_open(str(ad.weights), framework="pt")
+            handles[ad.path] = Reader(ad.weights)
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            writer = _ShardWriter(tmp, max_bytes)
-            done = set()
+            writer = ShardWriter(tmp, plan)
             for i, shard in enumerate(shards):
-                with safe_open(str(shard), framework="pt") as f:
+                with Reader(shard) as f:
                     for name in f.keys():
-                        writer.add(name, _apply(name, f.get_tensor(name), ads, handles, out_dtype))
-                        done.add(name)
+                        writer.write(name, _apply(name, lambda: f.get(name), ads, handles, out_dtype))
                 log.info("shard %d/%d merged (%s), peak RSS %.2f GB", i + 1, len(shards), shard.name,
                          _peak_rss() / 1e9)
             out_files = writer.finish()
-            del writer
 
             # 3. Config, generation config, tokenizer.
             new_cfg = _write_configs(base, cfg, tmp, rows, n_tok, out_dtype_name, tok_src)
@@ -430,7 +448,8 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
             write_model_card(tmp, report, ads, base_dir=base, base_tokenizer=base if _has_tokenizer(base) else None)
             write_manifest(tmp)
     finally:
-        handles.clear()
+        for h in handles.values():
+            h.close()
         _TOKENIZERS.clear()
     log.info("wrote %s: %d shard(s), %d rows, peak RSS %.2f GB, %.1fs", out, len(out_files), rows,
              report["peak_rss_bytes"] / 1e9, time.perf_counter() - t0)

@@ -191,3 +191,13 @@ def test_eval_errors(tmp_path, capsys, tiny_model_dir):
     ok.write_text("你好\n")
     assert main(["eval", "--model", tiny_model_dir, "--text", ok, "--max-length", "8", "--stride", "8"]) == 2
     assert "--stride" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, words", [("generate", ["--template", "--no-template", "interactive", "--greedy"]),
+                                            ("eval", ["bits per char", "--stride", "--max-length"])])
+def test_help(capsys, command, words):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(w in out for w in words), out

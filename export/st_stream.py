@@ -1,0 +1,159 @@
+"""Read and write safetensors one tensor at a time, without memory-mapping and without buffering a shard.
+
+Why not `safe_open` + `save_file`: pages of a memory-mapped shard count in the process's resident memory
+once touched, until the file is closed, and `save_file` needs every tensor of a shard in memory at once.
+For the merge that adds up to about three shards. Here a tensor is read with `readinto` into its own
+buffer, and the output shards are planned up front: names, shapes and dtypes are known from the base's
+headers, so each header can be written first and each tensor streamed to disk as soon as it is produced.
+Peak memory is then the tensor in hand (and its float32 working copy), not a shard.
+
+Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length, a JSON header
+{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}} padded with spaces to a
+multiple of 8, then the tensors' bytes.
+"""
+
+import json
+import struct
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+MAX_HEADER = 100 << 20
+
+
+def st_dtype(torch_dtype) -> str:
+    name = str(torch_dtype).replace("torch.", "")
+    for k, v in DTYPES.items():
+        if v == name:
+            return k
+    raise ValueError(f"no safetensors dtype for {torch_dtype}")
+
+
+class Reader:
+    """A safetensors file's header, and `get(name)` reading one tensor into its own memory."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.fh = open(self.path, "rb")
+        size = self.path.stat().st_size
+        raw = self.fh.read(8)
+        if len(raw) < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = struct.unpack("<Q", raw)[0]
+        if n > min(MAX_HEADER, size - 8):
+            raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+        header = json.loads(self.fh.read(n))
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.start = 8 + n
+        self.entries: Dict[str, Tuple[str, tuple, int, int]] = {}
+        for name, e in header.items():
+            begin, end = e["data_offsets"]
+            if e["dtype"] not in SIZES or self.start + end > size:
+                raise ValueError(f"{name}: bad dtype {e['dtype']!r} or data past the end of the file")
+            self.entries[name] = (e["dtype"], tuple(e["shape"]), begin, end)
+
+    def keys(self) -> List[str]:
+        """Names in file order (sequential reads)."""
+        return sorted(self.entries, key=lambda k: self.entries[k][2])
+
+    def shape(self, name) -> tuple:
+        return self.entries[name][1]
+
+    def dtype(self, name) -> str:
+        return self.entries[name][0]
+
+    def get(self, name):
+        import torch
+
+        dt, shape, begin, end = self.entries[name]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self.fh.seek(self.start + begin)
+        if end > begin and self.fh.readinto(memoryview(buf.numpy())) != end - begin:
+            raise ValueError(f"{self.path}: {name} is truncated")
+        return buf.view(getattr(torch, DTYPES[dt])).reshape(shape)
+
+    def close(self):
+        self.fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def plan_shards(tensors: List[Tuple[str, tuple, str]], max_bytes: int) -> List[List[Tuple[str, tuple, str]]]:
+    """Group (name, shape, dtype) in order into shards of at most max_bytes (a larger tensor gets its own)."""
+    shards, cur, size = [], [], 0
+    for name, shape, dt in tensors:
+        n = _nbytes(shape, dt)
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape, dt))
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _nbytes(shape, dt) -> int:
+    n = SIZES[dt]
+    for d in shape:
+        n *= d
+    return n
+
+
+class ShardWriter:
+    """Writes planned shards; `write(name, tensor)` must be called in plan order. HF file names + index."""
+
+    def __init__(self, out_dir, plan):
+        self.out_dir, self.plan = Path(out_dir), plan
+        n = len(plan)
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                           for i in range(n)]
+        self.order = [(i, name, shape, dt) for i, shard in enumerate(plan) for name, shape, dt in shard]
+        self.pos, self.fh, self.shard = 0, None, -1
+
+    def _open(self, i):
+        if self.fh is not None:
+            self.fh.close()
+        header, off = {}, 0
+        for name, shape, dt in self.plan[i]:
+            n = _nbytes(shape, dt)
+            header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self.fh = open(self.out_dir / self.names[i], "wb")
+        self.fh.write(struct.pack("<Q", len(raw)) + raw)
+        self.shard = i
+
+    def write(self, name, tensor) -> None:
+        i, want, shape, dt = self.order[self.pos]
+        if name != want or tuple(tensor.shape) != tuple(shape) or st_dtype(tensor.dtype) != dt:
+            raise RuntimeError(f"shard writer: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned {want} "
+                               f"{tuple(shape)} {dt}")
+        if i != self.shard:
+            self._open(i)
+        import torch
+        data = tensor.contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            self.fh.write(memoryview(data.numpy()))
+        self.pos += 1
+
+    def finish(self) -> List[str]:
+        """Close, check every planned tensor was written, write the index (several shards)."""
+        if self.fh is not None:
+            self.fh.close()
+        if self.pos != len(self.order):
+            raise RuntimeError(f"shard writer: {self.pos} of {len(self.order)} planned tensors written")
+        if len(self.names) > 1:
+            weight_map = {name: self.names[i] for i, name, _, _ in self.order}
+            total = sum(_nbytes(shape, dt) for _, _, shape, dt in self.order)
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        return list(self.names)

@@ -8,8 +8,9 @@ in the order given (stage 1, stage 2, then SFT: each adapter was trained on the 
   TrainableTokens (stage1)  the adapter's rows replace those rows of embed_tokens
 
 Every tensor is touched once: it is read from its base shard, every adapter's change to it is applied
-in order, and it goes to an output shard. So peak memory is about one output shard plus the tensor in
-hand and the adapters' embedding matrices, never the whole model (bench/merge_memory.py measures it).
+in order, and it is streamed into an output shard whose header was planned up front (export/st_stream.py:
+no memory-mapping, no shard held in memory). So peak memory is the tensor in hand, in float32 while
+LoRA is added, at most an embedding matrix, never a shard or the model (bench/merge_memory.py measures it).
 
 Vocabulary. An adapter whose embed_tokens/lm_head (modules_to_save) have more rows than the base was
 trained on a resized base: its matrices define every row, so the merge grows the vocabulary to them.
@@ -577,7 +578,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype of the merged weights (default: the base's). Deltas are computed in fp32")
     parser.add_argument("--max-shard-size", default="2GB",
-                        help="largest output shard (default 2GB); bounds peak memory with the embeddings")
+                        help="largest output shard file (default 2GB); memory does not depend on it")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer to ship (default: the last adapter's, else the base's)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -29,6 +29,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
+from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_write_json, sha256_file
 from zhllama.log import get_logger
@@ -66,26 +67,7 @@ def load_seed_tasks(path) -> list:
     """Seed tasks (JSON lines, or one JSON array) as [{"instruction", "input", "output"}], using
     each task's first instance as Stanford does. A malformed line is an error naming file:line."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such seed-task file")
-    try:
-        text = path.read_text("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})")
-    if text.lstrip().startswith("["):
-        try:
-            items = [(i + 1, obj) for i, obj in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise InputError(path, f"invalid JSON: {e.msg}", e.lineno)
-    else:
-        items = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise InputError(path, f"invalid JSON ({e.msg} at column {e.colno})", lineno)
+    items = read_json_records(path, "seed-task file")
     seeds = []
     for lineno, obj in items:
         if not isinstance(obj, dict):

@@ -19,6 +19,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import sha256_file
 from zhllama.log import get_logger
@@ -34,27 +35,7 @@ def load_records(path, fields) -> list:
     """Records from a JSON array (alpaca_data.json) or JSON lines; each must be an object whose
     `fields`, when present, are strings. Errors name the line (JSON lines) or the record number."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such input file")
-    try:
-        text = path.read_text("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})")
-    if text.lstrip().startswith("["):
-        try:
-            items = [(f"record {i}", obj) for i, obj in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise InputError(path, f"invalid JSON: {e.msg}", e.lineno)
-        where = lambda loc: InputError(path, loc)     # noqa: E731
-    else:
-        items = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise InputError(path, f"invalid JSON ({e.msg} at column {e.colno})", lineno)
-        where = None
+    items = read_json_records(path, "input file")
     records = []
     for loc, obj in items:
         problem = None
@@ -65,7 +46,7 @@ def load_records(path, fields) -> list:
         elif not any(f in obj for f in fields):
             problem = f"none of the fields {', '.join(fields)} is present"
         if problem:
-            raise (InputError(path, problem, loc) if where is None else InputError(path, f"{loc}: {problem}"))
+            raise InputError(path, problem, loc)
         records.append(obj)
     if not records:
         raise InputError(path, "no records in the file")

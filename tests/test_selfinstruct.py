@@ -174,7 +174,7 @@ def test_seed_file_errors_name_the_line(tmp_path):
         "not json": (json.dumps(good) + "\n{not json\n", 2),
         "no instruction": (json.dumps(good) + "\n\n" + json.dumps({"instances": []}) + "\n", 3),
         "bad instances": (json.dumps(dict(good, instances=[])) + "\n", 1),
-        "not object": ("[1, 2]\n", 1),
+        "not object": ("[1, 2]\n", "record 1"),  # a JSON array: records are numbered
     }
     for name, (text, line) in cases.items():
         f = tmp_path / f"{name}.jsonl"
@@ -488,7 +488,7 @@ def test_translate_bad_input_names_the_record(tmp_path):
     from zhllama.sft.translate import load_records, parse_translation
     f = tmp_path / "bad.json"
     f.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": 3}]), encoding="utf-8")
-    with pytest.raises(InputError, match=r"record 1: field 'instruction' must be a string"):
+    with pytest.raises(InputError, match=r"bad.json:record 2: field 'instruction' must be a string"):
         load_records(f, ("instruction", "input", "output"))
     f.write_text('{"instruction": "a"}\n{oops\n', encoding="utf-8")
     with pytest.raises(InputError, match=r"bad.json:2: invalid JSON"):

@@ -326,3 +326,31 @@ def iter_corpus(specs, **kwargs) -> Iterator[str]:
 
 def total_size(paths) -> int:
     return sum(os.path.getsize(p) for p in paths)
+
+
+def read_json_records(path, what: str = "input file") -> list:
+    """(where, value) for each item of a JSON array file or each line of a JSON-lines file.
+
+    `where` is the line number (JSON lines) or "record N" (array), for `InputError(path, msg, where)`.
+    For small files read whole (seed tasks, instruction sets to translate); corpora stream instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, f"no such {what}")
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if text.lstrip().startswith("["):
+        try:
+            return [(f"record {i}", obj) for i, obj in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as e:
+            raise InputError(path, f"invalid JSON: {e.msg}", e.lineno) from None
+    items = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                items.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise InputError(path, f"invalid JSON ({e.msg} at column {e.colno})", lineno) from None
+    return items

@@ -68,7 +68,7 @@ def demo_settings(quick: bool) -> dict:
         # lr: far above the 7B presets (1e-4/2e-4), because the model is tiny and the runs are short.
         "stage1": {"max_steps": 10 if quick else 60, "global_batch": 8, "micro_batch": 2, "lr": 1e-2},
         "stage2": {"max_steps": 10 if quick else 60, "global_batch": 8, "micro_batch": 2, "lr": 5e-3},
-        "sft": {"max_steps": 8 if quick else 40, "global_batch": 8, "micro_batch": 2, "lr": 5e-3,
+        "sft": {"max_steps": 8 if quick else 40, "global_batch": 8, "micro_batch": 2, "lr": 2e-3,
                 "block_size": 192, "template": "chinese-alpaca"},
         "merge": {},
         "generate": {"max_new_tokens": 48},
@@ -375,8 +375,11 @@ class Demo:
             return {"skipped": why, "instruction": record["instruction"]}
         args = ["generate", "--model", model, "--template", self.settings["sft"]["template"],
                 "--prompt", record["instruction"]]
-        if "--max-new-tokens" in _help("generate"):
+        flags = _help("generate")
+        if "--max-new-tokens" in flags:
             args += ["--max-new-tokens", self.settings["generate"]["max_new_tokens"]]
+        if "--seed" in flags:  # sampled, but the same answer on every run
+            args += ["--seed", 0]
         text = self.cli(args, capture=True)
         atomic_write_text(d / "generation.txt", text)
         _say(f"    instruction: {record['instruction']}\n    trained answer: {record['output']}\n"
@@ -399,8 +402,12 @@ class Demo:
         result = {"per_stage": per_stage}
         merged = self.figures["merge"].get("model")
         if _has_command("eval") and merged is not None:
-            result["zhllama_eval"] = self.cli(["eval", "--model", merged, "--text", heldout], capture=True).strip()
-            _say("    zhllama eval on the merged model:\n" + _indent(result["zhllama_eval"], 6))
+            res = json.loads(self.cli(["eval", "--model", merged, "--text", heldout, "--json"], capture=True))
+            r = res["results"][0]
+            result["zhllama_eval"] = {k: r.get(k) for k in ("loss", "bits_per_char", "perplexity", "tokens_per_s")}
+            _say(f"    zhllama eval, merged checkpoint: {r['loss']:.3f} nats/token, {r['bits_per_char']:.3f} bits/char "
+                 f"(the adapters applied in-process gave {per_stage['sft']['bits_per_char']:.3f}), "
+                 f"{r['tokens_per_s']:,.0f} tokens/s")
         else:
             why = ("`zhllama eval` is not available in this build" if not _has_command("eval")
                    else "there is no merged model")
@@ -522,8 +529,16 @@ class Demo:
                  "token of each stage's own tokenizer; bits per character compares across tokenizers.", "",
                  table, ""]
         gen = self.figures["generate"]
+        if ev.get("zhllama_eval"):
+            merged, sft = ev["zhllama_eval"]["bits_per_char"], ev["per_stage"]["sft"]["bits_per_char"]
+            same = abs(merged - sft) <= 1e-3 * sft
+            lines += [f"zhllama eval on the merged checkpoint: {merged:.3f} bits/char ("
+                      + ("the sft row's figure: the merged weights compute what base + adapters computed)" if same
+                         else f"the sft row says {sft:.3f}: the merge changed the model, check it)")]
         if "generated" in gen:
-            lines += [f"generate: {gen['instruction']} -> {gen['generated'][:200]}", ""]
+            lines += [f"zhllama generate: {gen['instruction']} -> {gen['generated'][:200] or '(nothing: it ended at once)'}",
+                      "  (a tiny model after a few dozen steps: expect fragments of Chinese, not an answer)"]
+        lines.append("")
         lines += ["Where everything is:",
                   f"  base model          {self.base_model()}",
                   f"  Chinese pieces      {self.figures['vocab-train']['zh_sp']}",

@@ -171,13 +171,14 @@ def bench_init(args):
 # peak memory
 
 _BASELINE = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from transformers import AutoModelForCausalLM
 src, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, local_files_only=True)
 m.resize_token_embeddings(n, mean_resizing=False)
 m.save_pretrained(out)
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+from zhllama.vocab.resize import peak_rss_bytes  # VmHWM: ru_maxrss would include the parent's
+print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
 """
 
 
@@ -276,9 +277,8 @@ def bench_memory(args):
         print(f"peak RSS, zhllama vocab resize (streaming): {ours / 1e9:.2f} GB ({t_ours:.0f}s)")
         print(f"peak RSS, from_pretrained + resize_token_embeddings + save_pretrained: "
               f"{base / 1e9:.2f} GB ({t_base:.0f}s)")
-        print(f"ratio baseline/zhllama: {base / ours:.2f}x; zhllama peak - (embeddings before+after "
-              f"+ one 500 MB shard) = {(ours - emb_old - emb_new - (500 << 20)) / 1e9:+.2f} GB "
-              f"(interpreter, torch, tokenizers)")
+        print(f"ratio baseline/zhllama: {base / ours:.2f}x; checkpoint {total / 1e9:.2f} GB; embeddings "
+              f"before+after + one 500 MB output shard = {(emb_old + emb_new + (500 << 20)) / 1e9:.2f} GB")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

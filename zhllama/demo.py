@@ -137,8 +137,11 @@ class Demo:
     # -- orchestration ----------------------------------------------------------------------------
     def _fingerprint_inputs(self, step: str, prev_id) -> dict:
         inputs = {"step": step, "settings": self.settings[step], "previous": prev_id}
-        if step == "data":
-            inputs["zh_text"] = [str(p) for p in self.zh_text] if self.zh_text else "bundled"
+        if step == "data":  # the inputs' names, sizes and times: an edited file redoes everything
+            files = self.zh_text or [DATA / "zh_sample.txt"]
+            files = [*files, DATA / "en_sample.txt", DATA / "sft_zh.jsonl"]
+            inputs["files"] = [[str(p), p.stat().st_size, int(p.stat().st_mtime)] if p.is_file() else [str(p)]
+                               for p in map(Path, files)]
         if step == "base":
             inputs["base"] = str(self.base) if self.base else "tiny"
         if step in TRAIN_STEPS:

@@ -441,6 +441,11 @@ class Demo:
         launcher = REPO / "launch" / LAUNCHERS[step]
         config = _config_file(step)
         ranks = self.ranks
+        if ranks == 2 and _cuda():
+            import torch
+            if torch.cuda.device_count() < 2:
+                _say("    one GPU: a world of one")
+                ranks = 1
         if ranks == 2 and not launcher.is_file():
             _say(f"    {launcher} not found (zhllama installed without its repository): a world of one")
             ranks = 1

@@ -73,7 +73,6 @@ def bench_init(args):
     import torch
     from zhllama import modelio, tiny
     from zhllama.vocab import resize
-    from zhllama.vocab.resize import INITS
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -93,35 +92,40 @@ def bench_init(args):
         base_dir.mkdir()
         shutil.copyfile(base_sp, base_dir / "tokenizer.model")
         base_tok = modelio.load_tokenizer(base_dir)
-        model_dir = tiny.make_tiny_llama(
-            base_dir, work / "init", hidden_size=args.hidden, num_layers=args.layers,
-            num_heads=args.heads, intermediate_size=args.hidden * 8 // 3, seed=args.seed)
-        model = modelio.load_model(model_dir, tokenizer_path=base_dir)
-        n_params = sum(p.numel() for p in model.parameters())
-        train_ids = torch.tensor(_stream(base_tok, train_lines))
-        print(f"model: hidden {args.hidden}, {args.layers} layers, {n_params / 1e6:.1f}M params; "
-              f"train stream {len(train_ids):,} LLaMA tokens from {len(train_lines):,} lines")
+        if args.trained:  # reuse a model this bench trained before (--keep), skip the training
+            trained = Path(args.trained)
+            model = modelio.load_model(trained, tokenizer_path=base_dir)
+            print(f"model: {trained} (trained by an earlier run of this bench)")
+        else:
+            model_dir = tiny.make_tiny_llama(
+                base_dir, work / "init", hidden_size=args.hidden, num_layers=args.layers,
+                num_heads=args.heads, intermediate_size=args.hidden * 8 // 3, seed=args.seed)
+            model = modelio.load_model(model_dir, tokenizer_path=base_dir)
+            n_params = sum(p.numel() for p in model.parameters())
+            train_ids = torch.tensor(_stream(base_tok, train_lines))
+            print(f"model: hidden {args.hidden}, {args.layers} layers, {n_params / 1e6:.1f}M params; "
+                  f"train stream {len(train_ids):,} LLaMA tokens from {len(train_lines):,} lines")
 
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-        g = torch.Generator().manual_seed(args.seed)
-        model.train()
-        for step in range(args.steps):
-            lr = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            starts = torch.randint(0, len(train_ids) - args.seq - 1, (args.batch,), generator=g)
-            x = torch.stack([train_ids[s:s + args.seq] for s in starts.tolist()])
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if step % 50 == 0 or step == args.steps - 1:
-                print(f"  step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)",
-                      flush=True)
-        trained = modelio.save_pretrained_atomic(model, base_dir, work / "trained")
-        if args.keep:
-            shutil.copytree(trained, Path(args.keep) / "trained", dirs_exist_ok=True)
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+            g = torch.Generator().manual_seed(args.seed)
+            model.train()
+            for step in range(args.steps):
+                lr = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                starts = torch.randint(0, len(train_ids) - args.seq - 1, (args.batch,), generator=g)
+                x = torch.stack([train_ids[s:s + args.seq] for s in starts.tolist()])
+                loss = model(input_ids=x, labels=x).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                if step % 50 == 0 or step == args.steps - 1:
+                    print(f"  step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)",
+                          flush=True)
+            trained = modelio.save_pretrained_atomic(model, base_dir, work / "trained")
+            if args.keep:
+                shutil.copytree(trained, Path(args.keep) / "trained", dirs_exist_ok=True)
 
         n_chars = sum(len(ln) for ln in eval_lines)
         base_eval = _stream(base_tok, eval_lines)
@@ -135,34 +139,28 @@ def bench_init(args):
               f"{base_nats / math.log(2) / n_chars:.3f} bits/char")
 
         results = {}
-        for init in ("subword-mean", "mean", "random"):
-            out = work / f"resized-{init}"
-            resize.resize_checkpoint(trained, new_tok_path, out, init=init, seed=args.seed)
+        variants = (("subword-mean (default: zero lm_head rows)", {"init": "subword-mean"}),
+                    ("subword-mean on both matrices", {"init": "subword-mean", "lm_head_init": "subword-mean"}),
+                    ("mean", {"init": "mean"}),
+                    ("random", {"init": "random"}))
+        for label, kwargs in variants:
+            out = work / f"resized-{len(results)}"
+            resize.resize_checkpoint(trained, new_tok_path, out, seed=args.seed, **kwargs)
             m = modelio.load_model(out, tokenizer_path=out)
             loss, nats = _eval_loss(m, new_eval, args.eval_block)
-            results[init] = {"loss": loss, "bits_per_char": nats / math.log(2) / n_chars}
-            del m
-        # Diagnostic: which side carries the effect? subword-mean on one matrix, the other init on
-        # the other (new rows swapped between two resized checkpoints).
-        from zhllama.vocab.resize import EMBED, LM_HEAD
-        for label, src_init, key in (("subword-mean embed, random lm_head", "random", LM_HEAD),
-                                     ("random embed, subword-mean lm_head", "random", EMBED)):
-            m = modelio.load_model(work / "resized-subword-mean")
-            other = modelio.load_model(work / f"resized-{src_init}").state_dict()[key]
-            m.load_state_dict({key: other}, strict=False)
-            m.tie_weights()
-            loss, nats = _eval_loss(m, new_eval, args.eval_block)
             results[label] = {"loss": loss, "bits_per_char": nats / math.log(2) / n_chars}
-        ref = results["subword-mean"]["loss"]
+            del m
+        default = variants[0][0]
+        ref = results[default]["loss"]
         print("\nheld-out loss right after resize (new tokenizer):")
-        print(f"  {'init':<36}{'nats/token':>12}{'bits/char':>11}{'ratio to subword-mean':>24}")
+        print(f"  {'init':<44}{'nats/token':>12}{'bits/char':>11}{'ratio to default':>18}")
         for init, r in results.items():
-            print(f"  {init:<36}{r['loss']:>12.4f}{r['bits_per_char']:>11.3f}{r['loss'] / ref:>24.3f}")
-        best = min(INITS, key=lambda k: results[k]["loss"])
+            print(f"  {init:<44}{r['loss']:>12.4f}{r['bits_per_char']:>11.3f}{r['loss'] / ref:>18.3f}")
+        best = min(results, key=lambda k: results[k]["loss"])
         print(f"lowest: {best}; total {time.perf_counter() - t0:.0f}s")
         print(json.dumps({"base_loss": base_loss, "results": results, "steps": args.steps,
                           "hidden": args.hidden, "layers": args.layers}))
-        return 0 if best == "subword-mean" else 1
+        return 0 if best == default else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -305,6 +303,8 @@ def main(argv=None):
     p.add_argument("--memory-layers", type=int, default=5,
                    help="layers of the memory-bench checkpoint (5 -> ~2.5 GB fp16)")
     p.add_argument("--keep", default=None, help="copy the briefly trained base model here")
+    p.add_argument("--trained", default=None,
+                   help="skip training: use a model an earlier run saved with --keep (DIR/trained)")
     p.add_argument("--workdir", default=None, help="where the memory bench writes its checkpoints")
     args = p.parse_args(argv)
     return bench_init(args) if args.mode == "init" else bench_memory(args)

@@ -45,7 +45,8 @@ def env(tmp_path_factory):
     ext = tiny.extend_sp_model(base, NEW_PIECES, d / "ext.model")
     model = tiny.make_tiny_llama(base, d / "model", seed=1)
     out = d / "resized"
-    report = resize.resize_checkpoint(model, ext, out)
+    # lm_head_init subword-mean: both matrices get subword-mean rows, as item 2 of the issue states
+    report = resize.resize_checkpoint(model, ext, out, lm_head_init="subword-mean")
     return {"dir": d, "base": base, "ext": ext, "model": model, "out": out, "report": report}
 
 
@@ -90,6 +91,17 @@ def test_subword_mean_rows_are_means_of_base_pieces(env):
         # word-start and mid-word versions get different rows
         assert not torch.equal(new[key][BASE_SIZE + 1], new[key][BASE_SIZE + 2])
     assert env["report"]["rows_from_base_pieces"] == len(NEW_PIECES)
+
+
+def test_default_init_is_subword_mean_input_rows_and_zero_output_rows(env, tmp_path):
+    out = tmp_path / "default"
+    report = resize.resize_checkpoint(env["model"], env["ext"], out)
+    assert (report["init"], report["lm_head_init"]) == ("subword-mean", "zero")
+    default, both = _state(out), _state(env["out"])
+    assert torch.equal(default[resize.EMBED], both[resize.EMBED])
+    assert torch.equal(default[resize.LM_HEAD][:BASE_SIZE], both[resize.LM_HEAD][:BASE_SIZE])
+    assert not default[resize.LM_HEAD][BASE_SIZE:].any()
+    assert both[resize.LM_HEAD][BASE_SIZE:].abs().sum() > 0
 
 
 def test_mean_and_random_init():
@@ -169,7 +181,7 @@ def test_sharded_input_streams_to_sharded_output(env, tmp_path):
     modelio.save_tokenizer(env["model"], sharded)
     assert (sharded / "model.safetensors.index.json").is_file()
     out = tmp_path / "out"
-    rep = resize.resize_checkpoint(sharded, env["ext"], out, max_shard_size="150KB")
+    rep = resize.resize_checkpoint(sharded, env["ext"], out, max_shard_size="150KB", lm_head_init="subword-mean")
     assert rep["shards_in"] > 1 and len(rep["shards_out"]) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(rep["shards_out"])
@@ -217,7 +229,7 @@ def test_llama_to_chinese_llama2_tokenizer(tmp_path):
     model = tiny.make_tiny_llama(base, tmp_path / "m", hidden_size=16, num_layers=1, num_heads=2,
                                  intermediate_size=32)
     out = tmp_path / "zh"
-    rep = resize.resize_checkpoint(model, zh, out, pad_to_multiple_of=64)
+    rep = resize.resize_checkpoint(model, zh, out, pad_to_multiple_of=64, lm_head_init="subword-mean")
     assert rep["new_vocab"] == 55296 and rep["rows"] == 55296  # already a multiple of 64
     old, new = _state(model), _state(out)
     sp = _sp_verbatim(base)

@@ -165,29 +165,27 @@ def executed_flops_per_token(config, seq_len, trainable_matmul, full_backward, c
 
 
 def _ds_buckets(ds_config):
-    """(bucket elements, overlap factor) from a DeepSpeed JSON; DeepSpeed's defaults where unset."""
-    from importlib import resources
-    if ds_config is None:
-        path = Path(str(resources.files("zhllama.ds_configs") / "zero2.json"))
-        if not path.is_file():
-            return 5e8, 4.5
-    else:
-        path = Path(ds_config)
+    """(bucket elements, overlap factor, optimizer offloaded) from a DeepSpeed JSON (a path or a name
+    in ds_configs/, resolved as `zhllama train` does); DeepSpeed's defaults where unset."""
+    from .engine import resolve_ds_config
+    path = resolve_ds_config(ds_config or "zero2")
     try:
         zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {})
     except (OSError, ValueError) as e:
         raise InputError(path, f"cannot read the DeepSpeed config ({e})") from None
     bucket = float(max(zero.get("reduce_bucket_size", 5e8), zero.get("allgather_bucket_size", 5e8)))
-    return bucket, (4.5 if zero.get("overlap_comm", False) else 1.0)
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    return bucket, (4.5 if zero.get("overlap_comm", False) else 1.0), offload
 
 
-def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap):
-    """ZeRO-2 memory per GPU by component, in bytes (see the module docstring)."""
+def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap, offload=False):
+    """ZeRO-2 memory per GPU by component, in bytes (see the module docstring). With the optimizer
+    offloaded, fp32 master weights and Adam moments live in host RAM, not on the GPU."""
     return {
         "weights": 2 * weights,
         "gradients": 2 * trainable / gpus,
         "buckets": 2 * 2 * min(trainable, bucket) * overlap,
-        "optimizer": 16 * trainable / gpus,
+        "optimizer": 0.0 if offload else 16 * trainable / gpus,
         "activations": act_bytes,
         "overhead": OVERHEAD_BYTES,
     }
@@ -233,7 +231,7 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
     gpu_hours = seconds * gpus / 3600
     budget_hours = gpu_hours * (1 + reserve)
 
-    bucket, overlap = _ds_buckets(ds_config)
+    bucket, overlap, offload = _ds_buckets(ds_config)
     divisible = [m for m in range(1, gbatch // gpus + 1) if gbatch % (m * gpus) == 0] if gbatch % gpus == 0 else []
     if micro_batch is not None:
         grad_accumulation(gbatch, micro_batch, gpus)  # ConfigError with valid choices when impossible
@@ -246,7 +244,7 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
 
     def mem(mb, ck):
         act = activation_bytes(config, mb * seq, ck, profile)["peak"]
-        return memory_per_gpu(weights, trainable, gpus, act, bucket, overlap)
+        return memory_per_gpu(weights, trainable, gpus, act, bucket, overlap, offload)
 
     budget = HEADROOM * mem_gib * GIB
     chosen = {}
@@ -280,6 +278,7 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
         "days": budget_hours / gpus / 24, "days_without_reserve": gpu_hours / gpus / 24,
         "micro_batch": shown_mb, "memory": memory,
         "ds_buckets": {"elements": bucket, "overlap_factor": overlap},
+        "optimizer_offload": offload, "host_optimizer_gib": 16 * trainable / gpus / GIB if offload else 0.0,
     }
 
 
@@ -346,7 +345,8 @@ def add_arguments(parser):
     parser.add_argument("--global-batch", type=int, default=None,
                         help="sequences per optimizer step (default: the stage's)")
     parser.add_argument("--ds-config", default=None,
-                        help="DeepSpeed JSON for the bucket sizes (default: ds_configs/zero2.json)")
+                        help="DeepSpeed config for bucket sizes and optimizer offload: a JSON path or a name in "
+                             "ds_configs/ (zero2, zero2_offload; default zero2)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 

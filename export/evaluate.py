@@ -126,22 +126,8 @@ def evaluate_docs(model, tokenizer, docs: List[str], max_length: int, stride: in
 
 
 def _load(model_dir, tokenizer_dir, device, dtype):
-    import torch
-
-    from zhllama.modelio import load_model, load_tokenizer
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
-    try:
-        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise UserError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16") from None
-    tok_path = tokenizer_dir or model_dir
-    tok = load_tokenizer(tok_path)
-    model = load_model(model_dir, dtype=torch_dtype, device=device, tokenizer_path=tok_path).eval()
-    return model, tok
+    from zhllama.modelio import load_for_inference
+    return load_for_inference(model_dir, tokenizer_dir, device=device, dtype=dtype)
 
 
 def add_arguments(parser) -> None:

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Tuple
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 from zhllama.log import get_logger
-from zhllama.modelio import PADDED_VOCAB_KEY, SP_MODEL_NAME, read_model_config
+from zhllama.modelio import PADDED_VOCAB_KEY, SP_MODEL_NAME, read_model_config, write_resized_configs
 
 log = get_logger("zhllama.merge")
 
@@ -468,31 +468,9 @@ def _adapter_record(ad: Adapter) -> dict:
 
 def _write_configs(base: Path, cfg: dict, tmp: Path, rows: int, n_tok: int, dtype_name: str, tok_src) -> dict:
     tok = _tokenizer(tok_src)
-    new_cfg = dict(cfg, vocab_size=rows)
-    new_cfg.pop(PADDED_VOCAB_KEY, None)
-    if n_tok < rows:
-        new_cfg[PADDED_VOCAB_KEY] = n_tok
     torch_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype_name]
-    keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
-    for k in keys:
-        new_cfg[k] = torch_name
-    for key in ("bos_token_id", "eos_token_id"):
-        want = getattr(tok, key, None)
-        if want is not None and new_cfg.get(key) != want:
-            log.warning("config.json %s %s -> %s (the tokenizer's)", key, new_cfg.get(key), want)
-            new_cfg[key] = want
-    if new_cfg.get("pad_token_id") is not None and not 0 <= int(new_cfg["pad_token_id"]) < rows:
-        new_cfg["pad_token_id"] = None          # decapoda's -1
-    atomic_write_json(tmp / "config.json", new_cfg)
-    gen_file = base / "generation_config.json"
-    gen = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.is_file() else {}
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if new_cfg.get(key) is not None:
-            gen[key] = new_cfg[key]
-        elif key == "pad_token_id":
-            gen.pop(key, None)
-    atomic_write_json(tmp / "generation_config.json", gen)
-    return new_cfg
+    return write_resized_configs(tmp, cfg, base, rows=rows, tokenizer_size=n_tok, tokenizer=tok,
+                                 dtype_name=torch_name)
 
 
 def _write_tokenizer(tok_src: Path, tmp: Path) -> None:

@@ -357,24 +357,11 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> Th
 
 def load_engine(model_dir, tokenizer=None, template="alpaca", name=None, device="auto", dtype="auto",
                 max_new_tokens=512) -> Engine:
-    import torch
-
-    from zhllama.modelio import load_model, load_tokenizer
+    from zhllama.modelio import load_for_inference
     from zhllama.sft.templates import get_template
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
-    try:
-        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise UserError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16")
     template = get_template(template)
-    tok_path = tokenizer or model_dir
-    tok = load_tokenizer(tok_path)
-    model = load_model(model_dir, dtype=torch_dtype, device=device, tokenizer_path=tok_path)
-    model.eval()
+    model, tok = load_for_inference(model_dir, tokenizer, device=device, dtype=dtype)
     return Engine(model, tok, template, name or Path(model_dir).resolve().name, max_new_tokens)
 
 

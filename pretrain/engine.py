@@ -247,6 +247,12 @@ def _crash_hook(kind: str, step: int, rank: int):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _nan_hook(step: int, rank: int) -> bool:
+    """Test hook: a NaN loss on rank 0 at the listed steps (ZHLLAMA_NAN_STEPS=3,4; 1-based)."""
+    spec = os.environ.get("ZHLLAMA_NAN_STEPS", "")
+    return rank == 0 and bool(spec) and str(step) in spec.split(",")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 class Trainer:
@@ -324,15 +330,8 @@ class Trainer:
             t0 = time.perf_counter()
             loss, tokens, nonfinite = self._train_step(step, order, grad_accum)
             dt = time.perf_counter() - t0
-            if nonfinite:
-                summary["nonfinite_skipped"] += nonfinite
-                nonfinite_in_row += 1
-                if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                    raise UserError(self._nonfinite_diagnosis(step, nonfinite_in_row, last))
-            else:
-                nonfinite_in_row = 0
             done = step + 1
-            record = {"step": done, "loss": loss, "lr": lr,
+            record = {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr,
                       "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": tokens / dt,
                       "mfu": fpt * tokens / dt / peak, "step_time_s": dt, "tokens": tokens,
                       "nonfinite_microbatches": nonfinite}
@@ -342,11 +341,18 @@ class Trainer:
                 record.update(self.evaluate())
             if done == total_steps and data.validation is not None and "val_loss" not in record:
                 record.update(self.evaluate())
-            last = record
             if rank == 0:
                 metrics.write(record)
-                if done % cfg.log_every == 0 or done == total_steps:
+                if done % cfg.log_every == 0 or done == total_steps or nonfinite:
                     log.info(_progress_line(record, total_steps))
+            if nonfinite:
+                summary["nonfinite_skipped"] += nonfinite
+                nonfinite_in_row += 1
+                if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                    raise UserError(self._nonfinite_diagnosis(step, nonfinite_in_row, last))
+            else:
+                nonfinite_in_row = 0
+                last = record
             if done % cfg.save_every == 0 or done == total_steps:
                 checkpoint.save(engine, ckpt_root, done, {"step": done, "positions_consumed": done * preset.global_batch,
                                                          "seed": cfg.seed, "stage": cfg.stage},
@@ -381,6 +387,8 @@ class Trainer:
             token_loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                 ignore_index=IGNORE_INDEX, reduction="sum")
+            if _nan_hook(step + 1, self.rank):
+                token_loss = token_loss * float("nan")
             bad = torch.tensor([0.0 if torch.isfinite(token_loss) else 1.0])
             all_reduce_(bad, torch.distributed.ReduceOp.MAX)
             if bad.item():
@@ -447,7 +455,8 @@ def _float(x):
 
 
 def _progress_line(r: dict, total: int) -> str:
-    parts = [f"step {r['step']}/{total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+    loss = f"loss {r['loss']:.4f}" if r["loss"] is not None else "loss non-finite (step skipped)"
+    parts = [f"step {r['step']}/{total}", loss, f"lr {r['lr']:.2e}"]
     if r.get("grad_norm") is not None:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
     parts += [f"{r['tokens_per_s']:,.0f} tok/s", f"MFU {100 * r['mfu']:.1f}%", f"{r['step_time_s']:.2f} s/step"]

@@ -191,3 +191,30 @@ def test_mismatched_shards_and_vocab_are_refused(tmp_path, tiny_model_dir, packe
                   f"out={tmp_path / 'r'}", *COMMON])
     assert res.returncode == 2
     assert "vocab" in res.stderr and str(tiny_tokenizer_dir) in res.stderr
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_with_frozen_base_and_lora_gives_the_same_losses(tmp_path, base_args, one_rank):
+    run = tmp_path / "gc"
+    res = _train([*base_args, "lora_dropout=0.0", "gradient_checkpointing=true", f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["loss"] for r in _metrics(run)] == pytest.approx([r["loss"] for r in _metrics(one_rank)], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, base_args):
+    # One NaN step (injected on rank 0 only): skipped, counted, the run goes on and ends finite.
+    run = tmp_path / "nan"
+    res = _train([*base_args, f"out={run}", "max_steps=4"], ZHLLAMA_NAN_STEPS="2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = _metrics(run)
+    assert records[1]["loss"] is None and records[1]["nonfinite_microbatches"] == 4  # 8 / micro 2
+    assert all(r["loss"] is not None and r["nonfinite_microbatches"] == 0 for i, r in enumerate(records) if i != 1)
+    assert all(torch.isfinite(t).all() for t in _final_weights(run).values())
+    # Two in a row with max_nonfinite_steps=2: a clear stop, no final/, the last checkpoint intact.
+    run = tmp_path / "nan_streak"
+    res = _train([*base_args, f"out={run}", "max_steps=6", "max_nonfinite_steps=2"], ZHLLAMA_NAN_STEPS="3,4")
+    assert res.returncode == 2
+    assert "non-finite in 2 steps in a row" in res.stderr
+    assert not (run / "final").exists()
+    assert (run / "checkpoints" / "step-2" / "zhllama_state.json").is_file()

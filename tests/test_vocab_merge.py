@@ -8,9 +8,9 @@ import pytest
 
 from test_vocab_train import synth_chinese
 from zhllama.cli import main
-from zhllama.vocab import spm as zspm
+from zhllama import spm as zspm
 from zhllama.vocab import train as vtrain
-from zhllama.vocab.hf_tokenizer import load_hf_tokenizer, parity
+from zhllama.hf_tokenizer import load_hf_tokenizer, parity
 from zhllama.vocab.merge import merge_protos, merge_tokenizers
 from zhllama.vocab.report import stdlib_english_lines
 
@@ -260,7 +260,7 @@ def test_transformers_conversion_of_llama_disagrees_and_ours_does_not(llama_merg
     """Why tokenizer.json is written by zhllama: transformers ranks merges by id ("▁▁", id 259, has
     sentencepiece score -1e9 and merges last) and skips the dummy prefix before a leading space."""
     from transformers import AutoTokenizer
-    from zhllama.vocab.hf_tokenizer import save_hf_tokenizer
+    from zhllama.hf_tokenizer import save_hf_tokenizer
     (tmp_path / "conv").mkdir()
     shutil.copy(llama_merge["llama"], tmp_path / "conv" / "tokenizer.model")
     (tmp_path / "conv" / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')

@@ -6,7 +6,7 @@ import pytest
 
 from test_vocab_train import synth_chinese
 from zhllama.cli import main
-from zhllama.vocab import spm as zspm
+from zhllama import spm as zspm
 from zhllama.vocab import train as vtrain
 from zhllama.vocab.merge import merge_tokenizers
 from zhllama.vocab.report import build_report, format_table, stdlib_english_lines

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from zhllama.cli import main
-from zhllama.vocab import spm as zspm
+from zhllama import spm as zspm
 from zhllama.vocab import train as vtrain
 
 WORDS = ("我们 喜欢 北京 上海 学生 老师 今天 明天 天气 很好 公园 散步 电脑 手机 价格 便宜 质量 服务 酒店 房间 "

@@ -9,7 +9,7 @@ checkpoints included) keeps its pieces, ids, scores, normalizer and trainer spec
   1. are normal pieces of the added model (not <unk>/<s>/</s>, not byte pieces),
   2. are not already in the base,
   3. contain at least one CJK character (ideographs, kana, hangul, CJK punctuation, fullwidth forms;
-     see `zhllama.vocab.spm.CJK_RANGES`),
+     see `zhllama.spm.CJK_RANGES`),
   4. are made only of characters that are pieces of the merged vocabulary (HF tokenizers turn an
      unknown character into bytes before merging, sentencepiece does not),
 
@@ -37,7 +37,7 @@ from typing import Optional
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
 from zhllama.log import get_logger
-from zhllama.vocab import spm as _spm
+from zhllama import spm as _spm
 
 log = get_logger("zhllama.vocab.merge")
 
@@ -249,7 +249,7 @@ def merge_tokenizers(base, add, out_dir, compat: Optional[str] = None, *, max_vo
     Chinese-LLaMA-Alpaca's merge. Raises `UserError`/`InputError` for bad inputs (one line, naming the
     file) and for an existing `out_dir` without `overwrite`.
     """
-    from zhllama.vocab.hf_tokenizer import save_hf_tokenizer
+    from zhllama.hf_tokenizer import save_hf_tokenizer
 
     base_path = _spm.resolve_sp_model(base)
     add_path = _spm.resolve_sp_model(add)

@@ -4,7 +4,7 @@
         --reference llama/tokenizer.model --text heldout_zh.txt english.txt [--json]
 
 A tokenizer is a sentencepiece `.model` file or a Hugging Face directory holding `tokenizer.model`.
-Each text line (document, for JSON lines) is classified by `zhllama.vocab.spm.has_cjk`:
+Each text line (document, for JSON lines) is classified by `zhllama.spm.has_cjk`:
 
 - zh tokens/char: tokens / characters over lines with a CJK character (no BOS; all characters of the
   line count, punctuation and digits included);
@@ -34,7 +34,7 @@ from typing import List
 
 from zhllama import corpus
 from zhllama.errors import UserError
-from zhllama.vocab import spm as _spm
+from zhllama import spm as _spm
 
 HF_LOADERS = ("auto", "llama")
 
@@ -116,7 +116,7 @@ def read_lines(specs, *, max_lines: int, text_field: str = "text") -> List[str]:
 
 def _hf_tokenizer(path, proto, loader: str):
     """The HF side of the parity check, or (None, reason)."""
-    from zhllama.vocab import hf_tokenizer as hft
+    from zhllama import hf_tokenizer as hft
     p = Path(path)
     if loader == "llama":
         from transformers import LlamaTokenizer
@@ -182,7 +182,7 @@ def measure(path, lines: List[str], *, reference=None, ref_ids=None, parity: boo
         hf, how = _hf_tokenizer(path, proto, hf_loader)
         r["parity_loader"] = how
         if hf is not None:
-            from zhllama.vocab.hf_tokenizer import parity as _parity
+            from zhllama.hf_tokenizer import parity as _parity
             pr = _parity(proto, hf, lines)
             r["parity_differ"] = pr["differ"]
             r["parity_bos_ok"] = pr["bos_ok"]

@@ -45,7 +45,7 @@ from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json
 from zhllama.log import get_logger
 from zhllama.modelio import (PADDED_VOCAB_KEY, load_tokenizer, read_model_config, save_tokenizer,
-                             sp_model_path)
+                             sp_model_path, write_resized_configs)
 
 log = get_logger(__name__)
 
@@ -355,22 +355,7 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
             raise UserError(f"{model_dir}: no tensor '{LM_HEAD}' and tie_word_embeddings is false")
         out_files = writer.finish()
 
-        new_cfg = dict(cfg, vocab_size=rows)
-        new_cfg.pop(PADDED_VOCAB_KEY, None)
-        if rows != new_size:
-            new_cfg[PADDED_VOCAB_KEY] = new_size
-        for key in ("bos_token_id", "eos_token_id"):
-            want = getattr(new_tok, key, None)
-            if want is not None and new_cfg.get(key) != want:
-                log.warning("config.json %s %s -> %s (the tokenizer's)", key, new_cfg.get(key), want)
-                new_cfg[key] = want
-        atomic_write_json(tmp / "config.json", new_cfg)
-        gen = model_dir / "generation_config.json"
-        gen_cfg = json.loads(gen.read_text(encoding="utf-8")) if gen.is_file() else {}
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if new_cfg.get(key) is not None:
-                gen_cfg[key] = new_cfg[key]
-        atomic_write_json(tmp / "generation_config.json", gen_cfg)
+        write_resized_configs(tmp, cfg, model_dir, rows=rows, tokenizer_size=new_size, tokenizer=new_tok)
         save_tokenizer(new_tok, tmp)
         if (Path(tokenizer_path) / "merge_report.json").is_file():
             shutil.copyfile(Path(tokenizer_path) / "merge_report.json", tmp / "merge_report.json")

@@ -31,7 +31,7 @@ from zhllama import corpus
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
 from zhllama.log import Progress, get_logger
-from zhllama.vocab import spm as _spm
+from zhllama import spm as _spm
 
 log = get_logger("zhllama.vocab.train")
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, atomic_write_json
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -73,11 +73,23 @@ def _sp_special_pieces(sp_file: Path) -> dict:
 
 
 def _llama_tokenizer_from_sp(sp_file: Path, **kwargs):
-    """An HF (tokenizers-backed) LLaMA tokenizer converted from a SentencePiece model file.
+    """An HF (tokenizers-backed) tokenizer for a SentencePiece model file: exact for BPE models,
+    transformers' LLaMA conversion for other model types.
 
     The file is exposed as `tokenizer.model` in a temporary dir because that is the one loading path
     that works on both transformers 4.4x and 5.x.
     """
+    from . import spm as _spm
+    from .hf_tokenizer import hf_tokenizer_from_proto
+
+    proto = _spm.load_proto(sp_file)  # InputError naming the file if it is not a SentencePiece model
+    if proto.trainer_spec.model_type == _spm.BPE and not kwargs:
+        # Built like sentencepiece itself (zhllama.hf_tokenizer): transformers 5's own conversion of
+        # LLaMA's model disagrees with sentencepiece on runs of spaces and leading spaces.
+        tok = hf_tokenizer_from_proto(proto)
+        tok.init_kwargs["zhllama_sp_model"] = str(sp_file.resolve())
+        return tok
+
     from transformers import LlamaTokenizerFast
 
     kwargs = {**_sp_special_pieces(sp_file), "add_bos_token": True, "add_eos_token": False, **kwargs}
@@ -249,3 +261,60 @@ def save_pretrained_atomic(model, tokenizer_dir_or_obj, out_dir, overwrite=False
         if tokenizer_dir_or_obj is not None:
             save_tokenizer(tokenizer_dir_or_obj, tmp)
     return out_dir
+
+
+def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="auto"):
+    """(model in eval mode, tokenizer) for generate / eval / serve.
+
+    device "auto": CUDA when present, else CPU; dtype "auto": bf16 on GPUs that have it, fp16 on other
+    GPUs, fp32 on CPU. The tokenizer (default: the model's own) is checked against the model's vocab.
+    """
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") \
+            else "float32"
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise UserError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16")
+    tok_path = tokenizer_path or model_dir
+    tokenizer = load_tokenizer(tok_path)
+    model = load_model(model_dir, dtype=dtypes[dtype], device=device, tokenizer_path=tok_path).eval()
+    return model, tokenizer
+
+
+def write_resized_configs(out_dir, base_config: dict, base_dir, *, rows: int, tokenizer_size: int, tokenizer,
+                          dtype_name=None) -> dict:
+    """`config.json` and `generation_config.json` for a checkpoint whose embeddings now have `rows` rows.
+
+    Shared by `vocab resize` and `merge`: vocab_size = rows; rows beyond the tokenizer are marked as
+    padding (PADDED_VOCAB_KEY); bos/eos follow the tokenizer (decapoda configs had 0/1 wrong); a pad id
+    outside the vocabulary (decapoda's -1) is dropped. Returns the new config.
+    """
+    out_dir, base_dir = Path(out_dir), Path(base_dir)
+    new_cfg = dict(base_config, vocab_size=rows)
+    new_cfg.pop(PADDED_VOCAB_KEY, None)
+    if tokenizer_size < rows:
+        new_cfg[PADDED_VOCAB_KEY] = tokenizer_size
+    if dtype_name:
+        for key in [k for k in ("dtype", "torch_dtype") if k in base_config] or ["torch_dtype"]:
+            new_cfg[key] = dtype_name
+    for key in ("bos_token_id", "eos_token_id"):
+        want = getattr(tokenizer, key, None)
+        if want is not None and new_cfg.get(key) != want:
+            log.warning("config.json %s %s -> %s (the tokenizer's)", key, new_cfg.get(key), want)
+            new_cfg[key] = want
+    if new_cfg.get("pad_token_id") is not None and not 0 <= int(new_cfg["pad_token_id"]) < rows:
+        new_cfg["pad_token_id"] = None
+    atomic_write_json(out_dir / "config.json", new_cfg)
+    gen_file = base_dir / "generation_config.json"
+    gen = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.is_file() else {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if new_cfg.get(key) is not None:
+            gen[key] = new_cfg[key]
+        else:
+            gen.pop(key, None)
+    atomic_write_json(out_dir / "generation_config.json", gen)
+    return new_cfg

@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from zhllama.vocab import spm as _spm
+from zhllama import spm as _spm
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -1,4 +1,4 @@
-"""SentencePiece helpers shared by `vocab train`, `vocab merge` and `vocab report`.
+"""SentencePiece helpers shared by the vocabulary stage (train, merge, report) and by tokenizer loading.
 
 - What counts as CJK (`is_cjk_char`, `has_cjk`): one definition for the merge filter, the report and
   the tests, so that "text with no CJK character" means the same thing everywhere.

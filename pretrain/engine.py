@@ -192,10 +192,12 @@ def build_model(cfg: RunConfig, preset, dtype):
         model = adapters.merge_adapters(model, cfg.init_adapters)
     new_rows_from = None
     if cfg.new_rows_only:
-        new_rows_from = getattr(model.config, "zhllama_base_vocab_size", None)
+        from zhllama.modelio import BASE_VOCAB_KEY
+        new_rows_from = getattr(model.config, BASE_VOCAB_KEY, None)
         if not new_rows_from:
-            raise ConfigError(f"config: new_rows_only needs the base vocab size recorded by `zhllama vocab "
-                              f"resize` in {cfg.model}/config.json (zhllama_base_vocab_size)")
+            raise ConfigError(f"config: new_rows_only needs the base vocab size that `zhllama vocab resize` "
+                              f"records in {cfg.model}/config.json ({BASE_VOCAB_KEY}); this model was not "
+                              "resized by zhllama")
     model = adapters.apply_stage(model, preset, new_rows_from=new_rows_from)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

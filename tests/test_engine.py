@@ -218,3 +218,42 @@ def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, base_
     assert "non-finite in 2 steps in a row" in res.stderr
     assert not (run / "final").exists()
     assert (run / "checkpoints" / "step-2" / "zhllama_state.json").is_file()
+
+
+@pytest.mark.slow
+def test_stage1_new_rows_only_on_a_resized_model_keeps_old_rows(tmp_path, tiny_model_dir, tiny_tokenizer_dir):
+    """resize records where the added rows start; stage1 with new_rows_only trains only those rows."""
+    from zhllama.modelio import load_model
+    from zhllama.pretrain.adapters import merge_adapters
+    from zhllama.tiny import extend_sp_model
+    from zhllama.vocab.resize import resize_checkpoint
+
+    import collections
+
+    import sentencepiece as spm
+    base_sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_dir / "tokenizer.model"))
+    ids = base_sp.encode((REPO / "zhllama" / "data" / "zh_sample.txt").read_text(encoding="utf-8"))
+    # New pieces the text really produces: frequent adjacent Chinese pairs the base has no piece for.
+    pairs = collections.Counter(base_sp.id_to_piece(a) + base_sp.id_to_piece(b) for a, b in zip(ids, ids[1:]))
+    new = [p for p, _ in pairs.most_common(300) if base_sp.piece_to_id(p) == base_sp.unk_id()
+           and all("\u4e00" <= ch <= "\u9fff" for ch in p)][:4]
+    assert len(new) == 4
+    ext = extend_sp_model(tiny_tokenizer_dir / "tokenizer.model", new, tmp_path / "ext" / "tokenizer.model")
+    resized = tmp_path / "resized"
+    resize_checkpoint(tiny_model_dir, ext, resized)
+    base_rows = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    assert json.loads((resized / "config.json").read_text())["zhllama_base_vocab_size"] == base_rows
+    packed = tmp_path / "packed"
+    assert main(["data", "pack", "--tokenizer", resized, "--input", REPO / "zhllama" / "data" / "zh_sample.txt",
+                 "--block-size", "32", "--out", packed, "--workers", "1"]) == 0
+    from zhllama.pretrain.shards import PackedBlocks
+    blocks = PackedBlocks(packed, "train")
+    assert sum(int((blocks[i] >= base_rows).sum()) for i in range(len(blocks))) > 0  # new ids are trained on
+    run = tmp_path / "run"
+    res = _train(["stage=stage1", f"model={resized}", f"data=[{packed}]", "init_adapters=[]", "new_rows_only=true",
+                  f"out={run}", *COMMON, "max_steps=4"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    before = load_model(resized).get_input_embeddings().weight.detach().clone()
+    after = merge_adapters(load_model(resized), [run / "final"]).get_input_embeddings().weight.detach()
+    assert torch.equal(after[:base_rows], before[:base_rows])
+    assert not torch.equal(after[base_rows:], before[base_rows:])

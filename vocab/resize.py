@@ -355,7 +355,8 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
             raise UserError(f"{model_dir}: no tensor '{LM_HEAD}' and tie_word_embeddings is false")
         out_files = writer.finish()
 
-        write_resized_configs(tmp, cfg, model_dir, rows=rows, tokenizer_size=new_size, tokenizer=new_tok)
+        write_resized_configs(tmp, cfg, model_dir, rows=rows, tokenizer_size=new_size, tokenizer=new_tok,
+                              base_vocab_size=old_size)
         save_tokenizer(new_tok, tmp)
         if (Path(tokenizer_path) / "merge_report.json").is_file():
             shutil.copyfile(Path(tokenizer_path) / "merge_report.json", tmp / "merge_report.json")

@@ -285,19 +285,26 @@ def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="aut
     return model, tokenizer
 
 
+BASE_VOCAB_KEY = "zhllama_base_vocab_size"  # rows of the original (pre-merge) vocabulary, set by resize
+
+
 def write_resized_configs(out_dir, base_config: dict, base_dir, *, rows: int, tokenizer_size: int, tokenizer,
-                          dtype_name=None) -> dict:
+                          dtype_name=None, base_vocab_size=None) -> dict:
     """`config.json` and `generation_config.json` for a checkpoint whose embeddings now have `rows` rows.
 
     Shared by `vocab resize` and `merge`: vocab_size = rows; rows beyond the tokenizer are marked as
     padding (PADDED_VOCAB_KEY); bos/eos follow the tokenizer (decapoda configs had 0/1 wrong); a pad id
-    outside the vocabulary (decapoda's -1) is dropped. Returns the new config.
+    outside the vocabulary (decapoda's -1) is dropped. `base_vocab_size` (resize) records where the
+    added rows start, for stage 1's new-rows-only training; a model resized twice keeps the first.
+    Returns the new config.
     """
     out_dir, base_dir = Path(out_dir), Path(base_dir)
     new_cfg = dict(base_config, vocab_size=rows)
     new_cfg.pop(PADDED_VOCAB_KEY, None)
     if tokenizer_size < rows:
         new_cfg[PADDED_VOCAB_KEY] = tokenizer_size
+    if base_vocab_size is not None:
+        new_cfg[BASE_VOCAB_KEY] = int(base_config.get(BASE_VOCAB_KEY, base_vocab_size))
     if dtype_name:
         for key in [k for k in ("dtype", "torch_dtype") if k in base_config] or ["torch_dtype"]:
             new_cfg[key] = dtype_name

@@ -600,7 +600,6 @@ def run(args) -> int:
     for p in paths:                       # every input problem surfaces before any work is done
         corpus.check_readable(p)
     settings = make_settings(args, tok)
-    dtype = np.dtype(settings["dtype"])
     out = Path(args.out)
     manifest = _prepare_out_dir(out, settings, args.overwrite)
     sources = _source_stats(paths)

@@ -8,6 +8,7 @@ attempt turned into an `APIError` that names the URL and the cause. Errors a ret
 """
 
 import json
+import os
 import random
 import socket
 import threading
@@ -236,3 +237,25 @@ def _excerpt(raw, limit: int = 160) -> str:
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
     text = " ".join(text.split())
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def add_client_arguments(parser) -> None:
+    """The endpoint and client options shared by `zhllama selfinstruct` and `zhllama translate`."""
+    parser.add_argument("--api-base", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", required=True, help="model name sent to the endpoint")
+    parser.add_argument("--api", choices=["chat", "completions"], default="chat",
+                        help="/v1/chat/completions (default) or /v1/completions")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="bearer token (default: $OPENAI_API_KEY; none for a local server)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (4)")
+    parser.add_argument("--rate-limit", type=float, default=0.0, help="max requests per minute (0 = none)")
+    parser.add_argument("--max-retries", type=int, default=5, help="retries per request (5)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
+    parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
+
+
+def client_from_args(args, seed: int = 0) -> "APIClient":
+    """An APIClient from the options `add_client_arguments` defines."""
+    return APIClient(args.api_base, args.model, api_key=args.api_key, timeout=args.timeout,
+                     max_retries=args.max_retries, backoff=args.backoff, requests_per_minute=args.rate_limit,
+                     concurrency=args.concurrency, seed=seed)

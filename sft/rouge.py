@@ -17,7 +17,6 @@ Python integers. The pruning is exact: the index returns the same decisions as t
 
 import logging
 import re
-from array import array
 from collections import Counter
 
 import numpy as np

@@ -33,6 +33,7 @@ from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_write_json, sha256_file
 from zhllama.log import get_logger
+from zhllama.sft.api_client import add_client_arguments, client_from_args
 
 log = get_logger(__name__)
 
@@ -363,23 +364,13 @@ def add_arguments(parser):
     parser.add_argument("--seed-tasks", required=True, help="seed tasks, JSON lines with 'instruction' "
                         "and 'instances' [{input, output}] (Stanford's / BELLE's seed_tasks format)")
     parser.add_argument("--out", required=True, help="output JSON lines; resumed when it exists")
-    parser.add_argument("--api-base", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", required=True, help="model name sent to the endpoint")
+    add_client_arguments(parser)
     parser.add_argument("--num", type=int, required=True, help="number of instructions to end with")
     parser.add_argument("--lang", choices=["zh", "en"], default="zh", help="language of the tasks (default zh)")
-    parser.add_argument("--api", choices=["chat", "completions"], default="chat",
-                        help="/v1/chat/completions (default) or /v1/completions (Stanford's way)")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                        help="bearer token (default: $OPENAI_API_KEY; none for a local server)")
     parser.add_argument("--num-prompt-instructions", type=int, default=3, help="seed examples per request (3)")
     parser.add_argument("--num-tasks", type=int, default=20, help="length of the list the model completes (20)")
     parser.add_argument("--batch-size", type=int, default=5, help="requests per batch; a batch is written "
                         "at once, so a crash loses at most one batch (5)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (4)")
-    parser.add_argument("--rate-limit", type=float, default=0.0, help="max requests per minute (0 = none)")
-    parser.add_argument("--max-retries", type=int, default=5, help="retries per request (5)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
-    parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
     parser.add_argument("--threshold", type=float, default=0.7, help="drop instructions with ROUGE-L above this (0.7)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -392,16 +383,12 @@ def add_arguments(parser):
 
 
 def run(args):
-    from zhllama.sft.api_client import APIClient
-
     if args.num < 1 or args.batch_size < 1 or args.num_prompt_instructions < 1:
         raise UserError("--num, --batch-size and --num-prompt-instructions must be >= 1")
     if args.num_tasks <= args.num_prompt_instructions:
         raise UserError("--num-tasks must be larger than --num-prompt-instructions")
     seeds = load_seed_tasks(args.seed_tasks)
-    client = APIClient(args.api_base, args.model, api_key=args.api_key, timeout=args.timeout,
-                       max_retries=args.max_retries, backoff=args.backoff,
-                       requests_per_minute=args.rate_limit, concurrency=args.concurrency, seed=args.seed)
+    client = client_from_args(args, seed=args.seed)
     kept, counts = generate(
         seeds, args.out, client, num=args.num, lang=args.lang, api=args.api,
         num_prompt_instructions=args.num_prompt_instructions, num_tasks=args.num_tasks,

@@ -21,7 +21,7 @@ template text: values are never re-scanned, and any other braces in a template a
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 

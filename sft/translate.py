@@ -14,7 +14,6 @@ example:
 """
 
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -23,7 +22,7 @@ from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import sha256_file
 from zhllama.log import get_logger
-from zhllama.sft.api_client import APIError
+from zhllama.sft.api_client import APIError, add_client_arguments, client_from_args
 from zhllama.sft.selfinstruct import ResumableJsonl, load_prompt
 
 log = get_logger(__name__)
@@ -134,21 +133,12 @@ def add_arguments(parser):
     parser.add_argument("--input", required=True, help="instruction data: a JSON array (alpaca_data.json) "
                         "or JSON lines of objects")
     parser.add_argument("--out", required=True, help="output JSON lines (same keys); resumed when it exists")
-    parser.add_argument("--api-base", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", required=True, help="model name sent to the endpoint")
+    add_client_arguments(parser)
     parser.add_argument("--fields", default="instruction,input,output",
                         help="comma-separated fields to translate (default instruction,input,output)")
-    parser.add_argument("--api", choices=["chat", "completions"], default="chat")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                        help="bearer token (default: $OPENAI_API_KEY)")
     parser.add_argument("--batch-size", type=int, default=16, help="records per committed batch (16)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (4)")
-    parser.add_argument("--rate-limit", type=float, default=0.0, help="max requests per minute (0 = none)")
-    parser.add_argument("--max-retries", type=int, default=5, help="retries per request (5)")
     parser.add_argument("--parse-retries", type=int, default=2, help="new answers asked for when an answer "
                         "is not the expected JSON object (2)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
-    parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--limit", type=int, default=0, help="translate only the first N records (0 = all)")
@@ -156,8 +146,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from zhllama.sft.api_client import APIClient
-
     fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
     if not fields:
         raise UserError("--fields is empty")
@@ -166,9 +154,7 @@ def run(args):
     records = load_records(args.input, fields)
     if args.limit:
         records = records[:args.limit]
-    client = APIClient(args.api_base, args.model, api_key=args.api_key, timeout=args.timeout,
-                       max_retries=args.max_retries, backoff=args.backoff,
-                       requests_per_minute=args.rate_limit, concurrency=args.concurrency)
+    client = client_from_args(args)
     state = translate_records(
         records, args.out, client, fields=fields, api=args.api, batch_size=args.batch_size,
         parse_retries=args.parse_retries, temperature=args.temperature, max_tokens=args.max_tokens,

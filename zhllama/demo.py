@@ -229,7 +229,6 @@ class Demo:
         if self.base is not None:
             _say(f"    using {self.base} as the base model (no pretraining)")
             return {"model": str(self.base), "external": True}
-        import torch
 
         from .modelio import load_model, load_tokenizer, save_pretrained_atomic, save_tokenizer
         from .tiny import make_tiny_llama, make_tiny_sp

@@ -517,15 +517,23 @@ def add_arguments(parser):
     parser.add_argument("--max-new-tokens", type=int, default=512, help="cap on max_tokens per request (512)")
 
 
+def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
+    """What to warn about when the server is reachable from other machines without a key."""
+    if api_key or is_loopback_host(host):
+        return None
+    return (f"serving on {host} without an API key: anyone who can reach this address can use the model; "
+            f"set --api-key or ${API_KEY_ENV}")
+
+
 def run(args):
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: not a directory")
     if args.queue_size < 0 or args.timeout <= 0:
         raise UserError("--queue-size must be >= 0 and --timeout > 0")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if not api_key and not is_loopback_host(args.host):
-        log.warning("serving on %s without an API key: anyone who can reach this address can use the "
-                    "model; set --api-key or $%s", args.host, API_KEY_ENV)
+    warning = exposure_warning(args.host, api_key)
+    if warning:
+        log.warning("%s", warning)
     model = load_inference_model(args.model, args.tokenizer, args.template, args.name, args.device, args.dtype,
                                  args.max_new_tokens)
     try:

@@ -211,6 +211,10 @@ class Service:
         if isinstance(req, JSONResponse):
             return req
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:           # refused here, before it waits in the queue, when it cannot fit in any case
+            self.model.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        except RequestError as e:
+            return _request_error(e)
         return await self._answer("chat", lambda: self.model.chat_prompt_ids(messages), req)
 
     async def completions(self, request):
@@ -219,6 +223,7 @@ class Service:
             return req
         try:
             prompt = req.text()
+            self.model.check_prompt_chars(len(prompt), "prompt")
         except RequestError as e:
             return _request_error(e)
         return await self._answer("text", lambda: self.model.text_prompt_ids(prompt), req)

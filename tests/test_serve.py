@@ -349,6 +349,8 @@ def test_a_full_queue_answers_429(tiny_server, monkeypatch):
         streaming = _call(tiny_server, "/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                              "stream": True})
         assert streaming[0] == 429
+        too_long = {"prompt": "好" * (tiny_server.model.max_prompt_chars + 1)}
+        assert _call(tiny_server, "/completions", too_long)[0] == 400    # refused before the queue
     finally:
         release.set()
         for w in workers:

@@ -59,11 +59,13 @@ def _start(model: Path, timeout: float, old_module: Path = None):
                "serve", *common, "--api-key", KEY, "--timeout", str(timeout)]
     else:
         cmd = [sys.executable, "-c", _RUN_OLD, str(old_module), *common]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile()           # the server's stderr: tracebacks of the abuse, kept quiet
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()
     if "serving" not in line:
         proc.kill()
-        raise SystemExit(f"the server did not start: {line!r}")
+        log.seek(0)
+        raise SystemExit(f"the server did not start: {line!r}\n{log.read().decode(errors='replace')[-2000:]}")
     url = line.split(" on ", 1)[1].split()[0]
     return proc, url
 

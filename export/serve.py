@@ -191,12 +191,10 @@ class _ClientGone(Exception):
 class Service:
     """The HTTP endpoints over one InferenceModel."""
 
-    def __init__(self, model: InferenceModel, queue_size: int = 16, body_timeout: float = 30.0,
-                 max_body: int = MAX_BODY):
+    def __init__(self, model: InferenceModel, queue_size: int = 16, body_timeout: float = 30.0):
         self.model = model
         self.queue = GenerationQueue(queue_size)
         self.body_timeout = body_timeout
-        self.max_body = max_body
         self.started = int(time.time())
 
     async def health(self, request):
@@ -426,7 +424,7 @@ class HeadTimeoutProtocol(H11Protocol):
 def make_app(model: InferenceModel, api_key: Optional[str] = None, queue_size: int = 16,
              body_timeout: float = 30.0, max_body: int = MAX_BODY) -> Starlette:
     """The ASGI application (any ASGI server can run it; `make_server` uses uvicorn)."""
-    service = Service(model, queue_size=queue_size, body_timeout=body_timeout, max_body=max_body)
+    service = Service(model, queue_size=queue_size, body_timeout=body_timeout)
 
     async def http_error(request, exc: HTTPException):
         if exc.status_code == 405:

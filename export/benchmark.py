@@ -200,6 +200,7 @@ class Prompter:
         self._encode = lambda text: encode_text(tokenizer, text)
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self._lengths: Dict[str, int] = {}
+        self.truncated = 0            # prompts that lost dev examples or the header to --max-length
 
     def count(self, text: str) -> int:
         if text not in self._lengths:     # the header and the shots repeat for every question of a subject
@@ -209,7 +210,11 @@ class Prompter:
     def prompt(self, subject: Subject, q: Question) -> str:
         shots = [self.fmt.example(d, with_answer=True) for d in subject.dev[:self.shots]]
         question = self.fmt.example(q, with_answer=False)
-        return fit_prompt(self.fmt.head(subject, self.shots), shots, question, self.count, self.max_length)
+        head = self.fmt.head(subject, self.shots)
+        text = fit_prompt(head, shots, question, self.count, self.max_length)
+        if len(text) < len(head) + sum(map(len, shots)) + len(question):
+            self.truncated += 1
+        return text
 
     def ids(self, text: str) -> List[int]:
         return self.bos + self._encode(text)
@@ -295,7 +300,10 @@ def evaluate_model(model, tokenizer, subjects: List[Subject], fmt: Format, shots
     for (name, _), p in zip(items, flat):
         preds[name].append(p)
     summary = summarize(subjects, preds, fmt)
-    summary.update(seconds=round(seconds, 3), questions_per_s=round(len(items) / seconds, 2) if seconds else None)
+    if prompter.truncated:
+        log.warning("%d of %d prompts exceeded --max-length %d and lost dev examples (or the header)",
+                    prompter.truncated, len(items), max_length)
+    summary.update(truncated=prompter.truncated, seconds=round(seconds, 3), questions_per_s=round(len(items) / seconds, 2) if seconds else None)
     return summary, preds
 
 

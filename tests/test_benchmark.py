@@ -141,8 +141,9 @@ def test_truncation_counts_each_piece_with_its_bos(tmp_path, tiny_tokenizer_dir)
     q = subject.questions[0]
     head, question = CMMLU.head(subject, 0), CMMLU.example(q, with_answer=False)
     fixed = len(tok(head)["input_ids"]) + len(tok(question)["input_ids"])        # each with its own BOS
-    assert Prompter(tok, CMMLU, 0, fixed).prompt(subject, q) == head + question
-    assert Prompter(tok, CMMLU, 0, fixed - 1).prompt(subject, q) == question
+    fits, short = Prompter(tok, CMMLU, 0, fixed), Prompter(tok, CMMLU, 0, fixed - 1)
+    assert fits.prompt(subject, q) == head + question and fits.truncated == 0
+    assert short.prompt(subject, q) == question and short.truncated == 1
 
 
 # ------------------------------------------------------------------------------------ independent scorer
@@ -209,7 +210,7 @@ def test_cmmlu_predictions_equal_the_independent_scorer(tmp_path, llama_varied, 
     assert summary["categories"] == pytest.approx({"STEM": per_subject["college_mathematics"],
                                                    "Humanities": per_subject["arts"],
                                                    "Other": per_subject["agronomy"]})
-    assert summary["questions"] == 30 and summary["questions_per_s"] > 0
+    assert summary["questions"] == 30 and summary["questions_per_s"] > 0 and summary["truncated"] == 0
     assert f"{100 * summary['accuracy']:.2f}" in table and "college_mathematics" in table
 
 

@@ -369,7 +369,7 @@ def run_benchmark(args) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive")
     max_length = args.max_length or 2048
-    only = [s for s in args.subjects.split(",") if s] if args.subjects else None
+    only = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     subjects = load_subjects(args.data, fmt, args.shots, only, args.limit)
     for m in args.model:
         if not Path(m).is_dir():

@@ -21,6 +21,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from zhllama.argtypes import port_number
 from zhllama.errors import UserError
 from zhllama.log import get_logger
 
@@ -374,7 +375,7 @@ def add_arguments(parser):
     parser.add_argument("--name", help="model id clients send and /v1/models lists (default: the directory name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 "
                         "exposes the model to the network)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0 = any free port)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="cap on max_tokens per request (512)")

@@ -26,9 +26,13 @@ def add_arguments(p):
 
 
 def run(args):
+    from zhllama.fsutil import check_output_path
+    from zhllama.modelio import check_checkpoint
+
     from .config import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)
+    check_output_path(cfg.out, "run directory")
     if args.dry_run:
         from .presets import grad_accumulation
         preset = cfg.preset()
@@ -38,6 +42,7 @@ def run(args):
         print(f"# world {world} x micro {cfg.micro_batch} x accumulation {accum} = global batch "
               f"{preset.global_batch} sequences of {preset.block_size} tokens")
         return 0
+    check_checkpoint(cfg.model)  # unreadable or misshapen weights: one line, before any process group
     from .engine import Trainer
     summary = Trainer(cfg).run()
     if int(os.environ.get("RANK", 0)) == 0:

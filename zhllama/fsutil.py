@@ -5,12 +5,23 @@ half-written one that looks complete.
 """
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+from .errors import UserError
+from .log import get_logger
+
+log = get_logger(__name__)
+
+# Written into every temporary output dir we create, removed just before the rename: a dir named
+# `.<out>.*.tmp` holding it is a partial output of ours, and when its process is gone, garbage.
+PARTIAL_MARKER = ".zhllama-partial"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,9 +43,32 @@ def _umask() -> int:
     return mask
 
 
+def make_dirs(path) -> Path:
+    """`mkdir -p path`, with a one-line `UserError` naming the culprit when a parent is a regular file."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise UserError(f"{path}: cannot create this directory: {blocker} is a file, not a directory") from None
+    except PermissionError as e:
+        raise UserError(f"{path}: cannot create this directory: {e.strerror}") from None
+    return path
+
+
+def check_output_path(path, what: str = "output") -> None:
+    """Fail before any work when `path` cannot be created because an ancestor is a regular file."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{path}: cannot create this {what}: {parent} is a file, not a directory")
+            return
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
@@ -67,15 +101,20 @@ def atomic_dir(path, overwrite: bool = False):
     With `overwrite`, an existing `path` is replaced (moved aside first, removed after the rename);
     without it, an existing non-empty `path` is an error raised before any work is done.
     """
-    from .errors import UserError
-
     path = Path(path)
+    check_output_path(path)
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{path}: output exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
+    remove_stale_partials(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent)))
     try:
+        # mkdtemp creates 0700; give the dir the mode `mkdir` would, so that others on a shared
+        # cluster can read published checkpoints (files inside are written with open(): umask too).
+        os.chmod(tmp, 0o777 & ~_umask())
+        (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
         yield tmp
+        (tmp / PARTIAL_MARKER).unlink()
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -87,6 +126,42 @@ def atomic_dir(path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _owner_is_gone(marker: Path) -> bool:
+    """True when the marker's process is known dead: same host, no such pid. Unknown: keep the dir."""
+    try:
+        info = json.loads(marker.read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname():
+        return False  # another node of a shared filesystem may still be writing it
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_partials(path) -> list:
+    """Remove `.<name>.*.tmp` dirs beside `path` left by our own runs that were killed (SIGKILL, OOM,
+    a lost node): only dirs holding our marker whose process is gone. Returns the removed dirs."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for cand in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
+        marker = cand / PARTIAL_MARKER
+        if cand.is_dir() and not cand.is_symlink() and marker.is_file() and _owner_is_gone(marker):
+            shutil.rmtree(cand, ignore_errors=True)
+            log.warning("removed %s: a partial output left by an earlier run that was killed", cand)
+            removed.append(cand)
+    return removed
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

@@ -310,8 +310,7 @@ def _read_text(path: Path) -> str:
         with opener(path, "rb") as f:
             raw = f.read()
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        what = "cut short" if isinstance(e, EOFError) else "corrupt"
-        raise InputError(path, f"compressed stream is {what} ({e or type(e).__name__}); "
+        raise InputError(path, f"truncated or corrupt gzip stream ({e or type(e).__name__}); "
                                "re-download or re-compress the file") from None
     except OSError as e:
         raise InputError(path, f"cannot read: {e}") from None

@@ -8,6 +8,7 @@ escapes as an exception fails the test with its traceback. Inputs are tiny and b
 import gzip
 import json
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -25,16 +26,24 @@ EN = "The quick brown fox jumps over the lazy dog.\n"
 
 # ----------------------------------------------------------------------------- bad files
 
+def _varied(body: bytes, n: int = 3000) -> bytes:
+    """`body` lines, each tagged with a seeded random number: compresses poorly, so that a .gz cut at
+    3/4 still decompresses its first 8 KB (the readers' up-front check) and fails only mid-stream."""
+    rng = random.Random(0)
+    lines = body.decode("utf-8").splitlines()
+    return "".join(f"{rng.getrandbits(64):x} {lines[i % len(lines)]}\n" for i in range(n)).encode("utf-8")
+
+
 def _gz_truncated(d: Path, name: str, body: bytes) -> Path:
-    data = gzip.compress(body * 400)
+    data = gzip.compress(_varied(body))
     p = d / name
-    p.write_bytes(data[: len(data) // 2])
+    p.write_bytes(data[: len(data) * 3 // 4])
     return p
 
 
 def _gz_corrupt(d: Path, name: str, body: bytes) -> Path:
-    data = bytearray(gzip.compress(body * 400))
-    for i in range(20, len(data) - 8, 7):   # damage the deflate stream, keep the gzip header
+    data = bytearray(gzip.compress(_varied(body)))
+    for i in range(len(data) // 2, len(data) - 8, 7):   # damage the second half of the deflate stream
         data[i] ^= 0xFF
     p = d / name
     p.write_bytes(bytes(data))
@@ -69,7 +78,8 @@ def bad(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("bad")
     text = (ZH + EN).encode("utf-8")
     jsonl = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in (ZH, EN)).encode("utf-8")
-    sft = (json.dumps({"instruction": "你好", "output": "你好！"}, ensure_ascii=False) + "\n").encode("utf-8")
+    sft = "".join(json.dumps({"instruction": f"{i} 你好", "output": "你好！"}, ensure_ascii=False) + "\n"
+                  for i in range(5)).encode("utf-8")
     out = {
         "gz-truncated.txt": _gz_truncated(d, "cut.txt.gz", text),
         "gz-corrupt.txt": _gz_corrupt(d, "bad.txt.gz", text),
@@ -209,6 +219,8 @@ def test_bad_input_is_one_line_exit_2(case, bad, tiny_tokenizer_dir, tiny_model_
     head, _, tail = names.partition("/")
     want = str(Path(bad[head], tail)) if head in bad else names
     assert want in errors[0], f"{name}: {errors[0]!r} does not name {want}"
+    if "gbk" in name:
+        assert "UTF-8" in errors[0] and "empty file" not in errors[0], errors[0]
     # nothing half-written: no output, no temporary sibling
     assert not out.exists(), f"{name}: left {out}"
     assert not list(tmp_path.glob(".out*")), f"{name}: left {list(tmp_path.glob('.out*'))}"

@@ -115,8 +115,7 @@ def gzip_errors(path):
     try:
         yield
     except GZIP_ERRORS as e:
-        what = "cut short" if isinstance(e, EOFError) else "corrupt"
-        raise InputError(path, f"compressed stream is {what} ({e or type(e).__name__}); "
+        raise InputError(path, f"truncated or corrupt gzip stream ({e or type(e).__name__}); "
                                "re-download or re-compress the file") from None
 
 

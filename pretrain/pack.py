@@ -555,7 +555,6 @@ def _settings_diff(old: dict, new: dict) -> str:
 
 
 def _wipe(out: Path) -> None:
-    import shutil
     for name in (fmt.MANIFEST, fmt.INDEX, fmt.PROGRESS):
         _unlink(out / name)
     shutil.rmtree(out / fmt.SHARD_DIR, ignore_errors=True)

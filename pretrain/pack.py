@@ -602,17 +602,7 @@ def run(args) -> int:
         corpus.check_readable(p)
     settings = make_settings(args, tok)
     out = Path(args.out)
-    created = not out.exists()
     manifest = _prepare_out_dir(out, settings, args.overwrite)
-    try:
-        return _pack(args, tok, settings, out, paths, manifest, t0)
-    except UserError:
-        if created:  # bad input found mid-way (a corrupt .gz): leave nothing of a pack this run began
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _pack(args, tok, settings, out, paths, manifest, t0) -> int:
     sources = _source_stats(paths)
     if manifest is not None and _manifest_is_current(out, manifest, settings, sources):
         msg = (f"{out} is up to date: same tokenizer, options and {len(paths)} unchanged input "

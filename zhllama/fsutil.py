@@ -9,6 +9,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -19,9 +20,10 @@ from .log import get_logger
 
 log = get_logger(__name__)
 
-# Written into every temporary output dir we create, removed just before the rename: a dir named
-# `.<out>.*.tmp` holding it is a partial output of ours, and when its process is gone, garbage.
-PARTIAL_MARKER = ".zhllama-partial"
+# A temporary output dir is named `.<out>.partial-<host>-<pid>-<random>.tmp`: the name says it is a
+# partial output of ours and which process writes it, so a later run can remove one whose process is
+# gone (SIGKILL, OOM, a lost node) without a marker file that would show up among the outputs.
+PARTIAL_TAG = "partial"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,14 +109,13 @@ def atomic_dir(path, overwrite: bool = False):
         raise UserError(f"{path}: output exists; pass --overwrite to replace it")
     make_dirs(path.parent)
     remove_stale_partials(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent)))
+    prefix = f".{path.name}.{PARTIAL_TAG}-{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=str(path.parent)))
     try:
         # mkdtemp creates 0700; give the dir the mode `mkdir` would, so that others on a shared
         # cluster can read published checkpoints (files inside are written with open(): umask too).
         os.chmod(tmp, 0o777 & ~_umask())
-        (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
         yield tmp
-        (tmp / PARTIAL_MARKER).unlink()
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -128,13 +129,8 @@ def atomic_dir(path, overwrite: bool = False):
         raise
 
 
-def _owner_is_gone(marker: Path) -> bool:
-    """True when the marker's process is known dead: same host, no such pid. Unknown: keep the dir."""
-    try:
-        info = json.loads(marker.read_text())
-        pid, host = int(info["pid"]), str(info["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+def _owner_is_gone(host: str, pid: int) -> bool:
+    """True when the writer is known dead: this host, no such pid. Unknown: keep the dir."""
     if host != socket.gethostname():
         return False  # another node of a shared filesystem may still be writing it
     if pid == os.getpid():
@@ -149,15 +145,16 @@ def _owner_is_gone(marker: Path) -> bool:
 
 
 def remove_stale_partials(path) -> list:
-    """Remove `.<name>.*.tmp` dirs beside `path` left by our own runs that were killed (SIGKILL, OOM,
-    a lost node): only dirs holding our marker whose process is gone. Returns the removed dirs."""
+    """Remove temporary dirs of `path` left by our own runs that were killed (SIGKILL, OOM): only
+    dirs named by `atomic_dir` whose process is gone. Returns the removed dirs."""
     path = Path(path)
     removed = []
     if not path.parent.is_dir():
         return removed
-    for cand in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
-        marker = cand / PARTIAL_MARKER
-        if cand.is_dir() and not cand.is_symlink() and marker.is_file() and _owner_is_gone(marker):
+    ours = re.compile(rf"\.{re.escape(path.name)}\.{PARTIAL_TAG}-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+\.tmp")
+    for cand in sorted(path.parent.glob(f".{glob.escape(path.name)}.{PARTIAL_TAG}-*.tmp")):
+        m = ours.fullmatch(cand.name)
+        if m and cand.is_dir() and not cand.is_symlink() and _owner_is_gone(m["host"], int(m["pid"])):
             shutil.rmtree(cand, ignore_errors=True)
             log.warning("removed %s: a partial output left by an earlier run that was killed", cand)
             removed.append(cand)

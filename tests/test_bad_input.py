@@ -140,6 +140,16 @@ OUT_COMMANDS = [
     ("train --dry-run", lambda b, t, m, o: _dry(o)),
     ("train", lambda b, t, m, o: _train(m, o)),
     ("sft.convert", lambda b, t, m, o: ["sft.convert", SFT_SAMPLE, "--out", Path(o) / "x.jsonl"]),
+    ("selfinstruct", lambda b, t, m, o: ["selfinstruct", "--seed-tasks", SFT_SAMPLE, "--out", Path(o) / "x.jsonl",
+                                         "--num", "2", *API]),
+    ("translate", lambda b, t, m, o: ["translate", "--input", SFT_SAMPLE, "--out", Path(o) / "x.jsonl", *API]),
+]
+API = ["--api-base", "http://127.0.0.1:9/v1", "--model", "m"]  # never reached: input is refused first
+JSON_COMMANDS = [
+    ("sft.convert --strict", lambda b, t, m, o, f: ["sft.convert", b[f], "--out", o, "--strict"]),
+    ("sft.convert", lambda b, t, m, o, f: ["sft.convert", b[f], "--out", o]),
+    ("selfinstruct", lambda b, t, m, o, f: ["selfinstruct", "--seed-tasks", b[f], "--out", o, "--num", "2", *API]),
+    ("translate", lambda b, t, m, o, f: ["translate", "--input", b[f], "--out", o, *API]),
 ]
 CONFIG_VALUES = [("lr=-1", "lr"), ("lr=.nan", "lr"), ("lora_r=0", "lora_r"), ("lora_dropout=1.5", "lora_dropout"),
                  ("betas=[0.9]", "betas"), ("warmup_ratio=5", "warmup_ratio"), ("grad_clip=-1", "grad_clip"),
@@ -168,9 +178,8 @@ def _cases():
         cases.append((f"7 out-under-file | {name}",
                       lambda b, t, m, o, build=build: build(b, t, m, Path(b["file"]) / "out"), "file"))
     for f in ("nested-10000.sft", "lone-surrogate.sft"):                                 # item 8
-        cases.append((f"8 {f} | sft.convert --strict",
-                      lambda b, t, m, o, f=f: ["sft.convert", b[f], "--out", o, "--strict"], f))
-        cases.append((f"8 {f} | sft.convert", lambda b, t, m, o, f=f: ["sft.convert", b[f], "--out", o], f))
+        for name, build in JSON_COMMANDS:
+            cases.append((f"8 {f} | {name}", lambda b, t, m, o, build=build, f=f: build(b, t, m, o, f), f))
     for value, key in CONFIG_VALUES:                                                     # item 9
         cases.append((f"9 {value} | train --dry-run", lambda b, t, m, o, value=value: _dry(o, value), f"'{key}'"))
     cases.append(("9 lora_targets=[foo] | train", lambda b, t, m, o: _train(m, o, "lora_targets=[foo]"),

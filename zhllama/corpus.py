@@ -369,11 +369,12 @@ def read_json_records(path, what: str = "input file") -> list:
         raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     if text.lstrip().startswith("["):
         try:
-            return [(f"record {i}", obj) for i, obj in enumerate(json.loads(text), 1)]
+            items = [(f"record {i}", obj) for i, obj in enumerate(json.loads(text), 1)]
         except json.JSONDecodeError as e:
             raise InputError(path, f"invalid JSON: {e.msg}", e.lineno) from None
         except RecursionError:
             raise InputError(path, "JSON nested too deeply to read") from None
+        return _refuse_surrogates(path, items)
     items = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -383,4 +384,21 @@ def read_json_records(path, what: str = "input file") -> list:
                 raise InputError(path, f"invalid JSON ({e.msg} at column {e.colno})", lineno) from None
             except RecursionError:
                 raise InputError(path, "JSON nested too deeply to read", lineno) from None
+    return _refuse_surrogates(path, items)
+
+
+def _refuse_surrogates(path, items) -> list:
+    """A lone surrogate escape ("\\ud800") decodes to a str no encoder accepts: refuse it here, by line."""
+    for where, value in items:
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                if _SURROGATES.search(v):
+                    raise InputError(path, "lone surrogate escape (half of a UTF-16 pair, not a character)", where)
+            elif isinstance(v, dict):
+                stack.extend(v.keys())
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
     return items

@@ -184,6 +184,9 @@ def _cases():
         cases.append((f"9 {value} | train --dry-run", lambda b, t, m, o, value=value: _dry(o, value), f"'{key}'"))
     cases.append(("9 lora_targets=[foo] | train", lambda b, t, m, o: _train(m, o, "lora_targets=[foo]"),
                   "'lora_targets'"))
+    cases.append(("9 lora_targets=[foo] | train --dry-run",
+                  lambda b, t, m, o: ["train", "--dry-run", f"model={m}", f"out={o}", "stage=sft", "data=[x.jsonl]",
+                                      "lora_targets=[q_proj,foo]"], "'foo'"))
     cases.append(("9 config-gbk | train --dry-run",
                   lambda b, t, m, o: ["train", "--dry-run", "--config", b["config-gbk"]], "config-gbk"))
     cases.append(("10 gbk | vocab report", lambda b, t, m, o: ["vocab", "report", "--tokenizer", t,
@@ -223,6 +226,8 @@ def test_bad_input_is_one_line_exit_2(case, bad, tiny_tokenizer_dir, tiny_model_
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert code == 2, f"{name}: exit {code}\n{err[-3000:]}"
+    import torch.distributed
+    assert not torch.distributed.is_initialized(), f"{name}: refused only after a process group started"
     assert "Traceback" not in err, err
     assert len(errors) == 1, err
     head, _, tail = names.partition("/")

@@ -259,26 +259,26 @@ def safetensors_header(path) -> dict:
     return out
 
 
-def _expected_shapes(model_dir, cfg: dict) -> dict:
-    """Parameter name -> shape of the model `config.json` describes, built on the meta device."""
+def meta_model(model_dir):
+    """The model a checkpoint's `config.json` describes, on the meta device (no memory, no weights):
+    for checking shapes and module names before anything is loaded."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    read_model_config(model_dir)  # a missing or unreadable config.json: one line
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{Path(model_dir) / 'config.json'}: cannot build the model it describes: {e}") from None
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def check_checkpoint(model_dir) -> None:
     """Refuse a checkpoint whose weight files are unreadable or whose tensors do not have the shapes
     its config.json implies, naming the shard and tensor; reads headers only."""
     d = Path(model_dir)
-    cfg = read_model_config(d)
-    expected = _expected_shapes(d, cfg)
+    expected = {k: tuple(v.shape) for k, v in meta_model(d).state_dict().items()}
     for shard in checkpoint_shards(d):
         for name, (_, shape) in safetensors_header(shard).items():
             want = expected.get(name)

@@ -143,6 +143,7 @@ OUT_COMMANDS = [
     ("selfinstruct", lambda b, t, m, o: ["selfinstruct", "--seed-tasks", SFT_SAMPLE, "--out", Path(o) / "x.jsonl",
                                          "--num", "2", *API]),
     ("translate", lambda b, t, m, o: ["translate", "--input", SFT_SAMPLE, "--out", Path(o) / "x.jsonl", *API]),
+    ("demo", lambda b, t, m, o: ["demo", "--quick", "--out", o]),
 ]
 API = ["--api-base", "http://127.0.0.1:9/v1", "--model", "m"]  # never reached: input is refused first
 JSON_COMMANDS = [

@@ -195,7 +195,8 @@ _ST_MAX_HEADER = 100 << 20
 
 
 def checkpoint_shards(model_dir) -> list:
-    """The safetensors files of a checkpoint dir, in index order (every listed shard must exist)."""
+    """The safetensors files of a checkpoint dir, in index order (every listed shard must exist);
+    [] for a checkpoint with only legacy pytorch_model*.bin weights."""
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     if index.is_file():
@@ -211,9 +212,9 @@ def checkpoint_shards(model_dir) -> list:
     if (d / "model.safetensors").is_file():
         return [d / "model.safetensors"]
     if list(d.glob("pytorch_model*.bin")):
-        raise UserError(f"{d}: only pytorch_model*.bin weights; convert to safetensors first "
-                        "(load with transformers and save_pretrained)")
-    raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
+        return []  # legacy pickled weights: transformers reads them itself; nothing to check here
+    raise UserError(f"{d}: no weights (no model.safetensors, model.safetensors.index.json or "
+                    "pytorch_model*.bin)")
 
 
 def safetensors_header(path) -> dict:

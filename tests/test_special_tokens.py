@@ -51,3 +51,21 @@ def test_every_stage_encodes_like_data_pack(tiny_tokenizer_dir, tiny_model_dir):
     model = load_model(tiny_model_dir).eval()
     r = evaluate_docs(model, tok, [TRICKY], max_length=64, stride=32)    # eval counts the same tokens
     assert r["tokens"] == len(want)
+
+
+def test_data_pack_blocks_hold_the_same_ids(tiny_tokenizer_dir, tmp_path):
+    """The real `zhllama data pack`: with one document per block, every block is BOS + ids + EOS."""
+    from zhllama.cli import main
+    from zhllama.pretrain.shards import PackedBlocks
+
+    want = _sp(tiny_tokenizer_dir).encode(TRICKY)
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    src = tmp_path / "docs.txt"
+    src.write_text((TRICKY + "\n") * 5, encoding="utf-8")
+    assert main(["data", "pack", "--tokenizer", str(tiny_tokenizer_dir / "tokenizer.model"), "--input", str(src),
+                 "--out", str(tmp_path / "pack"), "--block-size", str(len(want) + 2), "--workers", "1",
+                 "--validation-ratio", "0"]) == 0
+    blocks = PackedBlocks(tmp_path / "pack", "train")
+    assert len(blocks) == 5
+    for i in range(len(blocks)):
+        assert list(blocks[i]) == [tok.bos_token_id] + encode_text(tok, TRICKY) + [tok.eos_token_id]

@@ -31,6 +31,7 @@ from typing import List
 
 from zhllama.errors import UserError
 from zhllama.log import get_logger
+from zhllama.textenc import encode_text
 
 log = get_logger("zhllama.eval")
 
@@ -111,7 +112,7 @@ def evaluate_docs(model, tokenizer, docs: List[str], max_length: int, stride: in
     head = [bos] if bos is not None else []
     wins, chars, tokens = [], 0, 0
     for doc in docs:
-        ids = head + list(tokenizer.encode(doc, add_special_tokens=False))
+        ids = head + encode_text(tokenizer, doc)  # "</s>" in the text is text, as `data pack` reads it
         tokens += len(ids) - len(head)
         chars += len(doc)
         wins.extend(windows(ids, max_length, stride))

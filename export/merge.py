@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output_path, sha256_file
 from zhllama.log import get_logger
 from zhllama.modelio import PADDED_VOCAB_KEY, SP_MODEL_NAME, read_model_config, write_resized_configs
 
@@ -350,6 +350,7 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
     t0 = time.perf_counter()
     _TOKENIZERS.clear()
     base, out = Path(base), Path(out)
+    check_output_path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: output exists; pass --overwrite to replace it")
     if not adapters:

@@ -67,9 +67,10 @@ def _data_lines(run_config: dict) -> list:
 
 def _tokens_per_char(tok_path, text: str):
     from zhllama.modelio import load_tokenizer
+    from zhllama.textenc import encode_text
     tok = load_tokenizer(tok_path)
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    n_tokens = sum(len(tok.encode(ln, add_special_tokens=False)) for ln in lines)
+    n_tokens = sum(len(encode_text(tok, ln)) for ln in lines)
     return n_tokens / max(1, sum(len(ln) for ln in lines))
 
 

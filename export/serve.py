@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from zhllama.argtypes import port_number
 from zhllama.errors import UserError
 from zhllama.hosts import is_loopback_host
 from zhllama.log import get_logger
@@ -523,7 +524,7 @@ def add_arguments(parser):
     parser.add_argument("--name", help="model id clients send and /v1/models lists (default: the directory name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 "
                         "exposes the model to the network: set --api-key)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0 = any free port)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on every endpoint but /health "
                              f"(default: ${API_KEY_ENV}; none: no auth)")

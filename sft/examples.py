@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from zhllama.log import get_logger
+from zhllama.textenc import encode_text
 
 from .records import Record
 from .templates import Template, get_template
@@ -48,8 +49,9 @@ _warned = set()
 
 def encode(tokenizer, text: str) -> List[int]:
     """Ids of `text` as the start of a sequence, without special tokens (a dummy prefix, if the
-    tokenizer uses one, is included)."""
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    tokenizer uses one, is included). A literal "</s>" in the text stays text (zhllama.textenc):
+    BOS/EOS come only from `_pieces`, by id."""
+    return encode_text(tokenizer, text)
 
 
 def encode_continuation(tokenizer, text: str) -> List[int]:

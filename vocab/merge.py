@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from zhllama.errors import UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
+from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path, sha256_file
 from zhllama.log import get_logger
 from zhllama import spm as _spm
 
@@ -64,6 +64,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    check_output_path(args.out)
     report = merge_tokenizers(args.base, args.add, args.out, compat=args.compat, max_vocab=args.max_vocab,
                               drop_unreachable=not args.keep_unreachable, overwrite=args.overwrite,
                               model_max_length=args.model_max_length)

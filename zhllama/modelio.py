@@ -252,7 +252,7 @@ def save_tokenizer(tokenizer_dir_or_obj, out_dir) -> None:
         if cfg.pop("zhllama_sp_model", None) is not None:
             cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     # A class name transformers 4.x knows too (5.x writes "TokenizersBackend").
-    from zhllama.hf_tokenizer import make_portable
+    from .hf_tokenizer import make_portable
     make_portable(out_dir)
 
 

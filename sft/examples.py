@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from zhllama.log import get_logger
+from zhllama.textenc import encode_text
 
 from .records import Record
 from .templates import Template, get_template
@@ -105,16 +106,16 @@ def _pieces(tokenizer, template: Template, messages, system=None, input="") -> L
         if kind == "response":
             continue  # tokenized with the user turn before it
         start = head if (kind == "prompt" or template.bos_each_turn) else []
-        prompt = encode(tokenizer, text)
+        prompt = encode_text(tokenizer, text)
         reply = segs[i + 1][1] if i + 1 < len(segs) else None
         if reply is not None and i + 2 < len(segs):  # an earlier reply, as the rendered text tokenizes
-            whole = encode(tokenizer, text + template.response_join + reply)
+            whole = encode_text(tokenizer, text + template.response_join + reply)
             k = _common_prefix(whole, prompt)
             out += [(start + whole[:k], kind), (whole[k:] + [eos], "response")]
             continue
         out.append((start + prompt, kind))
         if reply is not None:  # the last reply, right after the generation prompt
-            ids = (encode(tokenizer, reply) if template.response_seam == "standalone"
+            ids = (encode_text(tokenizer, reply) if template.response_seam == "standalone"
                    else encode_continuation(tokenizer, reply))
             out.append((ids + [eos], "response"))
     return out

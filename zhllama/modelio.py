@@ -375,6 +375,9 @@ def save_tokenizer(tokenizer_dir_or_obj, out_dir) -> None:
         cfg = _read_json(cfg_file)
         if cfg.pop("zhllama_sp_model", None) is not None:
             cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    # A class name transformers 4.x knows too (5.x writes "TokenizersBackend").
+    from .hf_tokenizer import make_portable
+    make_portable(out_dir)
 
 
 def save_pretrained_atomic(model, tokenizer_dir_or_obj, out_dir, overwrite=False) -> Path:

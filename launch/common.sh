@@ -91,15 +91,14 @@ zhllama_launch() {
     exec "$py" -m "${train[@]}"
   fi
 
-  local ds_bin
-  ds_bin=$(dirname "$(command -v "$py")")/deepspeed
-  [ -x "$ds_bin" ] || ds_bin=deepspeed
+  # The `deepspeed` command, run by this python so that the ranks it starts use the same one.
+  local ds=("$py" -m deepspeed.launcher.runner)
   local log_dir=${LOG_DIR:-runs/logs}
 
   # 2. A hostfile: DeepSpeed starts every node from here over ssh (pdsh).
   if [ -n "${HOSTFILE:-}" ]; then
     [ -f "$HOSTFILE" ] || _launch_fail "HOSTFILE $HOSTFILE not found" || return
-    local cmd=("$ds_bin" --hostfile "$HOSTFILE" --master_port "$master_port")
+    local cmd=("${ds[@]}" --hostfile "$HOSTFILE" --master_port "$master_port")
     [ -z "${MASTER_ADDR:-}" ] || cmd+=(--master_addr "$MASTER_ADDR")
     _launch_run "$log_dir/${run_name}_node0.log" "${cmd[@]}" "${extra[@]}" --no_local_rank --module "${train[@]}"
     return
@@ -122,7 +121,7 @@ zhllama_launch() {
 
   # 4. One node: DeepSpeed's launcher, one rank per GPU. With CUDA_VISIBLE_DEVICES set, the ranks
   #    go on those GPUs (DeepSpeed ignores the variable once --num_gpus is given).
-  local cmd=("$ds_bin" --master_port "$master_port")
+  local cmd=("${ds[@]}" --master_port "$master_port")
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
     local ids
     IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"

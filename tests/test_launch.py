@@ -32,6 +32,7 @@ STEPS = 6
 COMMON = [f"max_steps={STEPS}", "global_batch=8", "micro_batch=2", "block_size=32", "lr=0.01",
           "save_every=2", "keep_last=2", "eval_every=0", "tensorboard=false"]
 TIMEOUT = 600
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]  # the `deepspeed` command, this python
 # Two nodes on one shared `out` need checkpoints finalised by global rank 0 alone. Until branch engine12
 # (pretrain/checkpoint.py) is merged, each node's local rank 0 renames the same .tmp-step-N directory
 # and one of them dies with FileNotFoundError (or deletes the other's step-N). Remove after the merge.
@@ -274,10 +275,9 @@ def test_every_launch_form_trains_the_same_world_of_two(form, tmp_path, train_ar
     port = _free_port()
     script = str(LAUNCH / "pretrain_stage2.sh")
     if form == "deepspeed":  # `python launch/pretrain_stage2.sh --local_rank=N ...` on each rank
-        res = _outer([str(BIN / "deepspeed") if (BIN / "deepspeed").exists() else "deepspeed",
-                      "--num_gpus", "2", "--master_port", str(port), script, *args], run)
+        res = _outer([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), script, *args], run)
     elif form == "deepspeed --no_python":
-        res = _outer(["deepspeed", "--no_python", "--num_gpus", "2", "--master_port", str(port), script, *args], run)
+        res = _outer([*DEEPSPEED, "--no_python", "--num_gpus", "2", "--master_port", str(port), script, *args], run)
     elif form == "torchrun --no-python":
         res = _outer([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                       str(port), "--no-python", "bash", script, *args], run)

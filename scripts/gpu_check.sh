@@ -39,7 +39,7 @@ py=${PYTHON:-python}
 steps=20 kill_after=10 micro=8 global=32 block=512
 [ "$smoke" = 0 ] || { steps=6 kill_after=2 micro=2 global=4 block=64; }
 steps=${STEPS:-$steps}              # optimizer steps per stage
-kill_after=${KILL_AFTER:-$kill_after} # stage 2 is SIGKILLed once this checkpoint is complete
+kill_after=${KILL_AFTER:-$kill_after} # checkpoint interval; stage 2 is SIGKILLed 2 steps after it
 micro=${MICRO_BATCH:-$micro}
 global=${GLOBAL_BATCH:-$global}
 export GPUS_PER_NODE=1 LOG_DIR=$work/logs PYTHON=$py
@@ -142,19 +142,13 @@ model=(model="$work/model" data="[$work/packed]")
 stage stage1 pretrain_stage1.sh "${model[@]}" out="$work/stage1" "${common[@]}"
 stage stage2 pretrain_stage2.sh "${model[@]}" out="$work/stage2" init_adapters="[$work/stage1/final]" "${common[@]}"
 
-# Stage 2 again: SIGKILL (the launcher and its rank) once step-$kill_after is complete, restart, and
-# compare with the uninterrupted run above.
+# Stage 2 again: the training process is SIGKILLed right after step kill_after+2 (the engine's
+# ZHLLAMA_CRASH hook: an exact moment, however fast the steps), then restarted: it must resume from
+# checkpoint step-$kill_after and end like the uninterrupted run above.
 resume_args=("${model[@]}" out="$work/stage2_resume" init_adapters="[$work/stage1/final]" "${common[@]}")
-say "stage 2 again, SIGKILLed after checkpoint step-$kill_after, then restarted"
-printf '+ '; printf '%q ' setsid bash launch/pretrain_stage2.sh "${resume_args[@]}"; echo " &"
-echo "+ wait for $work/stage2_resume/checkpoints/step-$kill_after/zhllama_state.json; kill -SIGKILL -- -PID"
-if [ "$dry" = 0 ]; then
-  setsid bash launch/pretrain_stage2.sh "${resume_args[@]}" >"$work/logs/stage2_killed.out" 2>&1 &
-  pid=$!
-  marker=$work/stage2_resume/checkpoints/step-$kill_after/zhllama_state.json
-  while [ ! -f "$marker" ] && kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
-  kill -KILL -- "-$pid" 2>/dev/null || fail "stage 2 ended before the SIGKILL"
-  wait "$pid" 2>/dev/null || true
+say "stage 2 again, SIGKILLed after step $((kill_after + 2)), then restarted"
+if run env ZHLLAMA_CRASH="after-step:$((kill_after + 2))" bash launch/pretrain_stage2.sh "${resume_args[@]}"; then
+  [ "$dry" = 1 ] || fail "stage 2 was not killed"
 fi
 stage stage2_resume pretrain_stage2.sh "${resume_args[@]}"
 
@@ -221,7 +215,7 @@ if a and b:
     wa = load_file(str(work / "stage2" / "final" / "adapter_model.safetensors"))
     wb = load_file(str(work / "stage2_resume" / "final" / "adapter_model.safetensors"))
     diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
-    resumed = "resumed from" in (work / "logs" / "pretrain_stage2_node0.log").read_text()
+    resumed = f"resumed from {work / 'stage2_resume' / 'checkpoints'}" in (work / "logs" / "pretrain_stage2_node0.log").read_text()
     print(f"\nSIGKILL + restart of stage 2: resumed {'yes' if resumed else 'NO'}, steps {sorted(got) == sorted(ref)}, "
           f"max relative loss difference {rel:.2e}, max adapter difference {diff:.2e} (0 = bit-exact)")
     if not resumed or sorted(got) != sorted(ref) or rel > 1e-3:

@@ -200,8 +200,10 @@ for run, stage in (("stage1", "stage1"), ("stage2", "stage2"), ("stage2_resume",
     tps = sum(r["tokens_per_s"] for r in tail) / len(tail)
     mfu = sum(r["mfu"] for r in tail) / len(tail)
     peak, planned = peak_gib(run), plan_gib(stage)
+    def num(x, fmt):
+        return format(x, fmt) if x == x else "n/a"
     print(f"{run:<15}{m[-1]['step']:>6}{m[0]['loss']:>10.3f} → {m[-1]['loss']:<7.3f}{tps:>10,.0f}{100 * mfu:>6.1f}%"
-          f"{peak:>10.1f}{planned:>10.1f}{ckpt_mb(run):>9,.0f}")
+          f"{num(peak, '.1f'):>10}{num(planned, '.1f'):>10}{num(ckpt_mb(run), ',.0f'):>9}")
     if not all(r["loss"] is not None for r in m):
         bad.append(f"{run}: non-finite loss")
     if peak == peak and planned == planned and peak > 1.25 * planned:

@@ -6,8 +6,9 @@ ranks under the DeepSpeed launcher gives (`one_node`, the reference):
   outer launcher plain `deepspeed launch/x.sh`, `deepspeed --no_python`, `torchrun --no-python`
   hostfile       HOSTFILE with one host (the local launch path DeepSpeed takes for it)
   slurm          launch/slurm.sbatch with stand-in `srun`/`scontrol` that start 2 tasks with SLURM_*
-The command each form builds is checked without running (DRY_RUN=1) for what a CPU cannot show:
-CUDA_VISIBLE_DEVICES and a hostfile without MASTER_ADDR.
+The two nodes are also SIGKILLed after a checkpoint and restarted: they must end exactly as the
+uninterrupted two-node run. The command each form builds is checked without running (DRY_RUN=1) for
+what a CPU cannot show: CUDA_VISIBLE_DEVICES and a hostfile without MASTER_ADDR.
 """
 
 import json

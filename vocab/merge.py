@@ -81,8 +81,8 @@ def _run_bpe(args) -> int:
 
 
 def run(args) -> int:
-    from zhllama.bpe import is_bpe_json_base
-    if is_bpe_json_base(args.base):
+    from zhllama.bpe import is_bpe_json_base, tokenizer_json_path
+    if is_bpe_json_base(args.base) and tokenizer_json_path(args.add) is not None:
         return _run_bpe(args)
     report = merge_tokenizers(args.base, args.add, args.out, compat=args.compat, max_vocab=args.max_vocab,
                               drop_unreachable=not args.keep_unreachable, overwrite=args.overwrite,

@@ -257,7 +257,8 @@ def format_table(report: dict) -> str:
                  + (f"; reference: {report['reference']}" if has_ref else ""))
     for r in rows:
         if r.get("parity_loader"):
-            lines.append(f"slow/fast for {r['tokenizer']}: sentencepiece vs {r['parity_loader']}")
+            how = r["parity_loader"] if r["model_type"] == "byte-level bpe" else f"sentencepiece vs {r['parity_loader']}"
+            lines.append(f"slow/fast for {r['tokenizer']}: {how}")
     return "\n".join(lines)
 
 

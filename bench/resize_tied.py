@@ -34,6 +34,22 @@ def bits_per_char(model, tok, lines, max_tokens=256):
     return nll / math.log(2) / chars
 
 
+def save_plain(model, out_dir):
+    """A GGUF-loaded model refuses save_pretrained (marked quantized; its weights are dequantized
+    float32 by now): write its state dict and config as a plain checkpoint, without the tied lm_head."""
+    import json
+    from safetensors.torch import save_file
+    out_dir.mkdir(parents=True)
+    tied = model.config.tie_word_embeddings
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(str(out_dir))
+    cfg_file = out_dir / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("quantization_config", None)
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", required=True)
@@ -51,7 +67,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name)
     tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
     base_dir = work / "base"
-    model.save_pretrained(str(base_dir))
+    save_plain(model, base_dir)
     tok.save_pretrained(str(base_dir))
     print(f"{g.name}: tie_word_embeddings={model.config.tie_word_embeddings}, vocab {model.config.vocab_size}; "
           f"{len(lines)} held-out lines", flush=True)

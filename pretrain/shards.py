@@ -123,7 +123,7 @@ class PackedBlocks:
         self.block_size = int(m["block_size"])
         tok = m["tokenizer"]
         self.vocab_size = int(tok["vocab_size"])
-        self.bos_id = int(tok["bos_id"])
+        self.bos_id = int(tok["bos_id"]) if tok["bos_id"] is not None else None  # tokenizer.json without BOS
         self.eos_id = int(tok["eos_id"])
         self.dtype = np.dtype(m["dtype"])
 

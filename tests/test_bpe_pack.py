@@ -94,3 +94,23 @@ def test_bos_eos_from_the_post_processor_without_config(tok_dir, tmp_path):
         assert bos == tk.token_to_id("<|begin_of_text|>") and eos is None
     else:
         assert bos is None and eos is None
+
+
+def test_tokenizer_without_bos_packs_ids_and_eos(tok_dir, tmp_path):
+    d = tmp_path / "nobos"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": cfg["eos_token"]}))
+    docs = _docs()[:300]
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    assert _pack(d, inp, tmp_path / "out", "--workers", "1") == 0
+    tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tk.encode_special_tokens = True
+    eos = tk.token_to_id(cfg["eos_token"])
+    want = [i for doc in docs for i in tk.encode(doc, add_special_tokens=False).ids + [eos]]
+    assert np.concatenate([a for _, a in shards.iter_unit_streams(tmp_path / "out")]).tolist() == want
+    ds = shards.PackedBlocks(tmp_path / "out")
+    assert ds.bos_id is None and ds.eos_id == eos and len(ds) == len(want) // 64
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["document"] == "ids+eos"

@@ -60,6 +60,11 @@ def test_tied_stays_tied_without_lm_head(env):
     model = AutoModelForCausalLM.from_pretrained(str(env["out"]))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert env["report"]["tied_embeddings"] is True
+    # the tokenizer written beside it is the merged one, specials at their ids
+    a = Tokenizer.from_file(str(env["merged"] / "tokenizer.json"))
+    b = Tokenizer.from_file(str(env["out"] / "tokenizer.json"))
+    assert b.get_vocab() == a.get_vocab()
+    assert b.token_to_id("<|begin_of_text|>") == cfg["bos_token_id"] == a.token_to_id("<|begin_of_text|>")
     assert env["report"]["lm_head_init"] == env["report"]["init"] == "subword-mean"
 
 

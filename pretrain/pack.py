@@ -281,6 +281,7 @@ _W: dict = {}
 
 
 def _init_worker(model_file: str, cfg: dict, pool: bool = True) -> None:
+    _W.clear()  # an in-process (--workers 1) pack may follow one with another kind of tokenizer
     if cfg.get("tokenizer_kind") == "tokenizers":
         if pool:  # one thread per worker process: --workers is the parallelism, as for sentencepiece
             os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from zhllama.errors import InputError, UserError
-from zhllama.spm import is_cjk_char
+from zhllama.spm import CJK_RANGES, is_cjk_char
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -200,14 +200,13 @@ def completions(tail: bytes, limit: int = 1 << 12):
 def _tail_is_cjk(tail: bytes) -> bool:
     """Every character starting with these bytes is CJK (checked over its code point range)."""
     need = _seq_len(tail[0]) - len(tail)
-    lo = tail + bytes([0x80] * need)
-    hi = tail + bytes([0xBF] * need)
+    first = tail + bytes([0x80] * need)
+    last = tail + bytes([0xBF] * need)
     try:
-        a, b = ord(lo.decode("utf-8")), ord(hi.decode("utf-8"))
+        a, b = ord(first.decode("utf-8")), ord(last.decode("utf-8"))
     except (UnicodeDecodeError, TypeError):
         return False
-    from zhllama.spm import CJK_RANGES
-    return any(lo_ <= a and b <= hi_ for lo_, hi_ in CJK_RANGES)
+    return any(lo <= a and b <= hi for lo, hi in CJK_RANGES)
 
 
 def is_cjk_safe(data: bytes) -> bool:

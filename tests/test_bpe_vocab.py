@@ -194,3 +194,11 @@ def test_merge_on_shared_chinese_corpus(merged, tmp_path):
     out = Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json"))
     english = english_lines()[:2000]
     assert [e.ids for e in base.encode_batch(english)] == [e.ids for e in out.encode_batch(english)]
+
+
+def test_bpe_base_with_a_sentencepiece_add_is_refused(merged, tmp_path, capsys):
+    from zhllama.tiny import make_tiny_sp
+    sp = make_tiny_sp(tmp_path / "zh.model")
+    assert main(["vocab", "merge", "--base", str(merged["base"]), "--add", str(sp), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "vocab train --base" in err and not (tmp_path / "o").exists()

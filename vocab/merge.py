@@ -80,10 +80,22 @@ def _run_bpe(args) -> int:
     return 0
 
 
+def _is_tokenizers_file(path) -> bool:
+    from zhllama.bpe import read_tokenizer_json
+    try:
+        read_tokenizer_json(path)
+        return True
+    except UserError:
+        return False
+
+
 def run(args) -> int:
     from zhllama.bpe import is_bpe_json_base, tokenizer_json_path
     if is_bpe_json_base(args.base) and tokenizer_json_path(args.add) is not None:
         return _run_bpe(args)
+    if is_bpe_json_base(args.base) and _is_tokenizers_file(args.base):
+        raise UserError(f"--base {args.base} is a tokenizer.json tokenizer: --add must be a tokenizer.json "
+                        f"too (`zhllama vocab train --base {args.base} ...`), not the SentencePiece model {args.add}")
     report = merge_tokenizers(args.base, args.add, args.out, compat=args.compat, max_vocab=args.max_vocab,
                               drop_unreachable=not args.keep_unreachable, overwrite=args.overwrite,
                               model_max_length=args.model_max_length)

@@ -17,6 +17,9 @@ tokens over the time spent in forward passes (tokenization and loading excluded)
 examples:
   zhllama eval --model merged/ --text heldout_zh.txt heldout_en.txt
   zhllama eval --model llama-7b/ --model merged/ --text heldout_zh.txt --json
+
+With --benchmark cmmlu|ceval it scores multiple-choice accuracy instead (see export/benchmark.py):
+  zhllama eval --benchmark cmmlu --data cmmlu/ --model merged/ --shots 5 --out results/
 """
 
 import json
@@ -28,6 +31,7 @@ from typing import List
 
 from zhllama.errors import UserError
 from zhllama.log import get_logger
+from zhllama.textenc import encode_text
 
 log = get_logger("zhllama.eval")
 
@@ -108,7 +112,7 @@ def evaluate_docs(model, tokenizer, docs: List[str], max_length: int, stride: in
     head = [bos] if bos is not None else []
     wins, chars, tokens = [], 0, 0
     for doc in docs:
-        ids = head + list(tokenizer.encode(doc, add_special_tokens=False))
+        ids = head + encode_text(tokenizer, doc)  # "</s>" in the text is text, as `data pack` reads it
         tokens += len(ids) - len(head)
         chars += len(doc)
         wins.extend(windows(ids, max_length, stride))
@@ -134,25 +138,42 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", action="append", required=True,
                         help="checkpoint dir; repeat to compare models (bits/char compares across tokenizers)")
     parser.add_argument("--tokenizer", help="tokenizer dir (default: each model's own; only with one --model)")
-    parser.add_argument("--text", nargs="+", required=True,
+    parser.add_argument("--text", nargs="+",
                         help="held-out text: .txt (a document per line), .jsonl, .parquet, .gz, dirs or globs")
     parser.add_argument("--text-field", default="text", help="JSON/parquet field holding the text (default text)")
     parser.add_argument("--doc-sep", choices=("line", "blank"), default="line",
                         help=".txt documents: one per line (default) or blank-line separated paragraphs")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="tokens per window (default: the model's context, at most 2048)")
+                        help="tokens per window (default: the model's context, at most 2048; benchmarks: 2048)")
     parser.add_argument("--stride", type=int, default=None,
                         help="new tokens scored per window for long documents (default: half of --max-length)")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate at most N documents per file")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="windows (benchmarks: questions) per forward pass (default 4)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate at most N documents per file (benchmarks: the first N questions per subject)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), float32, ...")
     parser.add_argument("--json", action="store_true", help="print one JSON object (machine-readable)")
+    bench = parser.add_argument_group("benchmarks (multiple-choice accuracy instead of perplexity)")
+    bench.add_argument("--benchmark", choices=("cmmlu", "ceval"),
+                       help="score CMMLU or C-Eval by the official protocol (needs --data, not --text)")
+    bench.add_argument("--data", help="benchmark folder: CMMLU dev/ + test/, C-Eval dev/ + val/")
+    bench.add_argument("--shots", type=int, default=0, help="dev examples before each question, 0..5 (default 0)")
+    bench.add_argument("--subjects", help="comma-separated subjects (default: every one with an eval file)")
+    bench.add_argument("--out", help="write predictions.jsonl and summary.json here (DIR/<model> for several)")
 
 
 def run(args) -> int:
     from zhllama.corpus import expand_inputs
 
+    if args.benchmark:
+        from .benchmark import run_benchmark
+        return run_benchmark(args)
+    if not args.text:
+        raise UserError("--text is required (or --benchmark cmmlu|ceval with --data)")
+    for flag in ("data", "subjects", "out"):
+        if getattr(args, flag):
+            raise UserError(f"--{flag} applies to --benchmark only")
     if args.tokenizer and len(args.model) > 1:
         raise UserError("--tokenizer applies to one --model; each of several models uses its own tokenizer")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):

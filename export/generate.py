@@ -143,7 +143,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from .serve import load_engine
+    from .inference import load_inference_model
 
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: not a directory")
@@ -152,8 +152,8 @@ def run(args) -> int:
     if not args.greedy and not (0.0 < args.temperature <= 5.0 and 0.0 < args.top_p <= 1.0):
         raise UserError(f"--temperature must be in (0, 5] and --top-p in (0, 1] (got {args.temperature}, "
                         f"{args.top_p}); use --greedy for deterministic output")
-    engine = load_engine(args.model, args.tokenizer, args.template, device=args.device, dtype=args.dtype,
-                         max_new_tokens=args.max_new_tokens)
+    engine = load_inference_model(args.model, args.tokenizer, args.template, device=args.device,
+                                  dtype=args.dtype, max_new_tokens=args.max_new_tokens)
     sampling = {"max_tokens": args.max_new_tokens, "temperature": 0.0 if args.greedy else args.temperature,
                 "top_p": args.top_p, "seed": args.seed}
     gen = Generator(engine, use_template=not args.no_template, system=args.system, input=args.input,

@@ -20,7 +20,9 @@ an adapter and the base (49953 vs 49954 rows, a LoRA for another model size) is 
 anything is written, with the sizes and the files in the message.
 
 Output (written to a temp dir, checked, then renamed): safetensors shards + index, config.json with the
-real vocab_size, generation_config.json, the tokenizer, README.md (a model card stating base, adapters,
+real vocab_size, generation_config.json, the tokenizer (tokenizer_config.json loadable by transformers 4.x
+and 5.x, and the SFT template as a Jinja chat template: `chat_template.jinja` and `chat_template` in
+tokenizer_config.json; none for a pretraining-only merge), README.md (a model card stating base, adapters,
 data, hyperparameters and tokenizer figures), zhllama_merge.json (what was merged) and SHA256SUMS
 (`sha256sum -c SHA256SUMS` checks every file). Before the rename every tensor name and shape of the
 output is compared with the base's, config vocab_size with the embedding rows, and the tokenizer
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output_path, sha256_file
 from zhllama.log import get_logger
 from zhllama.modelio import PADDED_VOCAB_KEY, SP_MODEL_NAME, read_model_config, write_resized_configs
 
@@ -340,9 +342,55 @@ def _peak_rss() -> int:
     return peak_rss_bytes()
 
 
+def sft_template(adapters: List[Adapter], override=None):
+    """(Template, where it came from) that the last SFT adapter was trained with, or (None, why not).
+
+    New runs record the whole definition (`template_spec`); older ones only a name or file path."""
+    from zhllama.sft.templates import Template, get_template
+
+    if override is not None:
+        return get_template(override), f"--template {override}"
+    for ad in reversed(adapters):
+        if ad.stage != "sft":
+            continue
+        run = (ad.meta or {}).get("run_config") or {}
+        if run.get("template_spec"):
+            return Template.from_dict(run["template_spec"], source=f"{ad.path}/zhllama_adapter.json"), \
+                f"recorded in {ad.path}"
+        if run.get("template"):
+            try:
+                return get_template(run["template"]), f"named in {ad.path} ({run['template']})"
+            except UserError as e:
+                raise UserError(f"{ad.path} was trained with template {run['template']!r}, which cannot be read "
+                                f"here ({e}); pass it as --template") from None
+        return get_template("alpaca"), f"{ad.path} records no template; zhllama's default (alpaca)"
+    return None, "no SFT adapter (a pretraining-only merge: a base model, no chat template)"
+
+
+def _check_chat_template(out_dir: Path, template) -> None:
+    """The tokenizer loaded from `out_dir` renders, with add_generation_prompt, the ids training
+    used (`encode_chat_prompt`); raises RuntimeError otherwise."""
+    from transformers import AutoTokenizer
+
+    from zhllama.sft.examples import encode_chat_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    msgs = [{"role": "user", "content": "用一句话介绍北京。"}, {"role": "assistant", "content": "北京是中国的首都。"},
+            {"role": "user", "content": "Name three colors."}]
+    if template.turn is None:
+        msgs = msgs[-1:]
+    got = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = tok(got, add_special_tokens=False)["input_ids"]
+    if ids != encode_chat_prompt(tok, template, msgs):
+        raise RuntimeError(f"{out_dir}: the chat template does not reproduce the training prompt ids")
+
+
 def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", tokenizer=None,
-                     overwrite=False) -> dict:
-    """Merge `adapters` (dirs, in order) into the checkpoint `base`, write `out`; returns the report."""
+                     overwrite=False, template=None, ollama_modelfile=None) -> dict:
+    """Merge `adapters` (dirs, in order) into the checkpoint `base`, write `out`; returns the report.
+
+    `template`: the SFT template to ship when the adapters record none (default: theirs);
+    `ollama_modelfile`: also write an Ollama `Modelfile` whose FROM is this (e.g. ".")."""
     from zhllama.vocab.resize import parse_size
 
     from .st_stream import Reader, ShardWriter, plan_shards
@@ -350,6 +398,7 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
     t0 = time.perf_counter()
     _TOKENIZERS.clear()
     base, out = Path(base), Path(out)
+    check_output_path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: output exists; pass --overwrite to replace it")
     if not adapters:
@@ -374,6 +423,9 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
     # 1. Read and check everything before writing anything.
     ads = [read_adapter(a) for a in adapters]
     _warn_order(ads)
+    chat, chat_source = sft_template(ads, template)
+    if ollama_modelfile is not None and chat is None:
+        raise UserError("--ollama-modelfile needs an SFT template: this merge has no SFT adapter (pass --template)")
     cur_shapes, rows, tok_src = dict(shapes), rows0, (base if _has_tokenizer(base) else None)
     if tok_src is not None:
         _check_tokenizer(tok_src, rows, padded_to, f"the base {base}")
@@ -430,6 +482,14 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
             # 3. Config, generation config, tokenizer.
             new_cfg = _write_configs(base, cfg, tmp, rows, n_tok, out_dtype_name, tok_src)
             _write_tokenizer(tok_src, tmp)
+            from zhllama.hf_tokenizer import make_portable
+            make_portable(tmp, chat_template=chat.chat_template() if chat is not None else None)
+            if chat is not None:
+                _check_chat_template(tmp, chat)
+                if ollama_modelfile is not None:
+                    from .ollama import modelfile
+                    atomic_write_text(tmp / "Modelfile", modelfile(chat, ollama_modelfile))
+            log.info("chat template: %s (%s)", chat.name if chat is not None else "none", chat_source)
 
             # 4. Check what was written against the base before it becomes `out`.
             verify_output(tmp, cur_shapes, out_dtype_name, rows, base)
@@ -437,6 +497,9 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
             report = {
                 "format": "zhllama-merge", "out": str(out), "base": str(base), "base_vocab_size": rows0, "vocab_size": rows,
                 "tokenizer": str(tok_src), "tokenizer_size": n_tok, "dtype": out_dtype_name,
+                "chat_template": ({"name": chat.name, "response_seam": chat.response_seam, "source": chat_source,
+                                   "definition": chat.to_dict()} if chat is not None else None),
+                "chat_template_note": chat_source,
                 "adapters": [_adapter_record(ad) for ad in ads],
                 "shards_in": [s.name for s in shards], "shards_out": out_files,
                 "largest_shard_in_bytes": max(s.stat().st_size for s in shards),
@@ -560,12 +623,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer to ship (default: the last adapter's, else the base's)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--template", default=None,
+                        help="SFT template to ship as the chat template when the SFT adapter records none "
+                             "(a built-in name or a .yaml/.json file; default: the one the SFT run recorded)")
+    parser.add_argument("--ollama-modelfile", nargs="?", const=".", default=None, metavar="FROM",
+                        help="also write an Ollama Modelfile with the SFT template; FROM defaults to '.' "
+                             "(this dir), or name a GGUF converted from it (docs/deploy.md)")
 
 
 def run(args) -> int:
     report = merge_checkpoint(args.base, args.adapter, args.out, dtype=args.dtype,
                               max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, template=args.template,
+                              ollama_modelfile=args.ollama_modelfile)
+    chat = report["chat_template"]
+    print("chat template: " + (f"{chat['name']} ({chat['source']}), in chat_template.jinja and tokenizer_config.json"
+                               if chat else report["chat_template_note"] + "; none written"))
     print(f"merged {len(report['adapters'])} adapter(s) into {args.out}: {report['vocab_size']:,} rows, "
           f"{report['dtype']}, {len(report['shards_out'])} shard(s), peak RSS {report['peak_rss_bytes'] / 1e9:.2f} GB "
           f"(largest base shard {report['largest_shard_in_bytes'] / 1e9:.2f} GB), {report['seconds']}s")

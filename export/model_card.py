@@ -67,9 +67,10 @@ def _data_lines(run_config: dict) -> list:
 
 def _tokens_per_char(tok_path, text: str):
     from zhllama.modelio import load_tokenizer
+    from zhllama.textenc import encode_text
     tok = load_tokenizer(tok_path)
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    n_tokens = sum(len(tok.encode(ln, add_special_tokens=False)) for ln in lines)
+    n_tokens = sum(len(encode_text(tok, ln)) for ln in lines)
     return n_tokens / max(1, sum(len(ln) for ln in lines))
 
 
@@ -152,6 +153,7 @@ def render_model_card(report: dict, adapters, base_dir, base_tokenizer=None) -> 
              f"context {cfg.get('max_position_embeddings')}",
              "- `SHA256SUMS` lists every file; check a download with `sha256sum -c SHA256SUMS`",
              "- `zhllama_merge.json` records the merge (inputs, their sha256, the dtype, peak memory)", "",
+             *_chat_section(report),
              "## Use", "", "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
              "tok = AutoTokenizer.from_pretrained(\"PATH\")",
@@ -165,6 +167,22 @@ def render_model_card(report: dict, adapters, base_dir, base_tokenizer=None) -> 
              "of this merged checkpoint. The training data keep their own terms. zhllama's code is Apache-2.0; that "
              "does not change the licence of the weights. Check both before publishing.", ""]
     return "\n".join(front + body)
+
+
+def _chat_section(report: dict) -> list:
+    chat = report.get("chat_template")
+    if not chat:
+        return ["## Chat template", "",
+                f"None: {report.get('chat_template_note') or 'no SFT adapter'}. Prompt it with plain text.", ""]
+    seam = ("the reply follows the prompt text directly" if chat["response_seam"] == "continue" else
+            "the reply is tokenized as a new SentencePiece sequence after the prompt")
+    return ["## Chat template", "",
+            f"The SFT template `{chat['name']}` ({chat['source']}), written as `chat_template.jinja` and as "
+            "`chat_template` in tokenizer_config.json, so `tokenizer.apply_chat_template(messages, "
+            "add_generation_prompt=True)`, vLLM's OpenAI server and llama.cpp (`--jinja`, GGUF converted from "
+            f"this dir) prompt it exactly as it was trained ({seam}). Messages: an optional system message, "
+            "then user/assistant turns; Alpaca's input goes in an `input` key of the first user message, or "
+            "after the instruction on a new line. See docs/deploy.md in zhllama.", ""]
 
 
 def _template(adapters) -> str:

@@ -1,306 +1,307 @@
 """Serve a merged checkpoint over an OpenAI-compatible HTTP API.
 
-Endpoints: GET /v1/models, POST /v1/chat/completions (messages rendered with the SFT template, so the
-model sees exactly the prompt format it was trained on), POST /v1/completions (raw text prompt), both
-with "stream": true (server-sent events in OpenAI's chunk format). Any OpenAI client works against it,
-and so does `zhllama selfinstruct`.
+Endpoints: GET /health (no key needed), GET /v1/models, POST /v1/chat/completions (messages rendered
+with the SFT template, so the model sees exactly the prompt format it was trained on), POST
+/v1/completions (raw text prompt), both with "stream": true (server-sent events in OpenAI's chunk
+format). The official `openai` Python package works against it, and so does `zhllama selfinstruct`.
 
-One generation runs at a time (requests queue); the server is for evaluating and using your own model
-on one machine, not for high-throughput batch serving.
+Built on uvicorn + Starlette, with pydantic models for request bodies. What a server open to a
+network needs: `--api-key` (or $ZHLLAMA_API_KEY) for Bearer auth on every endpoint but /health; a
+Content-Length checked before a byte of the body is read (missing: 411, too large: 413); deadlines
+for a request's head and body, so idle or trickling connections are closed; prompts longer than the
+context could ever hold refused before they are tokenized. The model is not thread-safe: one worker
+thread generates, at most --queue-size requests wait for it, and further ones get 429.
+
+This is for evaluating and using your own model on one machine, not for high-throughput serving.
 
 example:
-  zhllama serve --model merged/ --template chinese-alpaca --port 8000
-  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+  zhllama serve --model merged/ --template chinese-alpaca --port 8000 --api-key "$(openssl rand -hex 16)"
+  curl http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer $KEY" \\
+       -H 'Content-Type: application/json' \\
        -d '{"model": "merged", "messages": [{"role": "user", "content": "你好"}]}'
 """
 
+import asyncio
+import hmac
 import json
+import os
+import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import List, Literal, Optional, Union
 
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from zhllama.argtypes import port_number
 from zhllama.errors import UserError
+from zhllama.hosts import is_loopback_host
 from zhllama.log import get_logger
+
+from .inference import InferenceModel, RequestError, load_inference_model
 
 log = get_logger(__name__)
 
 MAX_BODY = 8 << 20
+API_KEY_ENV = "ZHLLAMA_API_KEY"
+PUBLIC_PATHS = ("/health", "/v1/health")
 
 
-class RequestError(Exception):
-    """A bad request: answered with `status` and an OpenAI-style error object."""
+# -- request bodies -----------------------------------------------------------------------------
 
-    def __init__(self, message, status=400, param=None, code=None):
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
+def _no_bool(value):
+    """JSON true is not a number here (pydantic's lax mode would read it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
 
 
-class Engine:
-    """A model, its tokenizer and template; `generate` runs one request (serialised by a lock)."""
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")   # OpenAI fields we do not use (user, penalties...)
 
-    def __init__(self, model, tokenizer, template, name: str, max_new_tokens: int = 512):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.name = name
-        self.max_new_tokens = max_new_tokens
-        self.max_positions = getattr(model.config, "max_position_embeddings", None)
-        self.lock = threading.Lock()
-        self.requests = 0
+    model: Optional[str] = None
+    stream: bool = Field(False, strict=True)
+    n: int = Field(1, ge=1, le=1, strict=True)
+    max_tokens: Optional[int] = Field(None, ge=1, strict=True)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, strict=True)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = Field(None, strict=True)
 
-    # -- prompts -----------------------------------------------------------------------------
+    _numbers = field_validator("temperature", "top_p", mode="before")(_no_bool)
 
-    def chat_prompt_ids(self, messages) -> list:
-        from zhllama.sft.examples import encode_chat_prompt
+    def params(self) -> dict:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        return dict(max_tokens=self.max_tokens if self.max_tokens is not None else self.max_completion_tokens,
+                    temperature=1.0 if self.temperature is None else self.temperature,
+                    top_p=1.0 if self.top_p is None else self.top_p, stop=stop, seed=self.seed)
 
-        system = "\n".join(m["content"] for m in messages if m["role"] == "system") or None
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+
+class _Part(BaseModel):
+    type: str
+    text: Optional[str] = None
+
+
+class _Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, List[_Part]]
+
+    def text(self) -> str:
+        """A string, or the text parts of a list content ([{"type": "text", "text": ...}, ...])."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content if p.type == "text")
+
+
+class ChatRequest(_Sampling):
+    messages: List[_Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, List[str]]
+
+    def text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise RequestError("'prompt' must be a string (or a list of one string)", param="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+# -- the one generation thread ------------------------------------------------------------------
+
+class QueueFull(Exception):
+    pass
+
+
+class GenerationQueue:
+    """Runs jobs one at a time on one worker thread (the model is not thread-safe); at most `size`
+    jobs wait behind the running one, and `submit` refuses more at once (QueueFull) rather than
+    letting a burst of requests pile up without bound."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pending = 0                # the running job and those waiting
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhllama-generate")
+
+    def submit(self, fn):
+        with self._lock:
+            if self.pending > self.size:
+                raise QueueFull()
+            self.pending += 1
         try:
-            return encode_chat_prompt(self.tokenizer, self.template, turns, system=system)
-        except ValueError as e:
-            raise RequestError(f"messages: {e}", param="messages")
+            return self._pool.submit(self._run, fn)
+        except BaseException:
+            self._done()
+            raise
 
-    def text_prompt_ids(self, prompt: str) -> list:
-        ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        bos = self.tokenizer.bos_token_id
-        return ([bos] if bos is not None else []) + ids
-
-    # -- generation --------------------------------------------------------------------------
-
-    def generate(self, prompt_ids, max_tokens, temperature, top_p, stop, seed=None, on_text=None,
-                 template_stop=True):
-        """Generate a continuation. `on_text(piece)` receives text as it is produced (streaming).
-
-        Stop strings (the request's, and with `template_stop` the template's: a chat model's next
-        "### Instruction:") end the text before the string; text that
-        could be the start of a stop string is held back until it is known not to be one.
-        Returns (text, finish_reason, prompt_tokens, completion_tokens)."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        n_prompt = len(prompt_ids)
-        budget = max_tokens if max_tokens is not None else self.max_new_tokens
-        budget = min(budget, self.max_new_tokens)
-        if self.max_positions:
-            if n_prompt >= self.max_positions:
-                raise RequestError(f"the prompt is {n_prompt} tokens; this model takes at most "
-                                   f"{self.max_positions}", code="context_length_exceeded")
-            budget = min(budget, self.max_positions - n_prompt)
-        stops = [s for s in list(stop or []) + (list(self.template.stop) if template_stop else []) if s]
-        cancel = threading.Event()
-
-        class _Cancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        eos = self.tokenizer.eos_token_id
-        kwargs = dict(max_new_tokens=budget, streamer=streamer, eos_token_id=eos,
-                      pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
-                      stopping_criteria=StoppingCriteriaList([_Cancel()]))
-        if temperature and temperature > 0:
-            kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        result = {}
-
-        def work():
-            try:
-                with torch.no_grad():
-                    ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
-                    result["out"] = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-            except BaseException as e:          # reported to the client, never a hung stream
-                result["error"] = e
-            finally:
-                streamer.end()
-
-        with self.lock:
-            self.requests += 1
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            text, emitted, hit = "", 0, False
-            hold = max((len(s) for s in stops), default=1) - 1
-            try:
-                for piece in streamer:
-                    text += piece
-                    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                    if cut >= 0:
-                        text, hit = text[:cut], True
-                        cancel.set()
-                        break
-                    safe = len(text) - hold
-                    if on_text is not None and safe > emitted:
-                        on_text(text[emitted:safe])
-                        emitted = safe
-                if on_text is not None and len(text) > emitted:
-                    on_text(text[emitted:])
-            finally:
-                cancel.set()                     # the client went away, or a stop string was hit
-                thread.join()
-        if "error" in result:
-            raise result["error"]
-        n_out = result["out"].shape[1] - n_prompt
-        ended_by_eos = n_out > 0 and int(result["out"][0, -1]) == eos
-        finish = "stop" if hit or ended_by_eos or n_out < budget else "length"
-        return text, finish, n_prompt, n_out
-
-
-# -- request validation -------------------------------------------------------------------------
-
-def _content_text(content, i):
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):          # [{"type": "text", "text": ...}, ...]
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if all(isinstance(p, str) for p in parts):
-            return "".join(parts)
-    raise RequestError(f"messages[{i}].content must be a string", param="messages")
-
-
-def _messages(body):
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{i}] needs a role of system, user or assistant", param="messages")
-        out.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
-    return out
-
-
-def _number(body, key, default, lo, hi, cast=float):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise RequestError(f"'{key}' must be a number in [{lo}, {hi}]", param=key)
-    return cast(value)
-
-
-def _sampling(body):
-    if body.get("n", 1) != 1:
-        raise RequestError("only n=1 is supported", param="n")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
-        raise RequestError("'stop' must be a string or a list of strings", param="stop")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise RequestError("'max_tokens' must be a positive integer", param="max_tokens")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError("'seed' must be an integer", param="seed")
-    return dict(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=stop, seed=seed)
-
-
-# -- HTTP ---------------------------------------------------------------------------------------
-
-class Handler(BaseHTTPRequestHandler):
-    server_version = "zhllama-serve"
-
-    def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), fmt % args)
-
-    @property
-    def engine(self) -> Engine:
-        return self.server.engine
-
-    def _json(self, status, obj):
-        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _error(self, err: RequestError):
-        kind = "invalid_request_error" if err.status < 500 else "server_error"
-        self._json(err.status, {"error": {"message": str(err), "type": kind, "param": err.param,
-                                          "code": err.code}})
-
-    def do_GET(self):
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if path in ("/v1/models", "/models"):
-            self._json(200, {"object": "list", "data": [
-                {"id": self.engine.name, "object": "model", "created": self.server.started, "owned_by": "zhllama"}]})
-        elif path in ("/health", "/v1/health"):
-            self._json(200, {"status": "ok", "model": self.engine.name})
-        elif path in ("/v1/chat/completions", "/v1/completions"):
-            self._error(RequestError(f"{path} takes POST", status=405))
-        else:
-            self._error(RequestError(f"no route {path}", status=404))
-
-    def do_POST(self):
-        path = self.path.split("?", 1)[0].rstrip("/")
+    def _run(self, fn):
         try:
-            if path not in ("/v1/chat/completions", "/v1/completions"):
-                raise RequestError(f"no route {path}", status=404)
-            body = self._body()
-            model = body.get("model")
-            if model is not None and model != self.engine.name:
-                raise RequestError(f"model '{model}' not found; this server serves '{self.engine.name}'",
-                                   status=404, param="model", code="model_not_found")
-            params = _sampling(body)
-            if path == "/v1/chat/completions":
-                ids, kind = self.engine.chat_prompt_ids(_messages(body)), "chat"
-            else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise RequestError("'prompt' must be a string", param="prompt")
-                ids, kind = self.engine.text_prompt_ids(prompt), "text"
-            if body.get("stream"):
-                self._stream(kind, ids, params)
-            else:
-                self._complete(kind, ids, params)
+            return fn()
+        finally:
+            self._done()
+
+    def _done(self):
+        with self._lock:
+            self.pending -= 1
+
+    def shutdown(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+def _error(status, message, param=None, code=None, headers=None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _request_error(e: RequestError) -> JSONResponse:
+    return _error(e.status, str(e), e.param, e.code)
+
+
+def _validation_message(e: ValidationError):
+    err = e.errors(include_url=False)[0]
+    loc = err.get("loc") or ()
+    if err["type"] == "json_invalid":
+        return f"the request body is not JSON: {err['msg']}", None
+    if err["type"] == "model_type" and not loc:
+        return "the request body must be a JSON object", None
+    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+    return f"'{where}': {err['msg']}", (str(loc[0]) if loc else None)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class Service:
+    """The HTTP endpoints over one InferenceModel."""
+
+    def __init__(self, model: InferenceModel, queue_size: int = 16, body_timeout: float = 30.0):
+        self.model = model
+        self.queue = GenerationQueue(queue_size)
+        self.body_timeout = body_timeout
+        self.started = int(time.time())
+
+    async def health(self, request):
+        return JSONResponse({"status": "ok", "model": self.model.name})
+
+    async def models(self, request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model.name, "object": "model", "created": self.started, "owned_by": "zhllama"}]})
+
+    async def chat_completions(self, request):
+        req = await self._parse(request, ChatRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:           # refused here, before it waits in the queue, when it cannot fit in any case
+            self.model.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         except RequestError as e:
-            self._error(e)
-        except (BrokenPipeError, ConnectionResetError):
-            log.debug("client went away")
-        except Exception as e:  # a bug or a model failure: answer 500, keep serving
-            log.exception("request failed")
-            try:
-                self._error(RequestError(f"generation failed: {type(e).__name__}: {e}", status=500))
-            except OSError:
-                pass
+            return _request_error(e)
+        return await self._answer("chat", lambda: self.model.chat_prompt_ids(messages), req)
 
-    def _body(self):
+    async def completions(self, request):
+        req = await self._parse(request, CompletionRequest)
+        if isinstance(req, JSONResponse):
+            return req
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise RequestError("bad Content-Length")
-        if length > MAX_BODY:
-            raise RequestError(f"request body over {MAX_BODY} bytes", status=413)
+            prompt = req.text()
+            self.model.check_prompt_chars(len(prompt), "prompt")
+        except RequestError as e:
+            return _request_error(e)
+        return await self._answer("text", lambda: self.model.text_prompt_ids(prompt), req)
+
+    async def _parse(self, request: Request, schema):
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not JSON: {e}")
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
-        return body
+            raw = await asyncio.wait_for(request.body(), self.body_timeout)
+        except asyncio.TimeoutError:
+            return _error(408, f"the request body did not arrive within {self.body_timeout:g}s",
+                          headers={"Connection": "close"})
+        try:
+            req = schema.model_validate_json(raw or b"null")
+        except ValidationError as e:
+            message, param = _validation_message(e)
+            return _error(400, message, param)
+        if req.model is not None and req.model != self.model.name:
+            return _error(404, f"model '{req.model}' not found; this server serves '{self.model.name}'",
+                          param="model", code="model_not_found")
+        return req
 
     def _envelope(self, kind, stream=False):
         prefix, obj = ("chatcmpl", "chat.completion") if kind == "chat" else ("cmpl", "text_completion")
         if stream and kind == "chat":
             obj += ".chunk"
         return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": obj, "created": int(time.time()),
-                "model": self.engine.name}
+                "model": self.model.name}
 
-    def _complete(self, kind, ids, params):
-        text, finish, n_in, n_out = self.engine.generate(ids, template_stop=kind == "chat", **params)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if kind == "chat" else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-        self._json(200, dict(self._envelope(kind), choices=[choice], usage={
-            "prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}))
+    async def _answer(self, kind, prepare, req):
+        """Tokenize and generate on the worker thread (tokenizing is bounded by the same queue)."""
+        params, chat = req.params(), kind == "chat"
+        try:
+            if not req.stream:
+                def job():
+                    return self.model.generate(prepare(), template_stop=chat, **params)
+                text, finish, n_in, n_out = await asyncio.wrap_future(self.queue.submit(job))
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                          if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+                return JSONResponse(dict(self._envelope(kind), choices=[choice], usage={
+                    "prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}))
+            return await self._stream(kind, prepare, params)
+        except QueueFull:
+            return _error(429, f"the server is busy: {self.queue.size} requests are already waiting; retry "
+                               f"shortly", code="queue_full", headers={"Retry-After": "1"})
+        except RequestError as e:
+            return _request_error(e)
+        except Exception as e:  # a bug or a model failure: answer 500, keep serving
+            log.exception("request failed")
+            return _error(500, f"generation failed: {type(e).__name__}: {e}")
 
-    def _stream(self, kind, ids, params):
+    async def _stream(self, kind, prepare, params):
+        loop = asyncio.get_running_loop()
+        events = asyncio.Queue()
+        gone = threading.Event()
+
+        def emit(item):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:                  # the event loop is gone (server shutting down)
+                pass
+
+        def on_text(piece):
+            if gone.is_set():
+                raise _ClientGone()
+            emit(("text", piece))
+
+        def job():
+            try:
+                _, finish, _, _ = self.model.generate(prepare(), on_text=on_text, template_stop=kind == "chat",
+                                                      **params)
+                emit(("done", finish))
+            except _ClientGone:
+                pass
+            except BaseException as e:
+                emit(("error", e))
+
+        self.queue.submit(job)
+        first = await events.get()
+        if first[0] == "error":        # nothing sent yet: an ordinary error answer
+            raise first[1]
         env = self._envelope(kind, stream=True)
 
         def chunk(delta_text=None, finish=None, role=False):
@@ -309,61 +310,210 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
-            self.wfile.write(b"data: " + json.dumps(dict(env, choices=[choice]), ensure_ascii=False).encode()
-                             + b"\n\n")
-            self.wfile.flush()
+            return "data: " + json.dumps(dict(env, choices=[choice]), ensure_ascii=False) + "\n\n"
 
-        started = [False]
-
-        def start():
-            if not started[0]:
-                started[0] = True
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
+        async def sse():
+            try:
                 if kind == "chat":
-                    chunk(role=True)
+                    yield chunk(role=True)
+                tag, value = first
+                while True:
+                    if tag == "text":
+                        yield chunk(value)
+                    elif tag == "done":
+                        yield chunk(finish=value)
+                        yield "data: [DONE]\n\n"
+                        return
+                    else:
+                        log.error("generation failed mid-stream: %s: %s", type(value).__name__, value)
+                        yield "data: " + json.dumps({"error": {"message": str(value), "type": "server_error"}}) + "\n\n"
+                        return
+                    tag, value = await events.get()
+            finally:
+                gone.set()                  # the client went away, or we are done: stop generating
 
-        def on_text(piece):
-            start()
-            chunk(piece)
+        return StreamingResponse(sse(), media_type="text/event-stream; charset=utf-8",
+                                 headers={"Cache-Control": "no-cache"})
 
+
+# -- what is checked before the body is read ----------------------------------------------------
+
+class RequestGate:
+    """ASGI middleware: Bearer auth (when a key is set) on every path but /health, and a
+    Content-Length that must be present and at most `max_body` on requests with a body. Both are
+    decided from the headers, before a byte of the body is read; the connection is then closed, so
+    an unread body is never taken in. (A negative or malformed Content-Length never gets here: the
+    HTTP parser answers 400.)"""
+
+    def __init__(self, app, api_key: Optional[str], max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {}
+        for k, v in scope["headers"]:
+            headers.setdefault(k.lower(), v.decode("latin-1"))
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            refusal.headers["Connection"] = "close"
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _refusal(self, scope, headers):
+        if self.api_key and scope["path"].rstrip("/") not in PUBLIC_PATHS:
+            auth = headers.get(b"authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            if b"transfer-encoding" in headers:
+                return _error(411, "chunked request bodies are not accepted: send a Content-Length")
+            length = headers.get(b"content-length")
+            if length is None:
+                return _error(411, "a request body needs a Content-Length header")
+            if not length.strip().isdigit():
+                return _error(400, f"bad Content-Length {length!r}")
+            if int(length) > self.max_body:
+                return _error(413, f"request body of {int(length)} bytes; the limit is {self.max_body}")
+        return None
+
+
+class HeadTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus a deadline for each request's head.
+
+    uvicorn closes a keep-alive connection that stays idle after a response, but not a new connection
+    that never sends a complete request line and headers, nor one that sends a byte and stalls: each
+    would be held open forever. Here such a connection is closed `head_timeout` seconds after it was
+    opened (or after its last response) unless a new request has begun by then."""
+
+    head_timeout = 10.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc):
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self):
+        self._cancel_head_deadline()
+        if not self.transport.is_closing():
+            waiting_after = self.cycle
+            self._head_deadline = self.loop.call_later(self.head_timeout, self._head_overdue, waiting_after)
+
+    def _cancel_head_deadline(self):
+        timer = getattr(self, "_head_deadline", None)
+        if timer is not None:
+            timer.cancel()
+            self._head_deadline = None
+
+    def _head_overdue(self, waiting_after):
+        if self.cycle is waiting_after and not self.transport.is_closing():
+            log.debug("closing a connection that sent no complete request within %gs", self.head_timeout)
+            self.transport.close()
+
+
+# -- the application and its server -------------------------------------------------------------
+
+def make_app(model: InferenceModel, api_key: Optional[str] = None, queue_size: int = 16,
+             body_timeout: float = 30.0, max_body: int = MAX_BODY) -> Starlette:
+    """The ASGI application (any ASGI server can run it; `make_server` uses uvicorn)."""
+    service = Service(model, queue_size=queue_size, body_timeout=body_timeout)
+
+    async def http_error(request, exc: HTTPException):
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            return _error(405, f"{request.url.path} takes {allowed}", headers=exc.headers)
+        if exc.status_code == 404:
+            return _error(404, f"no route {request.url.path}")
+        return _error(exc.status_code, str(exc.detail))
+
+    routes = [
+        Route("/health", service.health, methods=["GET"]),
+        Route("/v1/health", service.health, methods=["GET"]),
+        Route("/v1/models", service.models, methods=["GET"]),
+        Route("/models", service.models, methods=["GET"]),
+        Route("/v1/chat/completions", service.chat_completions, methods=["POST"]),
+        Route("/v1/completions", service.completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.add_middleware(RequestGate, api_key=api_key or None, max_body=max_body)
+    app.state.service = service
+    return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Made with proto=IPPROTO_TCP (not socket.create_server's 0) so asyncio
+    sets TCP_NODELAY on accepted connections: without it, a response's head and body go out in two
+    segments held apart by Nagle's algorithm and the client's delayed ACK, 40 ms per request."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    """A uvicorn server for `make_app`'s app on a socket bound here (so port 0 picks a free port
+    and `url` knows it). `run()` blocks; `start()`/`stop()` run it on a background thread (tests)."""
+
+    def __init__(self, model: InferenceModel, host: str = "127.0.0.1", port: int = 8000,
+                 api_key: Optional[str] = None, queue_size: int = 16, head_timeout: float = 10.0,
+                 body_timeout: float = 30.0, keep_alive: float = 5.0, max_connections: int = 1000,
+                 max_body: int = MAX_BODY):
+        self.model = model
+        self.app = make_app(model, api_key, queue_size, body_timeout, max_body)
+        self.sock = _listen(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        protocol = type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout": head_timeout})
+        config = uvicorn.Config(self.app, http=protocol, ws="none", lifespan="off", log_config=None,
+                                access_log=False, timeout_keep_alive=keep_alive,
+                                limit_concurrency=max_connections, timeout_graceful_shutdown=5)
+        self.uvicorn = uvicorn.Server(config)
+        self._thread = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def run(self):
         try:
-            _, finish, _, _ = self.engine.generate(ids, on_text=on_text, template_stop=kind == "chat", **params)
-        except Exception as e:
-            if not started[0]:
-                raise                            # nothing sent yet: an ordinary error answer
-            log.exception("generation failed mid-stream")
-            self.wfile.write(b"data: " + json.dumps({"error": {"message": str(e), "type": "server_error"}}).encode()
-                             + b"\n\n")
-            return
-        start()
-        chunk(finish=finish)
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-        self.close_connection = True
+            self.uvicorn.run(sockets=[self.sock])
+        finally:
+            self.app.state.service.queue.shutdown()
+            self.sock.close()
+
+    def start(self, timeout: float = 30.0) -> "Server":
+        self._thread = threading.Thread(target=self.run, name="zhllama-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self):
+        self.uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=15)
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A ready server (call `serve_forever()`; port 0 picks a free one: see `server_address`)."""
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    server.engine = engine
-    server.started = int(time.time())
-    return server
-
-
-def load_engine(model_dir, tokenizer=None, template="alpaca", name=None, device="auto", dtype="auto",
-                max_new_tokens=512) -> Engine:
-    from zhllama.modelio import load_for_inference
-    from zhllama.sft.templates import get_template
-
-    template = get_template(template)
-    model, tok = load_for_inference(model_dir, tokenizer, device=device, dtype=dtype)
-    return Engine(model, tok, template, name or Path(model_dir).resolve().name, max_new_tokens)
-
+# -- the command --------------------------------------------------------------------------------
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="merged HF checkpoint directory")
@@ -373,29 +523,46 @@ def add_arguments(parser):
                              "llama2-chat) or a .yaml/.json template file (default alpaca)")
     parser.add_argument("--name", help="model id clients send and /v1/models lists (default: the directory name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 "
-                        "exposes the model to the network)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+                        "exposes the model to the network: set --api-key)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0 = any free port)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health "
+                             f"(default: ${API_KEY_ENV}; none: no auth)")
+    parser.add_argument("--queue-size", type=int, default=16,
+                        help="requests that may wait for the one generation thread; more get 429 (16)")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds a client has to send a request's head, and then its body (30)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="cap on max_tokens per request (512)")
 
 
+def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
+    """What to warn about when the server is reachable from other machines without a key."""
+    if api_key or is_loopback_host(host):
+        return None
+    return (f"serving on {host} without an API key: anyone who can reach this address can use the model; "
+            f"set --api-key or ${API_KEY_ENV}")
+
+
 def run(args):
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: not a directory")
-    engine = load_engine(args.model, args.tokenizer, args.template, args.name, args.device, args.dtype,
-                         args.max_new_tokens)
+    if args.queue_size < 0 or args.timeout <= 0:
+        raise UserError("--queue-size must be >= 0 and --timeout > 0")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    warning = exposure_warning(args.host, api_key)
+    if warning:
+        log.warning("%s", warning)
+    model = load_inference_model(args.model, args.tokenizer, args.template, args.name, args.device, args.dtype,
+                                 args.max_new_tokens)
     try:
-        server = make_server(engine, args.host, args.port)
+        server = Server(model, args.host, args.port, api_key=api_key, queue_size=args.queue_size,
+                        head_timeout=args.timeout, body_timeout=args.timeout)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
-    host, port = server.server_address[:2]
-    # One line on stdout that scripts can wait for.
-    print(f"serving '{engine.name}' on http://{host}:{port}/v1 (template {engine.template.name})", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    # One line on stdout that scripts can wait for (the socket already listens: connections queue).
+    print(f"serving '{model.name}' on {server.url} (template {model.template.name}, "
+          f"{'API key required' if api_key else 'no API key'})", flush=True)
+    server.run()
     return 0

@@ -80,9 +80,21 @@ def _peft_config(preset, model, new_rows_from):
     if new_rows_from is not None:
         raise ConfigError(f"new_rows_from (train new embedding rows only) is a stage1 option; {preset.name} trains "
                           "embed_tokens and lm_head in full")
+    check_lora_targets(model, preset.lora_targets)
     return LoraConfig(r=preset.lora_r, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
                       target_modules=list(preset.lora_targets), modules_to_save=list(preset.modules_to_save),
                       task_type="CAUSAL_LM")
+
+
+def check_lora_targets(model, targets) -> None:
+    """Each LoRA target must name linear layers of `model` (a meta-device model will do; PEFT's own
+    error is a traceback after the weights have loaded)."""
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"})
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise ConfigError(f"config: key 'lora_targets': {', '.join(repr(t) for t in unknown)} is not a linear "
+                          f"layer of this model; available: {', '.join(names)}")
 
 
 def apply_stage(model, preset, *, new_rows_from=None):

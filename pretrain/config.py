@@ -7,6 +7,7 @@ model is loaded.
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -162,6 +163,9 @@ def load_config(path=None, overrides=()) -> RunConfig:
             raise ConfigError(f"{path}: config file not found")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config "
+                              "as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -200,6 +204,41 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config: key 'max_steps' must be >= 1, got {cfg.max_steps}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ConfigError(f"config: key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio}")
+    _check_ranges(cfg)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Value ranges of the resolved hyperparameters (the config's, else the stage preset's), so a
+    negative or NaN lr, an r of 0 or a dropout of 1.5 fails here, not after the model has loaded.
+    Whether `lora_targets` name real modules is checked when the model is built."""
+    p = cfg.preset()
+
+    def need(key, value, ok, what):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ConfigError(f"config: key '{key}' must be {what}, got {value!r}")
+
+    finite = math.isfinite
+    need("lr", p.lr, lambda v: finite(v) and v > 0, "a number > 0")
+    need("warmup_ratio", p.warmup_ratio, lambda v: 0 <= v <= 1, "in [0, 1] (a fraction of the steps)")
+    need("weight_decay", p.weight_decay, lambda v: finite(v) and v >= 0, "a number >= 0")
+    need("grad_clip", p.grad_clip, lambda v: finite(v) and v >= 0, "a number >= 0 (0: no clipping)")
+    need("epochs", cfg.epochs, lambda v: finite(v) and v > 0, "a number > 0")
+    need("eval_batches", cfg.eval_batches, lambda v: v >= 1, "an integer >= 1")
+    need("eval_every", cfg.eval_every, lambda v: v >= 0, "an integer >= 0 (0: only at the end)")
+    need("global_batch", p.global_batch, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    need("block_size", p.block_size, lambda v: isinstance(v, int) and v >= 2, "an integer >= 2")
+    betas = list(p.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise ConfigError(f"config: key 'betas' must be two numbers in [0, 1), e.g. [0.9, 0.95], got {betas}")
+    if p.uses_lora:
+        need("lora_r", p.lora_r, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        need("lora_alpha", p.lora_alpha, lambda v: finite(v) and v > 0, "a number > 0")
+        need("lora_dropout", p.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
+        targets = list(p.lora_targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"config: key 'lora_targets' must be a non-empty list of module names "
+                              f"(e.g. [q_proj, v_proj]), got {targets}")
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from zhllama.errors import ConfigError, UserError
-from zhllama.fsutil import atomic_write_text
+from zhllama.fsutil import atomic_write_json, atomic_write_text
 from zhllama.log import get_logger
 
 from . import checkpoint
@@ -136,6 +136,16 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
 
 
 # ----------------------------------------------------------------------------- data
+
+def _run_record(cfg: RunConfig) -> dict:
+    """The run config as recorded in the adapter; an SFT run adds its template's full definition
+    (`template_spec`), so `zhllama merge` can write the chat template even for a user template file."""
+    record = cfg.to_dict()
+    if cfg.stage == "sft":
+        from zhllama.sft.templates import get_template
+        record["template_spec"] = get_template(cfg.template).to_dict()
+    return record
+
 
 @dataclass
 class Data:
@@ -288,6 +298,8 @@ class Trainer:
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            if cfg.stage == "sft":  # the template itself, not only its name: it travels to the merged model
+                atomic_write_json(self.run_dir / "template.json", _run_record(cfg)["template_spec"])
             log.info("stage %s | %s | world %d x micro %d x accum %d = global batch %d | %d steps | "
                      "precision %s | trainable %s of %s (%.2f%%) | ds config %s", cfg.stage, data.description,
                      world, cfg.micro_batch, grad_accum, preset.global_batch, total_steps, precision,
@@ -434,7 +446,7 @@ class Trainer:
         from .adapters import save_adapter
         final = self.run_dir / "final"
         if self.rank == 0:
-            save_adapter(engine.module, final, tokenizer_dir=tokenizer_path, run_config=self.cfg.to_dict(),
+            save_adapter(engine.module, final, tokenizer_dir=tokenizer_path, run_config=_run_record(self.cfg),
                          overwrite=True)
             log.info("final adapter written to %s", final)
         barrier()

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -41,7 +42,7 @@ import numpy as np
 
 from zhllama import __version__, corpus
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import atomic_write_json, atomic_write_text
+from zhllama.fsutil import atomic_write_json, atomic_write_text, check_output_path, make_dirs
 from zhllama.log import Progress, get_logger
 
 from . import shards as fmt
@@ -598,7 +599,6 @@ def _settings_diff(old: dict, new: dict) -> str:
 
 
 def _wipe(out: Path) -> None:
-    import shutil
     for name in (fmt.MANIFEST, fmt.INDEX, fmt.PROGRESS):
         _unlink(out / name)
     shutil.rmtree(out / fmt.SHARD_DIR, ignore_errors=True)
@@ -608,7 +608,7 @@ def _prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> Optional[dic
     """Make `out` ready; return the existing manifest if there is one (to test for up-to-date)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     manifest_path, progress_path = out / fmt.MANIFEST, out / fmt.PROGRESS
     ours = manifest_path.exists() or progress_path.exists()
     if not ours and any(out.iterdir()):
@@ -638,6 +638,7 @@ def _prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> Optional[dic
 
 def run(args) -> int:
     _check_args(args)
+    check_output_path(args.out)
     t0 = time.perf_counter()
     tok = load_tokenizer(args.tokenizer)
     paths = corpus.expand_inputs(args.input)

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def add_arguments(p):
@@ -26,9 +27,18 @@ def add_arguments(p):
 
 
 def run(args):
+    from zhllama.fsutil import check_output_path
+    from zhllama.modelio import check_checkpoint, meta_model
+
     from .config import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)
+    check_output_path(cfg.out, "run directory")
+    if not args.dry_run:
+        check_checkpoint(cfg.model)  # unreadable or misshapen weights: one line, before any process group
+    if cfg.preset().uses_lora and (Path(cfg.model) / "config.json").is_file():
+        from .adapters import check_lora_targets
+        check_lora_targets(meta_model(cfg.model), cfg.preset().lora_targets)
     if args.dry_run:
         from .presets import grad_accumulation
         preset = cfg.preset()

@@ -4,27 +4,36 @@ Self-instruct and translation send thousands of requests to a server that will a
 connections, time out, answer 429/5xx or return a page that is not JSON. Each of those is retried with
 exponential backoff (honouring `Retry-After`), counted by reason in `stats`, and only after the last
 attempt turned into an `APIError` that names the URL and the cause. Errors a retry cannot fix (401,
-404, 400: a bad key, URL or model name) fail at once. Standard library only (`urllib.request`).
+404, 400: a bad key, URL or model name) fail at once. HTTP is httpx (connection pooling, timeouts).
+
+The API key. It goes only to --api-base: redirects are not followed. A key given with --api-key is
+sent as told (with a warning when that is plain http to another machine). A key taken from
+$OPENAI_API_KEY is sent only over https or to a loopback address: for plain http to another host the
+command stops with an error rather than sending it, in clear text, to wherever --api-base points
+(pass --api-key explicitly to send it anyway, or --api-key '' to send none).
 """
 
 import json
 import os
 import random
-import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Optional
+
+import httpx
 
 from zhllama.errors import UserError
+from zhllama.hosts import is_loopback_host
 from zhllama.log import get_logger
 
 log = get_logger(__name__)
 
+API_KEY_ENV = "OPENAI_API_KEY"
+MAX_RESPONSE = 32 << 20       # an answer larger than this is a bad answer, not something to keep reading
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -81,6 +90,8 @@ class APIClient:
                             f"http://127.0.0.1:8000/v1")
         if concurrency < 1 or max_retries < 0 or timeout <= 0:
             raise UserError("--concurrency must be >= 1, --max-retries >= 0 and --timeout > 0")
+        if api_key and not key_travels_safely(api_base):
+            log.warning("sending the API key unencrypted to %s (plain http to another machine)", parsed.hostname)
         self.api_base = api_base.rstrip("/")
         self.model = model
         self.api_key = api_key
@@ -93,6 +104,12 @@ class APIClient:
         self.stats = Counter()          # requests, ok, failed, retries, retry:<reason>
         self._lock = threading.Lock()
         self._jitter = random.Random(seed)
+        # Never follows redirects: the key goes to api_base and nowhere else.
+        self._http = httpx.Client(timeout=timeout, follow_redirects=False,
+                                  limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+
+    def close(self) -> None:
+        self._http.close()
 
     # -- one request -------------------------------------------------------------------------
 
@@ -104,27 +121,31 @@ class APIClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _excerpt(e.read() if e.fp else b"")
-            if e.code in RETRY_STATUS:
-                raise _Retry(f"http_{e.code}", f"HTTP {e.code} {detail}", _retry_after(e.headers))
-            raise APIError(f"{url}: HTTP {e.code} {detail} (not retried: check the URL, the model "
-                           f"name and the API key)", reason=f"http_{e.code}", retryable=False)
-        except (socket.timeout, TimeoutError) as e:
-            raise _Retry("timeout", f"no answer within {self.timeout:g}s ({e})")
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (socket.timeout, TimeoutError)):
-                raise _Retry("timeout", f"no answer within {self.timeout:g}s")
-            raise _Retry("connection", f"cannot connect: {e.reason}")
-        except (ConnectionError, OSError) as e:      # reset mid-response, broken pipe, ...
-            raise _Retry("connection", f"connection failed: {e}")
+            with self._http.stream("POST", url, content=body, headers=headers) as resp:
+                raw = _read_capped(resp)
+        except httpx.TimeoutException as e:
+            raise _Retry("timeout", f"no answer within {self.timeout:g}s ({type(e).__name__})")
+        except httpx.ConnectError as e:
+            raise _Retry("connection", f"cannot connect: {e}")
+        except (httpx.TransportError, OSError) as e:    # reset mid-response, broken pipe, ...
+            raise _Retry("connection", f"connection failed: {type(e).__name__}: {e}")
+        if raw is None:
+            raise _Retry("bad_response", f"the answer is over {MAX_RESPONSE} bytes")
+        if resp.is_redirect:
+            raise APIError(f"{url}: HTTP {resp.status_code} redirect to {resp.headers.get('Location')!r}, not "
+                           f"followed (the API key goes only to --api-base): use the final URL",
+                           reason=f"http_{resp.status_code}", retryable=False)
+        if resp.status_code >= 400:
+            detail = _excerpt(raw)
+            if resp.status_code in RETRY_STATUS:
+                raise _Retry(f"http_{resp.status_code}", f"HTTP {resp.status_code} {detail}",
+                             _retry_after(resp.headers))
+            raise APIError(f"{url}: HTTP {resp.status_code} {detail} (not retried: check the URL, the model "
+                           f"name and the API key)", reason=f"http_{resp.status_code}", retryable=False)
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):            # not JSON, not UTF-8, or nested too deep
             raise _Retry("bad_json", f"the answer is not JSON: {_excerpt(raw)}")
         if not isinstance(data, dict):
             raise _Retry("bad_json", f"the answer is not a JSON object: {_excerpt(raw)}")
@@ -146,10 +167,9 @@ class APIClient:
                 data = self._post_once(url, body)
                 try:
                     result = extract(data)
-                except (KeyError, IndexError, TypeError, ValueError) as e:
+                except (KeyError, IndexError, TypeError, ValueError, RecursionError) as e:
                     err = data.get("error") if isinstance(data, dict) else None
-                    raise _Retry("bad_response", f"unexpected answer ({err or e}): "
-                                                 f"{_excerpt(json.dumps(data, ensure_ascii=False))}")
+                    raise _Retry("bad_response", f"unexpected answer ({_excerpt(err or e)}): {_excerpt(data)}")
             except _Retry as r:
                 last = r
                 log.debug("%s: attempt %d failed: %s", url, attempt + 1, r.detail)
@@ -233,8 +253,27 @@ def _retry_after(headers):
     return value if value is not None and value >= 0 else None
 
 
+def _read_capped(resp) -> Optional[bytes]:
+    """The body, or None when it is over MAX_RESPONSE bytes (stops reading there)."""
+    parts, size = [], 0
+    for part in resp.iter_bytes():
+        size += len(part)
+        if size > MAX_RESPONSE:
+            return None
+        parts.append(part)
+    return b"".join(parts)
+
+
 def _excerpt(raw, limit: int = 160) -> str:
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    if isinstance(raw, bytes):
+        text = raw[:4 * limit].decode("utf-8", "replace")
+    elif isinstance(raw, (dict, list)):
+        try:
+            text = json.dumps(raw, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError):
+            text = f"<a {type(raw).__name__} nested too deep>"
+    else:
+        text = str(raw)
     text = " ".join(text.split())
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
@@ -245,8 +284,9 @@ def add_client_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model name sent to the endpoint")
     parser.add_argument("--api", choices=["chat", "completions"], default="chat",
                         help="/v1/chat/completions (default) or /v1/completions")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                        help="bearer token (default: $OPENAI_API_KEY; none for a local server)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"bearer token, sent as given (default: ${API_KEY_ENV}, which is sent only over "
+                             f"https or to a loopback address; '' sends none)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (4)")
     parser.add_argument("--rate-limit", type=float, default=0.0, help="max requests per minute (0 = none)")
     parser.add_argument("--max-retries", type=int, default=5, help="retries per request (5)")
@@ -254,8 +294,31 @@ def add_client_arguments(parser) -> None:
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
 
 
+def key_travels_safely(api_base: str) -> bool:
+    """https, or plain http to this machine: nobody on the way reads the key."""
+    parsed = urllib.parse.urlparse(api_base)
+    return parsed.scheme == "https" or is_loopback_host(parsed.hostname or "")
+
+
+def resolve_api_key(api_base: str, cli_key: Optional[str], env=None) -> Optional[str]:
+    """The key to send to `api_base`: --api-key as given (an explicit choice; '' = none), else
+    $OPENAI_API_KEY when it travels safely. An environment key for plain http to another host is
+    refused with a UserError (exit 2) rather than sent: the variable is usually set for a real
+    provider, and `--api-base` may point anywhere."""
+    if cli_key is not None:
+        return cli_key or None
+    key = (os.environ if env is None else env).get(API_KEY_ENV) or None
+    parsed = urllib.parse.urlparse(api_base or "")
+    if key and parsed.scheme == "http" and not is_loopback_host(parsed.hostname or ""):
+        host = parsed.hostname
+        raise UserError(f"refusing to send ${API_KEY_ENV} in clear text to {api_base} (plain http to {host}, "
+                        f"not this machine): use an https URL, pass the key explicitly with --api-key, or "
+                        f"--api-key '' to send none")
+    return key
+
+
 def client_from_args(args, seed: int = 0) -> "APIClient":
     """An APIClient from the options `add_client_arguments` defines."""
-    return APIClient(args.api_base, args.model, api_key=args.api_key, timeout=args.timeout,
-                     max_retries=args.max_retries, backoff=args.backoff, requests_per_minute=args.rate_limit,
-                     concurrency=args.concurrency, seed=seed)
+    return APIClient(args.api_base, args.model, api_key=resolve_api_key(args.api_base, args.api_key),
+                     timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff,
+                     requests_per_minute=args.rate_limit, concurrency=args.concurrency, seed=seed)

@@ -15,7 +15,7 @@ import json
 import sys
 
 from zhllama.errors import UserError
-from zhllama.fsutil import atomic_write_text
+from zhllama.fsutil import atomic_write_text, check_output_path
 from zhllama.log import get_logger, setup_logging
 
 from .records import Record, load_records
@@ -40,6 +40,7 @@ def record_to_json(record: Record) -> dict:
 
 def convert(specs, out, *, field_map=None, strict=False, seed=0) -> dict:
     """Write the valid records of `specs` to `out` as JSON lines; returns the stats as a dict."""
+    check_output_path(out, "output file")
     records, stats = load_records(specs, field_map=field_map, strict=strict, seed=seed)
     text = "".join(json.dumps(record_to_json(r), ensure_ascii=False) + "\n" for r in records)
     atomic_write_text(out, text)

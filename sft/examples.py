@@ -1,20 +1,30 @@
 """Records -> token ids and labels, and the prompt ids inference must use.
 
 The conversation is cut into pieces by `Template.segments` (first prompt, later user turns,
-responses). Each piece is tokenized on its own and the ids are joined, never re-tokenized at a seam,
-so the loss mask is exact: labels are -100 on every prompt and user-turn token and equal to the ids
-on every response token and the EOS that ends each response.
+responses). Labels are -100 on every prompt and user-turn token and equal to the ids on every
+response token and the EOS that ends each response.
 
-Tokenization of each piece:
+What a model sees at inference through any client is the template's text (`Template.chat_template`,
+shipped with a merged model) tokenized by that client: Hugging Face's tokenizer.json, vLLM and
+llama.cpp (and Ollama) all split the text at special tokens and tokenize each part as a fresh
+SentencePiece sequence, dummy prefix included. Training tokenizes the same way:
 
-- first prompt: BOS + tokenize(prompt): exactly what `encode_chat_prompt` gives at inference;
-- a response: tokenize(response) + EOS, where the template's `response_seam` picks how;
-- a later user turn: BOS + tokenize(turn) with `bos_each_turn` (a fresh sequence, as Llama-2 chat
-  does), otherwise tokenized as a continuation.
+- the first user turn: BOS + tokenize(prompt); a later user turn: a fresh sequence too, after BOS
+  with `bos_each_turn` (Llama-2 chat) or right after the previous EOS otherwise;
+- an earlier reply (one that later turns follow) is tokenized together with the user turn before it,
+  `tokenize(turn + template.response_join + reply)`, exactly as that rendered text is tokenized when a
+  client sends the conversation back; its labels are the ids past the prompt's own ids (a token that
+  spans the seam counts as reply);
+- the last reply follows the generation prompt, tokenize(prompt) exactly (what a client sends
+  before asking for it), and is tokenized by the template's `response_seam`, + EOS.
 
-The seam. SentencePiece tokenizes a text on its own with a "dummy prefix": "Hello" alone is
-"▁Hello", a space that is in neither the prompt nor the response. Published recipes differ here,
-and each built-in template reproduces its source's ids:
+So for every template, `encode_chat_prompt` (generate/serve), the rendered chat template tokenized
+by a client, and the ids training put before each reply are the same ids (tests/test_chat_template.py).
+Single-turn examples are unchanged by this: prompt + last reply.
+
+The seam of the last reply. SentencePiece tokenizes a text on its own with a "dummy prefix": "Hello"
+alone is "▁Hello", a space that is in neither the prompt nor the response. Published recipes differ
+here, and each built-in template reproduces its source's ids:
 
 - "continue" (alpaca, and the default for user templates): the response is tokenized as it
   continues the prompt, without the dummy prefix. We tokenize `anchor + text` and drop the anchor's
@@ -25,14 +35,14 @@ and each built-in template reproduces its source's ids:
   included, exactly as Chinese-LLaMA-Alpaca v1/v2 build_dataset.py do; the joined ids decode to
   prompt + " " + response (for Llama-2 chat that is Meta's "[/INST] answer" spacing).
 
-Either way the prompt ids are those inference uses (`encode_chat_prompt`), and `decode_response`
-turns generated ids back into the response text.
+`decode_response` turns generated ids back into the response text.
 """
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from zhllama.log import get_logger
+from zhllama.textenc import encode_text
 
 from .records import Record
 from .templates import Template, get_template
@@ -48,8 +58,9 @@ _warned = set()
 
 def encode(tokenizer, text: str) -> List[int]:
     """Ids of `text` as the start of a sequence, without special tokens (a dummy prefix, if the
-    tokenizer uses one, is included)."""
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    tokenizer uses one, is included). A literal "</s>" in the text stays text (zhllama.textenc):
+    BOS/EOS come only from `_pieces`, by id."""
+    return encode_text(tokenizer, text)
 
 
 def encode_continuation(tokenizer, text: str) -> List[int]:
@@ -79,21 +90,35 @@ def _special_ids(tokenizer):
     return tokenizer.bos_token_id, eos
 
 
+def _common_prefix(a: List[int], b: List[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _pieces(tokenizer, template: Template, messages, system=None, input="") -> List[tuple]:
-    """(ids, kind) per piece of the conversation; kind is prompt / turn / response."""
+    """(ids, kind) per piece of the conversation; kind is prompt / turn / response (module doc)."""
     bos, eos = _special_ids(tokenizer)
     head = [bos] if bos is not None else []
+    segs = template.segments(messages, system=system, input=input)
     out = []
-    for kind, text in template.segments(messages, system=system, input=input):
-        if kind == "prompt":
-            ids = head + encode(tokenizer, text)
-        elif kind == "turn":
-            ids = (head + encode(tokenizer, text)) if template.bos_each_turn else encode_continuation(tokenizer, text)
-        elif template.response_seam == "standalone":
-            ids = encode(tokenizer, text) + [eos]
-        else:
-            ids = encode_continuation(tokenizer, text) + [eos]
-        out.append((ids, kind))
+    for i, (kind, text) in enumerate(segs):
+        if kind == "response":
+            continue  # tokenized with the user turn before it
+        start = head if (kind == "prompt" or template.bos_each_turn) else []
+        prompt = encode_text(tokenizer, text)
+        reply = segs[i + 1][1] if i + 1 < len(segs) else None
+        if reply is not None and i + 2 < len(segs):  # an earlier reply, as the rendered text tokenizes
+            whole = encode_text(tokenizer, text + template.response_join + reply)
+            k = _common_prefix(whole, prompt)
+            out += [(start + whole[:k], kind), (whole[k:] + [eos], "response")]
+            continue
+        out.append((start + prompt, kind))
+        if reply is not None:  # the last reply, right after the generation prompt
+            ids = (encode_text(tokenizer, reply) if template.response_seam == "standalone"
+                   else encode_continuation(tokenizer, reply))
+            out.append((ids + [eos], "response"))
     return out
 
 

@@ -21,6 +21,7 @@ import json
 import math
 import random
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ CANONICAL_FIELDS = ("instruction", "input", "output", "system", "conversations")
 RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson")
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bot", "model"}
-_SURROGATE = re.compile("[\udc80-\udcff]")
+_SURROGATE = re.compile("[\udc80-\udcff]")  # undecodable bytes, kept by surrogateescape
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a "\ud800" escape in the JSON: not a character
 
 
 @dataclass
@@ -182,7 +184,10 @@ def normalise(obj, field_map: Optional[Dict[str, str]] = None) -> Record:
     field_map = field_map or {}
     if not isinstance(obj, dict):
         raise BadRecord("not_object", f"record is a JSON {_json_type(obj)}, not an object")
-    _check_strings(obj)
+    try:
+        _check_strings(obj)
+    except RecursionError:
+        raise BadRecord("bad_json", _TOO_DEEP) from None
     has_conv, conv, conv_name = _get(obj, "conversations", field_map)
     if not has_conv and "messages" in obj and "conversations" not in field_map:
         has_conv, conv, conv_name = True, obj["messages"], "messages"
@@ -286,6 +291,10 @@ def _check_strings(obj, path="") -> None:
             byte = ord(m.group()) - 0xDC00
             raise BadRecord("bad_utf8", f"not valid UTF-8 (byte 0x{byte:02x} in {path or 'a value'}); "
                                         "convert the file to UTF-8 (e.g. iconv -f GBK -t UTF-8)")
+        m = _LONE_SURROGATE.search(obj)
+        if m:
+            raise BadRecord("bad_json", f"lone surrogate escape \\u{ord(m.group()):04x} in {path or 'a value'} "
+                                        "(half of a UTF-16 pair, not a character)")
     elif isinstance(obj, dict):
         for k, v in obj.items():
             _check_strings(v, f"field '{k}'")
@@ -300,7 +309,10 @@ def _read_text(path: Path) -> str:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise InputError(path, f"truncated or corrupt gzip stream ({e or type(e).__name__}); "
+                               "re-download or re-compress the file") from None
+    except OSError as e:
         raise InputError(path, f"cannot read: {e}") from None
     if not raw.strip():
         raise InputError(path, "file is empty")
@@ -334,6 +346,9 @@ def iter_file(path, field_map=None, strict=False, stats: Optional[RecordStats] =
         yield record
 
 
+_TOO_DEEP = "JSON nested too deeply to read"
+
+
 def _iter_lines(path, text):
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -342,6 +357,8 @@ def _iter_lines(path, text):
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             yield lineno, BadRecord("bad_json", f"not valid JSON ({e.msg} at column {e.colno})")
+        except RecursionError:
+            yield lineno, BadRecord("bad_json", _TOO_DEEP)
 
 
 def _iter_array(path, text):
@@ -360,6 +377,9 @@ def _iter_array(path, text):
             return
         try:
             value, end = decoder.raw_decode(text, pos)
+        except RecursionError:
+            yield line_at(pos), BadRecord("bad_json", _TOO_DEEP + "; the rest of the file is not read")
+            return
         except json.JSONDecodeError as e:
             if not text.rstrip().endswith("]"):
                 yield line_at(pos), BadRecord(

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import atomic_write_json, sha256_file
+from zhllama.fsutil import atomic_write_json, check_output_path, sha256_file
 from zhllama.log import get_logger
 from zhllama.sft.api_client import add_client_arguments, client_from_args
 
@@ -383,6 +383,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    check_output_path(args.out, "output file")
     if args.num < 1 or args.batch_size < 1 or args.num_prompt_instructions < 1:
         raise UserError("--num, --batch-size and --num-prompt-instructions must be >= 1")
     if args.num_tasks <= args.num_prompt_instructions:

@@ -15,6 +15,11 @@ Built-in templates reproduce published prompts byte for byte:
 
 A user template is a YAML or JSON file (see `Template.from_file` and docs/sft.md).
 
+`Template.chat_template()` writes the same template as a Jinja chat template (the Hugging Face
+`chat_template` that transformers, vLLM and llama.cpp render), so a merged model carries the prompt
+it was trained with; `zhllama.sft.examples` tokenizes training conversations the way a client
+tokenizes that rendered text (see its module doc and docs/sft.md, "Multi-turn ids").
+
 Placeholders are `{instruction}`, `{input}` and `{system}`, substituted in a single pass over the
 template text: values are never re-scanned, and any other braces in a template are literal text.
 """
@@ -78,6 +83,16 @@ class Template:
     eos_text: str = "</s>"
 
     @property
+    def response_join(self) -> str:
+        """The text between a user turn and the reply to it in a rendered conversation: none for a
+        "continue" seam; for "standalone", the space the reply's dummy prefix stands for, unless the
+        prompts already end with a space (chinese-alpaca's "### Response: ")."""
+        if self.response_seam == "continue":
+            return ""
+        ends = [f for f in (self.prompt_no_input, self.prompt_input, self.turn) if f is not None]
+        return "" if all(f.endswith(" ") for f in ends) else " "
+
+    @property
     def has_system(self) -> bool:
         """Whether the template has a `{system}` slot (Alpaca's prompts do not)."""
         return "{system}" in self.prompt_no_input or "{system}" in (self.prompt_input or "")
@@ -131,10 +146,75 @@ class Template:
         for kind, piece in self.segments(messages, system):
             if kind == "turn" and self.bos_each_turn:
                 text.append(self.bos_text)
-            text.append(piece)
             if kind == "response":
-                text.append(self.eos_text)
+                piece = self.response_join + piece + self.eos_text
+            text.append(piece)
         return "".join(text)
+
+    # -- the template as data and as a Jinja chat template -----------------------------------------
+    def to_dict(self) -> dict:
+        """The template's definition, as `from_dict` reads it back (recorded in SFT runs/adapters)."""
+        return {"name": self.name, "prompt_no_input": self.prompt_no_input, "prompt_input": self.prompt_input,
+                "input_separator": self.input_separator, "system": self.system, "turn": self.turn,
+                "bos_each_turn": self.bos_each_turn, "stop": list(self.stop),
+                "description": self.description, "response_seam": self.response_seam}
+
+    def chat_template(self) -> str:
+        """This template as a Jinja chat template (Hugging Face `chat_template`).
+
+        Rendered with `add_generation_prompt=True` and tokenized as clients do (special tokens
+        parsed, no extra BOS), it gives the ids `zhllama.sft.examples.encode_chat_prompt` gives, which
+        are the ids training put before each response. Messages: an optional leading
+        {"role": "system"} (its content fills `{system}`; ignored by templates without that slot, as in
+        training), then user/assistant alternating. Alpaca's input goes in an `input` key of the
+        first user message; clients that cannot send extra keys fold it into the content (docs/deploy.md).
+        """
+        def expr(fmt: str, values: Dict[str, str]) -> str:
+            parts, pos = [], 0
+            for m in _PLACEHOLDER.finditer(fmt):
+                if m.start() > pos:
+                    parts.append(_jinja_str(fmt[pos:m.start()]))
+                parts.append(values[m.group(1)])
+                pos = m.end()
+            if pos < len(fmt):
+                parts.append(_jinja_str(fmt[pos:]))
+            return "{{- " + (" ~ ".join(parts) or "''") + " -}}"
+
+        first = {"instruction": "m['content']", "input": "inp", "system": "ns.system"}
+        folded = dict(first, instruction="m['content'] ~ " + _jinja_str(self.input_separator))
+        if self.prompt_input is not None:
+            with_input = expr(self.prompt_input, first)
+        else:
+            with_input = expr(self.prompt_no_input, dict(folded, instruction=folded["instruction"] + " ~ inp"))
+        turn = (expr(self.turn, {"instruction": "m['content']", "input": "''", "system": "''"})
+                if self.turn is not None else
+                "{{- raise_exception(" + _jinja_str(f"template {self.name} has no turn format: one user message only")
+                + ") -}}")
+        bos_turn = "{{- bos_token -}}" if self.bos_each_turn else ""
+        lines = [
+            "{#- zhllama SFT template " + _jinja_str(self.name).replace("#", "") + f" (response_seam {self.response_seam}) -#}}",
+            "{%- set ns = namespace(system=" + _jinja_str(self.system or "") + ") -%}",
+            "{%- set msgs = messages -%}",
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set ns.system = messages[0]['content'] -%}",
+            "{%- set msgs = messages[1:] -%}",
+            "{%- endif -%}",
+            "{{- bos_token -}}",
+            "{%- for m in msgs -%}",
+            "{%- if m['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}",
+            "{{- raise_exception('messages must alternate user/assistant after an optional system message') -}}",
+            "{%- endif -%}",
+            "{%- if m['role'] == 'user' and loop.first -%}",
+            "{%- set inp = m['input'] if m['input'] is defined and m['input'] else '' -%}",
+            "{%- if inp -%}", with_input, "{%- else -%}", expr(self.prompt_no_input, first), "{%- endif -%}",
+            "{%- elif m['role'] == 'user' -%}", bos_turn + turn,
+            "{%- else -%}",
+            "{{- " + (_jinja_str(self.response_join) + " ~ " if self.response_join else "")
+            + "m['content'] ~ eos_token -}}",
+            "{%- endif -%}",
+            "{%- endfor -%}",
+        ]
+        return "\n".join(line for line in lines if line) + "\n"
 
     # -- user templates --------------------------------------------------------------------------
     @classmethod
@@ -205,6 +285,11 @@ class Template:
                    input_separator=data.get("input_separator", "\n"), system=data.get("system"),
                    turn=data.get("turn"), bos_each_turn=data.get("bos_each_turn", False),
                    stop=tuple(stop), description=data.get("description", ""), response_seam=seam)
+
+
+def _jinja_str(text: str) -> str:
+    """`text` as a Jinja string literal (JSON escapes are valid Jinja escapes; non-ASCII kept as is)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _fill(template: str, values: Dict[str, str]) -> str:

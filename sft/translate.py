@@ -20,7 +20,7 @@ from pathlib import Path
 
 from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import sha256_file
+from zhllama.fsutil import check_output_path, sha256_file
 from zhllama.log import get_logger
 from zhllama.sft.api_client import APIError, add_client_arguments, client_from_args
 from zhllama.sft.selfinstruct import ResumableJsonl, load_prompt
@@ -146,6 +146,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    check_output_path(args.out, "output file")
     fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
     if not fields:
         raise UserError("--fields is empty")

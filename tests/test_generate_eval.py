@@ -80,9 +80,9 @@ def test_sampling_is_reproducible_with_a_seed(capsys, tiny_model_dir):
 
 def test_interactive_keeps_a_multi_turn_history(capsys, tiny_model_dir):
     from zhllama.export.generate import Generator, run_interactive
-    from zhllama.export.serve import load_engine
+    from zhllama.export.inference import load_inference_model
 
-    engine = load_engine(tiny_model_dir, template="alpaca", max_new_tokens=4)
+    engine = load_inference_model(tiny_model_dir, template="alpaca", max_new_tokens=4)
     gen = Generator(engine, sampling={"max_tokens": 4, "temperature": 0.0, "top_p": 1.0})
     seen = []
     real = gen.prompt_ids

@@ -209,7 +209,9 @@ def _ok_body(text, finish="stop"):
 
 
 class _Scripted(BaseHTTPRequestHandler):
-    """Plays `server.script` in order: 'ok', '500', '429', 'garbage', 'noschema', 'slow', '401'."""
+    """Plays `server.script` in order: 'ok', '500', '429', 'garbage', 'noschema', 'deep' (JSON nested
+    too deep to parse), 'slow', '401', 'redirect' (to `server.redirect_to`). Records Authorization
+    headers in `server.auth`."""
 
     def log_message(self, *args):
         pass
@@ -219,6 +221,7 @@ class _Scripted(BaseHTTPRequestHandler):
         with self.server.lock:
             action = self.server.script.pop(0) if self.server.script else "ok"
             self.server.seen.append(action)
+            self.server.auth.append(self.headers.get("Authorization"))
         if action == "slow":
             threading.Event().wait(1.0)
             action = "ok"
@@ -231,6 +234,10 @@ class _Scripted(BaseHTTPRequestHandler):
             body = b"<html>502 Bad Gateway</html>"
         elif action == "noschema":
             body = b'{"result": "no choices here"}'
+        elif action == "deep":
+            body = b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        elif action == "redirect":
+            status, body, headers = 307, b"", {"Location": self.server.redirect_to}
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -243,7 +250,7 @@ class _Scripted(BaseHTTPRequestHandler):
 @pytest.fixture
 def scripted_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
-    server.script, server.seen, server.lock = [], [], threading.Lock()
+    server.script, server.seen, server.auth, server.lock = [], [], [], threading.Lock()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -257,12 +264,12 @@ def _client(server, **kw):
 
 
 def test_client_retries_errors_and_counts_them(scripted_server):
-    scripted_server.script = ["500", "garbage", "429", "noschema", "ok"]
-    client = _client(scripted_server)
+    scripted_server.script = ["500", "garbage", "429", "noschema", "deep", "ok"]
+    client = _client(scripted_server, max_retries=5)
     assert client.chat([{"role": "user", "content": "hi"}]).text == "4. Instruction: ok"
-    assert client.stats["requests"] == 5 and client.stats["retries"] == 4 and client.stats["ok"] == 1
+    assert client.stats["requests"] == 6 and client.stats["retries"] == 5 and client.stats["ok"] == 1
     assert {k: v for k, v in client.stats.items() if k.startswith("retry:")} == {
-        "retry:http_500": 1, "retry:bad_json": 1, "retry:http_429": 1, "retry:bad_response": 1}
+        "retry:http_500": 1, "retry:bad_json": 2, "retry:http_429": 1, "retry:bad_response": 1}
 
 
 def test_client_gives_up_with_a_clear_message(scripted_server):
@@ -292,6 +299,63 @@ def test_client_endpoint_down(tmp_path):
         client.chat([])
     with pytest.raises(UserError, match="expected an http"):
         APIClient("127.0.0.1:8000", "m")
+
+
+def test_api_key_rule_env_key_only_over_https_or_loopback(monkeypatch):
+    from zhllama.sft.api_client import resolve_api_key
+    env = {"OPENAI_API_KEY": "sk-env"}
+    for base in ("https://api.openai.com/v1", "http://127.0.0.1:8000/v1", "http://localhost:8000/v1",
+                 "http://[::1]:8000/v1", "http://127.3.2.1/v1"):
+        assert resolve_api_key(base, None, env) == "sk-env", base
+    for base in ("http://10.0.0.5:8000/v1", "http://api.example.org/v1", "http://0.0.0.0:8000/v1",
+                 "http://127.0.0.1.example.org/v1"):
+        with pytest.raises(UserError, match=r"refusing to send \$OPENAI_API_KEY in clear text.*--api-key"):
+            resolve_api_key(base, None, env)
+    # An explicit --api-key is sent as given, even over plain http; '' sends none.
+    assert resolve_api_key("http://10.0.0.5:8000/v1", "sk-cli", env) == "sk-cli"
+    assert resolve_api_key("http://10.0.0.5:8000/v1", "", env) is None
+    assert resolve_api_key("http://10.0.0.5:8000/v1", None, {}) is None
+
+
+def test_api_key_sent_to_the_base_only_never_through_a_redirect(scripted_server, monkeypatch):
+    import argparse
+
+    from zhllama.sft.api_client import add_client_arguments, client_from_args
+    other = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    other.script, other.seen, other.auth, other.lock = [], [], [], threading.Lock()
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        parser = argparse.ArgumentParser()
+        add_client_arguments(parser)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+        url = f"http://127.0.0.1:{scripted_server.server_address[1]}/v1"
+        client = client_from_args(parser.parse_args(["--api-base", url, "--model", "m", "--backoff", "0.01"]))
+        assert client.chat([]).text == "4. Instruction: ok"
+        assert scripted_server.auth == ["Bearer sk-env"]        # loopback: the environment's key is sent
+
+        scripted_server.redirect_to = f"http://127.0.0.1:{other.server_address[1]}/v1/chat/completions"
+        scripted_server.script = ["redirect"]
+        with pytest.raises(APIError, match="redirect.*not followed"):
+            client.chat([])
+        assert other.seen == [] and other.auth == []            # the key never left for the other host
+        assert client.stats["requests"] == 2
+
+        # The environment's key is not sent in clear text to another host: the command stops first.
+        args = parser.parse_args(["--api-base", "http://192.0.2.7:8000/v1", "--model", "m"])
+        with pytest.raises(UserError, match="refusing"):
+            client_from_args(args)
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_selfinstruct_refuses_env_key_over_plain_http(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    seeds, out = _write_seeds(tmp_path), tmp_path / "regen.jsonl"
+    code = run_cli("selfinstruct", "--seed-tasks", seeds, "--out", out, "--api-base", "http://192.0.2.7:8000/v1",
+                   "--model", "m", "--num", "3")
+    assert code == 2 and "refusing to send $OPENAI_API_KEY" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_generate_keeps_what_was_written_when_the_endpoint_fails(scripted_server, tmp_path):
@@ -334,13 +398,13 @@ def _write_seeds(tmp_path):
 
 # -- end to end against `zhllama serve` on loopback ---------------------------------------------
 
-from test_serve import tiny_model, tiny_server  # noqa: E402,F401  (session fixtures: one tiny model)
+from test_serve import KEY, tiny_model, tiny_server  # noqa: E402,F401  (session fixtures: one tiny model)
 
 
 def _si_args(server, seeds, out, *extra):
     return ["selfinstruct", "--seed-tasks", seeds, "--out", out, "--api-base", server.url, "--model", "tiny-zh",
             "--lang", "zh", "--batch-size", "2", "--concurrency", "2", "--max-tokens", "8",
-            "--backoff", "0.01", "--timeout", "60", *extra]
+            "--backoff", "0.01", "--timeout", "60", "--api-key", KEY, *extra]
 
 
 def test_end_to_end_tiny_model_output_is_rejected_not_fatal(tiny_server, tmp_path, capsys):
@@ -348,9 +412,9 @@ def test_end_to_end_tiny_model_output_is_rejected_not_fatal(tiny_server, tmp_pat
     counted as rejected, and a second run resumes the counts and the seed sampling."""
     seeds, out = _write_seeds(tmp_path), tmp_path / "regen.jsonl"
     state_file = tmp_path / "regen.jsonl.state.json"
-    before = tiny_server.engine.requests
+    before = tiny_server.model.requests
     assert run_cli(*_si_args(tiny_server, seeds, out, "--num", "5", "--max-requests", "2")) == 0
-    assert tiny_server.engine.requests - before == 2
+    assert tiny_server.model.requests - before == 2
     state = json.loads(state_file.read_text("utf-8"))
     counts = Counter(state["counts"])
     assert state["requests_total"] == 2 and state["batches"] == 1
@@ -365,7 +429,7 @@ def test_end_to_end_tiny_model_output_is_rejected_not_fatal(tiny_server, tmp_pat
                              "completions")) == 0
     state = json.loads(state_file.read_text("utf-8"))
     assert state["requests_total"] == 4 and state["batches"] == 2
-    assert tiny_server.engine.requests - before == 4
+    assert tiny_server.model.requests - before == 4
 
 
 def test_end_to_end_recorded_answers_kept_and_resumed(tiny_server, tmp_path, monkeypatch, capsys):
@@ -374,12 +438,12 @@ def test_end_to_end_recorded_answers_kept_and_resumed(tiny_server, tmp_path, mon
     answer, now a duplicate of what was kept, is rejected as similar."""
     def recorded(prompt_ids, max_tokens=None, temperature=1.0, top_p=1.0, stop=None, seed=None,
                  on_text=None, template_stop=True):
-        with tiny_server.engine.lock:
-            tiny_server.engine.requests += 1
+        with tiny_server.model.lock:
+            tiny_server.model.requests += 1
         if on_text is not None:
             on_text(ZH_CHAT)
         return ZH_CHAT, "length", len(prompt_ids), 50
-    monkeypatch.setattr(tiny_server.engine, "generate", recorded)
+    monkeypatch.setattr(tiny_server.model, "generate", recorded)
     seeds, out = _write_seeds(tmp_path), tmp_path / "regen.jsonl"
     assert run_cli(*_si_args(tiny_server, seeds, out, "--num", "1", "--batch-size", "1")) == 0
     lines = [json.loads(x) for x in out.read_text("utf-8").splitlines()]

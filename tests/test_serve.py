@@ -1,10 +1,15 @@
-"""`zhllama serve`: the OpenAI-compatible server on a tiny real LLaMA checkpoint, on loopback."""
+"""`zhllama serve`: the OpenAI-compatible server on a tiny real LLaMA checkpoint, on loopback: the
+endpoints and their answers, the official `openai` client against it, and abuse (bad or huge
+Content-Length, stalled connections, no key, a full queue)."""
 
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 from conftest import run_cli
 
@@ -30,24 +35,28 @@ def tiny_model(tmp_path_factory):
     return make_tiny_llama(sp, root / "tiny-zh", max_position_embeddings=4096, seed=0)
 
 
+KEY = "test-key-0123"
+
+
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model):
-    """`zhllama serve`'s server on 127.0.0.1, an ephemeral port, shut down after the session."""
-    from zhllama.export.serve import load_engine, make_server
-    engine = load_engine(tiny_model, template="alpaca", device="cpu", max_new_tokens=64)
-    server = make_server(engine, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    """`zhllama serve`'s server on 127.0.0.1, an ephemeral port, an API key, a queue of 2 and short
+    deadlines (1 s for a request's head or body), shut down after the session."""
+    from zhllama.export.inference import load_inference_model
+    from zhllama.export.serve import Server
+    model = load_inference_model(tiny_model, template="alpaca", device="cpu", max_new_tokens=64)
+    server = Server(model, "127.0.0.1", 0, api_key=KEY, queue_size=2, head_timeout=1.0, body_timeout=1.0)
+    server.start()
     yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    server.stop()
 
 
-def _call(server, path, body=None, raw=None, timeout=60):
+def _call(server, path, body=None, raw=None, timeout=60, key=KEY):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(server.url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read().decode("utf-8"), resp.headers
@@ -71,7 +80,7 @@ def test_chat_uses_the_template_and_matches_hf_generate(tiny_server):
     import torch
 
     from zhllama.sft.examples import encode_chat_prompt
-    engine = tiny_server.engine
+    served = tiny_server.model
     messages = [{"role": "user", "content": "解释一下什么是光合作用"}]
     status, body, _ = _call(tiny_server, "/chat/completions", {
         "model": "tiny-zh", "messages": messages, "max_tokens": 8, "temperature": 0})
@@ -79,11 +88,11 @@ def test_chat_uses_the_template_and_matches_hf_generate(tiny_server):
     out = json.loads(body)
     assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
     # The same ids the SFT training put before a response, then greedy decoding: identical text.
-    ids = encode_chat_prompt(engine.tokenizer, engine.template, messages)
+    ids = encode_chat_prompt(served.tokenizer, served.template, messages)
     assert out["usage"]["prompt_tokens"] == len(ids)
     with torch.no_grad():
-        ref = engine.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
-    ref_text = engine.tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True)
+        ref = served.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    ref_text = served.tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True)
     if "### Instruction:" not in ref_text:
         assert out["choices"][0]["message"]["content"] == ref_text
 
@@ -131,11 +140,17 @@ def test_completions_stop_strings_and_length(tiny_server):
 def test_bad_requests_get_clear_errors(tiny_server):
     cases = [
         ("/chat/completions", b"{not json", 400, "not JSON"),
-        ("/chat/completions", json.dumps({"model": "other", "messages": []}).encode(), 404, "serves 'tiny-zh'"),
+        ("/chat/completions", json.dumps({"model": "other", "messages": [{"role": "user", "content": "x"}]}).encode(),
+         404, "serves 'tiny-zh'"),
         ("/chat/completions", json.dumps({"messages": []}).encode(), 400, "messages"),
         ("/chat/completions", json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode(), 400, "role"),
         ("/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode(),
          400, "temperature"),
+        ("/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": True}).encode(),
+         400, "max_tokens"),
+        ("/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2}).encode(), 400, "'n'"),
+        ("/chat/completions", b"[1]", 400, "JSON object"),
+        ("/chat/completions", b"[" * 100_000, 400, "not JSON"),        # too deep: a clear 400, not a 500
         ("/completions", json.dumps({"prompt": "你好" * 5000}).encode(), 400, "at most 4096"),
         ("/nope", b"{}", 404, "no route"),
     ]
@@ -145,8 +160,8 @@ def test_bad_requests_get_clear_errors(tiny_server):
         assert needle in json.loads(body)["error"]["message"], body
     status, body, _ = _call(tiny_server, "/chat/completions")     # GET
     assert status == 405
-    assert tiny_server.engine.lock.acquire(timeout=5)              # no request left the lock held
-    tiny_server.engine.lock.release()
+    assert tiny_server.model.lock.acquire(timeout=5)               # no request left the lock held
+    tiny_server.model.lock.release()
 
 
 def test_serve_help_and_missing_model(tmp_path, capsys):
@@ -155,3 +170,190 @@ def test_serve_help_and_missing_model(tmp_path, capsys):
     assert e.value.code == 0 and "/v1/chat/completions" in capsys.readouterr().out
     assert run_cli("serve", "--model", tmp_path / "missing") == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_warns_when_exposed_without_a_key():
+    from zhllama.export.serve import exposure_warning
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
+        assert "without an API key" in exposure_warning(host, None)
+        assert exposure_warning(host, "k") is None
+    for host in ("127.0.0.1", "127.1.2.3", "localhost", "::1", "[::1]"):
+        assert exposure_warning(host, None) is None
+
+
+# -- the official openai client ------------------------------------------------------------------
+
+def test_openai_sdk_models_chat_stream_completions_and_errors(tiny_server):
+    import openai
+    client = openai.OpenAI(base_url=tiny_server.url, api_key=KEY, max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["tiny-zh"]
+
+    messages = [{"role": "user", "content": "给出三条保持健康的建议"}]
+    plain = client.chat.completions.create(model="tiny-zh", messages=messages, max_tokens=10, temperature=0)
+    assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
+    assert plain.usage.completion_tokens <= 10 and plain.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model="tiny-zh", messages=messages, max_tokens=10,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+    done = client.completions.create(model="tiny-zh", prompt="你好", max_tokens=6, temperature=0)
+    streamed = list(client.completions.create(model="tiny-zh", prompt="你好", max_tokens=6, temperature=0,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=tiny_server.url, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny-zh'"):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny-zh", messages=messages, temperature=5)
+    with pytest.raises(openai.BadRequestError, match="at most 4096"):
+        client.completions.create(model="tiny-zh", prompt="你好" * 5000)
+
+
+# -- abuse ----------------------------------------------------------------------------------------
+
+def _raw(server, head: bytes, body: bytes = b"", timeout: float = 10.0):
+    """Send raw bytes; return (the status line, the socket) without closing it."""
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    s.sendall(head + body)
+    return s
+
+
+def _status(sock) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        piece = sock.recv(4096)
+        if not piece:
+            break
+        data += piece
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+
+
+def _head(path="/v1/completions", length=None, key=KEY, extra=b""):
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    if key:
+        lines.append(f"Authorization: Bearer {key}")
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n").encode() + extra + b"\r\n"
+
+
+def test_no_key_or_wrong_key_is_401_except_health(tiny_server):
+    base = tiny_server.url[:-len("/v1")]
+    with urllib.request.urlopen(base + "/health", timeout=10) as resp:
+        assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+    for key in (None, "wrong", KEY + "x", ""):
+        for path, body in (("/models", None), ("/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+                           ("/completions", {"prompt": "x"})):
+            status, text, headers = _call(tiny_server, path, body, key=key)
+            assert status == 401, (key, path, text)
+            assert json.loads(text)["error"]["code"] == "invalid_api_key" and headers["WWW-Authenticate"] == "Bearer"
+    # A request without the key is refused from its headers: its (large) body is never read.
+    sock = _raw(tiny_server, _head(length=5 << 20, key=None))
+    assert _status(sock) == 401
+    sock.close()
+
+
+def test_content_length_missing_negative_or_too_large_is_refused_before_reading(tiny_server):
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    cases = [(_head(length=-1), 400), (_head(length="12abc"), 400), (_head(), 411),
+             (_head(extra=b"Transfer-Encoding: chunked\r\n"), 411), (_head(length=(8 << 20) + 1), 413)]
+    for head, code in cases:
+        sock = _raw(tiny_server, head, body)       # the connection stays open: the server must not wait for EOF
+        assert _status(sock) == code, head
+        sock.close()
+
+
+def test_a_50mb_body_with_negative_length_is_refused_without_growing_memory(tiny_server):
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    sock = _raw(tiny_server, _head(length=-1))
+    chunk = b"x" * (1 << 20)
+    try:
+        for _ in range(50):                         # 50 MB; the server closes the connection early
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    try:
+        status = _status(sock)
+    except OSError:                                 # reset before we read the answer: refused all the same
+        status = 400
+    sock.close()
+    assert status == 400
+    grown = (proc.memory_info().rss - rss0) / 2**20
+    assert grown < 20, f"RSS grew {grown:.0f} MiB"
+    assert _call(tiny_server, "/models")[0] == 200      # and it still serves
+
+
+def test_stalled_connections_do_not_block_and_are_closed(tiny_server):
+    idle = [socket.create_connection(("127.0.0.1", tiny_server.port), timeout=10) for _ in range(40)]
+    partial = [_raw(tiny_server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n") for _ in range(5)]
+    slow_body = [_raw(tiny_server, _head(length=100), b'{"prompt": ') for _ in range(5)]
+    t0 = time.monotonic()
+    status, body, _ = _call(tiny_server, "/completions", {"prompt": "你好", "max_tokens": 2}, timeout=20)
+    assert status == 200, body
+    assert time.monotonic() - t0 < 10
+    for s in slow_body:                               # the body deadline (1 s): 408, then closed
+        assert _status(s) == 408
+    for s in idle + partial:                          # the head deadline (1 s): closed by the server
+        assert s.recv(1) == b""
+    assert time.monotonic() - t0 < 15
+    for s in idle + partial + slow_body:
+        s.close()
+
+
+def test_prompt_too_long_for_any_context_is_refused_before_tokenizing(tiny_server, monkeypatch):
+    from zhllama.export import inference
+    calls = []
+    monkeypatch.setattr(inference, "encode_text", lambda tok, text: calls.append(len(text)) or [])
+    limit = tiny_server.model.max_prompt_chars
+    assert 4096 <= limit < 4096 * 64
+    t0 = time.monotonic()
+    for path, body in (("/completions", {"prompt": "好" * (limit + 1)}),
+                       ("/completions", {"prompt": "a" * (7 << 20)}),
+                       ("/chat/completions", {"messages": [{"role": "user", "content": "好" * (limit // 2 + 1)}] * 2})):
+        status, text, _ = _call(tiny_server, path, body)
+        assert status == 400 and "characters" in text and "at most 4096 tokens" in text, text[:300]
+        assert json.loads(text)["error"]["code"] == "context_length_exceeded"
+    assert calls == [] and time.monotonic() - t0 < 20
+
+
+def test_a_full_queue_answers_429(tiny_server, monkeypatch):
+    """One request generating, two waiting (--queue-size 2): the next is told 429 at once; the
+    waiting ones are then answered."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(prompt_ids, max_tokens=None, temperature=1.0, top_p=1.0, stop=None, seed=None, on_text=None,
+             template_stop=True):
+        started.set()
+        release.wait(30)
+        return "ok", "stop", len(prompt_ids), 1
+    monkeypatch.setattr(tiny_server.model, "generate", slow)
+    queue = tiny_server.app.state.service.queue
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(_call(tiny_server, "/completions", {"prompt": "x"})))
+               for _ in range(3)]
+    try:
+        for w in workers:
+            w.start()
+        assert started.wait(20)
+        deadline = time.monotonic() + 20
+        while queue.pending < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queue.pending == 3
+        status, text, headers = _call(tiny_server, "/completions", {"prompt": "x"})
+        assert status == 429 and headers["Retry-After"] == "1" and "busy" in text
+        streaming = _call(tiny_server, "/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                             "stream": True})
+        assert streaming[0] == 429
+        too_long = {"prompt": "好" * (tiny_server.model.max_prompt_chars + 1)}
+        assert _call(tiny_server, "/completions", too_long)[0] == 400    # refused before the queue
+    finally:
+        release.set()
+        for w in workers:
+            w.join(30)
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert queue.pending == 0

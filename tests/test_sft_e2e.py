@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
+from zhllama.sft.templates import get_template
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 80
@@ -70,6 +71,11 @@ def test_sft_two_ranks_then_merge_and_generate_reproduces_trained_responses(tmp_
     res = subprocess.run([*py, "merge", "--base", tiny_model_dir, "--adapter", run / "final", "--out", merged],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    # the run recorded its template, and the merged model ships it as its chat template
+    spec = get_template("chinese-alpaca").to_dict()
+    assert json.loads((run / "template.json").read_text(encoding="utf-8")) == spec
+    assert json.loads((run / "final" / "zhllama_adapter.json").read_text(encoding="utf-8"))["run_config"]["template_spec"] == spec
+    assert (merged / "chat_template.jinja").read_text(encoding="utf-8") == get_template("chinese-alpaca").chat_template()
 
     instruction_key = "question" if field_map else "instruction"
     output_key = "std_answer" if field_map else "output"

@@ -86,27 +86,36 @@ CONVERSATION = [("你好", "你好！有什么可以帮你？"), ("Name three co
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_multi_turn_masks_every_user_turn(tiny, name):
+    """Every reply (and its EOS) is trained, nothing else; the ids before the last reply are what
+    inference feeds (earlier replies tokenized with their user turn, as a client tokenizes the
+    rendered conversation: sft/examples.py)."""
     tok, sp = tiny
+    t = get_template(name)
     rec = Record(turns=[Turn(u, a) for u, a in CONVERSATION], system=None)
     ex = build_example(rec, tok, name, max_length=4096)
     ids, labels = ex["input_ids"], ex["labels"]
-    msgs, expected_mask, pos = [], [], 0
-    for user, answer in CONVERSATION:
-        msgs.append({"role": "user", "content": user})
-        prefix = encode_chat_prompt(tok, name, msgs)  # what inference feeds before this answer
-        assert ids[:len(prefix)] == prefix
-        expected_mask += [IGNORE_INDEX] * (len(prefix) - pos)
-        # the answer: up to and including the next EOS
-        end = ids.index(sp.eos_id(), len(prefix)) + 1
-        assert sp.decode(ids[len(prefix):end]).strip() == answer
-        expected_mask += ids[len(prefix):end]
-        pos = end
-        msgs.append({"role": "assistant", "content": answer})
-    assert pos == len(ids)
-    assert labels == expected_mask
-    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
-    assert trained.count(sp.eos_id()) == len(CONVERSATION)
-    if get_template(name).bos_each_turn:
+    msgs = [m for u, a in CONVERSATION for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+    prefix = encode_chat_prompt(tok, name, msgs[:-1])  # what inference feeds before the last answer
+    assert ids[:len(prefix)] == prefix
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            cur.append(i)
+            if i == sp.eos_id():
+                runs.append(cur)
+                cur = []
+        else:
+            assert not cur, "a trained run must end with EOS"
+    assert cur == [] and len(runs) == len(CONVERSATION)
+    for run, (_, answer) in zip(runs, CONVERSATION):
+        assert sp.decode(run[:-1]).strip() == answer
+    # the rendered conversation (the chat template's text) is what the ids decode to, turn by turn
+    sep = t.response_join
+    for k, (user, answer) in enumerate(CONVERSATION[:-1]):
+        text = t.render_prompt(user) if k == 0 else t.render_turn(user)
+        assert text + sep + answer in sp.decode(ids)
+    if t.bos_each_turn:
         assert ids.count(sp.bos_id()) == len(CONVERSATION)
     else:
         assert ids.count(sp.bos_id()) == 1

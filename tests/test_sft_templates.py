@@ -76,7 +76,7 @@ def test_render_chat_multi_turn_literal():
             {"role": "user", "content": "再见"}]
     assert get_template("llama2-chat").render_chat(msgs) == (
         "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n"
-        "Hi [/INST]Hello!</s><s>[INST] 再见 [/INST]")
+        "Hi [/INST] Hello!</s><s>[INST] 再见 [/INST]")
     assert get_template("alpaca").render_chat(msgs) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes "
         "the request.\n\n### Instruction:\nHi\n\n### Response:Hello!</s>"

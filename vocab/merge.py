@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from zhllama.errors import UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
+from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path, sha256_file
 from zhllama.log import get_logger
 from zhllama import spm as _spm
 
@@ -90,6 +90,7 @@ def _is_tokenizers_file(path) -> bool:
 
 
 def run(args) -> int:
+    check_output_path(args.out)
     from zhllama.bpe import is_bpe_json_base, tokenizer_json_path
     if is_bpe_json_base(args.base) and tokenizer_json_path(args.add) is not None:
         return _run_bpe(args)

@@ -53,10 +53,10 @@ from pathlib import Path
 
 from zhllama.bpe import is_bpe_json_base
 from zhllama.errors import UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json
+from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path
 from zhllama.log import get_logger
-from zhllama.modelio import (PADDED_VOCAB_KEY, load_tokenizer, read_model_config, save_tokenizer,
-                             sp_model_path, write_resized_configs)
+from zhllama.modelio import (PADDED_VOCAB_KEY, check_checkpoint, load_tokenizer, read_model_config,
+                             save_tokenizer, sp_model_path, write_resized_configs)
 
 log = get_logger(__name__)
 
@@ -318,6 +318,7 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
     model_dir = Path(model_dir)
     base_tok_path = Path(base_tokenizer) if base_tokenizer else model_dir
     cfg = read_model_config(model_dir)
+    check_checkpoint(model_dir)  # a corrupt or misshapen shard: one line naming it, before any output
     if "vocab_size" not in cfg:
         raise UserError(f"{model_dir}/config.json: missing key 'vocab_size'")
     old_rows = int(cfg["vocab_size"])
@@ -432,6 +433,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_output_path(args.out)
     report = resize_checkpoint(args.model, args.tokenizer, args.out, init=args.init,
                                lm_head_init=args.lm_head_init,
                                pad_to_multiple_of=args.pad_to_multiple_of,

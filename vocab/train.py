@@ -29,7 +29,7 @@ from pathlib import Path
 
 from zhllama import corpus
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
+from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path, sha256_file
 from zhllama.log import Progress, get_logger
 from zhllama import spm as _spm
 
@@ -308,6 +308,7 @@ def _versions() -> dict:
 
 
 def run(args) -> int:
+    check_output_path(args.out)  # before reading the corpus and training
     if getattr(args, "base", None):
         return _run_bpe(args)
     cfg = train(args.input, args.out, vocab_size=args.vocab_size, model_type=args.model_type,

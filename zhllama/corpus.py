@@ -5,10 +5,13 @@ glob that matches nothing, an empty or binary file, undecodable bytes, a JSON li
 object or lacks the text field. Bad lines are counted and skipped, or raise with `strict=True`.
 """
 
+import contextlib
 import glob
 import gzip
 import json
 import os
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -20,6 +23,10 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 KNOWN_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 _GLOB_CHARS = set("*?[")
+# A lone surrogate ("\ud800" in JSON) is not a character: no encoder (UTF-8, SentencePiece) takes it.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# What a cut-short or corrupt .gz raises mid-stream.
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
 @dataclass
@@ -102,14 +109,24 @@ def _open_binary(path: Path):
     return open(path, "rb")
 
 
+@contextlib.contextmanager
+def gzip_errors(path):
+    """Turn a truncated or corrupt .gz, noticed while reading it, into one line naming the file."""
+    try:
+        yield
+    except GZIP_ERRORS as e:
+        raise InputError(path, f"truncated or corrupt gzip stream ({e or type(e).__name__}); "
+                               "re-download or re-compress the file") from None
+
+
 def check_readable(path: Path) -> None:
     """Refuse empty and binary files up front, with the file's name."""
     if os.path.getsize(path) == 0:
         raise InputError(path, "file is empty")
     try:
-        with _open_binary(path) as f:
+        with gzip_errors(path), _open_binary(path) as f:
             head = f.read(8192)
-    except (OSError, EOFError) as e:
+    except OSError as e:
         raise InputError(path, f"cannot read: {e}") from None
     if data_format(path) == "parquet":
         return
@@ -136,7 +153,7 @@ def _decode(raw: bytes, path, lineno, strict, stats) -> Optional[str]:
 def iter_lines(path: Path, strict=False, stats: Optional[CorpusStats] = None) -> Iterator[tuple]:
     """(line number, decoded line without newline) for each decodable line."""
     stats = stats if stats is not None else CorpusStats()
-    with _open_binary(path) as f:
+    with gzip_errors(path), _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             stats.bytes += len(raw)
             text = _decode(raw, path, lineno, strict, stats)
@@ -160,8 +177,12 @@ def iter_documents(path, *, text_field="text", doc_sep="line", strict=False,
     if kind == "parquet":
         yield from _iter_parquet(path, text_field, strict, stats)
         return
+    docs_before, bad_before = stats.documents, stats.bad_utf8
     yield from _split_documents(iter_lines(path, strict, stats), path, kind, text_field, doc_sep,
                                 strict, stats)
+    if stats.documents == docs_before and stats.bad_utf8 > bad_before:
+        raise InputError(path, f"not UTF-8 text: none of its lines decodes ({stats.bad_utf8 - bad_before} "
+                               "undecodable); convert the file to UTF-8 (e.g. iconv -f GBK -t UTF-8)")
 
 
 def iter_lines_range(path, start: int, end: int, first_line: int = 1, strict=False,
@@ -278,6 +299,8 @@ def _json_text(line, path, lineno, text_field, strict, stats) -> Optional[str]:
     except json.JSONDecodeError as e:
         problem = f"not valid JSON ({e.msg} at column {e.colno})"
         counter = "bad_json"
+    except RecursionError:
+        problem, counter = "JSON nested too deeply to read", "bad_json"
     else:
         if not isinstance(obj, dict):
             problem, counter = f"JSON line is a {type(obj).__name__}, not an object", "bad_json"
@@ -285,6 +308,9 @@ def _json_text(line, path, lineno, text_field, strict, stats) -> Optional[str]:
             problem, counter = f"JSON object has no field '{text_field}' (use --text-field)", "missing_field"
         elif not isinstance(obj[text_field], str):
             problem = f"field '{text_field}' is a {type(obj[text_field]).__name__}, not a string"
+            counter = "bad_json"
+        elif _SURROGATES.search(obj[text_field]):
+            problem = f"field '{text_field}' holds a lone surrogate escape (e.g. \\ud800), not text"
             counter = "bad_json"
         else:
             return obj[text_field]
@@ -343,9 +369,12 @@ def read_json_records(path, what: str = "input file") -> list:
         raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     if text.lstrip().startswith("["):
         try:
-            return [(f"record {i}", obj) for i, obj in enumerate(json.loads(text), 1)]
+            items = [(f"record {i}", obj) for i, obj in enumerate(json.loads(text), 1)]
         except json.JSONDecodeError as e:
             raise InputError(path, f"invalid JSON: {e.msg}", e.lineno) from None
+        except RecursionError:
+            raise InputError(path, "JSON nested too deeply to read") from None
+        return _refuse_surrogates(path, items)
     items = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -353,4 +382,23 @@ def read_json_records(path, what: str = "input file") -> list:
                 items.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise InputError(path, f"invalid JSON ({e.msg} at column {e.colno})", lineno) from None
+            except RecursionError:
+                raise InputError(path, "JSON nested too deeply to read", lineno) from None
+    return _refuse_surrogates(path, items)
+
+
+def _refuse_surrogates(path, items) -> list:
+    """A lone surrogate escape ("\\ud800") decodes to a str no encoder accepts: refuse it here, by line."""
+    for where, value in items:
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                if _SURROGATES.search(v):
+                    raise InputError(path, "lone surrogate escape (half of a UTF-16 pair, not a character)", where)
+            elif isinstance(v, dict):
+                stack.extend(v.keys())
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
     return items

@@ -96,8 +96,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    from .fsutil import make_dirs
+    out = make_dirs(Path(args.out).resolve())
     base = Path(args.base).resolve() if args.base else None
     if base is not None:
         from .modelio import read_model_config, sp_model_path

@@ -9,6 +9,8 @@ Stable API (used by other stages):
   bare `.model` file (built in memory the same way as `save_hf_tokenizer` builds tokenizer.json).
 - `build_tokenizer(sp_model) -> tokenizers.Tokenizer`: the `tokenizers` object itself.
 - `parity(sp_model, hf_tokenizer, texts) -> dict`: lines where the HF tokenizer and sentencepiece disagree.
+- `make_portable(tok_dir, chat_template=...)`: rewrite a tokenizer dir's `tokenizer_config.json` so
+  transformers 4.x and 5.x both load it (and ship or drop a chat template).
 
 Why not let transformers convert `tokenizer.model` itself? transformers 5 builds `LlamaTokenizer` as a
 `tokenizers` BPE whose merges are ranked by vocabulary id, with a `Metaspace(prepend_scheme="first")`
@@ -145,6 +147,7 @@ def save_hf_tokenizer(sp_model, out_dir, *, model_max_length: Optional[int] = No
         data = proto.SerializeToString()
     (out / "tokenizer.model").write_bytes(data)
     build_tokenizer(proto).save(str(out / "tokenizer.json"))
+    legacy_merges(out / "tokenizer.json")
 
     special = _special_tokens(proto)
     config = {
@@ -164,6 +167,66 @@ def save_hf_tokenizer(sp_model, out_dir, *, model_max_length: Optional[int] = No
     (out / "special_tokens_map.json").write_text(json.dumps(special, ensure_ascii=False, indent=2) + "\n",
                                                  encoding="utf-8")
     return {"files": list(TOKENIZER_FILES), "vocab_size": len(proto.pieces)}
+
+
+PORTABLE_CLASS = "PreTrainedTokenizerFast"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+_KEEP = object()
+
+
+def legacy_merges(tokenizer_json) -> bool:
+    """Rewrite a BPE tokenizer.json's merges as "left right" strings (tokenizers < 0.20 reads only
+    that; newer versions write pairs and read both). Skipped, returning False, when a piece holds a
+    space (it could not be split back)."""
+    path = Path(tokenizer_json)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = (data.get("model") or {}).get("merges")
+    if not merges or isinstance(merges[0], str):
+        return True
+    if any(" " in part for pair in merges for part in pair):
+        return False
+    data["model"]["merges"] = [" ".join(pair) for pair in merges]
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return True
+
+
+def make_portable(tok_dir, *, chat_template=_KEEP) -> dict:
+    """Make the tokenizer dir `tok_dir` load alike in transformers 4.x and 5.x; returns the new config.
+
+    transformers 5's `save_pretrained` names its internal `TokenizersBackend` class (4.x: "Tokenizer
+    class TokenizersBackend does not exist"); `LlamaTokenizer(Fast)` would rebuild the pre-tokenizer
+    (module doc). With a tokenizer.json the class becomes `PreTrainedTokenizerFast`, which both
+    versions load from tokenizer.json as written, and the BOS/EOS/UNK(/PAD) tokens are written out.
+    Its merges are written in the format tokenizers < 0.20 (transformers 4.40-4.44) reads.
+    `chat_template`: a Jinja text is written both as `chat_template` in tokenizer_config.json (what
+    transformers 4.x before 4.43 reads) and as chat_template.jinja (5.x); None removes any; the
+    default keeps what is there.
+    """
+    d = Path(tok_dir)
+    cfg_file = d / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+    if (d / "tokenizer.json").is_file():
+        cfg["tokenizer_class"] = PORTABLE_CLASS
+        legacy_merges(d / "tokenizer.json")
+    special = {}
+    map_file = d / "special_tokens_map.json"
+    if map_file.is_file():
+        special = {k: v for k, v in json.loads(map_file.read_text(encoding="utf-8")).items()
+                   if k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    elif (d / "tokenizer.model").is_file():
+        special = _special_tokens(_spm.load_proto(d / "tokenizer.model"))
+    for key, value in special.items():
+        if cfg.get(key) in (None, ""):
+            cfg[key] = value if isinstance(value, str) else value.get("content")
+    if chat_template is not _KEEP:
+        cfg.pop("chat_template", None)
+        for name in (CHAT_TEMPLATE_FILE, "chat_template.json"):
+            (d / name).unlink(missing_ok=True)
+        if chat_template:
+            cfg["chat_template"] = chat_template
+            (d / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return cfg
 
 
 def hf_tokenizer_from_proto(sp_model):

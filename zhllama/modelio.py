@@ -19,6 +19,7 @@ the tokenizer, so a model with more rows than the tokenizer is accepted only whe
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -183,6 +184,128 @@ def check_vocab_match(model_path, tokenizer_path, model_config=None, tok_size=No
         f"--tokenizer {tokenizer_path} --out DIR` first")
 
 
+# ----------------------------------------------------------------------------- checkpoint files
+# Checked from the headers alone, before transformers reads a byte of weights: a truncated copy, a
+# flipped header byte or a tensor of the wrong shape is one line naming the shard, not a library
+# traceback (or, worse for a wrong shape, a silently re-initialised tensor).
+
+_ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                   "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_MAX_HEADER = 100 << 20
+
+
+def checkpoint_shards(model_dir) -> list:
+    """The safetensors files of a checkpoint dir, in index order (every listed shard must exist);
+    [] for a checkpoint with only legacy pytorch_model*.bin weights."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = _read_json(index)["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))
+        except (KeyError, TypeError, AttributeError):
+            raise UserError(f"{index}: not a safetensors index (need a key 'weight_map' of name -> file)") from None
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise UserError(f"{index}: shard {missing[0]} is listed but not found in {d}")
+        return [d / f for f in files]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    if list(d.glob("pytorch_model*.bin")):
+        return []  # legacy pickled weights: transformers reads them itself; nothing to check here
+    raise UserError(f"{d}: no weights (no model.safetensors, model.safetensors.index.json or "
+                    "pytorch_model*.bin)")
+
+
+def safetensors_header(path) -> dict:
+    """name -> (dtype, shape) of a safetensors file, after checking that the header parses and that
+    every tensor's bytes lie inside the file (a truncated copy fails here, not mid-load)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{path}: safetensors file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UserError(f"{path}: not a safetensors file ({size} bytes, shorter than its header length)")
+        n = struct.unpack("<Q", raw)[0]
+        if n > min(_ST_MAX_HEADER, size - 8):
+            raise UserError(f"{path}: corrupt safetensors header (header length {n} does not fit a file of "
+                            f"{size} bytes: truncated or damaged)")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise UserError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    out, data_end = {}, 0
+    for name, e in header.items():
+        try:
+            dtype, shape, (begin, end) = e["dtype"], [int(x) for x in e["shape"]], e["data_offsets"]
+            nbytes = _ST_DTYPE_BYTES[dtype]
+            for x in shape:
+                nbytes *= x
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: corrupt safetensors header (entry '{name}' needs a known dtype, "
+                            "a shape and data_offsets)") from None
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and end - begin == nbytes):
+            raise UserError(f"{path}: corrupt safetensors header (tensor '{name}': offsets {begin}..{end} do not "
+                            f"hold {dtype} {shape})")
+        out[name] = (dtype, tuple(shape))
+        data_end = max(data_end, end)
+    if 8 + n + data_end > size:
+        raise UserError(f"{path}: truncated safetensors file ({size} bytes, the header needs "
+                        f"{8 + n + data_end})")
+    return out
+
+
+def meta_model(model_dir):
+    """The model a checkpoint's `config.json` describes, on the meta device (no memory, no weights):
+    for checking shapes and module names before anything is loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    read_model_config(model_dir)  # a missing or unreadable config.json: one line
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{Path(model_dir) / 'config.json'}: cannot build the model it describes: {e}") from None
+
+
+def check_checkpoint(model_dir) -> None:
+    """Refuse a checkpoint whose weight files are unreadable or whose tensors do not have the shapes
+    its config.json implies, naming the shard and tensor; reads headers only."""
+    d = Path(model_dir)
+    expected = {k: tuple(v.shape) for k, v in meta_model(d).state_dict().items()}
+    for shard in checkpoint_shards(d):
+        for name, (_, shape) in safetensors_header(shard).items():
+            want = expected.get(name)
+            if want is not None and tuple(want) != shape:
+                raise UserError(f"{shard}: tensor '{name}' has shape {list(shape)} but {d / 'config.json'} "
+                                f"implies {list(want)}")
+
+
+def check_device(device: str) -> str:
+    """A usable torch device string, or a one-line error (no traceback for a GPU-less --device cuda)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device}: not a device (examples: cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif dev.type != "cpu" and dev.type != "mps":
+        raise UserError(f"--device {device}: unsupported device type '{dev.type}' (cpu or cuda)")
+    return device
+
+
 def _fix_special_ids(model, tokenizer) -> None:
     """Repair decapoda-style bos/eos ids (0/1 where the tokenizer says 1/2) in the model's configs."""
     for name in ("bos_token_id", "eos_token_id"):
@@ -220,6 +343,7 @@ def load_model(path, dtype=None, device="cpu", tokenizer_path=None):
     if tokenizer_path is not None:
         tok = load_tokenizer(tokenizer_path)
         check_vocab_match(p, tokenizer_path, cfg, len(tok))
+    check_checkpoint(p)
     dtype_kw = {"dtype": dtype} if _transformers_major() >= 5 else {"torch_dtype": dtype}
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -251,6 +375,9 @@ def save_tokenizer(tokenizer_dir_or_obj, out_dir) -> None:
         cfg = _read_json(cfg_file)
         if cfg.pop("zhllama_sp_model", None) is not None:
             cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    # A class name transformers 4.x knows too (5.x writes "TokenizersBackend").
+    from .hf_tokenizer import make_portable
+    make_portable(out_dir)
 
 
 def save_pretrained_atomic(model, tokenizer_dir_or_obj, out_dir, overwrite=False) -> Path:
@@ -273,6 +400,7 @@ def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="aut
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") \
             else "float32"

@@ -63,9 +63,12 @@ class CausalLMTokenLoss(torch.nn.Module):
         self.model = model
         self.chunk = chunk
 
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """The decoder's final (normalised) hidden states, without a KV cache."""
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
+
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
-        decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         lm_head = self.model.get_output_embeddings()
         return token_loss_sum(lm_head, hidden, labels, self.model.config.vocab_size, self.chunk)

@@ -13,7 +13,7 @@ gradient of the largest trained matrix (lm_head's, summed over the loss chunks) 
 from `zhllama.pretrain.plan.plan(..., layers=...)`. Each case runs in a fresh process with glibc's mmap
 threshold fixed at 64 KiB, so freed tensors go back to the system and RSS follows live memory.
 
-  python bench/loss_memory.py [--layers 1] [--seq 1024] [--micro 1] [--stage stage2] [--chunk 0]
+  python bench/loss_memory.py [--hidden 4096] [--layers 1] [--seq 1024] [--micro 1] [--stage stage2] [--chunk 0]
 """
 
 import argparse
@@ -35,7 +35,21 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def measure(layers: int, seq: int, micro: int, stage: str, chunk: int) -> dict:
+def shape_config(hidden: int, layers: int):
+    """LLaMA-7B's config with the merged vocabulary, `layers` layers and, if not 4096, another width
+    (MLP and heads scaled alike)."""
+    from zhllama.tiny import llama_config
+
+    config = llama_config("llama-7b", VOCAB)
+    config.num_hidden_layers = layers
+    if hidden != config.hidden_size:
+        config.intermediate_size = config.intermediate_size * hidden // config.hidden_size
+        config.num_attention_heads = config.num_key_value_heads = max(1, hidden // 128)
+        config.hidden_size = hidden
+    return config
+
+
+def measure(hidden: int, layers: int, seq: int, micro: int, stage: str, chunk: int) -> dict:
     """One micro-step in this process; returns bytes."""
     import gc
 
@@ -45,11 +59,8 @@ def measure(layers: int, seq: int, micro: int, stage: str, chunk: int) -> dict:
     from zhllama.loss import CausalLMTokenLoss
     from zhllama.pretrain.adapters import apply_stage
     from zhllama.pretrain.presets import STAGES
-    from zhllama.tiny import llama_config
-
     torch.manual_seed(0)
-    config = llama_config("llama-7b", VOCAB)
-    config.num_hidden_layers = layers
+    config = shape_config(hidden, layers)
     torch.set_default_dtype(torch.bfloat16)
     model = AutoModelForCausalLM.from_config(config)
     torch.set_default_dtype(torch.float32)
@@ -67,11 +78,36 @@ def measure(layers: int, seq: int, micro: int, stage: str, chunk: int) -> dict:
     return {"measured_bytes": peak - before, "grad_bytes": grads, "loss": float(loss) / (micro * (seq - 1))}
 
 
-def predict(layers: int, seq: int, micro: int, stage: str) -> dict:
+def measure_loss_only(hidden: int, seq: int, chunk: int) -> dict:
+    """The token loss alone (bf16 lm_head of width `hidden`, one sequence): peak bytes above the inputs,
+    less the lm_head weight's gradient (2 V d, kept after the step)."""
+    import gc
+
+    import torch
+
+    from zhllama.loss import token_loss_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, VOCAB, bias=False).to(torch.bfloat16)
+    h = torch.randn(1, seq, hidden, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, VOCAB, (1, seq))
+    gc.collect()
+    before = _status_kib("VmRSS") * 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    token_loss_sum(head, h, y, VOCAB, chunk or None).backward()
+    peak = _status_kib("VmHWM") * 1024 - before
+    return {"measured_bytes": peak - 2 * head.weight.numel()}
+
+
+def predict(hidden: int, layers: int, seq: int, micro: int, stage: str) -> dict:
+    import tempfile
+
     from zhllama.pretrain.plan import GIB, plan
 
-    p = plan(model="llama-7b", vocab_size=VOCAB, stage=stage, tokens=1e6, gpus=1, micro_batch=micro,
-             seq_len=seq, global_batch=micro, layers=layers)
+    with tempfile.TemporaryDirectory() as d:
+        shape_config(hidden, layers).to_json_file(str(Path(d) / "config.json"))
+        p = plan(model=d, vocab_size=VOCAB, stage=stage, tokens=1e6, gpus=1, micro_batch=micro,
+                 seq_len=seq, global_batch=micro, layers=layers)
     g = p["memory"]["without_checkpointing"]["gib"]
     return {"predicted_bytes": (g["activations"] + g["gradients"] + g["grad_transient"]) * GIB,
             "activations_bytes": g["activations"] * GIB, "gradient_bytes": g["gradients"] * GIB,
@@ -81,14 +117,20 @@ def predict(layers: int, seq: int, micro: int, stage: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--hidden", type=int, default=4096, help="model width (4096: LLaMA-7B's)")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--micro", type=int, default=1)
     ap.add_argument("--stage", default="stage2")
     ap.add_argument("--chunk", type=int, default=0, help="loss chunk in positions (0: the engine's default)")
+    ap.add_argument("--loss-only", action="store_true",
+                    help="measure the token loss alone (one sequence of --seq positions) against plan.loss_bytes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(args.layers, args.seq, args.micro, args.stage, args.chunk)))
+        if args.loss_only:
+            print(json.dumps(measure_loss_only(args.hidden, args.seq, args.chunk)))
+        else:
+            print(json.dumps(measure(args.hidden, args.layers, args.seq, args.micro, args.stage, args.chunk)))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True,
@@ -96,9 +138,18 @@ def main():
     if res.returncode != 0:
         sys.exit(res.stderr[-3000:])
     measured = json.loads(res.stdout.strip().splitlines()[-1])
-    predicted = predict(args.layers, args.seq, args.micro, args.stage)
-    out = {"shape": f"d 4096, MLP 11008, vocab {VOCAB}, {args.layers} layer(s), {args.micro} x {args.seq} tokens, "
-                    f"{args.stage}, bf16, loss chunk {args.chunk or 'default'}",
+    if args.loss_only:
+        from zhllama.pretrain.plan import loss_bytes
+        if args.chunk:
+            sys.exit("--loss-only compares the engine's default chunking with the plan; drop --chunk")
+        predicted = {"predicted_bytes": loss_bytes(VOCAB, args.seq - 1)["peak"]}
+    else:
+        predicted = predict(args.hidden, args.layers, args.seq, args.micro, args.stage)
+    config = shape_config(args.hidden, args.layers)
+    shape = (f"loss only, d {args.hidden}, vocab {VOCAB}, {args.seq} tokens" if args.loss_only else
+             f"d {config.hidden_size}, MLP {config.intermediate_size}, vocab {VOCAB}, {args.layers} layer(s), "
+             f"{args.micro} x {args.seq} tokens, {args.stage}, bf16, loss chunk {args.chunk or 'default'}")
+    out = {"shape": shape,
            **measured, **predicted, "ratio_predicted_over_measured": predicted["predicted_bytes"] / measured["measured_bytes"]}
     print(json.dumps(out, indent=2))
     print(f"measured {measured['measured_bytes'] / 2**30:.2f} GiB, plan {predicted['predicted_bytes'] / 2**30:.2f} GiB "

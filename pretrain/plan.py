@@ -150,25 +150,36 @@ def activation_bytes(config, tokens: int, checkpointing: bool, profile=None) -> 
       trained layer  26h + 8i   + normalised RMSNorm outputs (4h) and the inputs of the trained
                                 matmuls: norm outputs, o_proj input (6h), down_proj input (2i)
       LoRA           3 in + 2r  per LoRA layer: dropout output and mask, lora_B input
-    Head: the final RMSNorm's fp32 input (4h), lm_head's input (2h, kept by the loss), and the loss.
-    The loss (`zhllama.loss.token_loss_sum`) works on chunks of C = `chunk_tokens(V)` positions: one
-    chunk needs 14V bytes a position at its peak (bf16 logits 2V, their fp32 copy 4V, the log-softmax
-    4V kept for the backward, then its gradient 4V and the logits' gradient in bf16), measured by
-    bench/loss_memory.py. With a single chunk (tokens <= C) the log-softmax (4V) is kept from the
-    forward to the backward; with several, each chunk is recomputed in the backward and nothing of
-    size V is kept. With gradient checkpointing a layer keeps only its input (2h) and one layer at a
+    Head: the final RMSNorm's fp32 input (4h), lm_head's input (2h, kept by the loss), and the loss
+    (`loss_bytes`). With gradient checkpointing a layer keeps only its input (2h) and one layer at a
     time is recomputed. `saved` is checked against the tensors autograd really saves (tests/test_plan.py).
     """
     profile = profile or {"full": True, "lora_bytes": 0, "lm_head_trained": True}
     h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     layer = (26 * h + 8 * i) if profile["full"] else (16 * h + 6 * i)
     layer += profile["lora_bytes"] / L
-    chunk = chunk_tokens(V)
     head = 4 * h + 2 * h + (2 * h if profile["full"] else 0)
-    saved = tokens * ((L * 2 * h if checkpointing else L * layer) + head) + (4 * V * tokens if tokens <= chunk else 0)
-    loss_peak = 10 * V * tokens if tokens <= chunk else 14 * V * chunk
-    peak = saved + tokens * (layer if checkpointing else 0) + loss_peak
-    return {"saved": int(saved), "peak": int(peak)}
+    loss = loss_bytes(V, tokens)
+    saved = tokens * ((L * 2 * h if checkpointing else L * layer) + head)
+    peak = saved + tokens * (layer if checkpointing else 0) + loss["peak"]
+    return {"saved": int(saved + loss["saved"]), "peak": int(peak)}
+
+
+def loss_bytes(vocab: int, tokens: int) -> dict:
+    """Memory of the engine's token loss (`zhllama.loss.token_loss_sum`) over `tokens` positions.
+
+    With a single chunk (tokens <= C = `chunk_tokens(V)`) the fp32 log-softmax (4V a position) is kept
+    from the forward to the backward, which adds its gradient and the logits' gradient: 12V a position
+    at the peak. With several chunks nothing of size V is kept; the backward recomputes one chunk at a
+    time and peaks at 17.5V a chunk position (the recomputed chunk, the gradients and the exp() of the
+    softmax backward). Both coefficients are measured (`python bench/loss_memory.py --loss-only`,
+    checked in tests/test_plan.py); the fp32 copy of full logits beside the bf16 ones, 14V a position
+    of the whole micro batch, is what the loss cost before it was chunked.
+    """
+    chunk = chunk_tokens(vocab)
+    if tokens <= chunk:
+        return {"saved": 4 * vocab * tokens, "peak": 12 * vocab * tokens}
+    return {"saved": 0, "peak": int(17.5 * vocab * chunk)}
 
 
 def executed_flops_per_token(config, seq_len, trainable_matmul, full_backward, checkpointing):

@@ -17,6 +17,7 @@ Nothing on the resume path unpickles code: the RNG state and our state are JSON,
 plain classes. A file holding anything else is refused with one line.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -207,8 +208,12 @@ def _deepspeed_safe_globals() -> list:
 
 def safe_torch_load(path, map_location=None):
     """torch.load without code execution: weights_only=True, DeepSpeed's plain classes allowed."""
+    allowed = _deepspeed_safe_globals()
+    scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; 2.4 has only the global list
+    if scoped is None and hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals(allowed)
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with scoped(allowed) if scoped is not None else contextlib.nullcontext():
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -5,8 +5,10 @@ packed blocks with the same global batch, micro batch, AdamW, clipping and sched
 as `zhllama train` does (ZeRO-2, world of one, token-weighted loss, metrics); the baseline is the
 loop a user would write by hand. Figures: median tokens/s over the timed steps, MFU against this
 machine's measured fp32 matmul peak (or the GPU's datasheet peak), and the ratio engine / plain.
+The two loops run in one process, one step each in turn (the first of each pair alternating), so both
+see the same machine load; the whole is repeated `--repeats` times and the median ratio reported.
 
-  python bench/train.py [--steps 30] [--hidden 256] [--layers 4] [--block 128] [--out /tmp/bench_train]
+  python bench/train.py [--steps 30] [--repeats 3] [--hidden 256] [--layers 4] [--block 128] [--out /tmp/bench_train]
 """
 
 import argparse
@@ -43,46 +45,70 @@ def prepare(out: Path, hidden: int, layers: int, block: int):
     return tok_dir, model_dir, packed
 
 
-def plain_loop(model_dir, packed, *, steps, global_batch, micro, block, lr, seed):
-    """The hand-written baseline: PEFT LoRA + AdamW + clipping + LambdaLR, no DeepSpeed."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+class PlainLoop:
+    """The hand-written baseline: PEFT LoRA + AdamW + clipping + LambdaLR, no DeepSpeed; one `step()` a call."""
 
-    from zhllama.pretrain.engine import lr_lambda
-    from zhllama.pretrain.shards import BlockOrder, PackedBlocks
+    def __init__(self, model_dir, packed, *, steps, global_batch, micro, block, lr, seed):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                             modules_to_save=["embed_tokens", "lm_head"]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 0.05, 0.0))
-    data = PackedBlocks(packed, "train", expect_block_size=block)
-    order = BlockOrder(len(data), seed)
-    accum = global_batch // micro
-    times = []
-    model.train()
-    for step in range(steps):
-        t0 = time.perf_counter()
+        from zhllama.pretrain.engine import lr_lambda
+        from zhllama.pretrain.shards import BlockOrder, PackedBlocks
+
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+        self.model = get_peft_model(model, LoraConfig(
+            r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(steps, 0.05, 0.0))
+        self.data = PackedBlocks(packed, "train", expect_block_size=block)
+        self.order = BlockOrder(len(self.data), seed)
+        self.global_batch, self.micro = global_batch, micro
+        self.model.train()
+
+    def step(self, step):
+        import torch
+
+        accum = self.global_batch // self.micro
         for m in range(accum):
-            start = step * global_batch + m * micro
-            ids = torch.stack([torch.as_tensor(data[order.index(p)]) for p in range(start, start + micro)])
-            loss = model(input_ids=ids, labels=ids).loss / accum
+            start = step * self.global_batch + m * self.micro
+            ids = torch.stack([torch.as_tensor(self.data[self.order.index(p)]) for p in range(start, start + self.micro)])
+            loss = self.model(input_ids=ids, labels=ids).loss / accum
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return times
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
-def engine_run(model_dir, packed, out, *, steps, global_batch, micro, block, lr, seed):
+def interleaved_run(model_dir, packed, out, *, steps, global_batch, micro, block, lr, seed):
+    """The engine (`Trainer.run`, as `zhllama train` runs it) and the plain loop, one step each in turn,
+    in one process: both see the same machine load. The first of the pair alternates every step.
+    Returns the step times of each."""
     from zhllama.pretrain.config import load_config
     from zhllama.pretrain.engine import Trainer
+
+    plain = PlainLoop(model_dir, packed, steps=steps, global_batch=global_batch, micro=micro, block=block, lr=lr,
+                      seed=seed)
+    times = {"engine": [], "plain": []}
+
+    class Interleaved(Trainer):
+        def _train_step(self, step, order, grad_accum):
+            result = None
+
+            def engine_step():
+                nonlocal result
+                result = Trainer._train_step(self, step, order, grad_accum)
+
+            pair = [("plain", lambda: plain.step(step)), ("engine", engine_step)]
+            for name, fn in (pair if step % 2 == 0 else pair[::-1]):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+            return result
 
     run = out / "engine_run"
     cfg = load_config(None, [
@@ -90,9 +116,8 @@ def engine_run(model_dir, packed, out, *, steps, global_batch, micro, block, lr,
         f"max_steps={steps}", f"global_batch={global_batch}", f"micro_batch={micro}", f"block_size={block}",
         f"lr={lr}", f"seed={seed}", f"save_every={steps}", "keep_last=1", "eval_every=0", "tensorboard=false",
         "resume=false"])
-    Trainer(cfg).run()
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time_s"] for r in records], records
+    Interleaved(cfg).run()
+    return times["plain"], times["engine"]
 
 
 def main():
@@ -104,6 +129,7 @@ def main():
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs; the ratio reported is their median")
     ap.add_argument("--out", default="/tmp/zhllama_bench_train")
     args = ap.parse_args()
 
@@ -120,9 +146,6 @@ def main():
     tok_dir, model_dir, packed = prepare(out, args.hidden, args.layers, args.block)
     kw = dict(steps=args.steps, global_batch=args.global_batch, micro=args.micro, block=args.block, lr=1e-4, seed=0)
 
-    plain_times = plain_loop(model_dir, packed, **kw)
-    engine_times, _ = engine_run(model_dir, packed, out, **kw)
-
     tokens_per_step = args.global_batch * args.block
     cfg = LlamaConfig(**read_model_config(model_dir))
     fpt = flops_per_token(cfg, args.block)
@@ -134,13 +157,20 @@ def main():
         tps = tokens_per_step / med
         return {"median_step_s": med, "tokens_per_s": tps, "mfu": fpt * tps / peak}
 
-    plain, engine = summary(plain_times), summary(engine_times)
+    runs = []
+    for _ in range(args.repeats):
+        plain_times, engine_times = interleaved_run(model_dir, packed, out, **kw)
+        plain, engine = summary(plain_times), summary(engine_times)
+        runs.append({"plain": plain, "engine": engine, "ratio": engine["tokens_per_s"] / plain["tokens_per_s"]})
+    ratios = sorted(r["ratio"] for r in runs)
+    mid = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
     result = {
         "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}, threads {torch.get_num_threads()}",
         "model": f"hidden {args.hidden}, {args.layers} layers, vocab {cfg.vocab_size}",
         "batch": f"global {args.global_batch} x {args.block} tokens, micro {args.micro}",
-        "peak_flops": peak, "flops_per_token": fpt, "plain": plain, "engine": engine,
-        "ratio_engine_over_plain": engine["tokens_per_s"] / plain["tokens_per_s"],
+        "peak_flops": peak, "flops_per_token": fpt, "runs": runs, "ratios": ratios,
+        "plain": mid["plain"], "engine": mid["engine"],
+        "ratio_engine_over_plain": statistics.median(ratios),
     }
     print(json.dumps(result, indent=2))
     print(f"engine {engine['tokens_per_s']:,.0f} tok/s (MFU {100 * engine['mfu']:.1f}%) vs plain "

@@ -26,6 +26,7 @@ import torch
 from zhllama.errors import ConfigError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
 from zhllama.log import get_logger
+from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 
 from . import checkpoint
 from .config import RunConfig, dump_config
@@ -34,7 +35,6 @@ from .presets import grad_accumulation
 from .shards import BlockOrder, positions_for_rank
 
 log = get_logger("zhllama.train")
-IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -73,14 +73,15 @@ def all_reduce_(tensor, op=None):
 
 
 def choose_precision(requested: str, device: torch.device) -> str:
-    """bf16 on GPUs that have it, fp16 (dynamic loss scaling) on older GPUs, fp32 on CPU."""
+    """bf16 on GPUs that compute it natively (compute capability >= 8.0: A100, H100, 4090...), fp16
+    (dynamic loss scaling) on older GPUs such as V100, where bf16 is only emulated; fp32 on CPU."""
     if requested != "auto":
         if requested in ("bf16", "fp16") and device.type != "cuda":
             raise ConfigError(f"config: precision '{requested}' needs a GPU; use precision=fp32 (or auto) on CPU")
         return requested
     if device.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -211,7 +212,7 @@ def build_model(cfg: RunConfig, preset, dtype):
     model = adapters.apply_stage(model, preset, new_rows_from=new_rows_from)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    model.config.use_cache = False  # always: a KV cache would let packed SFT examples attend across examples
     return model, tokenizer, tokenizer_path
 
 
@@ -268,8 +269,9 @@ def _nan_hook(step: int, rank: int) -> bool:
 # ----------------------------------------------------------------------------- the loop
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, allow_config_change: bool = False):
         self.cfg = cfg
+        self.allow_config_change = allow_config_change  # resume even if the config differs from the checkpoint's
         self.preset = cfg.preset()
         self.run_dir = Path(cfg.out)
 
@@ -288,6 +290,14 @@ class Trainer:
         ds_config = build_ds_config(ds_path, global_batch=preset.global_batch, micro_batch=cfg.micro_batch,
                                     grad_accum=grad_accum, grad_clip=preset.grad_clip, precision=precision)
         torch.manual_seed(cfg.seed)
+
+        # Resume checks read only the checkpoint's JSON: a changed world size or config is refused
+        # before the model is loaded.
+        ckpt_root = self.run_dir / "checkpoints"
+        latest = checkpoint.latest_checkpoint(ckpt_root) if cfg.resume else None
+        fingerprint = checkpoint.model_fingerprint(cfg.model)
+        if latest is not None:
+            checkpoint.check_resume(latest, cfg, world, fingerprint, self.allow_config_change)
 
         model, tokenizer, tokenizer_path = build_model(cfg, preset, DTYPES[precision])
         data = build_data(cfg, preset, tokenizer, tokenizer_path)
@@ -315,12 +325,11 @@ class Trainer:
                                           weight_decay=preset.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, preset.warmup_ratio, cfg.min_lr_ratio))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
+        # DeepSpeed wraps the loss module: its forward returns the summed token loss (zhllama/loss.py).
+        engine, _, _, _ = deepspeed.initialize(model=CausalLMTokenLoss(model), optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds_config)
 
-        ckpt_root = self.run_dir / "checkpoints"
         start_step = 0
-        latest = checkpoint.latest_checkpoint(ckpt_root) if cfg.resume else None
         if latest is not None:
             state = checkpoint.load(engine, latest, rank=rank)
             start_step = state["step"]
@@ -368,9 +377,8 @@ class Trainer:
                 nonfinite_in_row = 0
                 last = record
             if done % cfg.save_every == 0 or done == total_steps:
-                checkpoint.save(engine, ckpt_root, done, {"step": done, "positions_consumed": done * preset.global_batch,
-                                                         "seed": cfg.seed, "stage": cfg.stage},
-                                rank=rank, local_rank=local_rank, barrier=barrier, keep_last=cfg.keep_last,
+                checkpoint.save(engine, ckpt_root, done, checkpoint.run_state(cfg, done, world, fingerprint),
+                                rank=rank, barrier=barrier, keep_last=cfg.keep_last,
                                 crash_hook=lambda: _crash_hook("in-checkpoint", done, rank))
             _crash_hook("after-step", done, rank)
 
@@ -381,45 +389,54 @@ class Trainer:
 
     # one optimizer step --------------------------------------------------------------------------
     def _train_step(self, step, order, grad_accum):
-        """Forward/backward over this rank's micro-batches, then the optimizer step (at the boundary)."""
+        """Forward/backward over this rank's micro-batches, then the optimizer step (at the boundary).
+
+        Two collectives per step, both through `_reduce` (on the engine's device): the global token
+        count before the first forward (the loss denominator), and (loss sum, non-finite micro-batches)
+        after the last backward. Nothing is read back to the host in between. A non-finite loss is
+        backpropagated like any other: DeepSpeed's overflow check then skips the optimizer step on
+        every rank alike, and the step is reported as skipped.
+        """
         cfg, engine = self.cfg, self.engine
         positions = positions_for_rank(step, self.preset.global_batch, self.rank, self.world)
         items = [self.data.train[order.index(p)] for p in positions]
         micro = [self.data.collate(items[i:i + cfg.micro_batch]) for i in range(0, len(items), cfg.micro_batch)]
         assert len(micro) == grad_accum
         # The global number of predicted tokens, known before any forward: the loss denominator.
-        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-                               sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in micro)],
-                              dtype=torch.float64)
-        all_reduce_(counts)
-        target_tokens, seen_tokens = counts.tolist()
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, non-finite micro-batches)
+        # Counted on the host-side batches (no device sync), summed over ranks once.
+        target_tokens, seen_tokens = self._reduce([
+            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+            sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)])
+        # DeepSpeed averages gradients over ranks, hence x world: sum / global tokens overall.
+        scale = self.world / max(target_tokens, 1.0)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (token loss sum, non-finite micro-batches)
         for batch in micro:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            logits = engine(**batch).logits
-            token_loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum")
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            token_loss = engine(**batch)
             if _nan_hook(step + 1, self.rank):
                 token_loss = token_loss * float("nan")
-            bad = torch.tensor([0.0 if torch.isfinite(token_loss) else 1.0])
-            all_reduce_(bad, torch.distributed.ReduceOp.MAX)
-            if bad.item():
-                # Skip this micro-batch on every rank alike: a zero loss that still touches every
-                # trainable parameter, so ZeRO's gradient hooks fire in the same order everywhere.
-                zero = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
-                engine.backward(zero, scale_wrt_gas=False)
-                loss_sum[1] += 1
-            else:
-                # DeepSpeed averages gradients over ranks, hence x world: sum / global tokens overall.
-                engine.backward(token_loss * (self.world / max(target_tokens, 1.0)), scale_wrt_gas=False)
-                loss_sum[0] += float(token_loss.detach())
+            engine.backward(token_loss * scale, scale_wrt_gas=False)
+            finite = torch.isfinite(token_loss.detach())
+            sums += torch.stack([torch.where(finite, token_loss.detach(), 0.0).double(), (~finite).double()])
             engine.step()
-        all_reduce_(loss_sum)
-        nonfinite = int(loss_sum[1].item())
-        loss = float(loss_sum[0] / max(target_tokens, 1.0)) if not nonfinite else float("nan")
+        loss_sum, nonfinite = self._reduce(sums)
+        nonfinite = int(nonfinite)
+        loss = loss_sum / max(target_tokens, 1.0) if not nonfinite else float("nan")
         return loss, seen_tokens, nonfinite
+
+    def _reduce(self, values) -> list:
+        """Sum `values` (numbers or a tensor) over ranks on the engine's device; the step's one host read.
+
+        Every collective of the loop goes through here, so a CPU tensor never reaches NCCL."""
+        if not torch.is_tensor(values):
+            values = torch.tensor(values, dtype=torch.float64, device=self.device)
+        values = values.to(self.device, torch.float64)
+        all_reduce_(values)
+        return self._to_host(values)
+
+    @staticmethod
+    def _to_host(t) -> list:
+        return t.tolist()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -427,26 +444,22 @@ class Trainer:
         cfg, engine, val = self.cfg, self.engine, self.data.validation
         engine.eval()
         n = min(len(val), cfg.eval_batches * cfg.micro_batch * self.world)
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for start in range(self.rank * cfg.micro_batch, n, cfg.micro_batch * self.world):
             batch = self.data.collate([val[i] for i in range(start, min(start + cfg.micro_batch, n))])
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            logits = engine(**batch).logits
-            sums[0] += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum"))
-            sums[1] += int((labels[:, 1:] != IGNORE_INDEX).sum())
-        all_reduce_(sums)
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            sums += torch.stack([engine(**batch).double(), sums.new_tensor(float(tokens))])
+        loss_sum, tokens = self._reduce(sums)
         engine.train()
-        val_loss = float(sums[0] / max(sums[1], 1.0))
+        val_loss = loss_sum / max(tokens, 1.0)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def _save_final(self, engine, tokenizer_path):
         from .adapters import save_adapter
         final = self.run_dir / "final"
         if self.rank == 0:
-            save_adapter(engine.module, final, tokenizer_dir=tokenizer_path, run_config=_run_record(self.cfg),
+            save_adapter(engine.module.model, final, tokenizer_dir=tokenizer_path, run_config=_run_record(self.cfg),
                          overwrite=True)
             log.info("final adapter written to %s", final)
         barrier()

@@ -11,8 +11,11 @@ including PEFT's frozen copies, T = trainable parameters, N = GPUs, B = bucket e
   buckets       2 x 2 min(T, B) x 4.5  reduce + allgather buckets (x4.5 with overlap_comm, DeepSpeed docs)
   optimizer     16 T / N               fp32 master weights, Adam m and v, fp32 gradient: partitioned
   activations   tokens x per-token     tokens = micro batch x sequence length, see `activation_bytes`;
-                                       checked against what autograd saves on a real HF LLaMA
-  overhead      1 GiB                  CUDA context and workspaces
+                                       checked against what autograd saves on a real HF LLaMA; the
+                                       loss is chunked as the engine computes it (zhllama/loss.py)
+  grad_transient 2 x largest trainable a trained matrix's whole 16-bit gradient (lm_head, embed_tokens)
+                                       exists before ZeRO copies it into a bucket and partitions it
+  overhead      1 GiB                  CUDA context, NCCL buffers and cuBLAS workspaces
 FLOPs per token: model FLOPs 6 N_mm + 12 L d s (`zhllama.pretrain.flops`, the MFU convention of the
 training metrics). GPU-hours = tokens x model FLOPs / (MFU x datasheet peak) / 3600, plus a reserve for
 failures, restarts and evaluation. See docs/plan.md for the formulas and the LLaMA paper check.
@@ -27,6 +30,8 @@ from pathlib import Path
 from zhllama.errors import ConfigError, InputError, UserError
 
 from . import flops as flops_mod
+from zhllama.loss import chunk_tokens
+
 from .presets import STAGES, grad_accumulation
 
 GIB = 1024 ** 3
@@ -47,8 +52,18 @@ GPUS = {
 
 # ------------------------------------------------------------------------------------------ the model
 
-def model_config(spec: str, vocab_size=None):
-    """A transformers config from `llama-7b|13b|33b|65b`, `tiny`, or an HF config.json (file or dir)."""
+def model_config(spec: str, vocab_size=None, layers=None):
+    """A transformers config from `llama-7b|13b|33b|65b`, `tiny`, or an HF config.json (file or dir),
+    with `layers` decoder layers if given (e.g. a 7B-wide model of 2 layers, to check against a measurement)."""
+    config = _model_config(spec, vocab_size)
+    if layers is not None:
+        if layers < 1:
+            raise ConfigError(f"--layers must be >= 1, got {layers}")
+        config.num_hidden_layers = layers
+    return config
+
+
+def _model_config(spec: str, vocab_size=None):
     from zhllama import tiny
 
     key = spec.lower()
@@ -135,19 +150,36 @@ def activation_bytes(config, tokens: int, checkpointing: bool, profile=None) -> 
       trained layer  26h + 8i   + normalised RMSNorm outputs (4h) and the inputs of the trained
                                 matmuls: norm outputs, o_proj input (6h), down_proj input (2i)
       LoRA           3 in + 2r  per LoRA layer: dropout output and mask, lora_B input
-    Head: the fp32 log-softmax of the loss (4V), the final RMSNorm's fp32 input (4h), lm_head's input if
-    it trains (2h). With gradient checkpointing a layer keeps only its input (2h) and one layer at a time
-    is recomputed. The peak adds the logits' gradient in fp32 and bf16 (6V) during the backward.
-    `saved` is checked against the tensors autograd really saves (tests/test_plan.py).
+    Head: the final RMSNorm's fp32 input (4h), lm_head's input (2h, kept by the loss), and the loss
+    (`loss_bytes`). With gradient checkpointing a layer keeps only its input (2h) and one layer at a
+    time is recomputed. `saved` is checked against the tensors autograd really saves (tests/test_plan.py).
     """
     profile = profile or {"full": True, "lora_bytes": 0, "lm_head_trained": True}
     h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     layer = (26 * h + 8 * i) if profile["full"] else (16 * h + 6 * i)
     layer += profile["lora_bytes"] / L
-    head = 4 * V + 4 * h + (2 * h if profile["lm_head_trained"] else 0) + (2 * h if profile["full"] else 0)
+    head = 4 * h + 2 * h + (2 * h if profile["full"] else 0)
+    loss = loss_bytes(V, tokens)
     saved = tokens * ((L * 2 * h if checkpointing else L * layer) + head)
-    peak = saved + tokens * ((layer if checkpointing else 0) + 6 * V)
-    return {"saved": int(saved), "peak": int(peak)}
+    peak = saved + tokens * (layer if checkpointing else 0) + loss["peak"]
+    return {"saved": int(saved + loss["saved"]), "peak": int(peak)}
+
+
+def loss_bytes(vocab: int, tokens: int) -> dict:
+    """Memory of the engine's token loss (`zhllama.loss.token_loss_sum`) over `tokens` positions.
+
+    With a single chunk (tokens <= C = `chunk_tokens(V)`) the fp32 log-softmax (4V a position) is kept
+    from the forward to the backward, which adds its gradient and the logits' gradient: 12V a position
+    at the peak. With several chunks nothing of size V is kept; the backward recomputes one chunk at a
+    time and peaks at 17.5V a chunk position (the recomputed chunk, the gradients and the exp() of the
+    softmax backward). Both coefficients are measured (`python bench/loss_memory.py --loss-only`,
+    checked in tests/test_plan.py); the fp32 copy of full logits beside the bf16 ones, 14V a position
+    of the whole micro batch, is what the loss cost before it was chunked.
+    """
+    chunk = chunk_tokens(vocab)
+    if tokens <= chunk:
+        return {"saved": 4 * vocab * tokens, "peak": 12 * vocab * tokens}
+    return {"saved": 0, "peak": int(17.5 * vocab * chunk)}
 
 
 def executed_flops_per_token(config, seq_len, trainable_matmul, full_backward, checkpointing):
@@ -178,7 +210,7 @@ def _ds_buckets(ds_config):
     return bucket, (4.5 if zero.get("overlap_comm", False) else 1.0), offload
 
 
-def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap, offload=False):
+def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap, offload=False, largest=0):
     """ZeRO-2 memory per GPU by component, in bytes (see the module docstring). With the optimizer
     offloaded, fp32 master weights and Adam moments live in host RAM, not on the GPU."""
     return {
@@ -187,6 +219,7 @@ def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap, offload
         "buckets": 2 * 2 * min(trainable, bucket) * overlap,
         "optimizer": 0.0 if offload else 16 * trainable / gpus,
         "activations": act_bytes,
+        "grad_transient": 2 * largest,
         "overhead": OVERHEAD_BYTES,
     }
 
@@ -195,7 +228,7 @@ def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap, offload
 
 def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16, gpu="a100-80g",
          mfu=DEFAULT_MFU, reserve=DEFAULT_RESERVE, micro_batch=None, seq_len=None, global_batch=None,
-         new_rows_from=None, ds_config=None):
+         new_rows_from=None, ds_config=None, layers=None):
     """Everything `zhllama plan` prints, as a dict."""
     if stage not in PLAN_STAGES:
         raise ConfigError(f"unknown stage '{stage}'; choose one of {', '.join(PLAN_STAGES)}")
@@ -216,7 +249,7 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
 
     from .adapters import count_trainable
 
-    config = model_config(model)
+    config = model_config(model, layers=layers)
     staged = staged_meta_model(config, vocab_size, stage, new_rows_from)
     config = staged.config if stage == "full" else staged.get_base_model().config
     trainable, total = count_trainable(staged) if stage != "full" else (
@@ -224,6 +257,7 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
     weights = _weight_elements(staged)
     profile = activation_profile(staged, full=stage == "full")
     t_mm = trainable if stage == "full" else _trainable_matmul(staged)
+    largest = max((p.numel() for p in staged.parameters() if p.requires_grad), default=0)
 
     model_fpt = flops_mod.flops_per_token(config, seq)
     exec_fpt = {ck: executed_flops_per_token(config, seq, t_mm, stage == "full", ck) for ck in (False, True)}
@@ -244,7 +278,7 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
 
     def mem(mb, ck):
         act = activation_bytes(config, mb * seq, ck, profile)["peak"]
-        return memory_per_gpu(weights, trainable, gpus, act, bucket, overlap, offload)
+        return memory_per_gpu(weights, trainable, gpus, act, bucket, overlap, offload, largest)
 
     budget = HEADROOM * mem_gib * GIB
     chosen = {}
@@ -311,7 +345,7 @@ def format_plan(p) -> str:
         label = f"{label} (micro {m['micro_batch']})"
         lines.append(
             f"    {label:<30}{g['weights']:>8.1f}{g['gradients']:>7.1f}"
-            f"{g['buckets']:>8.1f}{g['optimizer']:>7.1f}{g['activations']:>7.1f}{g['overhead']:>7.1f}"
+            f"{g['buckets']:>8.1f}{g['optimizer']:>7.1f}{g['activations']:>7.1f}{g['overhead'] + g['grad_transient']:>7.1f}"
             f"{m['total_gib']:>8.1f}  {verdict}{accum}")
     if not any(m["fits"] for m in p["memory"].values()):
         lines.append("  no micro batch fits: use ds_configs/zero2_offload.json, more GPUs, or a shorter sequence")
@@ -347,12 +381,15 @@ def add_arguments(parser):
     parser.add_argument("--ds-config", default=None,
                         help="DeepSpeed config for bucket sizes and optimizer offload: a JSON path or a name in "
                              "ds_configs/ (zero2, zero2_offload; default zero2)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the number of decoder layers (e.g. 2, to compare with bench/loss_memory.py)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def run(args):
     p = plan(model=args.model, vocab_size=args.vocab_size, stage=args.stage, tokens=args.tokens, gpus=args.gpus,
              gpu=args.gpu, mfu=args.mfu, reserve=args.reserve, micro_batch=args.micro_batch, seq_len=args.seq_len,
-             global_batch=args.global_batch, new_rows_from=args.new_rows_from, ds_config=args.ds_config)
+             global_batch=args.global_batch, new_rows_from=args.new_rows_from, ds_config=args.ds_config,
+             layers=args.layers)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0

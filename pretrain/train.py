@@ -22,6 +22,9 @@ def add_arguments(p):
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. micro_batch=4")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config, print the resolved config and batch plan, and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume from OUT/checkpoints even though global batch, lr, stage, model or another "
+                        "setting differs from the checkpoint's (by default such a resume is refused)")
     # The deepspeed launcher passes --local_rank; the engine reads LOCAL_RANK from the environment.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -49,7 +52,7 @@ def run(args):
               f"{preset.global_batch} sequences of {preset.block_size} tokens")
         return 0
     from .engine import Trainer
-    summary = Trainer(cfg).run()
+    summary = Trainer(cfg, allow_config_change=args.allow_config_change).run()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))
     return 0

@@ -257,3 +257,44 @@ def test_stage1_new_rows_only_on_a_resized_model_keeps_old_rows(tmp_path, tiny_m
     after = merge_adapters(load_model(resized), [run / "final"]).get_input_embeddings().weight.detach()
     assert torch.equal(after[:base_rows], before[:base_rows])
     assert not torch.equal(after[base_rows:], before[base_rows:])
+
+
+@pytest.mark.slow
+def test_checkpoint_holds_trainable_weights_and_optimizer_state_only(baseline, tiny_model_dir):
+    """No frozen parameter is saved: a checkpoint is trainable x (4 bytes fp32 weight + 12 bytes fp32
+    master weight and Adam m, v), far below the model, and its size is logged."""
+    from zhllama.pretrain.checkpoint import dir_bytes
+    state = json.loads((baseline / "checkpoints" / f"step-{STEPS}" / "zhllama_state.json").read_text())
+    assert state["world_size"] == 1 and state["settings"]["lr"] == 0.01 and state["model_fingerprint"]
+    trainable = sum(t.numel() for t in _final_weights(baseline).values())  # the adapter holds the trained tensors
+    engine_bytes = dir_bytes(baseline / "checkpoints" / f"step-{STEPS}" / "engine")
+    assert abs(engine_bytes / (16 * trainable) - 1) < 0.05, (engine_bytes, trainable)
+    model_bytes = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
+    with_copies = model_bytes + 4 * trainable  # what DeepSpeed saved before: the model and PEFT's trained copies
+    assert engine_bytes < 16 * trainable + 0.05 * with_copies
+
+
+@pytest.mark.slow
+def test_planted_pickles_never_run_on_resume(tmp_path, base_args, baseline):
+    """A pickle that would create a marker file, planted in every file a resume reads (and where the
+    RNG state used to be pickled): nothing runs, and the resume stops with one line naming the file."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = run / "checkpoints" / f"step-{STEPS}"
+    planted = sorted((ckpt / "engine").glob("*.pt")) + [ckpt / "rng_rank0.pt"]
+    for f in planted:
+        torch.save({"module": Payload()}, f)
+    res = _train([*base_args, f"out={run}", f"max_steps={STEPS + 1}"])
+    assert not marker.exists()
+    assert res.returncode == 2, res.stderr[-3000:]
+    err_lines = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(err_lines) == 1 and "refusing to load" in err_lines[0] and ".pt" in err_lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr

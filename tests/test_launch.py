@@ -33,12 +33,6 @@ COMMON = [f"max_steps={STEPS}", "global_batch=8", "micro_batch=2", "block_size=3
           "save_every=2", "keep_last=2", "eval_every=0", "tensorboard=false"]
 TIMEOUT = 600
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]  # the `deepspeed` command, this python
-# Two nodes on one shared `out` need checkpoints finalised by global rank 0 alone. Until branch engine12
-# (pretrain/checkpoint.py) is merged, each node's local rank 0 renames the same .tmp-step-N directory
-# and one of them dies with FileNotFoundError (or deletes the other's step-N). Remove after the merge.
-SHARED_OUT_RACE = pytest.mark.xfail(
-    strict=True, reason="issue 12: checkpoint finalisation by every node's local rank 0 races on a shared "
-                        "out; fixed by branch engine12 (rank 0 finalises)")
 
 
 def _free_port() -> int:
@@ -218,7 +212,6 @@ def test_gpu_check_dry_run_lists_every_stage():
 # ----------------------------------------------------------------------------- training, world of 2
 
 @pytest.mark.slow
-@SHARED_OUT_RACE
 def test_two_loopback_nodes_equal_one_node_with_two_ranks(two_nodes, one_node):
     _assert_same_as(two_nodes, one_node, "2 nodes x 1 rank vs 1 node x 2 ranks")
     assert sorted(p.name for p in (two_nodes / "checkpoints").iterdir()) == [f"step-{STEPS - 2}", f"step-{STEPS}"]
@@ -227,7 +220,6 @@ def test_two_loopback_nodes_equal_one_node_with_two_ranks(two_nodes, one_node):
 
 
 @pytest.mark.slow
-@SHARED_OUT_RACE
 def test_sigkill_of_one_node_then_restart_resumes_exactly(tmp_path, train_args, two_nodes):
     """Node 0's rank is SIGKILLed after step 3 (checkpoint step-2 complete; the engine's test hook, so
     the moment is exact), node 0's launcher then stops, node 1 loses its peer; both are restarted."""

@@ -12,7 +12,12 @@ Same documents (non-empty lines), same token ids (the HF tokenizer is asked for 
 number of threads/processes N. Times are the best of --repeats runs, alternated, because the machine
 may be shared.
 
+With a tokenizer.json tokenizer (--tokenizer DIR holding tokenizer.json and no tokenizer.model:
+SmolLM2, LLaMA-3), baseline 1 is raw `tokenizers` `encode_batch_fast` on N rayon threads
+(RAYON_RS_NUM_CPUS=N, set before tokenizers starts its pool) and baseline 2 is skipped.
+
   python bench/pack.py                        # ../shared/data/zh, LLaMA tokenizer, N = CPUs
+  python bench/pack.py --tokenizer smollm2_tokenizer_dir --skip-datasets --memory-repeat 0
   python bench/pack.py --workers 2 --repeats 3 --memory-repeat 10 --json out.json
 """
 
@@ -61,7 +66,25 @@ def cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
+def time_raw_json(tokenizer, docs, threads):
+    """Raw `tokenizers` on text in memory: one encode_batch on `threads` rayon threads, plus the
+    BOS/EOS count data pack adds (ids only; no offsets)."""
+    from zhllama import bpe
+    tk = bpe.load_tokenizer(tokenizer)
+    tk.encode_special_tokens = True
+    bos, eos = bpe.special_ids(tokenizer, tk)
+    extra = (bos is not None) + 1
+    encode = getattr(tk, "encode_batch_fast", tk.encode_batch)
+    c, t = cpu_seconds(), time.perf_counter()
+    encs = encode(docs, add_special_tokens=False)
+    ids = [e.ids for e in encs]
+    dt, cpu = time.perf_counter() - t, cpu_seconds() - c
+    return dt, cpu, sum(map(len, ids)) + extra * len(ids)
+
+
 def time_raw(tokenizer, docs, threads):
+    if _is_json(tokenizer):
+        return time_raw_json(tokenizer, docs, threads)
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
     c, t = cpu_seconds(), time.perf_counter()
@@ -162,9 +185,19 @@ def peak_rss_of_pack(tokenizer, inputs, workers, block_size, work):
     return dt, peak
 
 
+def _is_json(tokenizer) -> bool:
+    from zhllama.bpe import is_bpe_json_base
+    return is_bpe_json_base(tokenizer)
+
+
 def main():
     args = parse_args()
     sys.path.insert(0, str(REPO))
+    if _is_json(args.tokenizer):
+        # the rayon pool is sized once, at its first use: N threads, like the N pack workers
+        os.environ["RAYON_RS_NUM_CPUS"] = str(args.workers)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        args.skip_datasets = True
     from zhllama import corpus
     if not Path(args.tokenizer).exists() or not Path(args.data).exists():
         sys.exit(f"needs {args.tokenizer} and {args.data} (the shared data)")
@@ -190,7 +223,8 @@ def main():
         raw, packed = min(raw_t), min(pack_t)
         assert counts["tokens"] == tokens, (counts["tokens"], tokens)   # same work, same ids count
         ratio, cpu_ratio = raw / packed, min(raw_c) / min(pack_c)
-        print(f"raw sentencepiece encode   : {raw:6.2f} s  {mb / raw:6.2f} MB/s  {tokens / raw:,.0f} tok/s"
+        raw_name = "raw tokenizers encode_batch" if _is_json(args.tokenizer) else "raw sentencepiece encode   "
+        print(f"{raw_name}: {raw:6.2f} s  {mb / raw:6.2f} MB/s  {tokens / raw:,.0f} tok/s"
               f"  CPU {min(raw_c):.2f} s  (wall runs: {', '.join(f'{x:.2f}' for x in raw_t)})")
         print(f"zhllama data pack          : {packed:6.2f} s  {mb / packed:6.2f} MB/s  "
               f"{tokens / packed:,.0f} tok/s  CPU {min(pack_c):.2f} s  "

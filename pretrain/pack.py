@@ -1,6 +1,7 @@
 """Tokenize a corpus and pack it into fixed-length token blocks for pretraining.
 
-Every document becomes BOS + ids + EOS; documents are concatenated and cut into blocks of exactly
+Every document becomes BOS + ids + EOS (a tokenizer.json tokenizer: its own BOS/EOS from
+tokenizer_config.json, ids + EOS when it has no BOS); documents are concatenated and cut into blocks of exactly
 --block-size tokens (blocks span document boundaries, as the group_texts step of HF run_clm does).
 The result is a directory of uint16/uint32 token shards, an index and a manifest (tokenizer
 fingerprint, block size, sources with sizes and sha256, counts) that `zhllama train` memory-maps.
@@ -54,7 +55,9 @@ ENCODE_BATCH_CHARS = 1 << 20  # characters per sentencepiece call inside a worke
 def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", required=True,
                         help="SentencePiece tokenizer: a .model file or a dir with tokenizer.model "
-                             "(e.g. the output of `zhllama vocab merge`)")
+                             "(e.g. the output of `zhllama vocab merge`); or a HF tokenizer.json (a dir "
+                             "with one and no tokenizer.model: LLaMA-3, SmolLM2), BOS/EOS from its "
+                             "tokenizer_config.json")
     parser.add_argument("--input", required=True, nargs="+", metavar="F",
                         help="text inputs: files, directories, globs; .txt (one document per line, or "
                              "see --doc-sep), .jsonl (see --text-field), .parquet, optionally .gz")
@@ -99,12 +102,30 @@ class Tokenizer:
     model_file: Path
     fingerprint: str
     vocab_size: int
-    bos_id: int
+    bos_id: Optional[int]
     eos_id: int
+    kind: str = "sentencepiece"   # or "tokenizers" (a tokenizer.json)
+
+
+def load_json_tokenizer(path) -> Tokenizer:
+    """A `tokenizer.json` tokenizer (byte-level BPE bases). BOS/EOS are the tokenizer's own, as
+    transformers reads them (tokenizer_config.json bos_token/eos_token, else the post-processor's
+    template); a base without BOS (GPT-2 style) packs documents as ids + EOS."""
+    from zhllama import bpe
+    tok = bpe.load_tokenizer(path)
+    bos, eos = bpe.special_ids(path, tok)
+    if eos is None:
+        raise UserError(f"{path}: the tokenizer defines no EOS token (eos_token in tokenizer_config.json); "
+                        "pretraining blocks need one between documents")
+    return Tokenizer(str(path), bpe.tokenizer_json_path(path), fmt.tokenizer_fingerprint(path),
+                     tok.get_vocab_size(with_added_tokens=True), bos, eos, kind="tokenizers")
 
 
 def load_tokenizer(path) -> Tokenizer:
     import sentencepiece as spm
+    from zhllama.bpe import is_bpe_json_base
+    if is_bpe_json_base(path):
+        return load_json_tokenizer(path)
     model_file = fmt.tokenizer_model_path(path)
     sp = spm.SentencePieceProcessor()
     try:
@@ -133,7 +154,9 @@ def make_settings(args, tok: Tokenizer) -> dict:
         "unit_bytes": _mb(args.unit_mb),
         "document": "bos+ids+eos",
         "validation_hash": "blake2b-64(utf8 text) < ratio * 2^64",
-    }
+    } | ({} if tok.kind == "sentencepiece" else {   # SentencePiece packs keep their settings (resume keys)
+        "tokenizer_kind": tok.kind, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+        "document": "bos+ids+eos" if tok.bos_id is not None else "ids+eos"})
 
 
 def _mb(x: float) -> int:
@@ -257,9 +280,17 @@ def plan_file(path: Path, first_index: int, unit_bytes: int, slice_bytes: int, d
 _W: dict = {}
 
 
-def _init_worker(model_file: str, cfg: dict) -> None:
-    import sentencepiece as spm
-    _W["sp"] = spm.SentencePieceProcessor(model_file=model_file)
+def _init_worker(model_file: str, cfg: dict, pool: bool = True) -> None:
+    if cfg.get("tokenizer_kind") == "tokenizers":
+        if pool:  # one thread per worker process: --workers is the parallelism, as for sentencepiece
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from tokenizers import Tokenizer
+        tk = Tokenizer.from_file(model_file)
+        tk.encode_special_tokens = True   # "<|endoftext|>" in a document is text, never a control token
+        _W["tk"] = tk
+    else:
+        import sentencepiece as spm
+        _W["sp"] = spm.SentencePieceProcessor(model_file=model_file)
     _W["cfg"] = cfg
     ratio = cfg["validation_ratio"]
     _W["threshold"] = int(ratio * (1 << 64)) if ratio > 0 else 0
@@ -316,8 +347,20 @@ class _Sink:
                 f.close()
 
 
+def _encode_json(docs: List[str]) -> List[List[int]]:
+    """BOS + ids + EOS per document with `tokenizers` (no post-processor: BOS/EOS by id, as configured)."""
+    tk, cfg = _W["tk"], _W["cfg"]
+    encode = getattr(tk, "encode_batch_fast", tk.encode_batch)  # no offsets (tokenizers >= 0.20)
+    head = [cfg["bos_id"]] if cfg["bos_id"] is not None else []
+    tail = [cfg["eos_id"]]
+    return [head + e.ids + tail for e in encode(docs, add_special_tokens=False)]
+
+
 def _encode_into(docs: List[str], sink: _Sink) -> None:
-    ids = _W["sp"].encode(docs, add_bos=True, add_eos=True, num_threads=1)
+    if "tk" in _W:
+        ids = _encode_json(docs)
+    else:
+        ids = _W["sp"].encode(docs, add_bos=True, add_eos=True, num_threads=1)
     threshold = _W["threshold"]
     if not threshold:
         sink.add("train", ids)
@@ -376,7 +419,7 @@ class _InlineExecutor:
     """--workers 1: run tasks in this process (no pickling, no process start-up)."""
 
     def __init__(self, model_file: str, cfg: dict):
-        _init_worker(model_file, cfg)
+        _init_worker(model_file, cfg, pool=False)
 
     def submit(self, fn, *args) -> Future:
         fut: Future = Future()
@@ -665,6 +708,7 @@ class Packer:
         total = corpus.total_size(self.paths)
         self.progress = Progress("data pack", total_bytes=total, logger=log)
         cfg = {k: self.settings[k] for k in ("text_field", "doc_sep", "strict", "validation_ratio", "dtype")}
+        cfg.update(tokenizer_kind=self.tok.kind, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id)
         workers = self.args.workers
         if workers > 1:
             executor = ProcessPoolExecutor(workers, mp_context=_mp_context(),

@@ -62,7 +62,12 @@ def tokenizer_fingerprint(tokenizer_path) -> str:
     """sha256 over the files that define the tokenizer: `tokenizer.model`, plus `tokenizer.json` when
     the directory has one. Any change to either changes the ids, so shards are keyed by this."""
     p = Path(tokenizer_path)
-    files = [tokenizer_model_path(p)]
+    if p.is_dir() and not (p / "tokenizer.model").is_file() and (p / "tokenizer.json").is_file():
+        files = [p / "tokenizer.json"]      # a tokenizer.json-only tokenizer (LLaMA-3, SmolLM2)
+    elif p.is_file() and p.suffix == ".json":
+        files = [p]
+    else:
+        files = [tokenizer_model_path(p)]
     if p.is_dir() and (p / "tokenizer.json").is_file():
         files.append(p / "tokenizer.json")
     h = hashlib.sha256()
@@ -118,7 +123,7 @@ class PackedBlocks:
         self.block_size = int(m["block_size"])
         tok = m["tokenizer"]
         self.vocab_size = int(tok["vocab_size"])
-        self.bos_id = int(tok["bos_id"])
+        self.bos_id = int(tok["bos_id"]) if tok["bos_id"] is not None else None  # tokenizer.json without BOS
         self.eos_id = int(tok["eos_id"])
         self.dtype = np.dtype(m["dtype"])
 

@@ -47,8 +47,11 @@ MAX_FIXED_POINT_ITERATIONS = 50
 
 def add_arguments(parser):
     parser.add_argument("--base", required=True,
-                        help="base tokenizer: a sentencepiece tokenizer.model, or a HF directory holding one")
-    parser.add_argument("--add", required=True, help="the Chinese sentencepiece model (e.g. DIR/zh_sp.model)")
+                        help="base tokenizer: a sentencepiece tokenizer.model, or a HF directory holding one; "
+                             "or a byte-level BPE tokenizer.json / a directory with one and no tokenizer.model "
+                             "(LLaMA-3, SmolLM2: see vocab/bpe_merge.py)")
+    parser.add_argument("--add", required=True, help="the Chinese sentencepiece model (e.g. DIR/zh_sp.model); "
+                                                     "for a BPE base, the `vocab train --base` output directory")
     parser.add_argument("--out", required=True, help="output directory (HF tokenizer dir + merge_report.json)")
     parser.add_argument("--compat", choices=COMPAT_MODES, default=None,
                         help="v1: reproduce Chinese-LLaMA-Alpaca's merge exactly (append every new piece with "
@@ -63,7 +66,24 @@ def add_arguments(parser):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
+def _run_bpe(args) -> int:
+    from zhllama.vocab import bpe_merge
+    if args.compat or args.model_max_length is not None:
+        raise UserError("--compat and --model-max-length apply to SentencePiece bases only")
+    report = bpe_merge.merge_tokenizers(args.base, args.add, args.out, max_vocab=args.max_vocab,
+                                        drop_unreachable=not args.keep_unreachable, overwrite=args.overwrite)
+    c = report["counts"]
+    print(f"merged {report['first_new_id']:,} + {c['added']:,} = {report['final_size']:,} tokens (byte-level bpe; "
+          f"{c['added_leading_bytes']:,} of them leading bytes of CJK characters); skipped as duplicate "
+          f"{c['skipped_duplicate']:,}, without CJK {c['filtered_no_cjk']:,}, without a merge "
+          f"{c['dropped_no_merge']:,}, unreachable {c['dropped_unreachable']:,} dropped -> {args.out}")
+    return 0
+
+
 def run(args) -> int:
+    from zhllama.bpe import is_bpe_json_base, tokenizer_json_path
+    if is_bpe_json_base(args.base) and tokenizer_json_path(args.add) is not None:
+        return _run_bpe(args)
     report = merge_tokenizers(args.base, args.add, args.out, compat=args.compat, max_vocab=args.max_vocab,
                               drop_unreachable=not args.keep_unreachable, overwrite=args.overwrite,
                               model_max_length=args.model_max_length)

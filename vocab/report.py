@@ -3,7 +3,9 @@
     zhllama vocab report --tokenizer merged/ --tokenizer other/tokenizer.model \\
         --reference llama/tokenizer.model --text heldout_zh.txt english.txt [--json]
 
-A tokenizer is a sentencepiece `.model` file or a Hugging Face directory holding `tokenizer.model`.
+A tokenizer is a sentencepiece `.model` file or a Hugging Face directory holding `tokenizer.model`, or a
+byte-level BPE `tokenizer.json` (or a directory with one and no tokenizer.model: LLaMA-3, SmolLM2),
+measured by `vocab/bpe_report.py` with the same columns.
 Each text line (document, for JSON lines) is classified by `zhllama.spm.has_cjk`:
 
 - zh tokens/char: tokens / characters over lines with a CJK character (no BOS; all characters of the
@@ -199,12 +201,19 @@ def measure(path, lines: List[str], *, reference=None, ref_ids=None, parity: boo
 
 
 def build_report(tokenizers, lines: List[str], *, reference=None, parity=True, hf_loader="auto") -> dict:
+    from zhllama.bpe import is_bpe_json_base, load_tokenizer as load_bpe
+    from zhllama.vocab import bpe_report
     ref_proto = ref_ids = None
     rows = []
-    if reference is not None:
+    if reference is not None and is_bpe_json_base(reference):
+        ref_ids = bpe_report.encode_lines(load_bpe(reference), lines)
+    elif reference is not None:
         ref_proto = _spm.load_proto(reference, "reference")
         ref_ids = _spm.processor(ref_proto).encode(lines)
     for t in tokenizers:
+        if is_bpe_json_base(t):  # a byte-level BPE tokenizer.json (LLaMA-3, SmolLM2)
+            rows.append(bpe_report.measure(t, lines, reference=reference, ref_ids=ref_ids, parity=parity))
+            continue
         rows.append(measure(t, lines, reference=ref_proto, ref_ids=ref_ids, parity=parity, hf_loader=hf_loader))
     return {"lines": len(lines), "zh_lines": sum(_spm.has_cjk(t) for t in lines),
             "reference": str(reference) if reference is not None else None, "tokenizers": rows}
@@ -248,15 +257,20 @@ def format_table(report: dict) -> str:
                  + (f"; reference: {report['reference']}" if has_ref else ""))
     for r in rows:
         if r.get("parity_loader"):
-            lines.append(f"slow/fast for {r['tokenizer']}: sentencepiece vs {r['parity_loader']}")
+            how = r["parity_loader"] if r["model_type"] == "byte-level bpe" else f"sentencepiece vs {r['parity_loader']}"
+            lines.append(f"slow/fast for {r['tokenizer']}: {how}")
     return "\n".join(lines)
 
 
 def run(args) -> int:
     if not args.text and args.english_sample <= 0:
         raise UserError("give text to measure on: --text FILE... and/or --english-sample N")
+    from zhllama import bpe
     for t in args.tokenizer + ([args.reference] if args.reference else []):
-        _spm.load_proto(t)  # every bad tokenizer fails before any work, naming its file
+        if bpe.is_bpe_json_base(t):
+            bpe.check_byte_level_bpe(bpe.read_tokenizer_json(t), bpe.tokenizer_json_path(t))
+        else:
+            _spm.load_proto(t)  # every bad tokenizer fails before any work, naming its file
     lines = read_lines(args.text, max_lines=args.max_lines, text_field=args.text_field) if args.text else []
     if args.english_sample > 0:
         lines += stdlib_english_lines(args.english_sample)

@@ -18,6 +18,16 @@ held-out loss right after resize 8.30 nats/token with subword-mean input + zero 
 with subword-mean on both, 8.41 random, 10.22 mean. Zero rows give every new token one neutral
 logit, which training moves quickly; `--lm-head-init subword-mean` keeps the pure variant.
 
+Tied embeddings (LLaMA-3.2 1B/3B, SmolLM2: `tie_word_embeddings`): there is one matrix, so one
+rule: the shared new row is the --init row (default subword-mean). Zero rows, the untied default
+for the output side, would leave the new tokens with no input embedding at all; subword-mean gives
+the input side its meaning and costs the output side what subword-mean costs an untied lm_head
+(docs/resize.md). The output keeps `tie_word_embeddings` and is saved without an lm_head tensor
+(one that a checkpoint stores anyway is dropped: it is the same matrix).
+
+Byte-level BPE bases (tokenizer.json, no tokenizer.model): subword-mean splits each new token's
+byte string with the base BPE model (`bpe_subword_sources`).
+
 --pad-to-multiple-of 64 adds rows up to a multiple of 64 (tensor-core friendly matmuls). The
 tokenizer never produces those ids; the config records the real size under
 "zhllama_tokenizer_vocab_size" so every zhllama stage knows which rows are padding.
@@ -41,6 +51,7 @@ import sys
 import time
 from pathlib import Path
 
+from zhllama.bpe import is_bpe_json_base
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json
 from zhllama.log import get_logger
@@ -120,6 +131,21 @@ def subword_sources(base_sp_file, new_tokens, no_text_ids, first_id):
             continue
         ids = sp.encode(piece.replace("\u2581", " "))
         out.append(list(ids) or None)
+    return out
+
+
+def bpe_subword_sources(base_tokenizer_json, new_tokens, no_text_ids, first_id):
+    """subword_sources for a byte-level BPE base (tokenizer.json): the base model's split of each new
+    token's byte string, as one pre-token (so the split is of exactly that token, like the
+    SentencePiece case without the dummy prefix). Tokens that are not byte strings get None (mean)."""
+    from zhllama import bpe
+    model = bpe.load_tokenizer(base_tokenizer_json).model
+    out = []
+    for i, tok in enumerate(new_tokens, start=first_id):
+        if i in no_text_ids or bpe.token_bytes(tok) is None:
+            out.append(None)
+            continue
+        out.append([t.id for t in model.tokenize(tok)] or None)
     return out
 
 
@@ -316,7 +342,9 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
     if tied and lm_head_init != init:
         log.info("tied embeddings: lm_head is embed_tokens, so --lm-head-init %s does not apply", lm_head_init)
         lm_head_init = init
-    if "subword-mean" in (init, lm_head_init):
+    if "subword-mean" in (init, lm_head_init) and _find_sp(base_tok_path) is None and is_bpe_json_base(base_tok_path):
+        sources = bpe_subword_sources(base_tok_path, added, no_text, old_size)
+    elif "subword-mean" in (init, lm_head_init):
         base_sp = _find_sp(base_tok_path)
         if base_sp is None:
             raise UserError(f"--init subword-mean needs the base SentencePiece model: no tokenizer.model "
@@ -337,6 +365,8 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
         for shard_i, shard in enumerate(shards):
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():
+                    if tied and name == LM_HEAD:
+                        continue  # one shared matrix: a tied checkpoint is saved without lm_head
                     t = f.get_tensor(name)
                     if name in (EMBED, LM_HEAD):
                         if t.shape[0] != old_rows:

@@ -79,6 +79,10 @@ def add_arguments(parser):
     parser.add_argument("--text-field", default="text", help="the field of JSON lines holding the text (default text)")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="count and skip lines that are not UTF-8 / not valid JSON (default: stop with an error)")
+    parser.add_argument("--base", default=None,
+                        help="a byte-level BPE base (tokenizer.json, or a directory holding one: LLaMA-3, "
+                             "SmolLM2): learn byte-level BPE tokens under its normalizer and pre-tokenizer "
+                             "instead of a SentencePiece model (writes DIR/tokenizer.json; see vocab/bpe_train.py)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
@@ -304,6 +308,8 @@ def _versions() -> dict:
 
 
 def run(args) -> int:
+    if getattr(args, "base", None):
+        return _run_bpe(args)
     cfg = train(args.input, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
                 character_coverage=args.character_coverage, max_sentences=args.max_sentences,
                 max_sentence_length=args.max_sentence_length, threads=args.threads, seed=args.seed,
@@ -312,6 +318,20 @@ def run(args) -> int:
     s = cfg["sampling"]
     print(f"trained {cfg['pieces']:,} pieces on {s['sentences_sampled']:,} of {s['sentences_seen']:,} sentences "
           f"in {cfg['seconds']['total']:.1f}s -> {Path(args.out) / (MODEL_NAME + '.model')}")
+    return 0
+
+
+def _run_bpe(args) -> int:
+    from zhllama.vocab import bpe_train
+    if args.jieba or args.model_type != "bpe":
+        raise UserError("--base (byte-level BPE) takes neither --jieba nor --model-type unigram")
+    cfg = bpe_train.train(args.input, args.out, base=args.base, vocab_size=args.vocab_size,
+                          max_sentences=args.max_sentences, max_sentence_length=args.max_sentence_length,
+                          seed=args.seed, text_field=args.text_field, strict=not args.skip_bad_lines,
+                          overwrite=args.overwrite)
+    s = cfg["sampling"]
+    print(f"trained {cfg['pieces']:,} byte-level BPE tokens on {s['sentences_sampled']:,} of "
+          f"{s['sentences_seen']:,} sentences in {cfg['seconds']['total']:.1f}s -> {Path(args.out) / 'tokenizer.json'}")
     return 0
 
 

@@ -1,0 +1,88 @@
+"""`vocab report` figures for a byte-level BPE tokenizer (tokenizer.json), the same columns as for a
+SentencePiece model (see `vocab/report.py`), measured with `tokenizers`:
+
+- byte fallback: share of tokens that are not whole characters (bytes of a character the vocabulary
+  lacks as one token): what byte fallback is for a SentencePiece model;
+- unreachable: tokens added to a reference tokenizer.json it extends (ids after the reference's
+  largest), checked as `vocab merge` does; without such a reference, every whole-text token of the
+  model vocabulary;
+- slow/fast differ: transformers' `AutoTokenizer` on the directory against `tokenizers` on its
+  tokenizer.json (no BOS, special-token parsing off on both sides).
+"""
+
+from pathlib import Path
+from typing import List, Optional
+
+from zhllama import bpe
+from zhllama.spm import has_cjk
+
+
+def encode_lines(tk, lines: List[str]) -> List[List[int]]:
+    """Ids of each line as plain text: no BOS/EOS, special tokens not parsed out of the text."""
+    tk.encode_special_tokens = True
+    return [e.ids for e in tk.encode_batch(lines, add_special_tokens=False)]
+
+
+def measure(path, lines: List[str], *, reference: Optional[str] = None, ref_ids=None, parity: bool = True) -> dict:
+    from zhllama.vocab.bpe_merge import unreachable_tokens
+
+    data = bpe.read_tokenizer_json(path)
+    bpe.check_byte_level_bpe(data, bpe.tokenizer_json_path(path))
+    tk = bpe.load_tokenizer(path)
+    ids = encode_lines(tk, lines)
+    vocab = data["model"]["vocab"]
+    partial = {i for t, i in vocab.items() if (b := bpe.token_bytes(t)) is None or (s := bpe.split_utf8(b)) is None
+               or s[1]}
+    zh_tok = zh_chars = en_tok = en_words = all_tok = part_tok = 0
+    is_zh = [has_cjk(t) for t in lines]
+    for t, e, z in zip(lines, ids, is_zh):
+        all_tok += len(e)
+        part_tok += sum(1 for i in e if i in partial)
+        if z:
+            zh_tok += len(e)
+            zh_chars += len(t)
+        else:
+            en_tok += len(e)
+            en_words += len(t.split())
+    r = {"tokenizer": str(path), "vocab_size": tk.get_vocab_size(with_added_tokens=True),
+         "model_type": "byte-level bpe", "lines": len(lines), "zh_lines": sum(is_zh),
+         "en_lines": len(lines) - sum(is_zh),
+         "zh_tokens_per_char": zh_tok / zh_chars if zh_chars else None,
+         "en_tokens_per_word": en_tok / en_words if en_words else None,
+         "byte_fallback_share": part_tok / all_tok if all_tok else None, "tokens": all_tok}
+
+    scope, check = "all", None
+    if reference is not None and bpe.is_bpe_json_base(reference):
+        ref_ids_map = bpe.all_ids(bpe.read_tokenizer_json(reference))
+        mine = bpe.all_ids(data)
+        if all(mine.get(t) == i for t, i in ref_ids_map.items()):
+            first = max(ref_ids_map.values()) + 1
+            scope, check = "added", [t for t, i in vocab.items() if i >= first]
+    if check is None:
+        check = [t for t, i in vocab.items() if i not in partial]
+    bad = unreachable_tokens(data, check)
+    r["unreachable"] = len(bad)
+    r["unreachable_examples"] = bad[:20]
+    r["unreachable_checked"] = len(check)
+    r["unreachable_scope"] = scope
+
+    if parity:
+        r["parity_loader"] = "AutoTokenizer.from_pretrained(dir) vs tokenizers"
+        p = Path(path)
+        if p.is_dir():
+            from transformers import AutoTokenizer
+            from zhllama.textenc import encode_text
+            hf = AutoTokenizer.from_pretrained(str(p))
+            differ = [t for t, e in zip(lines, ids) if encode_text(hf, t) != e]
+            r["parity_differ"] = len(differ)
+            r["parity_bos_ok"] = None
+            r["parity_examples"] = differ[:3]
+        else:
+            r["parity_differ"] = None
+
+    if ref_ids is not None:
+        differ = [a != b for a, b in zip(ids, ref_ids)]
+        r["ref_differ_all"] = sum(differ)
+        r["ref_differ_cjk_free"] = sum(d for d, z in zip(differ, is_zh) if not z)
+        r["ref_differ_cjk_free_examples"] = [t for t, d, z in zip(lines, differ, is_zh) if d and not z][:5]
+    return r

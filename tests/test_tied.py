@@ -185,3 +185,35 @@ def test_an_untied_lm_head_adapter_is_refused_on_a_tied_base(tied_dir, tmp_path)
     assert any("lm_head" in k for k in _keys(tmp_path / "a"))
     with pytest.raises(UserError, match="ties lm_head"):
         load_adapter(load_model(tied_dir), tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_real_stage2_run_on_a_tied_model_keeps_it_tied(tied_dir, tmp_path):
+    """`zhllama train stage=stage2` (DeepSpeed ZeRO-2, 1 rank) on the tied model: the engine reports the
+    trainable share of the real structure, final/ holds one matrix, and it merges into a tied model."""
+    import os
+    import subprocess
+    import sys
+
+    from zhllama.cli import main
+    assert main(["data", "pack", "--tokenizer", str(tied_dir), "--input", str(DATA / "zh_sample.txt"),
+                 "--block-size", "32", "--out", str(tmp_path / "packed"), "--workers", "1"]) == 0
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "zhllama.cli", "train", "stage=stage2", f"model={tied_dir}",
+                          f"data=[{tmp_path / 'packed'}]", "init_adapters=[]", "max_steps=2", "global_batch=4",
+                          "micro_batch=4", "block_size=32", "lr=0.01", "save_every=100", "eval_every=100",
+                          "tensorboard=false", f"out={run}"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads([x for x in res.stdout.splitlines() if x.startswith("{") and "total_steps" in x][-1])
+    model = load_model(tied_dir)
+    V, H = model.get_input_embeddings().weight.shape
+    lora = sum(p.numel() for n, p in apply_stage(load_model(tied_dir), STAGES["stage2"]).named_parameters()
+               if ".lora_" in n)
+    assert (summary["trainable"], summary["total"]) == (V * H + lora, sum(p.numel() for p in model.parameters()) + lora)
+    assert not any("lm_head" in k for k in _keys(run / "final"))
+    out = merge_checkpoint(tied_dir, [run / "final"], tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert out["vocab_size"] == V

@@ -267,7 +267,7 @@ class Demo:
                 "zh_heldout_chars": sum(map(len, held))}
 
     def step_base(self, d: Path) -> dict:
-        """the English base model: tokenizer, then a short full-parameter pretraining (plain PyTorch)"""
+        """the base model: a tiny English LLaMA pretrained here (plain PyTorch), or the one given by --base"""
         if self.base == SMOLLM2:
             from .smollm2 import materialize
             model = materialize(d / "model", overwrite=True)
@@ -439,13 +439,13 @@ class Demo:
             args += ["--seed", 0]
         text = self.cli(args, capture=True)
         atomic_write_text(d / "generation.txt", text)
-        if self.base == SMOLLM2:
-            return {"instruction": record["instruction"], "reference": record["output"], "generated": text.strip(),
-                    "answers": {name: self.answers(m, d / f"answers_{name}.jsonl")
-                                for name, m in (("base", self.base_model()), ("final", model))}}
         _say(f"    instruction: {record['instruction']}\n    trained answer: {record['output']}\n"
              f"    generated: {text.strip()[:300]}")
-        return {"instruction": record["instruction"], "reference": record["output"], "generated": text.strip()}
+        figures = {"instruction": record["instruction"], "reference": record["output"], "generated": text.strip()}
+        if self.base == SMOLLM2:   # three Chinese instructions, base vs final model
+            figures["answers"] = {name: self.answers(m, d / f"answers_{name}.jsonl")
+                                  for name, m in (("base", self.base_model()), ("final", model))}
+        return figures
 
     def answers(self, model, out: Path) -> list:
         """zhllama generate --json on ZH_INSTRUCTIONS (greedy, the SFT template): the answers in order."""
@@ -467,9 +467,13 @@ class Demo:
             docs = docs[:cap]
             heldout = d / "zh_heldout_scored.txt"
             atomic_write_text(heldout, "".join(x + "\n" for x in docs))
-        en_docs = None
+        en_docs, en_heldout = None, self.dir("data") / "en_heldout.txt"
         if self.base is not None:   # a real base: how much English it keeps
-            en_docs = [x for x in (self.dir("data") / "en_heldout.txt").read_text(encoding="utf-8").splitlines() if x]
+            en_docs = [x for x in en_heldout.read_text(encoding="utf-8").splitlines() if x]
+            if cap and len(en_docs) > cap:
+                en_docs = en_docs[:cap]
+                en_heldout = d / "en_heldout_scored.txt"
+                atomic_write_text(en_heldout, "".join(x + "\n" for x in en_docs))
         models = {"base": (self.base_model(), self.base_model(), []),
                   "resize": (self.resized(), self.tokenizer(), [])}
         for step in TRAIN_STEPS:
@@ -490,7 +494,7 @@ class Demo:
             r = res["results"][0]
             result["zhllama_eval"] = {k: r.get(k) for k in ("loss", "bits_per_char", "perplexity", "tokens_per_s")}
             if en_docs:   # the merged checkpoint on held-out English, by the same command
-                en = json.loads(self.cli(["eval", "--model", merged, "--text", self.dir("data") / "en_heldout.txt",
+                en = json.loads(self.cli(["eval", "--model", merged, "--text", en_heldout,
                                           "--json"], capture=True))["results"][0]
                 result["merged_en_bits_per_char"] = en.get("bits_per_char")
             _say(f"    zhllama eval, merged checkpoint: {r['loss']:.3f} nats/token, {r['bits_per_char']:.3f} bits/char "

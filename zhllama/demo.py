@@ -95,7 +95,9 @@ def smollm2_settings(quick: bool) -> dict:
     s["vocab-train"] = {"vocab_size": 1500 if quick else 6000}
     s["pack"] = {"block_size": 128}
     for step, lr in (("stage1", 2e-3), ("stage2", 5e-4), ("sft", 2e-4)):
-        s[step] = {"max_steps": 2 if quick else 24, "global_batch": 8, "micro_batch": 4, "lr": lr}
+        # a checkpoint of a 135M model + Adam state costs seconds to minutes on a busy disk: few of them
+        s[step] = {"max_steps": 2 if quick else 24, "global_batch": 8, "micro_batch": 4, "lr": lr,
+                   "save_every": 2 if quick else 12, "eval_every": 2 if quick else 8}
     s["sft"].update(block_size=256, template="chinese-alpaca")
     s["generate"] = {"max_new_tokens": 16 if quick else 64}
     return s
@@ -364,8 +366,8 @@ class Demo:
         common = [f"out={run_dir}", f"model={self.resized()}", f"max_steps={s['max_steps']}",
                   f"global_batch={s['global_batch']}", f"micro_batch={s['micro_batch']}", f"lr={s['lr']}",
                   "warmup_ratio=0.1", "gradient_checkpointing=false", "tensorboard=false",
-                  f"save_every={max(1, s['max_steps'] // 2)}", "keep_last=1", "eval_batches=4",
-                  f"eval_every={max(1, s['max_steps'] // 4)}"]
+                  f"save_every={s.get('save_every') or max(1, s['max_steps'] // 2)}", "keep_last=1", "eval_batches=4",
+                  f"eval_every={s.get('eval_every') or max(1, s['max_steps'] // 4)}"]
         summary = self.train(step, d, common + overrides)
         records = _read_jsonl(run_dir / "metrics.jsonl")
         tps = [r["tokens_per_s"] for r in records[1:]] or [records[0]["tokens_per_s"]]

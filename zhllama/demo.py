@@ -482,13 +482,10 @@ class Demo:
             models[step] = (self.resized(), self.tokenizer(), self.adapters_until(step))
         per_stage = {}
         for name, (model, tok, adapters) in models.items():
-            per_stage[name] = heldout_figures(model, tok, adapters, docs)
+            per_stage[name] = heldout_figures(model, tok, adapters, docs, en_docs=en_docs)
             _say(f"    {name:<7} held-out loss {per_stage[name]['loss']:.3f} nats/token, "
-                 f"{per_stage[name]['bits_per_char']:.3f} bits/char ({per_stage[name]['tokens']:,} tokens)")
-            if en_docs:
-                en = heldout_figures(model, tok, adapters, en_docs)
-                per_stage[name]["en_bits_per_char"] = en["bits_per_char"]
-                _say(f"    {'':<7} held-out English {en['bits_per_char']:.3f} bits/char")
+                 f"{per_stage[name]['bits_per_char']:.3f} bits/char ({per_stage[name]['tokens']:,} tokens)"
+                 + (f"; English {per_stage[name]['en_bits_per_char']:.3f} bits/char" if en_docs else ""))
         result = {"per_stage": per_stage}
         merged = self.figures["merge"].get("model")
         if _has_command("eval") and merged is not None:
@@ -724,12 +721,13 @@ def pretrain_full(model, sp_file, text_file, *, steps, batch, block_size, lr, se
     return records
 
 
-def heldout_figures(model_dir, tokenizer_dir, adapters, docs, window=512) -> dict:
+def heldout_figures(model_dir, tokenizer_dir, adapters, docs, window=512, en_docs=None) -> dict:
     """Loss of a model (adapters merged in order) on documents: nats per token and bits per character.
 
     Each document is BOS + its tokens and every token after BOS is predicted; long documents are cut
     into windows. Bits per character = total nats / ln 2 / characters, so tokenizers of different
-    granularity (the byte-heavy base, the merged one) compare on the same scale.
+    granularity (the byte-heavy base, the merged one) compare on the same scale. `en_docs` are scored
+    by the same loaded model too (English bits per character as `en_bits_per_char`).
     """
     import sentencepiece as spm
     import torch
@@ -755,18 +753,26 @@ def heldout_figures(model_dir, tokenizer_dir, adapters, docs, window=512) -> dic
 
         def encode(doc):
             return [sp.bos_id(), *sp.encode(doc)]
-    nats, tokens, chars = 0.0, 0, 0
-    with torch.no_grad():
-        for doc in docs:
-            ids = encode(doc)
-            chars += len(doc)
-            for s in range(0, len(ids) - 1, window):
-                chunk = torch.tensor([ids[s:s + window + 1]])
-                logits = model(input_ids=chunk[:, :-1]).logits
-                nats += float(torch.nn.functional.cross_entropy(
-                    logits[0].float(), chunk[0, 1:], reduction="sum"))
-                tokens += chunk.shape[1] - 1
-    return {"loss": nats / tokens, "bits_per_char": nats / math.log(2) / chars, "tokens": tokens, "chars": chars}
+
+    def score(docs):
+        nats, tokens, chars = 0.0, 0, 0
+        with torch.no_grad():
+            for doc in docs:
+                ids = encode(doc)
+                chars += len(doc)
+                for s in range(0, len(ids) - 1, window):
+                    chunk = torch.tensor([ids[s:s + window + 1]])
+                    logits = model(input_ids=chunk[:, :-1]).logits
+                    nats += float(torch.nn.functional.cross_entropy(
+                        logits[0].float(), chunk[0, 1:], reduction="sum"))
+                    tokens += chunk.shape[1] - 1
+        return {"loss": nats / tokens, "bits_per_char": nats / math.log(2) / chars, "tokens": tokens,
+                "chars": chars}
+
+    out = score(docs)
+    if en_docs:
+        out["en_bits_per_char"] = score(en_docs)["bits_per_char"]
+    return out
 
 
 def plot_curves(curves: dict, png: Path) -> bool:

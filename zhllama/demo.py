@@ -590,7 +590,8 @@ class Demo:
 
         row("base", merge["base_zh_tokens_per_char"], ev["base"], f["base"].get("trainable_pct"),
             f["base"].get("tokens_per_s"), f["base"]["wall_s"] + f["data"]["wall_s"],
-            "given checkpoint" if f["base"].get("external") else "English-only tiny LLaMA")
+            (f"{f['base']['source']['package']} GGUF, dequantized" if f["base"].get("source") else "given checkpoint")
+            if f["base"].get("external") else "English-only tiny LLaMA")
         row("vocab-train", wall=f["vocab-train"]["wall_s"], note=f"{self.settings['vocab-train']['vocab_size']:,} "
             "Chinese pieces")
         row("vocab-merge", merge["merged_zh_tokens_per_char"], wall=merge["wall_s"],
@@ -639,7 +640,8 @@ class Demo:
                          else f"the sft row says {sft:.3f}: the merge changed the model, check it)")]
         if "generated" in gen:
             lines += [f"zhllama generate: {gen['instruction']} -> {gen['generated'][:200] or '(nothing: it ended at once)'}",
-                      "  (a tiny model after a few dozen steps: expect fragments of Chinese, not an answer)"]
+                      "  (a tiny model after a few dozen steps: expect fragments of Chinese, not an answer)"
+                      if self.base is None else "  (a short run on 2 CPU cores: a first step, not a finished model)"]
         for i, q in enumerate(ZH_INSTRUCTIONS if "answers" in gen else ()):
             lines += [f"instruction {i + 1}: {q}"] + [
                 f"  {name:<5} {(gen['answers'][name][i] if i < len(gen['answers'][name]) else '')[:200]!r}"

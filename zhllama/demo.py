@@ -398,10 +398,13 @@ class Demo:
         """stage 2 through launch/pretrain_stage2.sh: LoRA + embed_tokens + lm_head, from stage 1"""
         blk = self.settings["pack"]["block_size"]
         data = [self.figures['pack']['packed']]
-        if self.settings["stage2"].get("english_mix"):   # English training documents, packed alike
-            self.cli(["data", "pack", "--tokenizer", self.tokenizer(), "--input", self.dir("data") / "en_train.txt",
-                      "--block-size", blk, "--out", d / "packed_en", "--overwrite"])
-            data.append(str(d / "packed_en"))
+        if self.settings["stage2"].get("english_mix"):
+            # the Chinese documents and the English training documents in one pack (a stage reads one);
+            # the same hash split holds out the same Chinese documents, and no held-out English one
+            self.cli(["data", "pack", "--tokenizer", self.tokenizer(), "--input", self.dir("data") / "zh_all.txt",
+                      self.dir("data") / "en_train.txt", "--block-size", blk, "--out", d / "packed_mix",
+                      "--validation-ratio", self.settings["data"]["validation_ratio"], "--overwrite"])
+            data = [str(d / "packed_mix")]
         return self._train("stage2", d, [f"data={json.dumps(data)}", f"block_size={blk}",
                                          f"init_adapters={json.dumps(self.adapters_until('stage1'))}"])
 

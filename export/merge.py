@@ -230,6 +230,8 @@ def check_adapter(ad: Adapter, shapes: Dict[str, tuple], rows: int, tied: bool, 
                     f"{'no ' + target if got is None else f'{got} rows for {target}'}, and the base {base_dir} has "
                     f"{rows}; resize the base to the adapter's tokenizer with `zhllama vocab resize` first")
     for target, (key, idx) in sorted(ad.tokens.items()):
+        if target == LM_HEAD and tied and target not in shapes and EMBED in ad.tokens:
+            continue    # stage 1 on a tied model: PEFT's copy of embed_tokens' rows; the one matrix is merged once
         if target not in shapes:
             raise UserError(f"{ad.weights}: {key} adapts {target}, which the base model {base_dir} does not have; "
                             f"{_hint(ad)}")

@@ -3,7 +3,9 @@
 Every stage is a real PEFT adapter, so `final/` of any run loads with `PeftModel.from_pretrained`
 and merges with `merge_and_unload`:
 
-* stage2 / sft: `LoraConfig(r, alpha, dropout, target_modules, modules_to_save=[embed_tokens, lm_head])`.
+* stage2 / sft: `LoraConfig(r, alpha, dropout, target_modules, modules_to_save=[embed_tokens, lm_head])`;
+  on a model with tied embeddings, `modules_to_save=[embed_tokens]` and lm_head kept tied to its
+  trainable copy (one shared matrix; see "tied embeddings" below).
 * stage1: `TrainableTokensConfig(token_indices=...)` on `embed_tokens`: all rows by default, or only
   rows >= `new_rows_from` ("new rows only"). Only the trained rows are parameters, so old rows cannot
   move whatever the optimizer does (weight decay, Adam moments, loss scaling), and optimizer state is
@@ -61,6 +63,8 @@ def _quiet():
     """Silence transformers 5's deprecation warning raised from inside PEFT on every wrap."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # PEFT's note about tied layers: apply_stage/load_adapter keep the tie themselves (_retie).
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")
         yield
 
 
@@ -82,7 +86,7 @@ def _peft_config(preset, model, new_rows_from):
                           "embed_tokens and lm_head in full")
     check_lora_targets(model, preset.lora_targets)
     return LoraConfig(r=preset.lora_r, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
-                      target_modules=list(preset.lora_targets), modules_to_save=list(preset.modules_to_save),
+                      target_modules=list(preset.lora_targets), modules_to_save=_modules_to_save(preset, model),
                       task_type="CAUSAL_LM")
 
 
@@ -97,6 +101,40 @@ def check_lora_targets(model, targets) -> None:
                           f"layer of this model; available: {', '.join(names)}")
 
 
+# ------------------------------------------------------------------------------------------- tied embeddings
+#
+# The rule for a model with `tie_word_embeddings: true` (SmolLM2, LLaMA-3.2 1B/3B): embed_tokens and
+# lm_head are one matrix, and they stay one. Stage 2 and SFT train that matrix through embed_tokens only
+# (`modules_to_save=["embed_tokens"]`) and point lm_head at the trainable copy, so both ends of the network
+# see the same trained weights, the adapter holds one matrix, and merging keeps the model tied. Listing
+# both names in modules_to_save (what PEFT does by default) would give lm_head a second, separately trained
+# copy and untie the model silently. Stage 1 needs nothing: PEFT's TrainableTokens follows the tie itself.
+
+def is_tied(model) -> bool:
+    """True when lm_head's weight is embed_tokens' weight (the same tensor, not just equal values)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None and \
+        out.weight is inp.weight
+
+
+def _modules_to_save(preset, model) -> list:
+    names = list(preset.modules_to_save)
+    if is_tied(model):
+        head = _module_name(model, model.get_output_embeddings()).rsplit(".", 1)[-1]
+        names = [n for n in names if n != head]
+    return names
+
+
+def _retie(peft_model, tied: bool) -> None:
+    """Point a tied base model's lm_head at the trainable copy of embed_tokens that PEFT made."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    base = peft_model.get_base_model()
+    emb = base.get_input_embeddings()
+    if tied and isinstance(emb, ModulesToSaveWrapper):
+        base.get_output_embeddings().weight = emb.modules_to_save[ADAPTER].weight
+
+
 def apply_stage(model, preset, *, new_rows_from=None):
     """Freeze `model` and wrap it so that exactly what `preset` trains is trainable; returns the PEFT model.
 
@@ -109,12 +147,14 @@ def apply_stage(model, preset, *, new_rows_from=None):
     if isinstance(model, PeftModel):
         raise UserError("apply_stage needs a plain model; merge the previous stage's adapter into it first "
                         "(zhllama.pretrain.adapters.merge_adapters)")
-    if getattr(model.config, "tie_word_embeddings", False) and preset.trains_lm_head:
-        log.warning("the model ties lm_head to embed_tokens; LLaMA does not, and %s trains both separately",
-                    preset.name)
+    tied = is_tied(model)
+    if tied and preset.trains_lm_head:
+        log.info("the model ties lm_head to embed_tokens: %s trains the one shared matrix via embed_tokens",
+                 preset.name)
     model.requires_grad_(False)
     with _quiet():
         peft_model = get_peft_model(model, _peft_config(preset, model, new_rows_from))
+    _retie(peft_model, tied)
     peft_model.zhllama_stage = preset.name
     peft_model.zhllama_new_rows_from = new_rows_from
     _check_trainable_set(peft_model, preset)
@@ -129,12 +169,13 @@ _TOKENS_PARAM = re.compile(r"\.trainable_tokens_delta\.")
 def _check_trainable_set(model, preset) -> None:
     """Fail loudly if PEFT made anything trainable that the stage does not train, or missed something."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    saved = tuple(getattr(model.peft_config[ADAPTER], "modules_to_save", None) or ())
     if not names:
         raise RuntimeError(f"stage {preset.name}: no trainable parameters after applying the adapter")
     for n in names:
         ok = (_TOKENS_PARAM.search(n) if not preset.uses_lora else
               (_LORA_PARAM.search(n) and n.split(".lora_")[0].rsplit(".", 1)[-1] in preset.lora_targets)
-              or (_SAVED_PARAM.search(n) and any(f".{m}.modules_to_save." in n for m in preset.modules_to_save)))
+              or (_SAVED_PARAM.search(n) and any(f".{m}.modules_to_save." in n for m in saved)))
         if not ok:
             raise RuntimeError(f"stage {preset.name}: unexpected trainable parameter {n}")
 
@@ -188,6 +229,7 @@ def _expected_keys(model):
     if str(cfg.peft_type.value) == "TRAINABLE_TOKENS":
         name = _module_name(base, base.get_input_embeddings())
         keys.add(f"{prefix}{name}.trainable_tokens_delta")
+        keys.update(_tied_token_keys(model))
         return keys
     targets = set([cfg.target_modules] if isinstance(cfg.target_modules, str) else cfg.target_modules)
     for name, _ in base.named_modules():
@@ -197,6 +239,18 @@ def _expected_keys(model):
     for mod in cfg.modules_to_save or ():
         keys.update(f"{prefix}{n}.weight" for n, _ in base.named_modules() if n.rsplit(".", 1)[-1] == mod)
     return keys
+
+
+def _tied_token_keys(model) -> dict:
+    """Stage 1 on a tied model: PEFT also writes the tied lm_head's rows, the same tensor as embed_tokens'
+    (disk key -> that parameter)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, TrainableTokensLayer) and mod.tied_adapter is not None:
+            out[f"{name}.trainable_tokens_delta"] = mod.tied_adapter.trainable_tokens_delta[ADAPTER]
+    return out
 
 
 def _may_be_zero(key: str) -> bool:
@@ -283,6 +337,7 @@ def verify_written(model, weights_path, stage, *, require_trained=False):
     if not weights_path.is_file() or weights_path.stat().st_size == 0:
         raise RuntimeError(f"{weights_path}: adapter weights were not written")
     live = {_disk_key(n): p for n, p in model.named_parameters() if p.requires_grad}
+    live.update(_tied_token_keys(model))
     expected = _expected_keys(model)
     if set(live) != expected:
         raise RuntimeError(f"stage {stage}: trainable parameters {sorted(set(live) ^ expected)[:4]} do not match "
@@ -433,8 +488,13 @@ def load_adapter(base_model, adapter_dir, is_trainable=False):
     cfg, weights, meta = _read_adapter_dir(adapter_dir)
     shapes = _read_shapes(weights)
     _check_against_base(base_model, cfg, weights, shapes)
+    tied = is_tied(base_model)
+    if tied and any(k.endswith(".lm_head.weight") for k in shapes):
+        raise UserError(f"{weights}: the adapter holds its own lm_head but the base model ties lm_head to "
+                        "embed_tokens; zhllama trains a tied model's shared matrix via embed_tokens only")
     with _quiet():
         model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    _retie(model, tied)
     model.zhllama_stage = (meta or {}).get("stage") or _guess_stage(cfg)
     model.zhllama_new_rows_from = (meta or {}).get("new_rows_from")
     return model

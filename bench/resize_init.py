@@ -258,7 +258,7 @@ def bench_memory(args):
 
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
         t1 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "zhllama.cli", "vocab", "resize", "--model", str(src),
+        r = subprocess.run([sys.executable, "-m", "zhllama.app.cli", "vocab", "resize", "--model", str(src),
                             "--tokenizer", str(zh), "--out", str(work / "ours"), "--max-shard-size",
                             "500MB"], capture_output=True, text=True, env=env)
         if r.returncode:

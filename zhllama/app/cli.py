@@ -10,8 +10,8 @@ import importlib
 import importlib.util
 import sys
 
-from . import __version__
-from .errors import UserError
+from zhllama import __version__
+from zhllama.errors import UserError
 
 # name -> (module, one-line summary). A name with a space is a subcommand of a group.
 COMMANDS = {
@@ -28,7 +28,7 @@ COMMANDS = {
     "serve": ("zhllama.export.serve", "OpenAI-compatible HTTP server for a checkpoint"),
     "selfinstruct": ("zhllama.sft.selfinstruct", "Alpaca-style self-instruct against an OpenAI-compatible API"),
     "translate": ("zhllama.sft.translate", "translate instruction data into Chinese through an API"),
-    "demo": ("zhllama.demo", "the whole pipeline on a tiny model, on CPU, in minutes"),
+    "demo": ("zhllama.app.demo", "the whole pipeline on a tiny model, on CPU, in minutes"),
 }
 
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
 
-    from .log import setup_logging
+    from zhllama.log import setup_logging
     setup_logging(args.verbose)
     try:
         code = module.run(args)

@@ -1,0 +1,60 @@
+"""The import map holds (docs/architecture.md): import-linter's contracts in pyproject.toml are kept,
+and each kind of wrong arrow breaks one of them."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = ROOT / "scripts" / "lint_imports.py"
+STAGES_AND_DATA = ("vocab", "pretrain", "sft", "export", "configs", "ds_configs")
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    import tomli as tomllib
+
+
+def lint(src=ROOT):
+    res = subprocess.run([sys.executable, str(LINT), "--src", str(src)], capture_output=True, text=True,
+                         timeout=120)
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_contracts_kept():
+    code, out = lint()
+    assert code == 0, out
+    assert "3 kept, 0 broken" in out, out
+
+
+def test_core_contract_lists_every_core_module():
+    """A new module in zhllama/ is core, so the 'core' contract must name it (or it escapes the check)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    core = next(c for c in config["contracts"] if c["id"] == "core")
+    on_disk = {f"zhllama.{p.stem}" for p in (ROOT / "zhllama").glob("*.py") if p.stem != "__init__"}
+    on_disk |= {f"zhllama.{p.parent.name}" for p in (ROOT / "zhllama").glob("*/__init__.py")} - {"zhllama.app"}
+    assert set(core["source_modules"]) == on_disk
+
+
+@pytest.mark.parametrize("path, line, broken", [
+    # a stage imports another stage's private name (an allowed arrow, export above vocab)
+    ("export/merge.py", "from zhllama.vocab.resize import _pad_rows", "imports private _pad_rows"),
+    # a stage imports a stage it must not (vocab uses neither pretrain nor sft)
+    ("vocab/train.py", "from zhllama.pretrain.shards import read_manifest", "zhllama.vocab.train -> zhllama.pretrain.shards"),
+    # the core imports a stage
+    ("zhllama/log.py", "import zhllama.sft.records", "zhllama.log -> zhllama.sft.records"),
+    # a stage imports the application
+    ("sft/records.py", "from zhllama.app.cli import COMMANDS", "zhllama.sft.records -> zhllama.app.cli"),
+])
+def test_wrong_arrow_breaks_a_contract(tmp_path, path, line, broken):
+    for name in ("zhllama", *STAGES_AND_DATA):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    target = tmp_path / path
+    target.write_text(target.read_text() + f"\n{line}\n")
+    code, out = lint(tmp_path)
+    assert code == 1, out
+    assert "BROKEN" in out and broken in out, out

@@ -175,7 +175,7 @@ src, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, local_files_only=True)
 m.resize_token_embeddings(n, mean_resizing=False)
 m.save_pretrained(out)
-from zhllama.vocab.resize import peak_rss_bytes  # VmHWM: ru_maxrss would include the parent's
+from zhllama.st_files import peak_rss_bytes  # VmHWM: ru_maxrss would include the parent's
 print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
 """
 

@@ -58,3 +58,20 @@ def test_wrong_arrow_breaks_a_contract(tmp_path, path, line, broken):
     code, out = lint(tmp_path)
     assert code == 1, out
     assert "BROKEN" in out and broken in out, out
+
+
+def test_sft_data_reaches_the_engine_through_the_registry():
+    """pretrain never imports sft: without zhllama/app/train.py's import there is no sft reader, and
+    the engine says so; `zhllama train` (zhllama.app.train) registers it."""
+    code = ("from zhllama.errors import ConfigError\n"
+            "from zhllama.pretrain import engine, stage_data\n"
+            "import sys\n"
+            "assert 'zhllama.sft.dataset' not in sys.modules\n"
+            "try:\n    stage_data.registered('sft', required=True)\nexcept ConfigError as e:\n    print('ERR', e)\n"
+            "assert stage_data.registered('stage2') is None\n"
+            "import zhllama.app.train\n"
+            "print('OK', stage_data.registered('sft', required=True).build.__module__)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ERR stage sft: no data reader registered" in res.stdout, res.stdout
+    assert "OK zhllama.sft.stage_data" in res.stdout, res.stdout

@@ -20,7 +20,7 @@ COMMANDS = {
     "vocab report": ("zhllama.vocab.report", "compare tokenizers on text: tokens/char, reachability, parity"),
     "vocab resize": ("zhllama.vocab.resize", "resize embed_tokens/lm_head of a checkpoint to a merged tokenizer"),
     "data pack": ("zhllama.pretrain.pack", "tokenize and pack a corpus into token shards"),
-    "train": ("zhllama.pretrain.train", "one training run (stage1, stage2, sft) on the DeepSpeed engine"),
+    "train": ("zhllama.app.train", "one training run (stage1, stage2, sft) on the DeepSpeed engine"),
     "plan": ("zhllama.pretrain.plan", "trainable params, memory, FLOPs and GPU-hours of a run"),
     "merge": ("zhllama.export.merge", "merge LoRA adapters and trained embeddings into a full HF checkpoint"),
     "generate": ("zhllama.export.generate", "generate text with a checkpoint and a prompt template"),

@@ -26,6 +26,7 @@ from zhllama.errors import ConfigError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
 from zhllama.log import get_logger
 from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
+from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
 
 from . import checkpoint
 from .config import RunConfig, dump_config
@@ -178,8 +179,6 @@ def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
 # ----------------------------------------------------------------------------- model
 
 def build_model(cfg: RunConfig, preset, dtype):
-    from zhllama.modelio import load_model, load_tokenizer
-
     from . import adapters
 
     tokenizer_path = cfg.tokenizer or cfg.model
@@ -190,7 +189,6 @@ def build_model(cfg: RunConfig, preset, dtype):
         model = adapters.merge_adapters(model, cfg.init_adapters)
     new_rows_from = None
     if cfg.new_rows_only:
-        from zhllama.modelio import BASE_VOCAB_KEY
         new_rows_from = getattr(model.config, BASE_VOCAB_KEY, None)
         if not new_rows_from:
             raise ConfigError(f"config: new_rows_only needs the base vocab size that `zhllama vocab resize` "

@@ -16,6 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from zhllama.fsutil import check_output_path
+from zhllama.modelio import check_checkpoint, meta_model
+
 
 def add_arguments(p):
     p.add_argument("--config", help="YAML run config (configs/stage1.yaml, stage2.yaml, sft.yaml)")
@@ -30,9 +33,6 @@ def add_arguments(p):
 
 
 def run(args):
-    from zhllama.fsutil import check_output_path
-    from zhllama.modelio import check_checkpoint, meta_model
-
     from .config import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)

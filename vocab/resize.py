@@ -49,6 +49,7 @@ import shutil
 import time
 from pathlib import Path
 
+from zhllama import bpe
 from zhllama.bpe import is_bpe_json_base
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path
@@ -137,7 +138,6 @@ def bpe_subword_sources(base_tokenizer_json, new_tokens, no_text_ids, first_id):
     """subword_sources for a byte-level BPE base (tokenizer.json): the base model's split of each new
     token's byte string, as one pre-token (so the split is of exactly that token, like the
     SentencePiece case without the dummy prefix). Tokens that are not byte strings get None (mean)."""
-    from zhllama import bpe
     model = bpe.load_tokenizer(base_tokenizer_json).model
     out = []
     for i, tok in enumerate(new_tokens, start=first_id):

@@ -48,11 +48,15 @@ import time
 import uuid
 from pathlib import Path
 
+import zhllama
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
+# The package's sample data, and the checkout it sits in (launchers, ../shared), found from the core
+# package rather than from this file, which lives one folder down in zhllama/app/.
+PACKAGE = Path(zhllama.__file__).resolve().parent
+REPO = PACKAGE.parent
+DATA = PACKAGE / "data"
 STEPS = ("data", "base", "vocab-train", "vocab-merge", "resize", "pack", "stage1", "stage2", "sft",
          "merge", "generate", "eval")
 TRAIN_STEPS = ("stage1", "stage2", "sft")

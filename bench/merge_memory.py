@@ -212,7 +212,7 @@ def main():
 
         py = sys.executable
         floor, _ = peak_rss([py, "-c", FLOOR, str(tok)])
-        ours, t_ours = peak_rss([py, "-m", "zhllama.cli", "merge", "--base", work / "base", "--adapter",
+        ours, t_ours = peak_rss([py, "-m", "zhllama.app.cli", "merge", "--base", work / "base", "--adapter",
                                  work / "adapter", "--out", work / "merged", "--max-shard-size", f"{args.shard_mb}MB"])
         rows = [("floor (imports + tokenizer)", floor, None), ("zhllama merge", ours, t_ours)]
         naive = None

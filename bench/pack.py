@@ -95,7 +95,7 @@ def time_raw(tokenizer, docs, threads):
 
 def time_pack(tokenizer, inputs, workers, block_size, work):
     """The whole command, in process: tokenizer load, input hashing, workers, shards, manifest."""
-    from zhllama.cli import main
+    from zhllama.app.cli import main
     out = Path(tempfile.mkdtemp(dir=work, prefix="pack-"))
     shutil.rmtree(out)
     c, t = cpu_seconds(), time.perf_counter()
@@ -153,7 +153,7 @@ def peak_rss_of_pack(tokenizer, inputs, workers, block_size, work):
     import psutil
     out = Path(tempfile.mkdtemp(dir=work, prefix="mem-"))
     shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "zhllama.cli", "data", "pack", "--tokenizer", tokenizer,
+    cmd = [sys.executable, "-m", "zhllama.app.cli", "data", "pack", "--tokenizer", tokenizer,
            "--input", *inputs, "--out", str(out), "--workers", str(workers),
            "--block-size", str(block_size)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

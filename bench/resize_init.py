@@ -175,7 +175,7 @@ src, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, local_files_only=True)
 m.resize_token_embeddings(n, mean_resizing=False)
 m.save_pretrained(out)
-from zhllama.vocab.resize import peak_rss_bytes  # VmHWM: ru_maxrss would include the parent's
+from zhllama.st_files import peak_rss_bytes  # VmHWM: ru_maxrss would include the parent's
 print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
 """
 
@@ -258,7 +258,7 @@ def bench_memory(args):
 
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
         t1 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "zhllama.cli", "vocab", "resize", "--model", str(src),
+        r = subprocess.run([sys.executable, "-m", "zhllama.app.cli", "vocab", "resize", "--model", str(src),
                             "--tokenizer", str(zh), "--out", str(work / "ours"), "--max-shard-size",
                             "500MB"], capture_output=True, text=True, env=env)
         if r.returncode:

@@ -55,7 +55,7 @@ sys.exit(mod.run(parser.parse_args(sys.argv[2:])))
 def _start(model: Path, timeout: float, old_module: Path = None):
     common = ["--model", str(model), "--port", "0", "--device", "cpu", "--max-new-tokens", "64"]
     if old_module is None:
-        cmd = [sys.executable, "-c", "import sys; from zhllama.cli import main; sys.exit(main(sys.argv[1:]))",
+        cmd = [sys.executable, "-c", "import sys; from zhllama.app.cli import main; sys.exit(main(sys.argv[1:]))",
                "serve", *common, "--api-key", KEY, "--timeout", str(timeout)]
     else:
         cmd = [sys.executable, "-c", _RUN_OLD, str(old_module), *common]

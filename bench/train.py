@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def prepare(out: Path, hidden: int, layers: int, block: int):
-    from zhllama.cli import main
+    from zhllama.app.cli import main
     from zhllama.modelio import load_tokenizer, save_tokenizer
     from zhllama.tiny import make_tiny_llama, make_tiny_sp
 

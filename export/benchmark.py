@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from zhllama.errors import InputError, UserError
+from zhllama.fsutil import atomic_write_json, atomic_write_text
 from zhllama.log import get_logger
+from zhllama.modelio import load_for_inference
+from zhllama.textenc import encode_text
 
 from .benchmark_subjects import CEVAL_CATEGORIES, CEVAL_SUBJECTS, CMMLU_CATEGORIES, CMMLU_SUBJECTS
 
@@ -194,8 +197,6 @@ class Prompter:
     """Prompt strings and ids for one tokenizer; the per-subject pieces are measured once."""
 
     def __init__(self, tokenizer, fmt: Format, shots: int, max_length: int):
-        from zhllama.textenc import encode_text
-
         self.tok, self.fmt, self.shots, self.max_length = tokenizer, fmt, shots, max_length
         self._encode = lambda text: encode_text(tokenizer, text)
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -326,8 +327,6 @@ class _Progress:
 # ------------------------------------------------------------------------------------------------ CLI
 
 def _write_outputs(out_dir: Path, subjects: List[Subject], preds: Dict[str, List[str]], summary: dict) -> None:
-    from zhllama.fsutil import atomic_write_json, atomic_write_text
-
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"subject": s.name, "index": q.index, "pred": p, "answer": q.answer}, ensure_ascii=False)
              for s in subjects for q, p in zip(s.questions, preds[s.name])]
@@ -355,8 +354,6 @@ def print_table(r: dict) -> None:
 
 
 def run_benchmark(args) -> int:
-    from zhllama.modelio import load_for_inference
-
     fmt = FORMATS[args.benchmark]
     if args.text:
         raise UserError("--text is for perplexity; with --benchmark give --data DIR")

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
+from zhllama.corpus import expand_inputs, iter_documents
 from zhllama.errors import UserError
 from zhllama.log import get_logger
+from zhllama.modelio import load_for_inference
 from zhllama.textenc import encode_text
 
 log = get_logger("zhllama.eval")
@@ -94,8 +96,6 @@ def score(model, windows_: List[Window], batch_size: int = 4, pad_id: int = 0):
 
 
 def read_documents(path, text_field="text", doc_sep="line", limit=None) -> List[str]:
-    from zhllama.corpus import iter_documents
-
     docs = []
     for doc in iter_documents(path, text_field=text_field, doc_sep=doc_sep):
         docs.append(doc)
@@ -130,7 +130,6 @@ def evaluate_docs(model, tokenizer, docs: List[str], max_length: int, stride: in
 
 
 def _load(model_dir, tokenizer_dir, device, dtype):
-    from zhllama.modelio import load_for_inference
     return load_for_inference(model_dir, tokenizer_dir, device=device, dtype=dtype)
 
 
@@ -164,8 +163,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from zhllama.corpus import expand_inputs
-
     if args.benchmark:
         from .benchmark import run_benchmark
         return run_benchmark(args)

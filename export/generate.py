@@ -23,6 +23,7 @@ import time
 
 from zhllama.errors import UserError
 from zhllama.log import get_logger
+from zhllama.sft.examples import encode_chat_prompt
 
 log = get_logger("zhllama.generate")
 
@@ -36,8 +37,6 @@ class Generator:
         self.sampling = dict(sampling or {})
 
     def prompt_ids(self, messages):
-        from zhllama.sft.examples import encode_chat_prompt
-
         if not self.use_template:
             return self.engine.text_prompt_ids("".join(m["content"] for m in messages if m["role"] == "user"))
         try:

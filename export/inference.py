@@ -10,6 +10,9 @@ between threads but generations run one at a time.
 import threading
 from pathlib import Path
 
+from zhllama.modelio import load_for_inference
+from zhllama.sft.examples import encode_chat_prompt
+from zhllama.sft.templates import get_template
 from zhllama.textenc import encode_text
 
 
@@ -55,7 +58,6 @@ class InferenceModel:
 
     def chat_prompt_ids(self, messages) -> list:
         """The ids the SFT template puts before the assistant's next turn (system messages joined)."""
-        from zhllama.sft.examples import encode_chat_prompt
 
         self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         system = "\n".join(m["content"] for m in messages if m["role"] == "system") or None
@@ -158,8 +160,6 @@ class InferenceModel:
 def load_inference_model(model_dir, tokenizer=None, template="alpaca", name=None, device="auto",
                          dtype="auto", max_new_tokens=512) -> InferenceModel:
     """Load a merged checkpoint (and tokenizer, default: the same directory) for generation."""
-    from zhllama.modelio import load_for_inference
-    from zhllama.sft.templates import get_template
 
     template = get_template(template)
     model, tok = load_for_inference(model_dir, tokenizer, device=device, dtype=dtype)

@@ -44,8 +44,18 @@ from typing import Dict, List, Optional, Tuple
 
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output_path, sha256_file
+from zhllama.hf_tokenizer import make_portable
 from zhllama.log import get_logger
-from zhllama.modelio import PADDED_VOCAB_KEY, SP_MODEL_NAME, read_model_config, write_resized_configs
+from zhllama.modelio import (PADDED_VOCAB_KEY, SP_MODEL_NAME, load_tokenizer, read_model_config, save_tokenizer,
+                             write_resized_configs)
+from zhllama.pretrain.adapter_files import guess_stage, read_adapter_dir, read_adapter_shapes
+from zhllama.sft.examples import encode_chat_prompt
+from zhllama.sft.templates import Template, get_template
+from zhllama.st_files import input_shards, parse_size, peak_rss_bytes
+
+from .model_card import write_model_card
+from .ollama import modelfile
+from .st_stream import Reader, ShardWriter, plan_shards
 
 log = get_logger("zhllama.merge")
 
@@ -93,8 +103,7 @@ class Adapter:
 
     @property
     def stage(self) -> str:
-        from zhllama.pretrain.adapters import _guess_stage
-        return (self.meta or {}).get("stage") or _guess_stage(self.config)
+        return (self.meta or {}).get("stage") or guess_stage(self.config)
 
     def touches(self, name: str) -> bool:
         return name in self.lora or name in self.replace or name in self.tokens
@@ -105,11 +114,10 @@ def read_adapter(path) -> Adapter:
 
     Missing, empty, truncated or corrupt files are refused by the same checks `load_adapter` runs.
     """
-    from zhllama.pretrain.adapters import _read_adapter_dir, _read_shapes
 
     path = Path(path)
-    cfg, weights, meta = _read_adapter_dir(path)
-    shapes = _read_shapes(weights)
+    cfg, weights, meta = read_adapter_dir(path)
+    shapes = read_adapter_shapes(weights)
     peft_type = cfg.get("peft_type")
     if peft_type not in ("LORA", "TRAINABLE_TOKENS"):
         raise InputError(path / "adapter_config.json", f"peft_type {peft_type!r}: zhllama merges LORA and "
@@ -165,9 +173,7 @@ def read_adapter(path) -> Adapter:
 
 def base_tensors(base_dir) -> Tuple[List[Path], Dict[str, tuple], Dict[str, str], List[str]]:
     """(shard files, name -> shape, name -> safetensors dtype, names in file order) from the headers only."""
-    from zhllama.vocab.resize import input_shards
 
-    from .st_stream import Reader
 
     shards = input_shards(base_dir)
     shapes, dtypes, order = {}, {}, []
@@ -253,7 +259,6 @@ _TOKENIZERS: Dict[str, object] = {}      # one merge loads each tokenizer once (
 
 
 def _tokenizer(path):
-    from zhllama.modelio import load_tokenizer
     key = str(Path(path).resolve())
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = load_tokenizer(path)
@@ -340,7 +345,6 @@ def _finite(t, chunk: int = 1 << 22) -> bool:
 
 
 def _peak_rss() -> int:
-    from zhllama.vocab.resize import peak_rss_bytes
     return peak_rss_bytes()
 
 
@@ -348,7 +352,6 @@ def sft_template(adapters: List[Adapter], override=None):
     """(Template, where it came from) that the last SFT adapter was trained with, or (None, why not).
 
     New runs record the whole definition (`template_spec`); older ones only a name or file path."""
-    from zhllama.sft.templates import Template, get_template
 
     if override is not None:
         return get_template(override), f"--template {override}"
@@ -374,7 +377,6 @@ def _check_chat_template(out_dir: Path, template) -> None:
     used (`encode_chat_prompt`); raises RuntimeError otherwise."""
     from transformers import AutoTokenizer
 
-    from zhllama.sft.examples import encode_chat_prompt
 
     tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
     msgs = [{"role": "user", "content": "用一句话介绍北京。"}, {"role": "assistant", "content": "北京是中国的首都。"},
@@ -393,9 +395,7 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
 
     `template`: the SFT template to ship when the adapters record none (default: theirs);
     `ollama_modelfile`: also write an Ollama `Modelfile` whose FROM is this (e.g. ".")."""
-    from zhllama.vocab.resize import parse_size
 
-    from .st_stream import Reader, ShardWriter, plan_shards
 
     t0 = time.perf_counter()
     _TOKENIZERS.clear()
@@ -484,12 +484,10 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
             # 3. Config, generation config, tokenizer.
             new_cfg = _write_configs(base, cfg, tmp, rows, n_tok, out_dtype_name, tok_src)
             _write_tokenizer(tok_src, tmp)
-            from zhllama.hf_tokenizer import make_portable
             make_portable(tmp, chat_template=chat.chat_template() if chat is not None else None)
             if chat is not None:
                 _check_chat_template(tmp, chat)
                 if ollama_modelfile is not None:
-                    from .ollama import modelfile
                     atomic_write_text(tmp / "Modelfile", modelfile(chat, ollama_modelfile))
             log.info("chat template: %s (%s)", chat.name if chat is not None else "none", chat_source)
 
@@ -510,7 +508,6 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
                                                        "vocab_size", "max_position_embeddings")},
             }
             atomic_write_json(tmp / REPORT, report)
-            from .model_card import write_model_card
             write_model_card(tmp, report, ads, base_dir=base, base_tokenizer=base if _has_tokenizer(base) else None)
             write_manifest(tmp)
     finally:
@@ -541,7 +538,6 @@ def _write_configs(base: Path, cfg: dict, tmp: Path, rows: int, n_tok: int, dtyp
 def _write_tokenizer(tok_src: Path, tmp: Path) -> None:
     """Copy the tokenizer files byte for byte (the ids training used); a bare tokenizer.model or an
     early-LLaMA config is converted by modelio instead, so AutoTokenizer can load the output alone."""
-    from zhllama.modelio import save_tokenizer
 
     tok_src = Path(tok_src)
     cfg_file = tok_src / "tokenizer_config.json"
@@ -562,7 +558,6 @@ def verify_output(out_dir: Path, want_shapes: Dict[str, tuple], dtype_name: str,
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from zhllama.vocab.resize import input_shards
 
     got, where = {}, {}
     for shard in input_shards(out_dir):

@@ -11,8 +11,12 @@ import json
 import time
 from pathlib import Path
 
+import zhllama
 from zhllama.fsutil import atomic_write_text
 from zhllama.log import get_logger
+from zhllama.modelio import load_tokenizer
+from zhllama.pretrain.presets import STAGES
+from zhllama.textenc import encode_text
 
 log = get_logger("zhllama.merge")
 
@@ -21,13 +25,11 @@ HYPER = ("lr", "global_batch", "block_size", "warmup_ratio", "weight_decay", "be
 
 
 def _samples_dir() -> Path:
-    import zhllama
     return Path(zhllama.__file__).resolve().parent / "data"
 
 
 def _hyperparameters(stage: str, run_config: dict) -> dict:
     """The run's values; keys it left unset (null) take the stage preset, marked as such."""
-    from zhllama.pretrain.presets import STAGES
 
     preset = STAGES.get(stage)
     out = {}
@@ -66,8 +68,6 @@ def _data_lines(run_config: dict) -> list:
 
 
 def _tokens_per_char(tok_path, text: str):
-    from zhllama.modelio import load_tokenizer
-    from zhllama.textenc import encode_text
     tok = load_tokenizer(tok_path)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     n_tokens = sum(len(encode_text(tok, ln)) for ln in lines)

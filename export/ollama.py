@@ -9,7 +9,7 @@ Ollama's messages: fold it into the user message (docs/deploy.md).
 
 import json
 
-from zhllama.sft.templates import _PLACEHOLDER, Template
+from zhllama.sft.templates import PLACEHOLDER, Template
 
 
 def _go_text(text: str) -> str:
@@ -18,7 +18,7 @@ def _go_text(text: str) -> str:
 
 
 def _go(fmt: str, values: dict) -> str:
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], _go_text(fmt))
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], _go_text(fmt))
 
 
 def go_template(t: Template, bos: str = "<s>", eos: str = "</s>") -> str:

@@ -71,7 +71,7 @@ zhllama_launch() {
   shift 2
   local py=${PYTHON:-python}
   # The module and its arguments; the launchers take it as --module, python as -m.
-  local train=(zhllama.cli train --config "$config" "$@")
+  local train=(zhllama.app.cli train --config "$config" "$@")
   local -a extra=()
   read -r -a extra <<<"${LAUNCHER_ARGS:-}"
   local master_port=${MASTER_PORT:-29500}

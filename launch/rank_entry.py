@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from zhllama.cli import main
+from zhllama.app.cli import main
 
 CONFIGS = {"pretrain_stage1.sh": "stage1.yaml", "pretrain_stage2.sh": "stage2.yaml", "sft.sh": "sft.yaml"}
 

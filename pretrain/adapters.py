@@ -32,12 +32,11 @@ from zhllama.errors import ConfigError, InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
 from zhllama.log import get_logger
 
+from .adapter_files import FORMAT_VERSION, META, WEIGHTS, guess_stage, read_adapter_dir, read_adapter_shapes
+
 log = get_logger(__name__)
 
 ADAPTER = "default"  # PEFT's adapter name; it is stripped from the keys on disk
-WEIGHTS = "adapter_model.safetensors"
-META = "zhllama_adapter.json"
-FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "merge_report.json")
 
@@ -385,56 +384,6 @@ def _group(key: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------- loading
 
-def _read_adapter_dir(adapter_dir: Path):
-    """(adapter_config, weights path, zhllama meta or None), with a UserError for anything unusable."""
-    if not adapter_dir.is_dir():
-        raise InputError(adapter_dir, "adapter directory not found")
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise InputError(adapter_dir, "not a PEFT adapter: adapter_config.json is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(cfg_path, f"not valid JSON ({e})") from None
-    if "peft_type" not in cfg:
-        raise InputError(cfg_path, "missing key 'peft_type'")
-    weights = adapter_dir / WEIGHTS
-    if not weights.is_file():
-        legacy = adapter_dir / "adapter_model.bin"
-        raise InputError(weights, "adapter weights are missing" + (
-            " (only a legacy adapter_model.bin is present; re-save it as safetensors)" if legacy.exists() else ""))
-    size = weights.stat().st_size
-    if size == 0:
-        raise InputError(weights, "empty file (0 bytes): the adapter was not written")
-    meta = None
-    meta_path = adapter_dir / META
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise InputError(meta_path, f"not valid JSON ({e})") from None
-        want = (meta.get("files") or {}).get(WEIGHTS)
-        if want and want.get("bytes") != size:
-            raise InputError(weights, f"truncated or replaced: {size:,} bytes, {META} records {want['bytes']:,}")
-        if want and sha256_file(weights) != want.get("sha256"):
-            raise InputError(weights, f"corrupt: sha256 differs from the one recorded in {META}")
-    return cfg, weights, meta
-
-
-def _read_shapes(weights: Path):
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for a bad header or short file
-        raise InputError(weights, f"unreadable or truncated safetensors file ({e})") from None
-    if not shapes:
-        raise InputError(weights, "the adapter holds no tensors (an empty adapter; was it saved from a DeepSpeed "
-                                  "engine without gathering its weights?)")
-    return shapes
-
-
 def _check_against_base(base_model, cfg, weights, shapes):
     """Every tensor must fit the base module it adapts; a mismatch names both shapes and the file."""
     prefix = "base_model.model."
@@ -485,8 +434,8 @@ def load_adapter(base_model, adapter_dir, is_trainable=False):
     base_model = _unwrap(base_model)
     if isinstance(base_model, PeftModel):
         raise UserError("load_adapter needs a plain base model; merge the adapter already applied first")
-    cfg, weights, meta = _read_adapter_dir(adapter_dir)
-    shapes = _read_shapes(weights)
+    cfg, weights, meta = read_adapter_dir(adapter_dir)
+    shapes = read_adapter_shapes(weights)
     _check_against_base(base_model, cfg, weights, shapes)
     tied = is_tied(base_model)
     if tied and any(k.endswith(".lm_head.weight") for k in shapes):
@@ -495,16 +444,9 @@ def load_adapter(base_model, adapter_dir, is_trainable=False):
     with _quiet():
         model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
     _retie(model, tied)
-    model.zhllama_stage = (meta or {}).get("stage") or _guess_stage(cfg)
+    model.zhllama_stage = (meta or {}).get("stage") or guess_stage(cfg)
     model.zhllama_new_rows_from = (meta or {}).get("new_rows_from")
     return model
-
-
-def _guess_stage(cfg) -> str:
-    if cfg.get("peft_type") == "TRAINABLE_TOKENS":
-        return "stage1"
-    targets = set(cfg.get("target_modules") or [])
-    return "sft" if "gate_proj" in targets else "stage2"
 
 
 def merge_adapters(base_model, adapter_dirs):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from zhllama.errors import UserError
-from zhllama.fsutil import _fsync_dir, atomic_write_json
+from zhllama.fsutil import fsync_dir, atomic_write_json
 from zhllama.log import get_logger
 
 log = get_logger("zhllama.train")
@@ -182,7 +182,7 @@ def save(engine, root, step: int, state: dict, *, rank: int, barrier, keep_last:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         log.info("checkpoint %s: %.1f MB (trainable weights + optimizer state)", final, dir_bytes(final) / 1e6)
         for _, old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

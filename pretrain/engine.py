@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,12 +26,14 @@ from zhllama.errors import ConfigError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
 from zhllama.log import get_logger
 from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
+from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
 
 from . import checkpoint
 from .config import RunConfig, dump_config
 from .flops import flops_per_token, peak_flops
 from .presets import grad_accumulation
 from .shards import BlockOrder, positions_for_rank
+from .stage_data import Data, registered
 
 log = get_logger("zhllama.train")
 
@@ -142,18 +143,10 @@ def _run_record(cfg: RunConfig) -> dict:
     """The run config as recorded in the adapter; an SFT run adds its template's full definition
     (`template_spec`), so `zhllama merge` can write the chat template even for a user template file."""
     record = cfg.to_dict()
-    if cfg.stage == "sft":
-        from zhllama.sft.templates import get_template
-        record["template_spec"] = get_template(cfg.template).to_dict()
+    stage_data = registered(cfg.stage, required=cfg.stage == "sft")
+    if stage_data is not None and stage_data.run_record is not None:
+        record.update(stage_data.run_record(cfg))
     return record
-
-
-@dataclass
-class Data:
-    train: object
-    validation: object
-    collate: object  # list of dataset items -> dict of tensors with input_ids, labels (+ attention_mask)
-    description: str
 
 
 def _collate_blocks(items):
@@ -162,14 +155,9 @@ def _collate_blocks(items):
 
 
 def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
-    if cfg.stage == "sft":
-        from zhllama.sft.dataset import SFTDataset, default_pad_id, make_collate
-        train = SFTDataset(cfg.data, tokenizer, cfg.template, max_length=preset.block_size,
-                           strict=cfg.strict_data, field_map=cfg.field_map or None, seed=cfg.seed,
-                           pack=cfg.pack_examples)
-        return Data(train, None, make_collate(default_pad_id(tokenizer)),
-                    f"{len(train):,} SFT {'sequences' if cfg.pack_examples else 'examples'} "
-                    f"(template {cfg.template}, max length {preset.block_size})")
+    stage_data = registered(cfg.stage, required=cfg.stage == "sft")
+    if stage_data is not None:
+        return stage_data.build(cfg, preset, tokenizer)
     from .shards import PackedBlocks
     if len(cfg.data) != 1:
         raise ConfigError("config: key 'data' must name exactly one `zhllama data pack` directory for "
@@ -191,8 +179,6 @@ def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
 # ----------------------------------------------------------------------------- model
 
 def build_model(cfg: RunConfig, preset, dtype):
-    from zhllama.modelio import load_model, load_tokenizer
-
     from . import adapters
 
     tokenizer_path = cfg.tokenizer or cfg.model
@@ -203,7 +189,6 @@ def build_model(cfg: RunConfig, preset, dtype):
         model = adapters.merge_adapters(model, cfg.init_adapters)
     new_rows_from = None
     if cfg.new_rows_only:
-        from zhllama.modelio import BASE_VOCAB_KEY
         new_rows_from = getattr(model.config, BASE_VOCAB_KEY, None)
         if not new_rows_from:
             raise ConfigError(f"config: new_rows_only needs the base vocab size that `zhllama vocab resize` "
@@ -308,8 +293,9 @@ class Trainer:
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
-            if cfg.stage == "sft":  # the template itself, not only its name: it travels to the merged model
-                atomic_write_json(self.run_dir / "template.json", _run_record(cfg)["template_spec"])
+            stage_data = registered(cfg.stage)
+            for name, obj in (stage_data.run_files(cfg) if stage_data and stage_data.run_files else {}).items():
+                atomic_write_json(self.run_dir / name, obj)  # sft: template.json, the template itself
             log.info("stage %s | %s | world %d x micro %d x accum %d = global batch %d | %d steps | "
                      "precision %s | trainable %s of %s (%.2f%%) | ds config %s", cfg.stage, data.description,
                      world, cfg.micro_batch, grad_accum, preset.global_batch, total_steps, precision,

@@ -40,9 +40,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from zhllama import __version__, corpus
+from zhllama import __version__, bpe, corpus
+from zhllama.bpe import is_bpe_json_base
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import atomic_write_json, atomic_write_text, check_output_path, make_dirs
+from zhllama.fsutil import atomic_write_json, atomic_write_text, check_output_path, make_dirs, sha256_file
 from zhllama.log import Progress, get_logger
 
 from . import shards as fmt
@@ -112,7 +113,6 @@ def load_json_tokenizer(path) -> Tokenizer:
     """A `tokenizer.json` tokenizer (byte-level BPE bases). BOS/EOS are the tokenizer's own, as
     transformers reads them (tokenizer_config.json bos_token/eos_token, else the post-processor's
     template); a base without BOS (GPT-2 style) packs documents as ids + EOS."""
-    from zhllama import bpe
     tok = bpe.load_tokenizer(path)
     bos, eos = bpe.special_ids(path, tok)
     if eos is None:
@@ -124,7 +124,6 @@ def load_json_tokenizer(path) -> Tokenizer:
 
 def load_tokenizer(path) -> Tokenizer:
     import sentencepiece as spm
-    from zhllama.bpe import is_bpe_json_base
     if is_bpe_json_base(path):
         return load_json_tokenizer(path)
     model_file = fmt.tokenizer_model_path(path)
@@ -248,7 +247,6 @@ def plan_file(path: Path, first_index: int, unit_bytes: int, slice_bytes: int, d
     One sequential read (hashing and counting newlines), plus a few seeks to find boundaries."""
     size = os.path.getsize(path)
     if not _splittable(path):
-        from zhllama.fsutil import sha256_file
         return [Unit(first_index, path, sha256_file(path), 0, size, True, [Slice(0, size, 1)])]
     sep = "line" if corpus.data_format(path) == "jsonl" else doc_sep
     with open(path, "rb") as f:

@@ -3,7 +3,7 @@
   zhllama train --config configs/stage1.yaml [key=value ...]
 
 Runs alone (a world of one) or under the launcher, e.g.
-  deepspeed --num_gpus 8 -m zhllama.cli train --config configs/stage2.yaml out=runs/stage2
+  deepspeed --num_gpus 8 -m zhllama.app.cli train --config configs/stage2.yaml out=runs/stage2
 (launch/*.sh wrap this for one or several nodes). Keys are those of configs/*.yaml; any of them can be
 overridden as key=value. A run restarts from its latest complete checkpoint in OUT/checkpoints unless
 resume=false. Outputs: OUT/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-N/, and final/
@@ -15,6 +15,9 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from zhllama.fsutil import check_output_path
+from zhllama.modelio import check_checkpoint, meta_model
 
 
 def add_arguments(p):
@@ -30,9 +33,6 @@ def add_arguments(p):
 
 
 def run(args):
-    from zhllama.fsutil import check_output_path
-    from zhllama.modelio import check_checkpoint, meta_model
-
     from .config import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)

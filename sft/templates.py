@@ -33,7 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from zhllama.errors import ConfigError, InputError
 
 SEAMS = ("continue", "standalone")
-_PLACEHOLDER = re.compile(r"\{(instruction|input|system)\}")
+# {instruction}, {input}, {system} in a template's text (export/ollama.py rewrites them for Ollama).
+PLACEHOLDER = re.compile(r"\{(instruction|input|system)\}")
 
 ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -171,7 +172,7 @@ class Template:
         """
         def expr(fmt: str, values: Dict[str, str]) -> str:
             parts, pos = [], 0
-            for m in _PLACEHOLDER.finditer(fmt):
+            for m in PLACEHOLDER.finditer(fmt):
                 if m.start() > pos:
                     parts.append(_jinja_str(fmt[pos:m.start()]))
                 parts.append(values[m.group(1)])
@@ -293,7 +294,7 @@ def _jinja_str(text: str) -> str:
 
 
 def _fill(template: str, values: Dict[str, str]) -> str:
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def _check_messages(messages) -> None:

@@ -39,7 +39,7 @@ def zh_reviews() -> Path:
 
 def run_cli(*args):
     """Run the zhllama CLI in-process; returns (exit code, stdout, stderr) via capsys by the caller."""
-    from zhllama.cli import main
+    from zhllama.app.cli import main
     return main([str(a) for a in args])
 
 

@@ -1,7 +1,7 @@
 """Bad input is one line naming the file (or key), exit 2, no traceback, nothing half-written.
 
 One table walks every class of bad input (issue 13, items 5-10) through every command that reads that
-input, running the real CLI in-process (`zhllama.cli.main`, `zhllama.sft.convert.main`): a bug that
+input, running the real CLI in-process (`zhllama.app.cli.main`, `zhllama.sft.convert.main`): a bug that
 escapes as an exception fails the test with its traceback. Inputs are tiny and built here.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from zhllama.cli import main as cli_main
+from zhllama.app.cli import main as cli_main
 from zhllama.sft.convert import main as convert_main
 
 ZH = "今天天气很好，我们去公园散步。人工智能正在改变世界。\n"
@@ -271,7 +271,7 @@ def test_bad_sft_records_are_skipped_without_strict(bad, tmp_path):
 
 def test_console_script_prints_one_line(bad, tiny_tokenizer_dir):
     """The same through a real process: exit status 2 and a one-line stderr."""
-    res = subprocess.run([sys.executable, "-m", "zhllama.cli", "vocab", "report", "--tokenizer",
+    res = subprocess.run([sys.executable, "-m", "zhllama.app.cli", "vocab", "report", "--tokenizer",
                           str(tiny_tokenizer_dir), "--text", str(bad["gz-truncated.txt"])],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})

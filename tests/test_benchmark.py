@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from zhllama.cli import main
+from zhllama.app.cli import main
 from zhllama.export.benchmark import CEVAL, CMMLU, Prompter, fit_prompt, load_subjects
 from zhllama.modelio import load_model, load_tokenizer
 

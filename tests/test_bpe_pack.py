@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from zhllama.cli import main
+from zhllama.app.cli import main
 from zhllama.tiny_bpe import make_byte_level_bpe
 from pretrain import shards
 

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from test_vocab_merge import tricky
 from zhllama import bpe
-from zhllama.cli import main
+from zhllama.app.cli import main
 from zhllama.spm import has_cjk
 from zhllama.tiny_bpe import make_byte_level_bpe
 from zhllama.vocab import bpe_merge, bpe_train

@@ -7,13 +7,13 @@ import subprocess
 import pytest
 
 from zhllama import corpus
-from zhllama.cli import main
+from zhllama.app.cli import main
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_text
 
 
 def test_cli_help_lists_commands(capsys):
-    from zhllama.cli import _available
+    from zhllama.app.cli import _available
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "usage: zhllama" in out

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from zhllama import demo as demo_mod
-from zhllama.cli import main
+from zhllama.app import demo as demo_mod
+from zhllama.app.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def _env():
 
 def _demo(out: Path, *extra):
     # From another working directory than the repository: the demo must not depend on it.
-    return subprocess.run([sys.executable, "-m", "zhllama.cli", "demo", "--quick", "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "zhllama.app.cli", "demo", "--quick", "--out", str(out), *extra],
                           cwd=str(out.parent), env=_env(), capture_output=True, text=True, timeout=1500)
 
 

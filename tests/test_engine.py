@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zhllama.cli import main
+from zhllama.app.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -41,7 +41,7 @@ def _env(**extra):
 
 
 def _train(args, **env):
-    cmd = [sys.executable, "-m", "zhllama.cli", "train", *map(str, args)]
+    cmd = [sys.executable, "-m", "zhllama.app.cli", "train", *map(str, args)]
     return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=600)
 
 

@@ -75,7 +75,7 @@ def test_outputs_follow_the_umask(tmp_path, umask, dir_mode, file_mode):
 
 def test_a_command_run_after_a_killed_one_removes_its_partial(tmp_path, tiny_tokenizer_dir):
     """Through a real command (export `merge` and `vocab merge` both write with atomic_dir)."""
-    from zhllama.cli import main
+    from zhllama.app.cli import main
 
     out = tmp_path / "merged_tok"
     subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True)

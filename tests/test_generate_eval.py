@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zhllama.cli import main
+from zhllama.app.cli import main
 from zhllama.export.evaluate import evaluate_docs, windows
 from zhllama.modelio import load_model, load_tokenizer
 from zhllama.sft.examples import encode_chat_prompt, encode_prompt

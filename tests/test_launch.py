@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zhllama.cli import main
+from zhllama.app.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -183,7 +183,7 @@ def test_hostfile_without_master_addr_lets_deepspeed_find_node0(tmp_path):
 def test_under_an_outer_launcher_the_script_trains_its_rank_without_nesting():
     res = _dry(RANK=1, LOCAL_RANK=1, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500)
     _check(res, "dry run")
-    assert res.stdout.split()[1:4] == ["-m", "zhllama.cli", "train"], res.stdout
+    assert res.stdout.split()[1:4] == ["-m", "zhllama.app.cli", "train"], res.stdout
     assert "deepspeed" not in res.stdout and "torch.distributed.run" not in res.stdout
     res = _dry(RANK=0, LOCAL_RANK=0)
     assert res.returncode == 2 and "WORLD_SIZE" in res.stderr

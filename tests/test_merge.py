@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zhllama.cli import main
+from zhllama.app.cli import main
 from zhllama.errors import UserError
 from zhllama.export.merge import MANIFEST, REPORT, check_manifest, merge_checkpoint
 from zhllama.modelio import load_model, load_tokenizer, save_tokenizer
@@ -86,7 +86,7 @@ def stage2(tmp_path_factory, tiny_model_dir, tiny_tokenizer_dir):
     assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", REPO / "zhllama" / "data" / "zh_sample.txt",
                  "--block-size", "32", "--out", root / "packed", "--workers", "1"]) == 0
     run = root / "stage2"
-    res = subprocess.run([sys.executable, "-m", "zhllama.cli", "train", "stage=stage2", f"model={tiny_model_dir}",
+    res = subprocess.run([sys.executable, "-m", "zhllama.app.cli", "train", "stage=stage2", f"model={tiny_model_dir}",
                           f"data=[{root / 'packed'}]", "init_adapters=[]", "max_steps=3", "global_batch=8",
                           "micro_batch=4", "block_size=32", "lr=0.01", "save_every=100", "eval_every=100",
                           "tensorboard=false", f"out={run}"], env=_env(), capture_output=True, text=True, timeout=600)

@@ -67,7 +67,7 @@ def test_sft_two_ranks_then_merge_and_generate_reproduces_trained_responses(tmp_
     assert (run / "final" / "adapter_model.safetensors").stat().st_size > 100_000
 
     merged = tmp_path / "merged"
-    py = [sys.executable, "-m", "zhllama.cli"]
+    py = [sys.executable, "-m", "zhllama.app.cli"]
     res = subprocess.run([*py, "merge", "--base", tiny_model_dir, "--adapter", run / "final", "--out", merged],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

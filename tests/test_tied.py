@@ -195,14 +195,14 @@ def test_real_stage2_run_on_a_tied_model_keeps_it_tied(tied_dir, tmp_path):
     import subprocess
     import sys
 
-    from zhllama.cli import main
+    from zhllama.app.cli import main
     assert main(["data", "pack", "--tokenizer", str(tied_dir), "--input", str(DATA / "zh_sample.txt"),
                  "--block-size", "32", "--out", str(tmp_path / "packed"), "--workers", "1"]) == 0
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     run = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "zhllama.cli", "train", "stage=stage2", f"model={tied_dir}",
+    res = subprocess.run([sys.executable, "-m", "zhllama.app.cli", "train", "stage=stage2", f"model={tied_dir}",
                           f"data=[{tmp_path / 'packed'}]", "init_adapters=[]", "max_steps=2", "global_batch=4",
                           "micro_batch=4", "block_size=32", "lr=0.01", "save_every=100", "eval_every=100",
                           "tensorboard=false", f"out={run}"], env=env, capture_output=True, text=True, timeout=900)

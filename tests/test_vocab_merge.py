@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from test_vocab_train import synth_chinese
-from zhllama.cli import main
+from zhllama.app.cli import main
 from zhllama import spm as zspm
 from zhllama.vocab import train as vtrain
 from zhllama.hf_tokenizer import load_hf_tokenizer, parity

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from test_vocab_train import synth_chinese
-from zhllama.cli import main
+from zhllama.app.cli import main
 from zhllama import spm as zspm
 from zhllama.vocab import train as vtrain
 from zhllama.vocab.merge import merge_tokenizers

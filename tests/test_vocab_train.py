@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from zhllama.cli import main
+from zhllama.app.cli import main
 from zhllama import spm as zspm
 from zhllama.vocab import train as vtrain
 

@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from zhllama import bpe
 from zhllama.spm import has_cjk
+from zhllama.textenc import encode_text
 
 
 def encode_lines(tk, lines: List[str]) -> List[List[int]]:
@@ -71,7 +72,6 @@ def measure(path, lines: List[str], *, reference: Optional[str] = None, ref_ids=
         p = Path(path)
         if p.is_dir():
             from transformers import AutoTokenizer
-            from zhllama.textenc import encode_text
             hf = AutoTokenizer.from_pretrained(str(p))
             differ = [t for t, e in zip(lines, ids) if encode_text(hf, t) != e]
             r["parity_differ"] = len(differ)

@@ -34,10 +34,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from zhllama import spm as _spm
+from zhllama.bpe import is_bpe_json_base, read_tokenizer_json, tokenizer_json_path
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path, sha256_file
+from zhllama.hf_tokenizer import save_hf_tokenizer
 from zhllama.log import get_logger
-from zhllama import spm as _spm
 
 log = get_logger("zhllama.vocab.merge")
 
@@ -81,7 +83,6 @@ def _run_bpe(args) -> int:
 
 
 def _is_tokenizers_file(path) -> bool:
-    from zhllama.bpe import read_tokenizer_json
     try:
         read_tokenizer_json(path)
         return True
@@ -91,7 +92,6 @@ def _is_tokenizers_file(path) -> bool:
 
 def run(args) -> int:
     check_output_path(args.out)
-    from zhllama.bpe import is_bpe_json_base, tokenizer_json_path
     if is_bpe_json_base(args.base) and tokenizer_json_path(args.add) is not None:
         return _run_bpe(args)
     if is_bpe_json_base(args.base) and _is_tokenizers_file(args.base):
@@ -282,7 +282,6 @@ def merge_tokenizers(base, add, out_dir, compat: Optional[str] = None, *, max_vo
     Chinese-LLaMA-Alpaca's merge. Raises `UserError`/`InputError` for bad inputs (one line, naming the
     file) and for an existing `out_dir` without `overwrite`.
     """
-    from zhllama.hf_tokenizer import save_hf_tokenizer
 
     base_path = _spm.resolve_sp_model(base)
     add_path = _spm.resolve_sp_model(add)

@@ -34,9 +34,10 @@ import tempfile
 from pathlib import Path
 from typing import List
 
-from zhllama import corpus
+from zhllama import bpe, corpus, hf_tokenizer as hft, spm as _spm
+from zhllama.bpe import is_bpe_json_base, load_tokenizer as load_bpe
 from zhllama.errors import UserError
-from zhllama import spm as _spm
+from zhllama.hf_tokenizer import parity as _parity
 
 HF_LOADERS = ("auto", "llama")
 
@@ -118,7 +119,6 @@ def read_lines(specs, *, max_lines: int, text_field: str = "text") -> List[str]:
 
 def _hf_tokenizer(path, proto, loader: str):
     """The HF side of the parity check, or (None, reason)."""
-    from zhllama import hf_tokenizer as hft
     p = Path(path)
     if loader == "llama":
         from transformers import LlamaTokenizer
@@ -184,7 +184,6 @@ def measure(path, lines: List[str], *, reference=None, ref_ids=None, parity: boo
         hf, how = _hf_tokenizer(path, proto, hf_loader)
         r["parity_loader"] = how
         if hf is not None:
-            from zhllama.hf_tokenizer import parity as _parity
             pr = _parity(proto, hf, lines)
             r["parity_differ"] = pr["differ"]
             r["parity_bos_ok"] = pr["bos_ok"]
@@ -201,7 +200,6 @@ def measure(path, lines: List[str], *, reference=None, ref_ids=None, parity: boo
 
 
 def build_report(tokenizers, lines: List[str], *, reference=None, parity=True, hf_loader="auto") -> dict:
-    from zhllama.bpe import is_bpe_json_base, load_tokenizer as load_bpe
     from zhllama.vocab import bpe_report
     ref_proto = ref_ids = None
     rows = []
@@ -265,7 +263,6 @@ def format_table(report: dict) -> str:
 def run(args) -> int:
     if not args.text and args.english_sample <= 0:
         raise UserError("give text to measure on: --text FILE... and/or --english-sample N")
-    from zhllama import bpe
     for t in args.tokenizer + ([args.reference] if args.reference else []):
         if bpe.is_bpe_json_base(t):
             bpe.check_byte_level_bpe(bpe.read_tokenizer_json(t), bpe.tokenizer_json_path(t))

@@ -45,18 +45,18 @@ Example:
 import json
 import math
 import re
-import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from zhllama import bpe
 from zhllama.bpe import is_bpe_json_base
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path
 from zhllama.log import get_logger
 from zhllama.modelio import (PADDED_VOCAB_KEY, check_checkpoint, load_tokenizer, read_model_config,
                              save_tokenizer, sp_model_path, write_resized_configs)
+from zhllama.st_files import input_shards, parse_size, peak_rss_bytes
 
 log = get_logger(__name__)
 
@@ -138,7 +138,6 @@ def bpe_subword_sources(base_tokenizer_json, new_tokens, no_text_ids, first_id):
     """subword_sources for a byte-level BPE base (tokenizer.json): the base model's split of each new
     token's byte string, as one pre-token (so the split is of exactly that token, like the
     SentencePiece case without the dummy prefix). Tokens that are not byte strings get None (mean)."""
-    from zhllama import bpe
     model = bpe.load_tokenizer(base_tokenizer_json).model
     out = []
     for i, tok in enumerate(new_tokens, start=first_id):
@@ -206,36 +205,6 @@ def build_matrix(old, old_size, rows, sources, init, seed=0, std=0.02):
 # ---------------------------------------------------------------------------------------------
 # Checkpoint streaming.
 
-def input_shards(model_dir):
-    """The safetensors files of a checkpoint, in index order."""
-    d = Path(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{index}: not a safetensors index (need key 'weight_map'): {e}") from e
-        files = list(dict.fromkeys(weight_map.values()))
-        missing = [f for f in files if not (d / f).is_file()]
-        if missing:
-            raise UserError(f"{index}: shard {missing[0]} listed but not found in {d}")
-        return [d / f for f in files]
-    if (d / "model.safetensors").is_file():
-        return [d / "model.safetensors"]
-    if list(d.glob("pytorch_model*.bin")):
-        raise UserError(f"{d}: only pytorch_model*.bin weights; convert to safetensors first "
-                        f"(load with transformers and save_pretrained)")
-    raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
-
-
-def parse_size(text) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise UserError(f"--max-shard-size: cannot read '{text}' (examples: 2GB, 500MB)")
-    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult)
-
-
 class _ShardWriter:
     """Accumulates tensors and writes numbered shards of at most `max_bytes` (one tensor may exceed)."""
 
@@ -277,19 +246,6 @@ class _ShardWriter:
                  "weight_map": {k: names[v] for k, v in sorted(self.weight_map.items())}}
         atomic_write_json(self.out_dir / "model.safetensors.index.json", index)
         return list(names.values())
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a process
-    started by a big parent reports the parent's size."""
-    try:
-        for line in open("/proc/self/status", encoding="ascii"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
 
 
 def default_lm_head_init(init: str) -> str:

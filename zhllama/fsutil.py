@@ -26,7 +26,8 @@ log = get_logger(__name__)
 PARTIAL_TAG = "partial"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (best effort: some filesystems refuse)."""
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:
@@ -85,7 +86,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -121,7 +122,7 @@ def atomic_dir(path, overwrite: bool = False):
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

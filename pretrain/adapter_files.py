@@ -1,0 +1,75 @@
+"""The adapter directory on disk, read without torch: the files `save_adapter` writes and their checks.
+
+Kept apart from adapters.py (which builds and trains adapters, and imports torch and PEFT) so that
+`zhllama merge`, which streams adapters as files, reads them through the same checks without loading a
+model. See docs/architecture.md.
+"""
+
+import json
+from pathlib import Path
+
+from zhllama.errors import InputError
+from zhllama.fsutil import sha256_file
+
+WEIGHTS = "adapter_model.safetensors"
+META = "zhllama_adapter.json"
+FORMAT_VERSION = 1
+
+
+def read_adapter_dir(adapter_dir: Path):
+    """(adapter_config, weights path, zhllama meta or None), with a UserError for anything unusable."""
+    if not adapter_dir.is_dir():
+        raise InputError(adapter_dir, "adapter directory not found")
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise InputError(adapter_dir, "not a PEFT adapter: adapter_config.json is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(cfg_path, f"not valid JSON ({e})") from None
+    if "peft_type" not in cfg:
+        raise InputError(cfg_path, "missing key 'peft_type'")
+    weights = adapter_dir / WEIGHTS
+    if not weights.is_file():
+        legacy = adapter_dir / "adapter_model.bin"
+        raise InputError(weights, "adapter weights are missing" + (
+            " (only a legacy adapter_model.bin is present; re-save it as safetensors)" if legacy.exists() else ""))
+    size = weights.stat().st_size
+    if size == 0:
+        raise InputError(weights, "empty file (0 bytes): the adapter was not written")
+    meta = None
+    meta_path = adapter_dir / META
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise InputError(meta_path, f"not valid JSON ({e})") from None
+        want = (meta.get("files") or {}).get(WEIGHTS)
+        if want and want.get("bytes") != size:
+            raise InputError(weights, f"truncated or replaced: {size:,} bytes, {META} records {want['bytes']:,}")
+        if want and sha256_file(weights) != want.get("sha256"):
+            raise InputError(weights, f"corrupt: sha256 differs from the one recorded in {META}")
+    return cfg, weights, meta
+
+
+def read_adapter_shapes(weights: Path):
+    """{key: shape} of an adapter's safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header or short file
+        raise InputError(weights, f"unreadable or truncated safetensors file ({e})") from None
+    if not shapes:
+        raise InputError(weights, "the adapter holds no tensors (an empty adapter; was it saved from a DeepSpeed "
+                                  "engine without gathering its weights?)")
+    return shapes
+
+
+def guess_stage(cfg) -> str:
+    """The stage an adapter came from, by its PEFT config, for adapters saved without zhllama's meta file."""
+    if cfg.get("peft_type") == "TRAINABLE_TOKENS":
+        return "stage1"
+    targets = set(cfg.get("target_modules") or [])
+    return "sft" if "gate_proj" in targets else "stage2"

@@ -1,0 +1,31 @@
+"""The sft stage's data for the training engine: instruction records through a prompt template.
+
+Importing this module registers it with pretrain/stage_data.py; `zhllama train` does (zhllama/app/train.py).
+"""
+
+from zhllama.pretrain.stage_data import Data, StageData, register
+
+from .dataset import SFTDataset, default_pad_id, make_collate
+from .templates import get_template
+
+
+def build(cfg, preset, tokenizer) -> Data:
+    train = SFTDataset(cfg.data, tokenizer, cfg.template, max_length=preset.block_size,
+                       strict=cfg.strict_data, field_map=cfg.field_map or None, seed=cfg.seed,
+                       pack=cfg.pack_examples)
+    return Data(train, None, make_collate(default_pad_id(tokenizer)),
+                f"{len(train):,} SFT {'sequences' if cfg.pack_examples else 'examples'} "
+                f"(template {cfg.template}, max length {preset.block_size})")
+
+
+def run_record(cfg) -> dict:
+    """The template's full definition, not only its name: `zhllama merge` writes the chat template from it,
+    even for a user's template file."""
+    return {"template_spec": get_template(cfg.template).to_dict()}
+
+
+def run_files(cfg) -> dict:
+    return {"template.json": run_record(cfg)["template_spec"]}
+
+
+register("sft", StageData(build=build, run_record=run_record, run_files=run_files))

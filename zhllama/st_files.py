@@ -1,0 +1,57 @@
+"""Safetensors checkpoints on disk, as the stages that rewrite them (vocab resize, export merge) read them:
+which shard files a checkpoint has, how big a shard may be, and how much memory the rewrite took.
+
+One home for what `zhllama vocab resize` and `zhllama merge` share, so neither stage imports the other.
+"""
+
+import json
+import re
+import resource
+import sys
+from pathlib import Path
+
+from zhllama.errors import UserError
+
+
+def input_shards(model_dir):
+    """The safetensors files of a checkpoint, in index order."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{index}: not a safetensors index (need key 'weight_map'): {e}") from e
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise UserError(f"{index}: shard {missing[0]} listed but not found in {d}")
+        return [d / f for f in files]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    if list(d.glob("pytorch_model*.bin")):
+        raise UserError(f"{d}: only pytorch_model*.bin weights; convert to safetensors first "
+                        f"(load with transformers and save_pretrained)")
+    raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def parse_size(text) -> int:
+    """Bytes in a size such as 2GB, 500MB or 1.5GiB (K, M, G, T are powers of 1024 here)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UserError(f"--max-shard-size: cannot read '{text}' (examples: 2GB, 500MB)")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a process
+    started by a big parent reports the parent's size."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024

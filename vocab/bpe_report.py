@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from zhllama import bpe
-from zhllama.spm import has_cjk
 from zhllama.textenc import encode_text
+from zhllama.vocab.report import reference_figures, token_figures
 
 
 def encode_lines(tk, lines: List[str]) -> List[List[int]]:
@@ -34,23 +34,8 @@ def measure(path, lines: List[str], *, reference: Optional[str] = None, ref_ids=
     vocab = data["model"]["vocab"]
     partial = {i for t, i in vocab.items() if (b := bpe.token_bytes(t)) is None or (s := bpe.split_utf8(b)) is None
                or s[1]}
-    zh_tok = zh_chars = en_tok = en_words = all_tok = part_tok = 0
-    is_zh = [has_cjk(t) for t in lines]
-    for t, e, z in zip(lines, ids, is_zh):
-        all_tok += len(e)
-        part_tok += sum(1 for i in e if i in partial)
-        if z:
-            zh_tok += len(e)
-            zh_chars += len(t)
-        else:
-            en_tok += len(e)
-            en_words += len(t.split())
     r = {"tokenizer": str(path), "vocab_size": tk.get_vocab_size(with_added_tokens=True),
-         "model_type": "byte-level bpe", "lines": len(lines), "zh_lines": sum(is_zh),
-         "en_lines": len(lines) - sum(is_zh),
-         "zh_tokens_per_char": zh_tok / zh_chars if zh_chars else None,
-         "en_tokens_per_word": en_tok / en_words if en_words else None,
-         "byte_fallback_share": part_tok / all_tok if all_tok else None, "tokens": all_tok}
+         "model_type": "byte-level bpe", **token_figures(lines, ids, partial)}
 
     scope, check = "all", None
     if reference is not None and bpe.is_bpe_json_base(reference):
@@ -81,8 +66,5 @@ def measure(path, lines: List[str], *, reference: Optional[str] = None, ref_ids=
             r["parity_differ"] = None
 
     if ref_ids is not None:
-        differ = [a != b for a, b in zip(ids, ref_ids)]
-        r["ref_differ_all"] = sum(differ)
-        r["ref_differ_cjk_free"] = sum(d for d, z in zip(differ, is_zh) if not z)
-        r["ref_differ_cjk_free_examples"] = [t for t, d, z in zip(lines, differ, is_zh) if d and not z][:5]
+        r.update(reference_figures(lines, ids, ref_ids))
     return r

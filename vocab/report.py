@@ -137,32 +137,46 @@ def _hf_tokenizer(path, proto, loader: str):
     return hft.hf_tokenizer_from_proto(proto), "zhllama tokenizer.json (built from the .model)"
 
 
+def token_figures(lines: List[str], ids: List[List[int]], fallback_ids) -> dict:
+    """The compression columns shared by both tokenizer kinds: tokens per Chinese character (lines with
+    a CJK character), per English word (the other lines), and the share of tokens in `fallback_ids`
+    (byte fallback pieces, or byte-level tokens that are not whole characters)."""
+    zh_tok = zh_chars = en_tok = en_words = all_tok = fallback_tok = zh_lines = 0
+    for t, e in zip(lines, ids):
+        all_tok += len(e)
+        fallback_tok += sum(1 for i in e if i in fallback_ids)
+        if _spm.has_cjk(t):
+            zh_lines += 1
+            zh_tok += len(e)
+            zh_chars += len(t)
+        else:
+            en_tok += len(e)
+            en_words += len(t.split())
+    return {"lines": len(lines), "zh_lines": zh_lines, "en_lines": len(lines) - zh_lines,
+            "zh_tokens_per_char": zh_tok / zh_chars if zh_chars else None,
+            "en_tokens_per_word": en_tok / en_words if en_words else None,
+            "byte_fallback_share": fallback_tok / all_tok if all_tok else None, "tokens": all_tok}
+
+
+def reference_figures(lines: List[str], ids: List[List[int]], ref_ids: List[List[int]]) -> dict:
+    """Lines tokenized differently from the reference: all, and those without a CJK character (the
+    merge's promise is 0 there)."""
+    cjk_free_differ = [t for t, a, b in zip(lines, ids, ref_ids) if a != b and not _spm.has_cjk(t)]
+    return {"ref_differ_all": sum(a != b for a, b in zip(ids, ref_ids)),
+            "ref_differ_cjk_free": len(cjk_free_differ),
+            "ref_differ_cjk_free_examples": cjk_free_differ[:5]}
+
+
 def measure(path, lines: List[str], *, reference=None, ref_ids=None, parity: bool = True,
             hf_loader: str = "auto") -> dict:
     """All figures for one tokenizer over `lines` (see the module doc)."""
     proto = _spm.load_proto(path)
     sp = _spm.processor(proto)
     ids = sp.encode(lines)
-    is_zh = [_spm.has_cjk(t) for t in lines]
     byte_ids = {i for i, p in enumerate(proto.pieces) if p.type == _spm.BYTE}
 
-    zh_tok = zh_chars = en_tok = en_words = all_tok = byte_tok = 0
-    for t, e, z in zip(lines, ids, is_zh):
-        all_tok += len(e)
-        byte_tok += sum(1 for i in e if i in byte_ids)
-        if z:
-            zh_tok += len(e)
-            zh_chars += len(t)
-        else:
-            en_tok += len(e)
-            en_words += len(t.split())
-
     r = {"tokenizer": str(path), "vocab_size": len(proto.pieces), "model_type": _spm.model_type_name(proto),
-         "lines": len(lines), "zh_lines": sum(is_zh), "en_lines": len(lines) - sum(is_zh),
-         "zh_tokens_per_char": zh_tok / zh_chars if zh_chars else None,
-         "en_tokens_per_word": en_tok / en_words if en_words else None,
-         "byte_fallback_share": byte_tok / all_tok if all_tok else None,
-         "tokens": all_tok}
+         **token_figures(lines, ids, byte_ids)}
 
     # Reachability: of the pieces added to the reference, or of every normal piece.
     scope, start = "all", 0
@@ -192,10 +206,7 @@ def measure(path, lines: List[str], *, reference=None, ref_ids=None, parity: boo
             r["parity_differ"] = None
 
     if ref_ids is not None:
-        differ = [a != b for a, b in zip(ids, ref_ids)]
-        r["ref_differ_all"] = sum(differ)
-        r["ref_differ_cjk_free"] = sum(d for d, z in zip(differ, is_zh) if not z)
-        r["ref_differ_cjk_free_examples"] = [t for t, d, z in zip(lines, differ, is_zh) if d and not z][:5]
+        r.update(reference_figures(lines, ids, ref_ids))
     return r
 
 

@@ -12,21 +12,12 @@ Needs ../shared (data/llama/tokenizer.model, data/eval/cmmlu).
 """
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("ZHLLAMA_SHARED", REPO.parent / "shared"))
-
-
-def _need(rel):
-    p = SHARED / rel
-    if not p.exists():
-        sys.exit(f"needs {p} (the shared data is not present here)")
-    return p
+from shared_data import need  # bench/ is on sys.path when a bench runs as a script
 
 
 def _tiny_model(out: Path) -> Path:
@@ -36,7 +27,7 @@ def _tiny_model(out: Path) -> Path:
     from zhllama.modelio import load_tokenizer, save_pretrained_atomic
     from zhllama.tiny import tiny_llama_config
 
-    tok = load_tokenizer(_need("data/llama/tokenizer.model"))
+    tok = load_tokenizer(need("data/llama/tokenizer.model"))
     torch.manual_seed(0)
     cfg = tiny_llama_config(len(tok), initializer_range=0.2, bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id)
@@ -68,7 +59,7 @@ def main():
     from zhllama.export.benchmark import CMMLU, Prompter, evaluate_model, load_subjects
     from zhllama.modelio import load_for_inference
 
-    data = _need("data/eval/cmmlu")
+    data = need("data/eval/cmmlu")
     subjects = load_subjects(data, CMMLU, args.shots, args.subjects.split(","), args.limit)
     with tempfile.TemporaryDirectory(prefix="zhllama-mc-") as tmp:
         model, tok = load_for_inference(_tiny_model(Path(tmp) / "tiny"), device="cpu", dtype="float32")

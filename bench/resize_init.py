@@ -30,15 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("ZHLLAMA_SHARED", REPO.parent / "shared"))
-
-
-def _need(rel):
-    p = SHARED / rel
-    if not p.exists():
-        sys.exit(f"needs {p} (the shared data is not present here)")
-    return p
+from shared_data import need  # bench/ is on sys.path when a bench runs as a script
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,10 +68,10 @@ def bench_init(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    base_sp = _need("data/llama/tokenizer.model")
-    new_tok_path = Path(args.tokenizer) if args.tokenizer else _need(
+    base_sp = need("data/llama/tokenizer.model")
+    new_tok_path = Path(args.tokenizer) if args.tokenizer else need(
         "data/anchors/chinese_llama2_tokenizer.model")
-    lines = _need("data/zh/news_train.txt").read_text(encoding="utf-8").splitlines()
+    lines = need("data/zh/news_train.txt").read_text(encoding="utf-8").splitlines()
     lines = [ln for ln in lines if ln.strip()]
     train_lines = lines[:args.train_lines]
     eval_lines = lines[-args.eval_lines:]  # never trained on
@@ -239,8 +231,8 @@ def _write_random_checkpoint(out, layers, shard_bytes, seed):
 
 
 def bench_memory(args):
-    base_sp = _need("data/llama/tokenizer.model")
-    zh = Path(args.tokenizer) if args.tokenizer else _need("data/anchors/chinese_llama2_tokenizer.model")
+    base_sp = need("data/llama/tokenizer.model")
+    zh = Path(args.tokenizer) if args.tokenizer else need("data/anchors/chinese_llama2_tokenizer.model")
     work = Path(tempfile.mkdtemp(prefix="zhllama-bench-resize-mem-", dir=args.workdir))
     try:
         src = work / "src"

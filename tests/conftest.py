@@ -37,6 +37,18 @@ def zh_reviews() -> Path:
     return shared_path("data/zh/reviews_train.txt")
 
 
+def adamw_steps(model, x, steps: int, lr: float = 1e-2):
+    """A few AdamW (0.9, 0.95) steps of `model` on the batch `x`, the trainable parameters only; eval mode after."""
+    import torch
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
+    model.train()
+    for _ in range(steps):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
 def run_cli(*args):
     """Run the zhllama CLI in-process; returns (exit code, stdout, stderr) via capsys by the caller."""
     from zhllama.app.cli import main

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import adamw_steps
+
 from zhllama.app.cli import main
 from zhllama.errors import UserError
 from zhllama.export.merge import MANIFEST, REPORT, check_manifest, merge_checkpoint
@@ -63,13 +65,8 @@ def _train_adapter(model, stage, out, tokenizer_dir, run_config=None, steps=2, s
     lines = (REPO / "zhllama" / "data" / "zh_sample.txt").read_text(encoding="utf-8").splitlines()[seed:seed + 8]
     x = torch.tensor([[tok.bos_token_id] + tok.encode(t, add_special_tokens=False)[:23] for t in lines
                       if len(tok.encode(t, add_special_tokens=False)) >= 23])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.95))
-    model.train()
-    for _ in range(steps):
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    save_adapter(model.eval(), out, tokenizer_dir=tokenizer_dir, run_config=run_config, require_trained=stage != "stage1")
+    adamw_steps(model, x, steps)
+    save_adapter(model, out, tokenizer_dir=tokenizer_dir, run_config=run_config, require_trained=stage != "stage1")
     return out
 
 

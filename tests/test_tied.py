@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import adamw_steps
+
 from zhllama.errors import UserError
 from zhllama.export.merge import merge_checkpoint
 from zhllama.modelio import load_model, load_tokenizer
@@ -45,13 +47,7 @@ def _batch(tok, seed=0):
 def _train(model, stage, tok, steps=2, seed=0, **kw):
     model = apply_stage(model, STAGES[stage], **kw)
     x = _batch(tok, seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.95))
-    model.train()
-    for _ in range(steps):
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
+    return adamw_steps(model, x, steps)
 
 
 def _logits(model, x):

@@ -8,7 +8,7 @@ in the order given (stage 1, stage 2, then SFT: each adapter was trained on the 
   TrainableTokens (stage1)  the adapter's rows replace those rows of embed_tokens
 
 Every tensor is touched once: it is read from its base shard, every adapter's change to it is applied
-in order, and it is streamed into an output shard whose header was planned up front (export/st_stream.py:
+in order, and it is streamed into an output shard whose header was planned up front (zhllama/st_stream.py:
 no memory-mapping, no shard held in memory). So peak memory is the tensor in hand, in float32 while
 LoRA is added, at most an embedding matrix, never a shard or the model (bench/merge_memory.py measures it).
 
@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from zhllama.dtypes import FLOAT_CODES, SHORT_NAMES, short_name, st_code, torch_dtype, torch_name
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output_path, sha256_file
-from zhllama.hf_tokenizer import make_portable
+from zhllama.hf_tokenizer import TOKENIZER_DIR_FILES, make_portable
 from zhllama.log import get_logger
 from zhllama.modelio import (PADDED_VOCAB_KEY, SP_MODEL_NAME, load_tokenizer, read_model_config, save_tokenizer,
                              write_resized_configs)
@@ -52,34 +53,20 @@ from zhllama.pretrain.adapter_files import guess_stage, read_adapter_dir, read_a
 from zhllama.sft.examples import encode_chat_prompt
 from zhllama.sft.templates import Template, get_template
 from zhllama.st_files import input_shards, parse_size, peak_rss_bytes
+from zhllama.st_stream import Reader, ShardWriter, plan_shards
 
 from .model_card import write_model_card
 from .ollama import modelfile
-from .st_stream import Reader, ShardWriter, plan_shards
 
 log = get_logger("zhllama.merge")
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 PREFIX = "base_model.model."      # PEFT's prefix of every key in adapter_model.safetensors
-DTYPES = ("bf16", "fp16", "fp32")
 MANIFEST = "SHA256SUMS"
 REPORT = "zhllama_merge.json"
-# Files copied from a tokenizer dir (besides these, transformers would write its own versions).
-TOKENIZER_COPY = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                  "added_tokens.json", "chat_template.jinja", "chat_template.json", "merge_report.json")
 # LoRA features zhllama never trains and this merge does not implement; refused rather than merged wrong.
 _UNSUPPORTED_LORA = {"use_dora": True, "fan_in_fan_out": True, "lora_bias": True, "use_qalora": True}
-
-
-def _torch_dtype(name):
-    import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def _dtype_name(st_dtype: str) -> str:
-    """safetensors dtype string -> our --dtype name (float tensors only)."""
-    return {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(st_dtype, "fp32")
 
 
 # ------------------------------------------------------------------------------------------------ adapters
@@ -405,8 +392,8 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
         raise UserError(f"{out}: output exists; pass --overwrite to replace it")
     if not adapters:
         raise UserError("no --adapter given: nothing to merge")
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in SHORT_NAMES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(SHORT_NAMES)}")
     max_bytes = parse_size(max_shard_size)
     cfg = read_model_config(base)
     if "vocab_size" not in cfg:
@@ -455,8 +442,8 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
     if tok_src is None:
         raise UserError(f"no tokenizer in {base} or in any adapter dir; pass --tokenizer")
     n_tok = _tokenizer_len(tok_src)
-    out_dtype_name = dtype or _dtype_name(st_dtypes[EMBED])
-    out_dtype = _torch_dtype(out_dtype_name)
+    out_dtype_name = dtype or short_name(st_dtypes[EMBED])
+    out_dtype = torch_dtype(out_dtype_name)
     log.info("merge %s + %s -> %s (%s, %d -> %d rows, tokenizer %s)", base,
              " + ".join(f"{a.path} [{a.stage}]" for a in ads), out, out_dtype_name, rows0, rows, tok_src)
 
@@ -464,8 +451,8 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
     #    for the checks are dropped first (a LLaMA tokenizer object is ~70 MB).
     _TOKENIZERS.clear()
     gc.collect()
-    out_st = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[out_dtype_name]
-    plan = plan_shards([(n, cur_shapes[n], out_st if st_dtypes[n] in ("BF16", "F16", "F32", "F64") else st_dtypes[n])
+    out_st = st_code(out_dtype_name)
+    plan = plan_shards([(n, cur_shapes[n], out_st if st_dtypes[n] in FLOAT_CODES else st_dtypes[n])
                         for n in order], max_bytes)
     handles = {}
     try:
@@ -530,9 +517,8 @@ def _adapter_record(ad: Adapter) -> dict:
 
 def _write_configs(base: Path, cfg: dict, tmp: Path, rows: int, n_tok: int, dtype_name: str, tok_src) -> dict:
     tok = _tokenizer(tok_src)
-    torch_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype_name]
     return write_resized_configs(tmp, cfg, base, rows=rows, tokenizer_size=n_tok, tokenizer=tok,
-                                 dtype_name=torch_name)
+                                 dtype_name=torch_name(dtype_name))
 
 
 def _write_tokenizer(tok_src: Path, tmp: Path) -> None:
@@ -544,7 +530,7 @@ def _write_tokenizer(tok_src: Path, tmp: Path) -> None:
     old_class = cfg_file.is_file() and json.loads(cfg_file.read_text(encoding="utf-8")).get(
         "tokenizer_class") == "LLaMATokenizer"
     if tok_src.is_dir() and (tok_src / "tokenizer.json").is_file() and cfg_file.is_file() and not old_class:
-        for name in TOKENIZER_COPY:
+        for name in TOKENIZER_DIR_FILES:
             if (tok_src / name).is_file():
                 shutil.copyfile(tok_src / name, tmp / name)
     else:
@@ -568,11 +554,11 @@ def verify_output(out_dir: Path, want_shapes: Dict[str, tuple], dtype_name: str,
     missing, extra = sorted(set(want_shapes) - set(got)), sorted(set(got) - set(want_shapes))
     if missing or extra:
         raise RuntimeError(f"{out_dir}: merged checkpoint lacks {missing[:3]} / has extra {extra[:3]} vs {base}")
-    st_dtype = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[dtype_name]
+    st_dtype = st_code(dtype_name)
     for k, (shape, dt) in got.items():
         if shape != tuple(want_shapes[k]):
             raise RuntimeError(f"{out_dir}/{where[k]}: {k} has shape {shape}, expected {tuple(want_shapes[k])}")
-        if dt in ("BF16", "F16", "F32", "F64") and dt != st_dtype:
+        if dt in FLOAT_CODES and dt != st_dtype:
             raise RuntimeError(f"{out_dir}/{where[k]}: {k} is {dt}, expected {st_dtype}")
     cfg = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
     if cfg["vocab_size"] != rows or got[EMBED][0][0] != rows:
@@ -613,7 +599,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
                         help="an adapter dir (a run's final/); repeat in training order: stage1, stage2, sft")
     parser.add_argument("--out", required=True, help="output dir, written atomically (temp dir, then rename)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
+    parser.add_argument("--dtype", choices=SHORT_NAMES, default=None,
                         help="dtype of the merged weights (default: the base's). Deltas are computed in fp32")
     parser.add_argument("--max-shard-size", default="2GB",
                         help="largest output shard file (default 2GB); memory does not depend on it")

@@ -30,6 +30,7 @@ import torch
 
 from zhllama.errors import ConfigError, InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
+from zhllama.hf_tokenizer import TOKENIZER_DIR_FILES
 from zhllama.log import get_logger
 
 from .adapter_files import FORMAT_VERSION, META, WEIGHTS, guess_stage, read_adapter_dir, read_adapter_shapes
@@ -37,8 +38,6 @@ from .adapter_files import FORMAT_VERSION, META, WEIGHTS, guess_stage, read_adap
 log = get_logger(__name__)
 
 ADAPTER = "default"  # PEFT's adapter name; it is stripped from the keys on disk
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "merge_report.json")
 
 
 # --------------------------------------------------------------------------------------- the stage's PEFT model
@@ -319,7 +318,7 @@ def _tokenizer_files(tokenizer_dir):
         return [tokenizer_dir]
     if not tokenizer_dir.is_dir():
         raise InputError(tokenizer_dir, "tokenizer directory not found")
-    files = [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
+    files = [tokenizer_dir / n for n in TOKENIZER_DIR_FILES if (tokenizer_dir / n).is_file()]
     if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in files):
         raise InputError(tokenizer_dir, "no tokenizer.model or tokenizer.json in the tokenizer directory")
     return files

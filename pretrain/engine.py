@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from zhllama.dtypes import torch_dtype
 from zhllama.errors import ConfigError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
 from zhllama.log import get_logger
@@ -83,9 +84,6 @@ def choose_precision(requested: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
@@ -284,7 +282,7 @@ class Trainer:
         if latest is not None:
             checkpoint.check_resume(latest, cfg, world, fingerprint, self.allow_config_change)
 
-        model, tokenizer, tokenizer_path = build_model(cfg, preset, DTYPES[precision])
+        model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision))
         data = build_data(cfg, preset, tokenizer, tokenizer_path)
         from .adapters import count_trainable
         trainable, total = count_trainable(model)

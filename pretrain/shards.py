@@ -28,6 +28,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from zhllama.errors import UserError
+from zhllama.spm import find_sp_model, sp_model_path
 
 FORMAT = "zhllama.packed-blocks"
 FORMAT_VERSION = 1
@@ -43,31 +44,16 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def tokenizer_model_path(tokenizer_path) -> Path:
-    """The SentencePiece model of a tokenizer given as a .model file or a directory holding
-    `tokenizer.model` (an HF tokenizer dir written by `zhllama vocab merge`)."""
-    p = Path(tokenizer_path)
-    if p.is_dir():
-        model = p / "tokenizer.model"
-        if not model.is_file():
-            raise UserError(f"{p}: no tokenizer.model in this directory (data pack needs the "
-                            "SentencePiece model; `zhllama vocab merge` writes one)")
-        return model
-    if p.is_file():
-        return p
-    raise UserError(f"{p}: no such tokenizer file or directory")
-
-
 def tokenizer_fingerprint(tokenizer_path) -> str:
     """sha256 over the files that define the tokenizer: `tokenizer.model`, plus `tokenizer.json` when
     the directory has one. Any change to either changes the ids, so shards are keyed by this."""
     p = Path(tokenizer_path)
-    if p.is_dir() and not (p / "tokenizer.model").is_file() and (p / "tokenizer.json").is_file():
+    if p.is_dir() and find_sp_model(p) is None and (p / "tokenizer.json").is_file():
         files = [p / "tokenizer.json"]      # a tokenizer.json-only tokenizer (LLaMA-3, SmolLM2)
     elif p.is_file() and p.suffix == ".json":
         files = [p]
     else:
-        files = [tokenizer_model_path(p)]
+        files = [sp_model_path(p)]
     if p.is_dir() and (p / "tokenizer.json").is_file():
         files.append(p / "tokenizer.json")
     h = hashlib.sha256()

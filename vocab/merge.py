@@ -283,8 +283,8 @@ def merge_tokenizers(base, add, out_dir, compat: Optional[str] = None, *, max_vo
     file) and for an existing `out_dir` without `overwrite`.
     """
 
-    base_path = _spm.resolve_sp_model(base)
-    add_path = _spm.resolve_sp_model(add)
+    base_path = _spm.sp_model_path(base)
+    add_path = _spm.sp_model_path(add)
     out_dir = Path(out_dir)
     base_proto = _spm.load_proto(base_path, "base")
     add_proto = _spm.load_proto(add_path, "added model")

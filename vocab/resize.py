@@ -32,9 +32,9 @@ byte string with the base BPE model (`bpe_subword_sources`).
 tokenizer never produces those ids; the config records the real size under
 "zhllama_tokenizer_vocab_size" so every zhllama stage knows which rows are padding.
 
-Memory: tensors are streamed from the input safetensors one at a time and written to output shards
-of at most --max-shard-size, so peak memory is the two embedding matrices (old and new) plus one
-output shard, not the whole model. The output is a complete HF checkpoint (safetensors, config with
+Memory: tensors are streamed from the input safetensors one at a time straight into output shards
+of at most --max-shard-size planned from the input headers (zhllama/st_stream.py, as `zhllama merge`
+does), so peak memory is the two embedding matrices (old and new), not a shard or the whole model. The output is a complete HF checkpoint (safetensors, config with
 the new vocab_size, generation config, tokenizer) that AutoModelForCausalLM loads.
 
 Example:
@@ -55,8 +55,10 @@ from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path
 from zhllama.log import get_logger
 from zhllama.modelio import (PADDED_VOCAB_KEY, check_checkpoint, load_tokenizer, read_model_config,
-                             save_tokenizer, sp_model_path, write_resized_configs)
+                             save_tokenizer, write_resized_configs)
+from zhllama.spm import find_sp_model
 from zhllama.st_files import input_shards, parse_size, peak_rss_bytes
+from zhllama.st_stream import Reader, ShardWriter, plan_shards
 
 log = get_logger(__name__)
 
@@ -70,13 +72,6 @@ REPORT_NAME = "resize_report.json"
 # ---------------------------------------------------------------------------------------------
 # Tokenizers: what the new ids are, and which base pieces each new token's text splits into.
 
-def _find_sp(path):
-    try:
-        return sp_model_path(path)
-    except UserError:
-        return None
-
-
 def token_strings(tokenizer_path):
     """(tokens, no_text_ids, tokenizer): the string of every id, and ids that have no text.
 
@@ -88,7 +83,7 @@ def token_strings(tokenizer_path):
 
     tok = load_tokenizer(tokenizer_path)
     n = len(tok)
-    sp_file = _find_sp(tokenizer_path)
+    sp_file = find_sp_model(tokenizer_path)
     no_text = set(int(i) for i in tok.all_special_ids)
     if sp_file is None:
         return list(tok.convert_ids_to_tokens(list(range(n)))), no_text, tok
@@ -205,47 +200,24 @@ def build_matrix(old, old_size, rows, sources, init, seed=0, std=0.02):
 # ---------------------------------------------------------------------------------------------
 # Checkpoint streaming.
 
-class _ShardWriter:
-    """Accumulates tensors and writes numbered shards of at most `max_bytes` (one tensor may exceed)."""
-
-    def __init__(self, out_dir, max_bytes):
-        self.out_dir, self.max_bytes = Path(out_dir), max_bytes
-        self.pending, self.pending_bytes = {}, 0
-        self.files, self.weight_map, self.total = [], {}, 0
-
-    def add(self, name, tensor):
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-        self.total += nbytes
-
-    def flush(self):
-        from safetensors.torch import save_file
-        if not self.pending:
-            return
-        tmp_name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.out_dir / tmp_name), metadata={"format": "pt"})
-        for k in self.pending:
-            self.weight_map[k] = tmp_name
-        self.files.append(tmp_name)
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self):
-        """Rename parts to HF names and write the index (none for a single shard)."""
-        self.flush()
-        n = len(self.files)
-        if n == 1:
-            (self.out_dir / self.files[0]).rename(self.out_dir / "model.safetensors")
-            return ["model.safetensors"]
-        names = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(self.files)}
-        for old, new in names.items():
-            (self.out_dir / old).rename(self.out_dir / new)
-        index = {"metadata": {"total_size": self.total},
-                 "weight_map": {k: names[v] for k, v in sorted(self.weight_map.items())}}
-        atomic_write_json(self.out_dir / "model.safetensors.index.json", index)
-        return list(names.values())
+def output_tensors(shards, tied, old_rows, rows):
+    """(shard, name, output shape, dtype) of every tensor the resized checkpoint holds, in the order it is
+    written: input shards in index order, names sorted within a shard. Read from the headers only, so the
+    output shards are planned (and a misshapen embedding refused) before anything is written."""
+    out = []
+    for shard in shards:
+        with Reader(shard) as r:
+            for name in sorted(r.entries):
+                if tied and name == LM_HEAD:
+                    continue  # one shared matrix: a tied checkpoint is saved without lm_head
+                shape = r.shape(name)
+                if name in (EMBED, LM_HEAD):
+                    if shape[0] != old_rows:
+                        raise UserError(f"{shard}: {name} has {shape[0]} rows but config.json "
+                                        f"says vocab_size {old_rows}")
+                    shape = (rows,) + tuple(shape[1:])
+                out.append((shard, name, shape, r.dtype(name)))
+    return out
 
 
 def default_lm_head_init(init: str) -> str:
@@ -261,8 +233,6 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
     `init` initialises the new embed_tokens rows, `lm_head_init` (default: `default_lm_head_init`)
     the new lm_head rows. Returns the report also written to `out_dir/resize_report.json`.
     """
-    from safetensors import safe_open
-
     t0 = time.perf_counter()
     if init not in INITS:
         raise UserError(f"unknown --init '{init}'; choose one of {', '.join(INITS)}")
@@ -299,10 +269,10 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
     if tied and lm_head_init != init:
         log.info("tied embeddings: lm_head is embed_tokens, so --lm-head-init %s does not apply", lm_head_init)
         lm_head_init = init
-    if "subword-mean" in (init, lm_head_init) and _find_sp(base_tok_path) is None and is_bpe_json_base(base_tok_path):
+    if "subword-mean" in (init, lm_head_init) and find_sp_model(base_tok_path) is None and is_bpe_json_base(base_tok_path):
         sources = bpe_subword_sources(base_tok_path, added, no_text, old_size)
     elif "subword-mean" in (init, lm_head_init):
-        base_sp = _find_sp(base_tok_path)
+        base_sp = find_sp_model(base_tok_path)
         if base_sp is None:
             raise UserError(f"--init subword-mean needs the base SentencePiece model: no tokenizer.model "
                             f"in {base_tok_path}; pass it with --base-tokenizer, or use --init mean")
@@ -316,30 +286,26 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
              if "subword-mean" in (init, lm_head_init) else "")
 
     std = float(cfg.get("initializer_range", 0.02))
-    seen = set()
+    tensors = output_tensors(shards, tied, old_rows, rows)
+    names = {name for _, name, _, _ in tensors}
+    if EMBED not in names:
+        raise UserError(f"{model_dir}: no tensor '{EMBED}' in the checkpoint (not a LLaMA model?)")
+    if LM_HEAD not in names and not tied:
+        raise UserError(f"{model_dir}: no tensor '{LM_HEAD}' and tie_word_embeddings is false")
+    plan = plan_shards([(name, shape, dt) for _, name, shape, dt in tensors], max_bytes)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = _ShardWriter(tmp, max_bytes)
+        writer = ShardWriter(tmp, plan)
         for shard_i, shard in enumerate(shards):
-            with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
-                    if tied and name == LM_HEAD:
-                        continue  # one shared matrix: a tied checkpoint is saved without lm_head
-                    t = f.get_tensor(name)
+            with Reader(shard) as f:
+                for name in (n for s, n, _, _ in tensors if s == shard):
+                    t = f.get(name)
                     if name in (EMBED, LM_HEAD):
-                        if t.shape[0] != old_rows:
-                            raise UserError(f"{shard}: {name} has {t.shape[0]} rows but config.json "
-                                            f"says vocab_size {old_rows}")
                         t = build_matrix(t, old_size, rows, sources, lm_head_init if name == LM_HEAD else init,
                                          seed=seed + (name == LM_HEAD), std=std)
-                        seen.add(name)
-                    writer.add(name, t)
+                    writer.write(name, t)
                     del t
             log.info("shard %d/%d done (%s), peak RSS %.2f GB", shard_i + 1, len(shards), shard.name,
                      peak_rss_bytes() / 1e9)
-        if EMBED not in seen:
-            raise UserError(f"{model_dir}: no tensor '{EMBED}' in the checkpoint (not a LLaMA model?)")
-        if LM_HEAD not in seen and not tied:
-            raise UserError(f"{model_dir}: no tensor '{LM_HEAD}' and tie_word_embeddings is false")
         out_files = writer.finish()
 
         write_resized_configs(tmp, cfg, model_dir, rows=rows, tokenizer_size=new_size, tokenizer=new_tok,

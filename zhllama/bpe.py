@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from zhllama.errors import InputError, UserError
-from zhllama.spm import CJK_RANGES, is_cjk_char
+from zhllama.spm import CJK_RANGES, find_sp_model, is_cjk_char
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -40,7 +40,7 @@ def tokenizer_json_path(path) -> Optional[Path]:
 def is_bpe_json_base(path) -> bool:
     """True for a tokenizer.json (or a directory holding one and no SentencePiece tokenizer.model)."""
     p = Path(path)
-    if p.is_dir() and (p / "tokenizer.model").is_file():
+    if p.is_dir() and find_sp_model(p) is not None:
         return False
     return tokenizer_json_path(p) is not None
 

@@ -44,7 +44,13 @@ from typing import Iterable, List, Optional
 
 from zhllama import spm as _spm
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The four files `save_hf_tokenizer` writes for a SentencePiece model (what `vocab merge` reports).
+HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Every file of a tokenizer directory that travels with a model: shipped with an adapter, copied byte for
+# byte into a merged checkpoint (the ids training used). The HF files above plus added tokens, the chat
+# template and the vocab merge report.
+TOKENIZER_DIR_FILES = HF_TOKENIZER_FILES + ("added_tokens.json", "chat_template.jinja", "chat_template.json",
+                                            "merge_report.json")
 
 
 def generate_merges(proto) -> List[tuple]:
@@ -140,7 +146,7 @@ def save_hf_tokenizer(sp_model, out_dir, *, model_max_length: Optional[int] = No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(sp_model, (str, os.PathLike)):
-        data = _spm.resolve_sp_model(sp_model).read_bytes()
+        data = _spm.sp_model_path(sp_model).read_bytes()
         proto = _spm.load_proto(data)
     else:
         proto = _spm.load_proto(sp_model)
@@ -166,7 +172,7 @@ def save_hf_tokenizer(sp_model, out_dir, *, model_max_length: Optional[int] = No
                                                encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(special, ensure_ascii=False, indent=2) + "\n",
                                                  encoding="utf-8")
-    return {"files": list(TOKENIZER_FILES), "vocab_size": len(proto.pieces)}
+    return {"files": list(HF_TOKENIZER_FILES), "vocab_size": len(proto.pieces)}
 
 
 PORTABLE_CLASS = "PreTrainedTokenizerFast"

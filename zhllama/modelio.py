@@ -23,36 +23,21 @@ import struct
 import tempfile
 from pathlib import Path
 
+from .dtypes import TORCH_NAMES, torch_dtype
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_json
 from .log import get_logger
+from .spm import SP_MODEL_NAME, sp_model_path
 
 log = get_logger(__name__)
 
 # Config key written by `vocab resize --pad-to-multiple-of`: the tokenizer's size; rows past it pad.
 PADDED_VOCAB_KEY = "zhllama_tokenizer_vocab_size"
-SP_MODEL_NAME = "tokenizer.model"
-# Files that make an HF tokenizer dir (copied/written next to a model).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
 
 
 def _transformers_major() -> int:
     import transformers
     return int(transformers.__version__.split(".")[0])
-
-
-def sp_model_path(path) -> Path:
-    """The SentencePiece `tokenizer.model` of a dir, or `path` itself when it is a file."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        cand = p / SP_MODEL_NAME
-        if cand.is_file():
-            return cand
-        raise UserError(f"{p}: no {SP_MODEL_NAME} in this directory (a SentencePiece model is needed)")
-    raise UserError(f"{p}: no such tokenizer file or directory")
 
 
 def _read_json(path: Path):
@@ -404,12 +389,11 @@ def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="aut
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") \
             else "float32"
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
+    if dtype not in TORCH_NAMES:
         raise UserError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16")
     tok_path = tokenizer_path or model_dir
     tokenizer = load_tokenizer(tok_path)
-    model = load_model(model_dir, dtype=dtypes[dtype], device=device, tokenizer_path=tok_path).eval()
+    model = load_model(model_dir, dtype=torch_dtype(dtype), device=device, tokenizer_path=tok_path).eval()
     return model, tokenizer
 
 

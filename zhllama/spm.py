@@ -2,8 +2,8 @@
 
 - What counts as CJK (`is_cjk_char`, `has_cjk`): one definition for the merge filter, the report and
   the tests, so that "text with no CJK character" means the same thing everywhere.
-- Loading a model (`load_proto`, `resolve_sp_model`): a `.model` file, raw bytes, a `ModelProto`, or a
-  Hugging Face tokenizer directory holding `tokenizer.model` (including old checkpoints whose
+- Finding and loading a model (`sp_model_path`, `find_sp_model`, `load_proto`): a `.model` file, raw
+  bytes, a `ModelProto`, or a Hugging Face tokenizer directory holding `tokenizer.model` (including old checkpoints whose
   `tokenizer_config.json` names `LLaMATokenizer`). Anything that is not a SentencePiece model is a
   one-line `InputError` naming the file.
 - Reachability (`unreachable_pieces`): a piece is reachable when encoding its own text, alone, yields
@@ -96,25 +96,37 @@ def new_proto():
     return model_pb2().ModelProto()
 
 
-def resolve_sp_model(path) -> Path:
-    """The SentencePiece model file behind `path`: the file itself, or `tokenizer.model` inside a Hugging
-    Face tokenizer/checkpoint directory (old LLaMA checkpoints whose config names `LLaMATokenizer`
-    included). Raises `InputError` naming the path when there is none."""
+SP_MODEL_NAME = "tokenizer.model"  # the SentencePiece model's name in a Hugging Face tokenizer directory
+
+
+def find_sp_model(path) -> Optional[Path]:
+    """The SentencePiece model behind `path`, or None: `path` itself when it is a file; in a directory its
+    `tokenizer.model` (HF tokenizer dirs and checkpoints, old `LLaMATokenizer` ones included), else its only
+    `*.model` file (the output of `zhllama vocab train`). The one rule every stage uses."""
     p = Path(path)
+    if p.is_file():
+        return p
     if p.is_dir():
-        cand = p / "tokenizer.model"
+        cand = p / SP_MODEL_NAME
         if cand.is_file():
             return cand
         models = sorted(x for x in p.glob("*.model") if x.is_file())
         if len(models) == 1:
             return models[0]
-        has_json = (p / "tokenizer.json").is_file()
-        hint = (" (it has a tokenizer.json but no sentencepiece model; merging needs the sentencepiece "
-                "tokenizer.model)" if has_json else "")
-        raise InputError(p, f"directory holds no tokenizer.model{hint}")
+    return None
+
+
+def sp_model_path(path) -> Path:
+    """`find_sp_model`, or an `InputError` naming `path` when it holds no SentencePiece model."""
+    found = find_sp_model(path)
+    if found is not None:
+        return found
+    p = Path(path)
     if not p.exists():
-        raise InputError(p, "no such file or directory")
-    return p
+        raise InputError(p, "no such tokenizer (no such file or directory)")
+    hint = ("; it has a tokenizer.json, but this needs the SentencePiece model"
+            if (p / "tokenizer.json").is_file() else "; a SentencePiece model is needed")
+    raise InputError(p, f"no {SP_MODEL_NAME} in this directory{hint}")
 
 
 def load_proto(src, what: str = "tokenizer"):
@@ -131,7 +143,7 @@ def load_proto(src, what: str = "tokenizer"):
     if isinstance(src, (bytes, bytearray)):
         data, name = bytes(src), f"<{what} bytes>"
     else:
-        path = resolve_sp_model(src)
+        path = sp_model_path(src)
         name = str(path)
         try:
             data = path.read_bytes()

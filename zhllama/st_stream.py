@@ -2,7 +2,7 @@
 
 Why not `safe_open` + `save_file`: pages of a memory-mapped shard count in the process's resident memory
 once touched, until the file is closed, and `save_file` needs every tensor of a shard in memory at once.
-For the merge that adds up to about three shards. Here a tensor is read with `readinto` into its own
+For the merge that adds up to about three shards; for `vocab resize`, one. Here a tensor is read with `readinto` into its own
 buffer, and the output shards are planned up front: names, shapes and dtypes are known from the base's
 headers, so each header can be written first and each tensor streamed to disk as soon as it is produced.
 Peak memory is then the tensor in hand (and its float32 working copy), not a shard.
@@ -17,18 +17,10 @@ import struct
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
-          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+from zhllama.dtypes import SAFETENSORS, st_code
+from zhllama.fsutil import atomic_write_json
+
 MAX_HEADER = 100 << 20
-
-
-def st_dtype(torch_dtype) -> str:
-    name = str(torch_dtype).replace("torch.", "")
-    for k, v in DTYPES.items():
-        if v == name:
-            return k
-    raise ValueError(f"no safetensors dtype for {torch_dtype}")
 
 
 class Reader:
@@ -50,7 +42,7 @@ class Reader:
         self.entries: Dict[str, Tuple[str, tuple, int, int]] = {}
         for name, e in header.items():
             begin, end = e["data_offsets"]
-            if e["dtype"] not in SIZES or self.start + end > size:
+            if e["dtype"] not in SAFETENSORS or self.start + end > size:
                 raise ValueError(f"{name}: bad dtype {e['dtype']!r} or data past the end of the file")
             self.entries[name] = (e["dtype"], tuple(e["shape"]), begin, end)
 
@@ -72,7 +64,7 @@ class Reader:
         self.fh.seek(self.start + begin)
         if end > begin and self.fh.readinto(memoryview(buf.numpy())) != end - begin:
             raise ValueError(f"{self.path}: {name} is truncated")
-        return buf.view(getattr(torch, DTYPES[dt])).reshape(shape)
+        return buf.view(getattr(torch, SAFETENSORS[dt][0])).reshape(shape)
 
     def close(self):
         self.fh.close()
@@ -100,7 +92,7 @@ def plan_shards(tensors: List[Tuple[str, tuple, str]], max_bytes: int) -> List[L
 
 
 def _nbytes(shape, dt) -> int:
-    n = SIZES[dt]
+    n = SAFETENSORS[dt][1]
     for d in shape:
         n *= d
     return n
@@ -134,7 +126,7 @@ class ShardWriter:
 
     def write(self, name, tensor) -> None:
         i, want, shape, dt = self.order[self.pos]
-        if name != want or tuple(tensor.shape) != tuple(shape) or st_dtype(tensor.dtype) != dt:
+        if name != want or tuple(tensor.shape) != tuple(shape) or st_code(tensor.dtype) != dt:
             raise RuntimeError(f"shard writer: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned {want} "
                                f"{tuple(shape)} {dt}")
         if i != self.shard:
@@ -154,6 +146,6 @@ class ShardWriter:
         if len(self.names) > 1:
             weight_map = {name: self.names[i] for i, name, _, _ in self.order}
             total = sum(_nbytes(shape, dt) for _, _, shape, dt in self.order)
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+            atomic_write_json(self.out_dir / "model.safetensors.index.json",
+                              {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
         return list(self.names)

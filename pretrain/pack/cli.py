@@ -1,0 +1,115 @@
+"""`zhllama data pack`: the options, their checks, and the run (the description is the package's
+docstring, shown by --help)."""
+
+import os
+import time
+from pathlib import Path
+
+from zhllama import corpus
+from zhllama.errors import UserError
+from zhllama.fsutil import check_output_path
+from zhllama.log import get_logger
+
+from .. import shards as fmt
+from .packer import Packer
+from .settings import load_tokenizer, make_settings
+from .writer import manifest_is_current, prepare_out_dir, source_stats, unlink
+
+log = get_logger("zhllama.pack")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--tokenizer", required=True,
+                        help="SentencePiece tokenizer: a .model file or a dir with tokenizer.model "
+                             "(e.g. the output of `zhllama vocab merge`); or a HF tokenizer.json (a dir "
+                             "with one and no tokenizer.model: LLaMA-3, SmolLM2), BOS/EOS from its "
+                             "tokenizer_config.json")
+    parser.add_argument("--input", required=True, nargs="+", metavar="F",
+                        help="text inputs: files, directories, globs; .txt (one document per line, or "
+                             "see --doc-sep), .jsonl (see --text-field), .parquet, optionally .gz")
+    parser.add_argument("--out", required=True, help="output directory for shards, index and manifest")
+    parser.add_argument("--block-size", type=int, default=512, help="tokens per block (default 512)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="tokenizer processes (default: the CPUs available, %(default)s here)")
+    parser.add_argument("--validation-ratio", type=float, default=0.001,
+                        help="share of documents in the validation split, chosen by a hash of the "
+                             "document's text (default 0.001; 0 for none)")
+    parser.add_argument("--text-field", default="text",
+                        help="field holding the text in JSON lines / column in parquet (default text)")
+    parser.add_argument("--doc-sep", choices=("line", "blank"), default="line",
+                        help="text files: one document per line (default) or blank-line separated "
+                             "paragraphs")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on the first undecodable or malformed line instead of counting and "
+                             "skipping it")
+    # The two work sizes, in MB of input text: a unit is one shard and the resume granularity, a slice one
+    # worker task (load balancing only; the output does not depend on it).
+    for flag, default, what in (("--unit-mb", 64.0, "text per work unit / shard in MB (default 64): the "
+                                                    "resume granularity"),
+                                ("--slice-mb", 1.0, "text per task sent to a worker in MB (default 1): the "
+                                                    "load-balancing granularity; does not change the output")):
+        parser.add_argument(flag, type=float, default=default, help=what)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a pack in --out that was built with another tokenizer or options")
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+
+def check_args(args) -> None:
+    if args.block_size < 2:
+        raise UserError(f"--block-size must be at least 2, not {args.block_size}")
+    if not 0.0 <= args.validation_ratio < 1.0:
+        raise UserError(f"--validation-ratio must be in [0, 1), not {args.validation_ratio}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, not {args.workers}")
+    if args.unit_mb <= 0 or args.slice_mb <= 0:
+        raise UserError("--unit-mb and --slice-mb must be positive")
+
+
+
+def run(args) -> int:
+    check_args(args)
+    check_output_path(args.out)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(args.tokenizer)
+    paths = corpus.expand_inputs(args.input)
+    for p in paths:                       # every input problem surfaces before any work is done
+        corpus.check_readable(p)
+    settings = make_settings(args, tok)
+    out = Path(args.out)
+    manifest = prepare_out_dir(out, settings, args.overwrite)
+    sources = source_stats(paths)
+    if manifest is not None and manifest_is_current(out, manifest, settings, sources):
+        msg = (f"{out} is up to date: same tokenizer, options and {len(paths)} unchanged input "
+               f"file(s); nothing to do")
+        log.info(msg)
+        print(msg)
+        return 0
+
+    # From here the directory is being changed: it must not look complete until the new manifest.
+    unlink(out / fmt.MANIFEST)
+    unlink(out / fmt.INDEX)
+    (out / fmt.PROGRESS).touch()         # marks the dir as a pack in progress (resumable)
+    shard_dir = out / fmt.SHARD_DIR
+    shard_dir.mkdir(exist_ok=True)
+    for p in shard_dir.glob(".*.tmp"):
+        unlink(p)
+
+    result = Packer(args, tok, settings, out, paths, sources).pack()
+    elapsed = time.perf_counter() - t0
+    c = result["counts"]
+    tr, va = c["splits"]["train"], c["splits"]["validation"]
+    mb = c["input"]["bytes"] / 1e6
+    print(f"packed {c['input']['documents']:,} documents ({mb:,.1f} MB) into {tr['blocks']:,} train + "
+          f"{va['blocks']:,} validation blocks of {args.block_size} tokens "
+          f"({tr['tokens'] + va['tokens']:,} tokens; dropped {tr['dropped_tokens'] + va['dropped_tokens']} "
+          f"in final partial blocks; skipped {c['input']['skipped']} bad lines, {c['input']['empty']} "
+          f"empty documents) in {elapsed:,.1f}s -> {out}")
+    return 0

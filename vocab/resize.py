@@ -34,8 +34,9 @@ tokenizer never produces those ids; the config records the real size under
 
 Memory: tensors are streamed from the input safetensors one at a time straight into output shards
 of at most --max-shard-size planned from the input headers (zhllama/st_stream.py, as `zhllama merge`
-does), so peak memory is the two embedding matrices (old and new), not a shard or the whole model. The output is a complete HF checkpoint (safetensors, config with
-the new vocab_size, generation config, tokenizer) that AutoModelForCausalLM loads.
+does), so peak memory is the two embedding matrices (old and new), not a shard or the whole model.
+The output is a complete HF checkpoint (safetensors, config with the new vocab_size, generation
+config, tokenizer) that AutoModelForCausalLM loads.
 
 Example:
   zhllama vocab resize --model llama-7b-hf --tokenizer merged_tokenizer --out llama-7b-zh \\
@@ -269,10 +270,10 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
     if tied and lm_head_init != init:
         log.info("tied embeddings: lm_head is embed_tokens, so --lm-head-init %s does not apply", lm_head_init)
         lm_head_init = init
-    if "subword-mean" in (init, lm_head_init) and find_sp_model(base_tok_path) is None and is_bpe_json_base(base_tok_path):
+    base_sp = find_sp_model(base_tok_path)
+    if "subword-mean" in (init, lm_head_init) and base_sp is None and is_bpe_json_base(base_tok_path):
         sources = bpe_subword_sources(base_tok_path, added, no_text, old_size)
     elif "subword-mean" in (init, lm_head_init):
-        base_sp = find_sp_model(base_tok_path)
         if base_sp is None:
             raise UserError(f"--init subword-mean needs the base SentencePiece model: no tokenizer.model "
                             f"in {base_tok_path}; pass it with --base-tokenizer, or use --init mean")

@@ -12,10 +12,12 @@ FLOATS = {"bf16": ("bfloat16", "BF16"), "fp16": ("float16", "F16"), "fp32": ("fl
 SHORT_NAMES = tuple(FLOATS)                                  # ("bf16", "fp16", "fp32")
 TORCH_NAMES = tuple(torch for torch, _ in FLOATS.values())   # ("bfloat16", "float16", "float32")
 
-# safetensors code -> (torch name, bytes per element), every dtype a LLaMA checkpoint may hold
+# safetensors code -> (torch name, bytes per element): the dtypes a checkpoint's header may name
 SAFETENSORS = {"BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
+               "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
                "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-               "U8": ("uint8", 1), "BOOL": ("bool", 1)}
+               "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
+               "BOOL": ("bool", 1)}
 FLOAT_CODES = ("BF16", "F16", "F32", "F64")                  # the codes that a --dtype cast applies to
 
 

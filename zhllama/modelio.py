@@ -23,7 +23,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from .dtypes import TORCH_NAMES, torch_dtype
+from .dtypes import SAFETENSORS, TORCH_NAMES, torch_dtype
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_json
 from .log import get_logger
@@ -174,8 +174,6 @@ def check_vocab_match(model_path, tokenizer_path, model_config=None, tok_size=No
 # flipped header byte or a tensor of the wrong shape is one line naming the shard, not a library
 # traceback (or, worse for a wrong shape, a silently re-initialised tensor).
 
-_ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-                   "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _ST_MAX_HEADER = 100 << 20
 
 
@@ -228,7 +226,7 @@ def safetensors_header(path) -> dict:
     for name, e in header.items():
         try:
             dtype, shape, (begin, end) = e["dtype"], [int(x) for x in e["shape"]], e["data_offsets"]
-            nbytes = _ST_DTYPE_BYTES[dtype]
+            nbytes = SAFETENSORS[dtype][1]
             for x in shape:
                 nbytes *= x
         except (KeyError, TypeError, ValueError):

@@ -3,8 +3,8 @@
 - What counts as CJK (`is_cjk_char`, `has_cjk`): one definition for the merge filter, the report and
   the tests, so that "text with no CJK character" means the same thing everywhere.
 - Finding and loading a model (`sp_model_path`, `find_sp_model`, `load_proto`): a `.model` file, raw
-  bytes, a `ModelProto`, or a Hugging Face tokenizer directory holding `tokenizer.model` (including old checkpoints whose
-  `tokenizer_config.json` names `LLaMATokenizer`). Anything that is not a SentencePiece model is a
+  bytes, a `ModelProto`, or a Hugging Face tokenizer directory holding `tokenizer.model` (including old
+  checkpoints whose `tokenizer_config.json` names `LLaMATokenizer`). Anything that is not a SentencePiece model is a
   one-line `InputError` naming the file.
 - Reachability (`unreachable_pieces`): a piece is reachable when encoding its own text, alone, yields
   exactly that piece.

@@ -2,8 +2,8 @@
 
 Why not `safe_open` + `save_file`: pages of a memory-mapped shard count in the process's resident memory
 once touched, until the file is closed, and `save_file` needs every tensor of a shard in memory at once.
-For the merge that adds up to about three shards; for `vocab resize`, one. Here a tensor is read with `readinto` into its own
-buffer, and the output shards are planned up front: names, shapes and dtypes are known from the base's
+For the merge that adds up to about three shards; for `vocab resize`, one. Here a tensor is read with
+`readinto` into its own buffer, and the output shards are planned up front: names, shapes and dtypes are known from the base's
 headers, so each header can be written first and each tensor streamed to disk as soon as it is produced.
 Peak memory is then the tensor in hand (and its float32 working copy), not a shard.
 

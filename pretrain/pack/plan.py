@@ -16,6 +16,7 @@ READ_CHUNK = 8 << 20          # bytes per read when hashing inputs
 
 @dataclass
 class Slice:
+    """A byte range of a unit sent to one worker, and the line number it starts at (for error messages)."""
     start: int
     end: int
     first_line: int
@@ -23,6 +24,7 @@ class Slice:
 
 @dataclass
 class Unit:
+    """A byte range of one input file that becomes one shard per split (a .gz or parquet file: the whole file)."""
     index: int            # position in the whole plan (input order, then file offset)
     path: Path
     sha256: str

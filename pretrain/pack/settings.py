@@ -20,6 +20,7 @@ from .. import shards as fmt
 
 @dataclass
 class Tokenizer:
+    """The tokenizer a pack is made with: the file the workers load, its fingerprint and BOS/EOS."""
     path: str
     model_file: Path
     fingerprint: str

@@ -20,10 +20,11 @@ from .plan import hash64, validation_threshold
 
 ENCODE_BATCH_CHARS = 1 << 20  # characters per sentencepiece call inside a worker
 
-_W: dict = {}
+_W: dict = {}   # this process's tokenizer and settings, set by init_worker
 
 
 def init_worker(model_file: str, cfg: dict, pool: bool = True) -> None:
+    """Load the tokenizer once per worker process (ProcessPoolExecutor's initializer)."""
     _W.clear()  # an in-process (--workers 1) pack may follow one with another kind of tokenizer
     if cfg.get("tokenizer_kind") == "tokenizers":
         if pool:  # one thread per worker process: --workers is the parallelism, as for sentencepiece
@@ -35,8 +36,6 @@ def init_worker(model_file: str, cfg: dict, pool: bool = True) -> None:
         _W["sp"] = spm.SentencePieceProcessor(model_file=model_file)
     _W["cfg"] = cfg
     _W["threshold"] = validation_threshold(cfg["validation_ratio"])
-
-
 
 
 _TYPECODES = {2: "H", 4: "I"}

@@ -52,7 +52,9 @@ def run(args):
               f"{preset.global_batch} sequences of {preset.block_size} tokens")
         return 0
     from .engine import Trainer
-    summary = Trainer(cfg, allow_config_change=args.allow_config_change).run()
+    from .hooks import hooks_from_env
+    # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.
+    summary = Trainer(cfg, allow_config_change=args.allow_config_change, hooks=hooks_from_env()).run()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))
     return 0

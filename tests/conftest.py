@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from zhllama.hosts import free_port  # noqa: F401  (one home for it; tests import it from here)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ZHLLAMA_SHARED", REPO.parent / "shared"))
 
@@ -49,6 +51,31 @@ def adamw_steps(model, x, steps: int, lr: float = 1e-2):
     return model.eval()
 
 
+# ----------------------------------------------------------------------------- subprocesses
+# Variables a caller's shell may hold that would change what a launched run does: rank and world
+# variables (a run must start its own world), the launcher's knobs, and the engine's test seam.
+_LEAKY_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
+              "GPUS_PER_NODE", "HOSTFILE", "CUDA_VISIBLE_DEVICES", "CONFIG", "DETACH", "DRY_RUN", "LAUNCHER_ARGS",
+              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS")
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a `zhllama`, launcher or script subprocess: CPU ranks (gloo), one OpenMP
+    thread per rank, offline, this interpreter first on PATH (the launch scripts call `python`,
+    `deepspeed`), nothing of the above leaking in. `extra` is applied last (values made str; None
+    removes a variable)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for k in _LEAKY_ENV:
+        env.pop(k, None)
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
+    return env
+
+
 def run_cli(*args):
     """Run the zhllama CLI in-process; returns (exit code, stdout, stderr) via capsys by the caller."""
     from zhllama.app.cli import main
@@ -90,4 +117,15 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_model") / "model"
     make_tiny_llama(tiny_tokenizer_dir / "tokenizer.model", out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_packed(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """The bundled Chinese sample packed into 32-token blocks (5% validation) with the tiny tokenizer."""
+    from zhllama.app.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_packed") / "packed"
+    assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", str(SAMPLES / "zh_sample.txt"),
+                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
     return out

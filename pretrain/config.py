@@ -8,6 +8,7 @@ model is loaded.
 import dataclasses
 import difflib
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Union, get_args, get_origin, get_type_hints
@@ -95,7 +96,7 @@ def _field_kind(key: str):
     """(type, item type or None, may be null) of a RunConfig field, from its annotation:
     Optional[List[float]] -> (list, float, True), int -> (int, None, False)."""
     tp, nullable = _HINTS[key], False
-    if get_origin(tp) is Union:
+    if get_origin(tp) in (Union, types.UnionType):  # Optional[X], X | None
         args = [a for a in get_args(tp) if a is not type(None)]
         nullable = len(args) < len(get_args(tp))
         (tp,) = args

@@ -19,10 +19,14 @@ from pathlib import Path
 from zhllama.fsutil import check_output_path
 from zhllama.modelio import check_checkpoint, meta_model
 
+from .presets import OVERRIDE_KEYS
+
 
 def add_arguments(p):
     p.add_argument("--config", help="YAML run config (configs/stage1.yaml, stage2.yaml, sft.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. micro_batch=4")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys, e.g. micro_batch=4; unset, these take the stage preset's value: "
+                        + ", ".join(OVERRIDE_KEYS))
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config, print the resolved config and batch plan, and exit")
     p.add_argument("--allow-config-change", action="store_true",

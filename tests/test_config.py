@@ -105,3 +105,13 @@ def test_override_keys_are_listed_once_and_every_reader_uses_them():
 
 def test_unset_override_keys_keep_the_stage_preset():
     assert load_config(None, [*BASE, "stage=sft"]).preset() == STAGES["sft"]
+
+
+def test_train_help_lists_the_override_keys():
+    import argparse
+
+    from zhllama.pretrain import train
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    help_text = " ".join(p.format_help().split())
+    assert ", ".join(OVERRIDE_KEYS) in help_text

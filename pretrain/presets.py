@@ -1,4 +1,4 @@
-"""Stage presets: what each training stage trains and with which hyperparameters (DESIGN §3).
+"""Stage presets: what each training stage trains and with which hyperparameters (docs/training.md, Stage presets).
 
 One frozen dataclass per stage, so the trainer, the planner and the adapter code read the same numbers
 instead of keeping copies. Figures follow Chinese-LLaMA-Alpaca (v1) for LLaMA-7B:

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests that need ../shared skip with a message when it is missing."""
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -129,3 +130,59 @@ def tiny_packed(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", str(SAMPLES / "zh_sample.txt"),
                  "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
     return out
+
+# ----------------------------------------------------------------------------- tiny SentencePiece pair
+# Text made here and a small English "base" plus a small Chinese model trained on it: the vocab
+# train, merge and report tests build theirs with these.
+
+WORDS = ("我们 喜欢 北京 上海 学生 老师 今天 明天 天气 很好 公园 散步 电脑 手机 价格 便宜 质量 服务 酒店 房间 "
+         "干净 早餐 经济 发展 政府 工作 人民 国家 社会 历史 文化 教育 科学 技术 研究 问题 方法 时间 地方 朋友 "
+         "孩子 家庭 医院 银行 公司 市场 产品 客户 快递 包装 味道 外卖 东西 不错 满意 推荐 下次 还会 购买 "
+         "一个 这个 那个 非常 比较 已经 可以 应该 需要 因为 所以 但是 如果 虽然 而且 还是 或者 就是").split()
+PUNCT = "，。！？、；："
+LATIN = ["iPhone", "USB", "Windows", "ok", "WiFi", "app", "CPU", "3D"]
+
+
+def synth_chinese(n_lines: int, seed: int = 0) -> list:
+    """Deterministic Chinese-like text: random word sequences with punctuation, digits and Latin words."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        parts = []
+        for _ in range(rng.randint(4, 14)):
+            r = rng.random()
+            if r < 0.06:
+                parts.append(str(rng.randint(0, 2025)))
+            elif r < 0.10:
+                parts.append(" " + rng.choice(LATIN) + " ")
+            else:
+                parts.append(rng.choice(WORDS))
+            if rng.random() < 0.15:
+                parts.append(rng.choice(PUNCT))
+        parts.append("。")
+        lines.append("".join(parts))
+    return lines
+
+
+def write_lines(path: Path, lines) -> Path:
+    """`lines` into `path` (UTF-8), each ended by a newline."""
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def train_sp_pair(d: Path, english, en_vocab: int, chinese, zh_vocab: int):
+    """(base model, Chinese model): SentencePiece BPE models with LLaMA's settings trained in `d`."""
+    from zhllama.vocab import train as vtrain
+
+    vtrain.train([write_lines(d / "en.txt", english)], d / "base", vocab_size=en_vocab, threads=2)
+    vtrain.train([write_lines(d / "zh.txt", chinese)], d / "zh", vocab_size=zh_vocab, threads=2)
+    return d / "base" / "zh_sp.model", d / "zh" / "zh_sp.model"
+
+
+def cli_error(capsys, *args) -> str:
+    """Run `zhllama ARGS` expecting bad input: a non-zero exit and one line on stderr, returned."""
+    rc = run_cli(*args)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1, err
+    return err

@@ -1,5 +1,5 @@
-"""zhllama merge (DESIGN §4.6): merged weights = base + adapters, a checkpoint that stands alone, and
-clear refusals of bad input with nothing half-written.
+"""zhllama merge (docs/publish.md, What the tests prove): merged weights = base + adapters, a checkpoint
+that stands alone, and clear refusals of bad input with nothing half-written.
 
 Adapters: one real stage-2 run (`zhllama train`, 1 rank, module-scoped) and, for speed, SFT / stage-1 /
 grown-vocabulary adapters trained in-process with the engine's own `apply_stage` + `save_adapter`.

@@ -27,6 +27,7 @@ from zhllama.hosts import free_port
 from zhllama.log import get_logger
 from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
+from zhllama.schedule import lr_lambda
 
 from . import checkpoint
 from .config import RunConfig, dump_config
@@ -115,21 +116,6 @@ def build_ds_config(path: Path, *, global_batch, micro_batch, grad_accum, grad_c
         # overlap_comm needs CUDA streams; on CPU it only adds copies.
         cfg.get("zero_optimization", {})["overlap_comm"] = False
     return cfg
-
-
-# ----------------------------------------------------------------------------- schedule
-
-def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
-    """Linear warmup over warmup_ratio of the steps, then cosine down to min_lr_ratio x peak."""
-    warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 # ----------------------------------------------------------------------------- data

@@ -6,8 +6,9 @@ Runs alone (a world of one) or under the launcher, e.g.
   deepspeed --num_gpus 8 -m zhllama.app.cli train --config configs/stage2.yaml out=runs/stage2
 (launch/*.sh wrap this for one or several nodes). Keys are those of configs/*.yaml; any of them can be
 overridden as key=value. A run restarts from its latest complete checkpoint in OUT/checkpoints unless
-resume=false. Outputs: OUT/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-N/, and final/
-(the adapter with the trained embeddings, the tokenizer and the run config).
+resume=false. Outputs: OUT/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-N/, final/ (the
+adapter with the trained embeddings, the tokenizer and the run config), and summary.json (the run's
+summary, also printed as one JSON line at the end).
 """
 
 import argparse
@@ -16,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from zhllama.fsutil import check_output_path
+from zhllama.fsutil import atomic_write_json, check_output_path
 from zhllama.modelio import check_checkpoint, meta_model
 
 from .presets import OVERRIDE_KEYS
@@ -60,5 +61,6 @@ def run(args):
     # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.
     summary = Trainer(cfg, allow_config_change=args.allow_config_change, hooks=hooks_from_env()).run()
     if int(os.environ.get("RANK", 0)) == 0:
+        atomic_write_json(Path(cfg.out) / "summary.json", summary)  # what scripts read; the line is for people
         print(json.dumps(summary))
     return 0

@@ -73,6 +73,8 @@ def test_quick_demo_shows_shorter_chinese_encodings_and_falling_heldout_loss(qui
         assert rows[stage]["tokens_per_s"] > 0
         run = Path(figures[stage]["run"])
         assert (run / "final" / "adapter_model.safetensors").is_file()
+        run_summary = json.loads((run / "summary.json").read_text())   # what `zhllama train` wrote, and the demo read
+        assert run_summary["total_steps"] == figures[stage]["steps"] and run_summary["trainable"] == figures[stage]["trainable"]
         assert (quick_demo["out"] / stage / "logs").is_dir()
     # The merged checkpoint, scored by `zhllama eval`, computes what base + adapters computed in-process.
     assert (Path(figures["merge"]["model"]) / "config.json").is_file()

@@ -1,4 +1,4 @@
-"""Is a host name this machine? Used to decide what may travel in clear text.
+"""Is a host name this machine? Used to decide what may travel in clear text. And a free local port.
 
 `zhllama serve` warns when it binds a non-loopback address without an API key, and the API client
 sends a key from the environment over plain http only to a loopback address. Names are not resolved

@@ -17,11 +17,23 @@ threshold fixed at 64 KiB, so freed tensors go back to the system and RSS follow
 """
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from options import add_model_shape  # bench/ is on sys.path when a bench runs as a script
+from zhllama.loss import CausalLMTokenLoss, token_loss_sum
+from zhllama.pretrain.adapters import apply_stage
+from zhllama.pretrain.plan import GIB, loss_bytes, plan
+from zhllama.pretrain.presets import STAGES
+from zhllama.tiny import llama_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parent.parent
@@ -38,8 +50,6 @@ def _status_kib(key: str) -> int:
 def shape_config(hidden: int, layers: int):
     """LLaMA-7B's config with the merged vocabulary, `layers` layers and, if not 4096, another width
     (MLP and heads scaled alike)."""
-    from zhllama.tiny import llama_config
-
     config = llama_config("llama-7b", VOCAB)
     config.num_hidden_layers = layers
     if hidden != config.hidden_size:
@@ -51,14 +61,6 @@ def shape_config(hidden: int, layers: int):
 
 def measure(hidden: int, layers: int, seq: int, micro: int, stage: str, chunk: int) -> dict:
     """One micro-step in this process; returns bytes."""
-    import gc
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from zhllama.loss import CausalLMTokenLoss
-    from zhllama.pretrain.adapters import apply_stage
-    from zhllama.pretrain.presets import STAGES
     torch.manual_seed(0)
     config = shape_config(hidden, layers)
     torch.set_default_dtype(torch.bfloat16)
@@ -81,12 +83,6 @@ def measure(hidden: int, layers: int, seq: int, micro: int, stage: str, chunk: i
 def measure_loss_only(hidden: int, seq: int, chunk: int) -> dict:
     """The token loss alone (bf16 lm_head of width `hidden`, one sequence): peak bytes above the inputs,
     less the lm_head weight's gradient (2 V d, kept after the step)."""
-    import gc
-
-    import torch
-
-    from zhllama.loss import token_loss_sum
-
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, VOCAB, bias=False).to(torch.bfloat16)
     h = torch.randn(1, seq, hidden, dtype=torch.bfloat16, requires_grad=True)
@@ -100,10 +96,6 @@ def measure_loss_only(hidden: int, seq: int, chunk: int) -> dict:
 
 
 def predict(hidden: int, layers: int, seq: int, micro: int, stage: str) -> dict:
-    import tempfile
-
-    from zhllama.pretrain.plan import GIB, plan
-
     with tempfile.TemporaryDirectory() as d:
         shape_config(hidden, layers).to_json_file(str(Path(d) / "config.json"))
         p = plan(model=d, vocab_size=VOCAB, stage=stage, tokens=1e6, gpus=1, micro_batch=micro,
@@ -116,10 +108,7 @@ def predict(hidden: int, layers: int, seq: int, micro: int, stage: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--hidden", type=int, default=4096, help="model width (4096: LLaMA-7B's)")
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--micro", type=int, default=1)
+    add_model_shape(ap, hidden=4096, layers=1, seq=1024, micro=1, hidden_help="model width (4096: LLaMA-7B's)")
     ap.add_argument("--stage", default="stage2")
     ap.add_argument("--chunk", type=int, default=0, help="loss chunk in positions (0: the engine's default)")
     ap.add_argument("--loss-only", action="store_true",
@@ -139,7 +128,6 @@ def main():
         sys.exit(res.stderr[-3000:])
     measured = json.loads(res.stdout.strip().splitlines()[-1])
     if args.loss_only:
-        from zhllama.pretrain.plan import loss_bytes
         if args.chunk:
             sys.exit("--loss-only compares the engine's default chunking with the plan; drop --chunk")
         predicted = {"predicted_bytes": loss_bytes(VOCAB, args.seq - 1)["peak"]}

@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 from shared_data import need  # bench/ is on sys.path when a bench runs as a script
+from zhllama.export.benchmark import CMMLU, Prompter, evaluate_model, load_subjects
+from zhllama.modelio import load_for_inference, load_tokenizer, save_pretrained_atomic
+from zhllama.tiny import tiny_llama_config
 
 
 def _tiny_model(out: Path) -> Path:
     import torch
     from transformers import LlamaForCausalLM
-
-    from zhllama.modelio import load_tokenizer, save_pretrained_atomic
-    from zhllama.tiny import tiny_llama_config
 
     tok = load_tokenizer(need("data/llama/tokenizer.model"))
     torch.manual_seed(0)
@@ -55,9 +55,6 @@ def main():
     args = ap.parse_args()
 
     import torch
-
-    from zhllama.export.benchmark import CMMLU, Prompter, evaluate_model, load_subjects
-    from zhllama.modelio import load_for_inference
 
     data = need("data/eval/cmmlu")
     subjects = load_subjects(data, CMMLU, args.shots, args.subjects.split(","), args.limit)

@@ -27,15 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from options import add_model_shape  # bench/ is on sys.path when a bench runs as a script
+from zhllama.modelio import load_tokenizer, save_tokenizer
+from zhllama.tiny import make_tiny_sp
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TOKENIZER = REPO.parent / "shared" / "data" / "llama" / "tokenizer.model"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def make_tokenizer(out: Path) -> int:
-    from zhllama.modelio import load_tokenizer, save_tokenizer
-    from zhllama.tiny import make_tiny_sp
-
     out.mkdir(parents=True, exist_ok=True)
     if SHARED_TOKENIZER.is_file():
         src = SHARED_TOKENIZER
@@ -180,8 +181,7 @@ def check_one_tensor(base: Path, adapter: Path, merged: Path, name="model.layers
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=None, help="working dir (default: a temp dir, removed at the end)")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=10)
+    add_model_shape(ap, hidden=2048, layers=10)
     ap.add_argument("--shard-mb", type=int, default=300)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive whole-model merge")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)

@@ -24,6 +24,7 @@ SmolLM2, LLaMA-3), baseline 1 is raw `tokenizers` `encode_batch_fast` on N rayon
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from zhllama import bpe, corpus
+from zhllama.app.cli import main as zhllama_main
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ZHLLAMA_SHARED", REPO.parent / "shared"))
@@ -61,7 +65,6 @@ def load_documents(paths):
 def cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its finished children: on a shared machine the
     wall clock measures the neighbours too, CPU time measures the work."""
-    import resource
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
@@ -69,7 +72,6 @@ def cpu_seconds() -> float:
 def time_raw_json(tokenizer, docs, threads):
     """Raw `tokenizers` on text in memory: one encode_batch on `threads` rayon threads, plus the
     BOS/EOS count data pack adds (ids only; no offsets)."""
-    from zhllama import bpe
     tk = bpe.load_tokenizer(tokenizer)
     tk.encode_special_tokens = True
     bos, eos = bpe.special_ids(tokenizer, tk)
@@ -95,12 +97,11 @@ def time_raw(tokenizer, docs, threads):
 
 def time_pack(tokenizer, inputs, workers, block_size, work):
     """The whole command, in process: tokenizer load, input hashing, workers, shards, manifest."""
-    from zhllama.app.cli import main
     out = Path(tempfile.mkdtemp(dir=work, prefix="pack-"))
     shutil.rmtree(out)
     c, t = cpu_seconds(), time.perf_counter()
-    rc = main(["data", "pack", "--tokenizer", tokenizer, "--input", *inputs, "--out", str(out),
-               "--workers", str(workers), "--block-size", str(block_size), "--validation-ratio", "0"])
+    rc = zhllama_main(["data", "pack", "--tokenizer", tokenizer, "--input", *inputs, "--out", str(out),
+                      "--workers", str(workers), "--block-size", str(block_size), "--validation-ratio", "0"])
     dt, cpu = time.perf_counter() - t, cpu_seconds() - c
     if rc != 0:
         sys.exit(f"data pack failed with exit code {rc}")
@@ -186,19 +187,16 @@ def peak_rss_of_pack(tokenizer, inputs, workers, block_size, work):
 
 
 def _is_json(tokenizer) -> bool:
-    from zhllama.bpe import is_bpe_json_base
-    return is_bpe_json_base(tokenizer)
+    return bpe.is_bpe_json_base(tokenizer)
 
 
 def main():
     args = parse_args()
-    sys.path.insert(0, str(REPO))
     if _is_json(args.tokenizer):
         # the rayon pool is sized once, at its first use: N threads, like the N pack workers
         os.environ["RAYON_RS_NUM_CPUS"] = str(args.workers)
         os.environ["TOKENIZERS_PARALLELISM"] = "true"
         args.skip_datasets = True
-    from zhllama import corpus
     if not Path(args.tokenizer).exists() or not Path(args.data).exists():
         sys.exit(f"needs {args.tokenizer} and {args.data} (the shared data)")
     inputs = [str(p) for p in corpus.expand_inputs([args.data])]

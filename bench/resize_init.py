@@ -31,6 +31,10 @@ import time
 from pathlib import Path
 
 from shared_data import need  # bench/ is on sys.path when a bench runs as a script
+from zhllama import modelio, tiny
+from zhllama.modelio import tokenizer_size
+from zhllama.tiny import llama_config
+from zhllama.vocab import resize
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,8 +67,6 @@ def _eval_loss(model, ids, block):
 
 def bench_init(args):
     import torch
-    from zhllama import modelio, tiny
-    from zhllama.vocab import resize
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -176,7 +178,6 @@ def _write_random_checkpoint(out, layers, shard_bytes, seed):
     """LLaMA-7B-width checkpoint with random fp16 weights, written tensor by tensor in shards."""
     import torch
     from safetensors.torch import save_file
-    from zhllama.tiny import llama_config
 
     cfg = llama_config("llama-7b")
     cfg.num_hidden_layers = layers
@@ -242,7 +243,6 @@ def bench_memory(args):
         shutil.copyfile(base_sp, src / "tokenizer.model")
         print(f"checkpoint: LLaMA-7B widths, {args.memory_layers} layers, fp16, {total / 1e9:.2f} GB "
               f"in {n} shards (largest {largest / 1e9:.2f} GB), written in {time.perf_counter() - t0:.0f}s")
-        from zhllama.modelio import tokenizer_size
         new_n = tokenizer_size(zh)
         emb_old, emb_new = 2 * 32000 * 4096 * 2, 2 * new_n * 4096 * 2
         print(f"embed_tokens + lm_head: {emb_old / 1e9:.2f} GB before, {emb_new / 1e9:.2f} GB after "

@@ -11,10 +11,11 @@ character (comparable across tokenizers), next to the base model with its own to
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from zhllama.vocab import resize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,9 +58,7 @@ def main():
     p.add_argument("--text", required=True, help="held-out Chinese text, one document a line")
     p.add_argument("--lines", type=int, default=200)
     args = p.parse_args()
-    sys.path.insert(0, str(REPO))
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from zhllama.vocab import resize
 
     lines = [t for t in Path(args.text).read_text(encoding="utf-8").splitlines() if t.strip()][:args.lines]
     work = Path(tempfile.mkdtemp(prefix="zhllama-resize-tied-"))

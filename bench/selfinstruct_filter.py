@@ -28,6 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from rouge_score import rouge_scorer
+
+from zhllama.sft.rouge import SimilarityIndex, edited, tokenize
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
@@ -77,19 +81,6 @@ def _make_data(lang, n_pool, n_cand, near_share, seed):
     return pool, cands, src
 
 
-def _mutate(rng, toks, vocab):
-    toks = list(toks)
-    for _ in range(rng.randint(1, 3)):
-        r = rng.random()
-        if r < 0.34 and len(toks) > 2:
-            del toks[rng.randrange(len(toks))]
-        elif r < 0.67:
-            toks.insert(rng.randint(0, len(toks)), rng.choice(vocab))
-        elif toks:
-            toks[rng.randrange(len(toks))] = rng.choice(vocab)
-    return toks
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lang", choices=["zh", "en"], default="zh")
@@ -101,11 +92,6 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(REPO))
-    from rouge_score import rouge_scorer
-
-    from zhllama.sft.rouge import SimilarityIndex, tokenize
-
     rng = random.Random(args.seed)
     pool_text, cands, src = _make_data(args.lang, args.pool, args.candidates, args.near_share, args.seed)
     print(f"data: {src} ({args.lang}); pool {len(pool_text):,}, candidates {len(cands):,} "
@@ -114,8 +100,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     pool = [tokenize(s, args.lang) for s in pool_text]
     vocab = sorted({t for toks in pool for t in toks})
-    cand_toks = [_mutate(rng, tokenize(s, args.lang), vocab) if kind == "near" else tokenize(s, args.lang)
-                 for kind, s in cands]
+    cand_toks = [edited(rng, tokenize(s, args.lang), vocab, rng.randint(1, 3), keep=2) if kind == "near"
+                 else tokenize(s, args.lang) for kind, s in cands]
     t_tok = time.perf_counter() - t0
     mean_len = sum(map(len, pool)) / len(pool)
     print(f"tokenize ({'jieba' if args.lang == 'zh' else 'rouge_score'}): {t_tok:.2f}s for "

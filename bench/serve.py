@@ -34,11 +34,12 @@ from pathlib import Path
 import httpx
 import psutil
 
+from zhllama.tiny import TINY_TEXT, make_tiny_llama, make_tiny_sp
+
 KEY = "bench-key"
 
 
 def _tiny_model(root: Path) -> Path:
-    from zhllama.tiny import TINY_TEXT, make_tiny_llama, make_tiny_sp
     sp = make_tiny_sp(root / "sp" / "tokenizer.model", text=TINY_TEXT, vocab_size=800)
     return make_tiny_llama(sp, root / "tiny-zh", max_position_embeddings=4096, seed=0)
 

@@ -26,6 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from zhllama.log import setup_logging
+from zhllama.vocab import train as vtrain
+from zhllama.vocab.merge import merge_tokenizers
+from zhllama.vocab.report import build_report, format_table, stdlib_english_lines
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -69,10 +74,6 @@ def main(argv=None):
         cores = sorted(os.sched_getaffinity(0))[: args.threads]
         os.sched_setaffinity(0, cores)
 
-    from zhllama.log import setup_logging
-    from zhllama.vocab import train as vtrain
-    from zhllama.vocab.merge import merge_tokenizers
-    from zhllama.vocab.report import build_report, format_table, stdlib_english_lines
     setup_logging(False)
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="zhllama-bench-"))

@@ -19,6 +19,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from options import add_model_shape  # bench/ is on sys.path when a bench runs as a script
+from zhllama.app.cli import main as zhllama_main
+from zhllama.log import setup_logging
+from zhllama.modelio import load_tokenizer, read_model_config, save_tokenizer
+from zhllama.pretrain.config import load_config
+from zhllama.pretrain.engine import Trainer, lr_lambda
+from zhllama.pretrain.flops import flops_per_token, peak_flops
+from zhllama.pretrain.shards import BlockOrder, PackedBlocks
+from zhllama.tiny import make_tiny_llama, make_tiny_sp
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -26,10 +40,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def prepare(out: Path, hidden: int, layers: int, block: int):
-    from zhllama.app.cli import main
-    from zhllama.modelio import load_tokenizer, save_tokenizer
-    from zhllama.tiny import make_tiny_llama, make_tiny_sp
-
     samples = REPO / "zhllama" / "data"
     tok_dir, model_dir, packed = out / "tokenizer", out / "model", out / "packed"
     if not (tok_dir / "tokenizer.json").exists():
@@ -40,8 +50,8 @@ def prepare(out: Path, hidden: int, layers: int, block: int):
         make_tiny_llama(tok_dir / "tokenizer.model", model_dir, hidden_size=hidden, num_layers=layers,
                         num_heads=max(1, hidden // 64), intermediate_size=int(hidden * 8 / 3) // 16 * 16)
     if not (packed / "manifest.json").exists():
-        assert main(["data", "pack", "--tokenizer", tok_dir, "--input", samples / "zh_sample.txt",
-                     samples / "en_sample.txt", "--block-size", block, "--out", packed, "--workers", "1"]) == 0
+        assert zhllama_main(["data", "pack", "--tokenizer", tok_dir, "--input", samples / "zh_sample.txt",
+                             samples / "en_sample.txt", "--block-size", block, "--out", packed, "--workers", "1"]) == 0
     return tok_dir, model_dir, packed
 
 
@@ -49,13 +59,6 @@ class PlainLoop:
     """The hand-written baseline: PEFT LoRA + AdamW + clipping + LambdaLR, no DeepSpeed; one `step()` a call."""
 
     def __init__(self, model_dir, packed, *, steps, global_batch, micro, block, lr, seed):
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        from zhllama.pretrain.engine import lr_lambda
-        from zhllama.pretrain.shards import BlockOrder, PackedBlocks
-
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
         self.model = get_peft_model(model, LoraConfig(
@@ -70,8 +73,6 @@ class PlainLoop:
         self.model.train()
 
     def step(self, step):
-        import torch
-
         accum = self.global_batch // self.micro
         for m in range(accum):
             start = step * self.global_batch + m * self.micro
@@ -88,9 +89,6 @@ def interleaved_run(model_dir, packed, out, *, steps, global_batch, micro, block
     """The engine (`Trainer.run`, as `zhllama train` runs it) and the plain loop, one step each in turn,
     in one process: both see the same machine load. The first of the pair alternates every step.
     Returns the step times of each."""
-    from zhllama.pretrain.config import load_config
-    from zhllama.pretrain.engine import Trainer
-
     plain = PlainLoop(model_dir, packed, steps=steps, global_batch=global_batch, micro=micro, block=block, lr=lr,
                       seed=seed)
     times = {"engine": [], "plain": []}
@@ -124,21 +122,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timing")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--block", type=int, default=128)
+    add_model_shape(ap, hidden=256, layers=4, seq=128, seq_flag="--block", micro=4)
     ap.add_argument("--global-batch", type=int, default=16)
-    ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs; the ratio reported is their median")
     ap.add_argument("--out", default="/tmp/zhllama_bench_train")
     args = ap.parse_args()
-
-    import torch
-
-    from zhllama.log import setup_logging
-    from zhllama.modelio import read_model_config
-    from zhllama.pretrain.flops import flops_per_token, peak_flops
-    from transformers import LlamaConfig
 
     setup_logging()
     out = Path(args.out)

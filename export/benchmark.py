@@ -36,8 +36,6 @@ from zhllama.log import get_logger
 from zhllama.modelio import load_for_inference
 from zhllama.textenc import encode_text
 
-from .benchmark_subjects import CEVAL_CATEGORIES, CEVAL_SUBJECTS, CMMLU_CATEGORIES, CMMLU_SUBJECTS
-
 log = get_logger("zhllama.eval")
 
 LETTERS = ("A", "B", "C", "D")
@@ -66,18 +64,36 @@ class Subject:
 
 @dataclass(frozen=True)
 class Format:
-    """What differs between the benchmarks: file layout, column names, prompt wording."""
+    """What differs between the benchmarks: file layout, column names, prompt wording, subjects.
+
+    The two formats are data, in benchmarks.json next to this file. Subject tables come from the
+    benchmarks' official repositories (CMMLU: src/categories.py, where a subject can be in two
+    categories, e.g. a Social Science subject that is also "China specific"; C-Eval:
+    subject_mapping.json, one category each): subject -> (Chinese name used in the prompt, categories).
+    """
     name: str
     subjects: Dict[str, Tuple[str, Tuple[str, ...]]]
     categories: Tuple[str, ...]
     question_col: str
     answer_col: str
     eval_split: str
-    file_name: Callable[[str, str], str]       # (subject, split) -> file name under DIR/split/
-    header: Callable[[str], str]               # Chinese subject name -> header sentence
+    file_name_template: str                    # "{subject}", "{split}" -> file name under DIR/split/
+    header_template: str                       # "{zh_name}" -> header sentence
     question_prefix: str
     answer_prefix: str
     header_without_shots: bool                 # CMMLU keeps the header at 0 shots, C-Eval does not
+
+    @classmethod
+    def from_table(cls, name: str, table: dict) -> "Format":
+        subjects = {s: (zh, tuple(cats)) for s, (zh, cats) in table.pop("subjects").items()}
+        return cls(name=name, subjects=subjects, categories=tuple(table.pop("categories")),
+                   file_name_template=table.pop("file_name"), header_template=table.pop("header"), **table)
+
+    def file_name(self, subject: str, split: str) -> str:
+        return self.file_name_template.format(subject=subject, split=split)
+
+    def header(self, zh_name: str) -> str:
+        return self.header_template.format(zh_name=zh_name)
 
     def example(self, q: Question, with_answer: bool) -> str:
         text = self.question_prefix + q.question
@@ -90,21 +106,9 @@ class Format:
         return self.header(subject.zh_name) if shots > 0 or self.header_without_shots else ""
 
 
-CMMLU = Format(
-    name="cmmlu", subjects=CMMLU_SUBJECTS, categories=CMMLU_CATEGORIES,
-    question_col="Question", answer_col="Answer", eval_split="test",
-    file_name=lambda subject, split: f"{subject}.csv",
-    header=lambda zh: f"以下是关于{zh}的单项选择题，请直接给出正确答案的选项。\n\n",
-    question_prefix="题目：", answer_prefix="\n答案是：", header_without_shots=True)
-
-CEVAL = Format(
-    name="ceval", subjects=CEVAL_SUBJECTS, categories=CEVAL_CATEGORIES,
-    question_col="question", answer_col="answer", eval_split="val",
-    file_name=lambda subject, split: f"{subject}_{split}.csv",
-    header=lambda zh: f"以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n",
-    question_prefix="", answer_prefix="\n答案：", header_without_shots=False)
-
-FORMATS = {"cmmlu": CMMLU, "ceval": CEVAL}
+FORMATS = {name: Format.from_table(name, table)
+           for name, table in json.loads((Path(__file__).parent / "benchmarks.json").read_text("utf-8")).items()}
+CMMLU, CEVAL = FORMATS["cmmlu"], FORMATS["ceval"]
 
 
 # ---------------------------------------------------------------------------------------------- data

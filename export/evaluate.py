@@ -29,10 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
+import torch
+
 from zhllama.corpus import expand_inputs, iter_documents
 from zhllama.errors import UserError
 from zhllama.log import get_logger
+from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 from zhllama.modelio import load_for_inference
+from zhllama.pretrain.adapters import merge_adapters
 from zhllama.textenc import encode_text
 
 log = get_logger("zhllama.eval")
@@ -67,17 +71,16 @@ def _batches(items: List[Window], batch_size: int):
 
 
 def score(model, windows_: List[Window], batch_size: int = 4, pad_id: int = 0):
-    """(total NLL in nats, scored tokens, forward seconds) of the windows."""
-    import torch
-    import torch.nn.functional as F
-
+    """(total NLL in nats, scored tokens, forward seconds) of the windows, by the training loss
+    (zhllama/loss.py: the full-vocabulary logits are never held for a whole batch)."""
     nll, count, seconds = 0.0, 0, 0.0
     device = next(model.parameters()).device
+    loss_sum = CausalLMTokenLoss(model)
     for batch in _batches(windows_, batch_size):
         width = max(len(w.ids) for w in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for row, w in enumerate(batch):
             n = len(w.ids)
             ids[row, :n] = torch.tensor(w.ids)
@@ -85,13 +88,10 @@ def score(model, windows_: List[Window], batch_size: int = 4, pad_id: int = 0):
             labels[row, w.first:n] = ids[row, w.first:n]
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            target = labels[:, 1:].to(device)
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), target.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
+            loss = loss_sum(ids.to(device), labels.to(device), attention_mask=mask.to(device))
         seconds += time.perf_counter() - t0
         nll += float(loss)
-        count += int((target != -100).sum())
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     return nll, count, seconds
 
 
@@ -129,8 +129,14 @@ def evaluate_docs(model, tokenizer, docs: List[str], max_length: int, stride: in
     }
 
 
-def _load(model_dir, tokenizer_dir, device, dtype):
-    return load_for_inference(model_dir, tokenizer_dir, device=device, dtype=dtype)
+def load_with_adapters(model_dir, tokenizer_dir=None, adapters=(), device="auto", dtype="auto"):
+    """(model in eval mode, tokenizer): a checkpoint with `adapters` (`zhllama train`'s final/ dirs)
+    folded into its weights in order, the model `zhllama merge` would write, without writing it.
+    Scores every stage of a run on the same text before anything is merged (the demo's table)."""
+    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device=device, dtype=dtype)
+    if adapters:
+        model = merge_adapters(model, list(adapters)).eval()
+    return model, tokenizer
 
 
 def add_arguments(parser) -> None:
@@ -181,7 +187,7 @@ def run(args) -> int:
     for model_dir in args.model:
         if not Path(model_dir).is_dir():
             raise UserError(f"--model {model_dir}: not a directory")
-        model, tok = _load(model_dir, args.tokenizer, args.device, args.dtype)
+        model, tok = load_with_adapters(model_dir, args.tokenizer, device=args.device, dtype=args.dtype)
         max_length = args.max_length or min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 2048)
         stride = args.stride or max(1, max_length // 2)
         if max_length < 2 or not 1 <= stride <= max_length - 1:

@@ -20,8 +20,10 @@ examples:
 import json
 import sys
 import time
+from pathlib import Path
 
 from zhllama.errors import UserError
+from zhllama.export.inference import load_inference_model
 from zhllama.log import get_logger
 from zhllama.sft.examples import encode_chat_prompt
 
@@ -140,10 +142,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from .inference import load_inference_model
-
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: not a directory")
     if args.max_new_tokens < 1:

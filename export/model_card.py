@@ -15,13 +15,12 @@ import zhllama
 from zhllama.fsutil import atomic_write_text
 from zhllama.log import get_logger
 from zhllama.modelio import load_tokenizer
-from zhllama.pretrain.presets import STAGES
+from zhllama.pretrain.presets import OVERRIDE_KEYS, STAGES
 from zhllama.textenc import encode_text
 
 log = get_logger("zhllama.merge")
 
-HYPER = ("lr", "global_batch", "block_size", "warmup_ratio", "weight_decay", "betas", "grad_clip",
-         "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+HYPER = OVERRIDE_KEYS  # the hyperparameters a run config may take from its stage preset
 
 
 def _samples_dir() -> Path:

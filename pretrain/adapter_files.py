@@ -5,11 +5,10 @@ Kept apart from adapters.py (which builds and trains adapters, and imports torch
 model. See docs/architecture.md.
 """
 
-import json
 from pathlib import Path
 
 from zhllama.errors import InputError
-from zhllama.fsutil import sha256_file
+from zhllama.fsutil import read_json, sha256_file
 
 WEIGHTS = "adapter_model.safetensors"
 META = "zhllama_adapter.json"
@@ -23,12 +22,7 @@ def read_adapter_dir(adapter_dir: Path):
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise InputError(adapter_dir, "not a PEFT adapter: adapter_config.json is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(cfg_path, f"not valid JSON ({e})") from None
-    if "peft_type" not in cfg:
-        raise InputError(cfg_path, "missing key 'peft_type'")
+    cfg = read_json(cfg_path, required=("peft_type",))
     weights = adapter_dir / WEIGHTS
     if not weights.is_file():
         legacy = adapter_dir / "adapter_model.bin"
@@ -40,10 +34,7 @@ def read_adapter_dir(adapter_dir: Path):
     meta = None
     meta_path = adapter_dir / META
     if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise InputError(meta_path, f"not valid JSON ({e})") from None
+        meta = read_json(meta_path)
         want = (meta.get("files") or {}).get(WEIGHTS)
         if want and want.get("bytes") != size:
             raise InputError(weights, f"truncated or replaced: {size:,} bytes, {META} records {want['bytes']:,}")

@@ -35,6 +35,8 @@ from zhllama.errors import UserError
 from zhllama.fsutil import fsync_dir, atomic_write_json
 from zhllama.log import get_logger
 
+from .presets import OVERRIDE_KEYS
+
 log = get_logger("zhllama.train")
 
 ENGINE_TAG = "engine"
@@ -43,9 +45,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings whose change would silently alter the run on resume (the schedule, the data order, what is
 # trained, the base). max_steps and epochs may change: they only say how long the run goes on.
 RESUME_KEYS = ("stage", "model", "tokenizer", "init_adapters", "data", "template", "field_map", "pack_examples",
-               "new_rows_only", "seed", "global_batch", "block_size", "lr", "min_lr_ratio", "warmup_ratio",
-               "weight_decay", "betas", "grad_clip", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-               "precision", "ds_config")
+               "new_rows_only", "seed", "min_lr_ratio", *OVERRIDE_KEYS, "precision", "ds_config")
 
 
 # ----------------------------------------------------------------------------- RNG state, as JSON

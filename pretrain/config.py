@@ -8,15 +8,16 @@ model is loaded.
 import dataclasses
 import difflib
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from zhllama.errors import ConfigError
 
-from .presets import get_stage
+from .presets import OVERRIDE_KEYS, get_stage
 
 
 @dataclass
@@ -70,15 +71,10 @@ class RunConfig:
         """The stage preset with this config's overrides applied."""
         base = get_stage(self.stage)
         changes = {}
-        for key in ("lr", "global_batch", "block_size", "warmup_ratio", "weight_decay", "grad_clip",
-                    "lora_r", "lora_alpha", "lora_dropout"):
+        for key in OVERRIDE_KEYS:
             value = getattr(self, key)
             if value is not None:
-                changes[key] = value
-        if self.betas is not None:
-            changes["betas"] = tuple(self.betas)
-        if self.lora_targets is not None:
-            changes["lora_targets"] = tuple(self.lora_targets)
+                changes[key] = tuple(value) if isinstance(value, list) else value
         return base.with_overrides(**changes)
 
     def to_dict(self) -> dict:
@@ -86,6 +82,8 @@ class RunConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_HINTS = get_type_hints(RunConfig)
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
@@ -94,36 +92,53 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'{hint}; known keys: {', '.join(_FIELDS)}")
 
 
+def _field_kind(key: str):
+    """(type, item type or None, may be null) of a RunConfig field, from its annotation:
+    Optional[List[float]] -> (list, float, True), int -> (int, None, False)."""
+    tp, nullable = _HINTS[key], False
+    if get_origin(tp) in (Union, types.UnionType):  # Optional[X], X | None
+        args = [a for a in get_args(tp) if a is not type(None)]
+        nullable = len(args) < len(get_args(tp))
+        (tp,) = args
+    origin, args = get_origin(tp) or tp, get_args(tp)
+    return origin, (args[0] if origin is list and args else None), nullable
+
+
 def _coerce(key: str, value, where: str):
     """Check a value against the field's type; YAML already parsed numbers, lists and booleans."""
-    f = _FIELDS[key]
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    kind = str(f.type)
+    kind, item, nullable = _field_kind(key)
     if value is None:
-        if "Optional" in kind:
+        if nullable:
             return None
         raise ConfigError(f"{where}: key '{key}' may not be null")
-    if "List" in kind:
+    if kind is list:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: key '{key}' must be a list, got {value!r}")
-        return value
-    if "dict" in kind:
+        return [_scalar(key, v, item, where) for v in value] if item is not None else value
+    if kind is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key '{key}' must be a mapping, got {value!r}")
         return value
-    if "bool" in kind:
+    return _scalar(key, value, kind, where)
+
+
+def _scalar(key: str, value, kind, where: str):
+    """One value of type bool, int, float or str (a field or a list item)."""
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]  # a quoted "false" in a YAML file
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: key '{key}' must be true or false, got {value!r}")
         return value
-    if "int" in kind:
+    if kind is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: key '{key}' must be an integer, got {value!r}")
         return value
-    if "float" in kind:
+    if kind is float:
         if isinstance(value, str):
             try:
                 value = float(value)  # YAML reads 1e-4 as a string
@@ -132,11 +147,11 @@ def _coerce(key: str, value, where: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: key '{key}' must be a number, got {value!r}")
         return float(value)
-    if isinstance(default, str) or "str" in kind:
-        if not isinstance(value, (str, int, float)):
+    if kind is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: key '{key}' must be a string, got {value!r}")
         return str(value)
-    return value
+    raise TypeError(f"RunConfig.{key}: no parser for type {kind!r}")
 
 
 def parse_override(item: str):
@@ -207,6 +222,22 @@ def validate(cfg: RunConfig) -> None:
     _check_ranges(cfg)
 
 
+_finite = math.isfinite
+# The range each stage preset override must hold once resolved (the config's value, else the preset's),
+# keyed like OVERRIDE_KEYS; `betas` and `lora_targets` are checked for their shape below.
+PRESET_RANGES = {
+    "lr": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "global_batch": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "block_size": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1] (a fraction of the steps)"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
+    "grad_clip": (lambda v: _finite(v) and v >= 0, "a number >= 0 (0: no clipping)"),
+    "lora_r": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
 def _check_ranges(cfg: RunConfig) -> None:
     """Value ranges of the resolved hyperparameters (the config's, else the stage preset's), so a
     negative or NaN lr, an r of 0 or a dropout of 1.5 fails here, not after the model has loaded.
@@ -217,28 +248,26 @@ def _check_ranges(cfg: RunConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
             raise ConfigError(f"config: key '{key}' must be {what}, got {value!r}")
 
-    finite = math.isfinite
-    need("lr", p.lr, lambda v: finite(v) and v > 0, "a number > 0")
-    need("warmup_ratio", p.warmup_ratio, lambda v: 0 <= v <= 1, "in [0, 1] (a fraction of the steps)")
-    need("weight_decay", p.weight_decay, lambda v: finite(v) and v >= 0, "a number >= 0")
-    need("grad_clip", p.grad_clip, lambda v: finite(v) and v >= 0, "a number >= 0 (0: no clipping)")
-    need("epochs", cfg.epochs, lambda v: finite(v) and v > 0, "a number > 0")
+    for key in OVERRIDE_KEYS:
+        if key.startswith("lora_") and not p.uses_lora:
+            continue  # stage1: no LoRA, its lora_* values are unused
+        value = getattr(p, key)
+        if key == "betas":
+            betas = list(value)
+            if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                          for b in betas):
+                raise ConfigError(f"config: key 'betas' must be two numbers in [0, 1), e.g. [0.9, 0.95], "
+                                  f"got {betas}")
+        elif key == "lora_targets":
+            targets = list(value)
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ConfigError(f"config: key 'lora_targets' must be a non-empty list of module names "
+                                  f"(e.g. [q_proj, v_proj]), got {targets}")
+        else:
+            need(key, value, *PRESET_RANGES[key])
+    need("epochs", cfg.epochs, lambda v: _finite(v) and v > 0, "a number > 0")
     need("eval_batches", cfg.eval_batches, lambda v: v >= 1, "an integer >= 1")
     need("eval_every", cfg.eval_every, lambda v: v >= 0, "an integer >= 0 (0: only at the end)")
-    need("global_batch", p.global_batch, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    need("block_size", p.block_size, lambda v: isinstance(v, int) and v >= 2, "an integer >= 2")
-    betas = list(p.betas)
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                  for b in betas):
-        raise ConfigError(f"config: key 'betas' must be two numbers in [0, 1), e.g. [0.9, 0.95], got {betas}")
-    if p.uses_lora:
-        need("lora_r", p.lora_r, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-        need("lora_alpha", p.lora_alpha, lambda v: finite(v) and v > 0, "a number > 0")
-        need("lora_dropout", p.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
-        targets = list(p.lora_targets)
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ConfigError(f"config: key 'lora_targets' must be a non-empty list of module names "
-                              f"(e.g. [q_proj, v_proj]), got {targets}")
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -15,23 +15,25 @@ three things must be exactly right and stay ours:
 import json
 import math
 import os
-import signal
-import socket
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from zhllama.dtypes import torch_dtype
 from zhllama.errors import ConfigError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
+from zhllama.hosts import free_port
 from zhllama.log import get_logger
 from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
+from zhllama.schedule import lr_lambda
 
 from . import checkpoint
 from .config import RunConfig, dump_config
 from .flops import flops_per_token, peak_flops
+from .hooks import TrainHooks
 from .presets import grad_accumulation
 from .shards import BlockOrder, positions_for_rank
 from .stage_data import Data, registered
@@ -41,19 +43,13 @@ log = get_logger("zhllama.train")
 
 # ----------------------------------------------------------------------------- distributed setup
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed():
     """(rank, world_size, local_rank). Works under `deepspeed`/`torchrun` and as a plain process."""
     import deepspeed
 
     if "RANK" not in os.environ:  # a plain `zhllama train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
@@ -118,21 +114,6 @@ def build_ds_config(path: Path, *, global_batch, micro_batch, grad_accum, grad_c
         # overlap_comm needs CUDA streams; on CPU it only adds copies.
         cfg.get("zero_optimization", {})["overlap_comm"] = False
     return cfg
-
-
-# ----------------------------------------------------------------------------- schedule
-
-def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
-    """Linear warmup over warmup_ratio of the steps, then cosine down to min_lr_ratio x peak."""
-    warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 # ----------------------------------------------------------------------------- data
@@ -236,24 +217,12 @@ class Metrics:
             self.tb.close()
 
 
-def _crash_hook(kind: str, step: int, rank: int):
-    """Test hook: SIGKILL this process at a chosen point (ZHLLAMA_CRASH=after-step:K | in-checkpoint:K)."""
-    spec = os.environ.get("ZHLLAMA_CRASH", "")
-    if rank == 0 and spec == f"{kind}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _nan_hook(step: int, rank: int) -> bool:
-    """Test hook: a NaN loss on rank 0 at the listed steps (ZHLLAMA_NAN_STEPS=3,4; 1-based)."""
-    spec = os.environ.get("ZHLLAMA_NAN_STEPS", "")
-    return rank == 0 and bool(spec) and str(step) in spec.split(",")
-
-
 # ----------------------------------------------------------------------------- the loop
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, allow_config_change: bool = False):
+    def __init__(self, cfg: RunConfig, allow_config_change: bool = False, hooks: Optional[TrainHooks] = None):
         self.cfg = cfg
+        self.hooks = hooks or TrainHooks()  # tests' crash and NaN injection points (pretrain/hooks.py)
         self.allow_config_change = allow_config_change  # resume even if the config differs from the checkpoint's
         self.preset = cfg.preset()
         self.run_dir = Path(cfg.out)
@@ -363,8 +332,8 @@ class Trainer:
             if done % cfg.save_every == 0 or done == total_steps:
                 checkpoint.save(engine, ckpt_root, done, checkpoint.run_state(cfg, done, world, fingerprint),
                                 rank=rank, barrier=barrier, keep_last=cfg.keep_last,
-                                crash_hook=lambda: _crash_hook("in-checkpoint", done, rank))
-            _crash_hook("after-step", done, rank)
+                                crash_hook=lambda: self.hooks.call_in_checkpoint(done, rank))
+            self.hooks.call_after_step(done, rank)
 
         metrics.close()
         summary.update({k: last.get(k) for k in ("loss", "val_loss", "tokens_per_s", "mfu")})
@@ -397,7 +366,7 @@ class Trainer:
         for batch in micro:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             token_loss = engine(**batch)
-            if _nan_hook(step + 1, self.rank):
+            if self.hooks.poisons(step + 1, self.rank):
                 token_loss = token_loss * float("nan")
             engine.backward(token_loss * scale, scale_wrt_gas=False)
             finite = torch.isfinite(token_loss.detach())

@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 
 from zhllama.errors import ConfigError, InputError, UserError
+from zhllama.fsutil import read_json
 
 from . import flops as flops_mod
 from zhllama.loss import chunk_tokens
@@ -77,12 +78,7 @@ def _model_config(spec: str, vocab_size=None):
     if not path.is_file():
         raise UserError(f"--model {spec}: not a known shape ({', '.join(tiny.LLAMA_SHAPES)}, tiny) and no "
                         f"config.json at {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"not a readable JSON config ({e})") from None
-    if "model_type" not in data:
-        raise InputError(path, "missing key 'model_type' (is this a transformers config.json?)")
+    data = read_json(path, required=("model_type",), hint=" (is this a transformers config.json?)")
     from transformers import AutoConfig
     try:
         return AutoConfig.for_model(**data)

@@ -1,4 +1,4 @@
-"""Stage presets: what each training stage trains and with which hyperparameters (DESIGN §3).
+"""Stage presets: what each training stage trains and with which hyperparameters (docs/training.md, Stage presets).
 
 One frozen dataclass per stage, so the trainer, the planner and the adapter code read the same numbers
 instead of keeping copies. Figures follow Chinese-LLaMA-Alpaca (v1) for LLaMA-7B:
@@ -17,6 +17,10 @@ from typing import Optional, Tuple
 from zhllama.errors import ConfigError
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The preset fields a run config may override (`lr=5e-5`, `lora_r=16`; null: the preset's value). The one
+# list the config parser, the resume check and the model card read.
+OVERRIDE_KEYS = ("lr", "global_batch", "block_size", "warmup_ratio", "weight_decay", "betas", "grad_clip",
+                 "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 

@@ -6,8 +6,9 @@ Runs alone (a world of one) or under the launcher, e.g.
   deepspeed --num_gpus 8 -m zhllama.app.cli train --config configs/stage2.yaml out=runs/stage2
 (launch/*.sh wrap this for one or several nodes). Keys are those of configs/*.yaml; any of them can be
 overridden as key=value. A run restarts from its latest complete checkpoint in OUT/checkpoints unless
-resume=false. Outputs: OUT/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-N/, and final/
-(the adapter with the trained embeddings, the tokenizer and the run config).
+resume=false. Outputs: OUT/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-N/, final/ (the
+adapter with the trained embeddings, the tokenizer and the run config), and summary.json (the run's
+summary, also printed as one JSON line at the end).
 """
 
 import argparse
@@ -16,13 +17,17 @@ import os
 import sys
 from pathlib import Path
 
-from zhllama.fsutil import check_output_path
+from zhllama.fsutil import atomic_write_json, check_output_path
 from zhllama.modelio import check_checkpoint, meta_model
+
+from .presets import OVERRIDE_KEYS
 
 
 def add_arguments(p):
     p.add_argument("--config", help="YAML run config (configs/stage1.yaml, stage2.yaml, sft.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. micro_batch=4")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys, e.g. micro_batch=4; unset, these take the stage preset's value: "
+                        + ", ".join(OVERRIDE_KEYS))
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config, print the resolved config and batch plan, and exit")
     p.add_argument("--allow-config-change", action="store_true",
@@ -52,7 +57,10 @@ def run(args):
               f"{preset.global_batch} sequences of {preset.block_size} tokens")
         return 0
     from .engine import Trainer
-    summary = Trainer(cfg, allow_config_change=args.allow_config_change).run()
+    from .hooks import hooks_from_env
+    # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.
+    summary = Trainer(cfg, allow_config_change=args.allow_config_change, hooks=hooks_from_env()).run()
     if int(os.environ.get("RANK", 0)) == 0:
+        atomic_write_json(Path(cfg.out) / "summary.json", summary)  # what scripts read; the line is for people
         print(json.dumps(summary))
     return 0

@@ -16,6 +16,7 @@ reported with its file and line: `strict=True` raises `InputError`, otherwise it
 reason and skipped, and the first few messages are kept in `RecordStats` (and logged).
 """
 
+import bisect
 import gzip
 import json
 import math
@@ -415,7 +416,6 @@ class _LineIndex:
         self.newlines = [m.start() for m in re.finditer("\n", text)]
 
     def __call__(self, pos) -> int:
-        import bisect
         return bisect.bisect_left(self.newlines, pos) + 1
 
 

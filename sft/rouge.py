@@ -96,6 +96,22 @@ def rouge_l(a: str, b: str, lang: str) -> float:
     return fmeasure(lcs_length(ta, tb), len(ta), len(tb))
 
 
+
+def edited(rng, seq, alphabet, edits: int, keep: int = 0) -> list:
+    """A near-duplicate of `seq`: a copy after `edits` random deletions, insertions and substitutions
+    (tokens from `alphabet`); deletions only while more than `keep` tokens are left. tests/test_rouge.py
+    and bench/selfinstruct_filter.py make the near-duplicates they filter with it."""
+    seq = list(seq)
+    for _ in range(edits):
+        op = rng.random()
+        if op < 0.34 and len(seq) > keep:
+            del seq[rng.randrange(len(seq))]
+        elif op < 0.67:
+            seq.insert(rng.randint(0, len(seq)), rng.choice(alphabet))
+        elif seq:
+            seq[rng.randrange(len(seq))] = rng.choice(alphabet)
+    return seq
+
 class _Buffer:
     """A growable int32 numpy array (amortised O(1) append, zero-copy view of the filled part)."""
 

@@ -34,6 +34,7 @@ from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_write_json, check_output_path, sha256_file
 from zhllama.log import get_logger
 from zhllama.sft.api_client import add_client_arguments, client_from_args
+from zhllama.sft.rouge import SimilarityIndex
 
 log = get_logger(__name__)
 
@@ -288,8 +289,6 @@ def generate(seeds, out, client, *, num, lang="zh", api="chat", num_prompt_instr
              num_tasks=20, batch_size=5, threshold=0.7, temperature=1.0, top_p=1.0, max_tokens=3072,
              seed=0, max_requests=0, patience=20, fingerprint=None, overwrite=False):
     """Generate until `out` holds `num` instructions. Returns (kept records, counts)."""
-    from zhllama.sft.rouge import SimilarityIndex
-
     if len(seeds) < num_prompt_instructions:
         raise UserError(f"need at least {num_prompt_instructions} seed tasks, got {len(seeds)}")
     writer = ResumableJsonl(out)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import yaml
+
 from zhllama.errors import ConfigError, InputError
 
 SEAMS = ("continue", "standalone")
@@ -237,7 +239,6 @@ class Template:
             if path.suffix.lower() == ".json":
                 data = json.loads(text)
             else:
-                import yaml
                 data = yaml.safe_load(text)
         except Exception as e:  # json and yaml raise different types; both are "bad file"
             line = getattr(e, "lineno", None) or getattr(getattr(e, "problem_mark", None), "line", None)

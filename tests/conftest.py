@@ -1,10 +1,13 @@
 """Shared fixtures. Tests that need ../shared skip with a message when it is missing."""
 
 import os
+import random
 import sys
 from pathlib import Path
 
 import pytest
+
+from zhllama.hosts import free_port  # noqa: F401  (one home for it; tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ZHLLAMA_SHARED", REPO.parent / "shared"))
@@ -49,6 +52,31 @@ def adamw_steps(model, x, steps: int, lr: float = 1e-2):
     return model.eval()
 
 
+# ----------------------------------------------------------------------------- subprocesses
+# Variables a caller's shell may hold that would change what a launched run does: rank and world
+# variables (a run must start its own world), the launcher's knobs, and the engine's test seam.
+_LEAKY_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
+              "GPUS_PER_NODE", "HOSTFILE", "CUDA_VISIBLE_DEVICES", "CONFIG", "DETACH", "DRY_RUN", "LAUNCHER_ARGS",
+              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS")
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a `zhllama`, launcher or script subprocess: CPU ranks (gloo), one OpenMP
+    thread per rank, offline, this interpreter first on PATH (the launch scripts call `python`,
+    `deepspeed`), nothing of the above leaking in. `extra` is applied last (values made str; None
+    removes a variable)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for k in _LEAKY_ENV:
+        env.pop(k, None)
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
+    return env
+
+
 def run_cli(*args):
     """Run the zhllama CLI in-process; returns (exit code, stdout, stderr) via capsys by the caller."""
     from zhllama.app.cli import main
@@ -91,3 +119,70 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_model") / "model"
     make_tiny_llama(tiny_tokenizer_dir / "tokenizer.model", out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_packed(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """The bundled Chinese sample packed into 32-token blocks (5% validation) with the tiny tokenizer."""
+    from zhllama.app.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_packed") / "packed"
+    assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", str(SAMPLES / "zh_sample.txt"),
+                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
+    return out
+
+# ----------------------------------------------------------------------------- tiny SentencePiece pair
+# Text made here and a small English "base" plus a small Chinese model trained on it: the vocab
+# train, merge and report tests build theirs with these.
+
+WORDS = ("我们 喜欢 北京 上海 学生 老师 今天 明天 天气 很好 公园 散步 电脑 手机 价格 便宜 质量 服务 酒店 房间 "
+         "干净 早餐 经济 发展 政府 工作 人民 国家 社会 历史 文化 教育 科学 技术 研究 问题 方法 时间 地方 朋友 "
+         "孩子 家庭 医院 银行 公司 市场 产品 客户 快递 包装 味道 外卖 东西 不错 满意 推荐 下次 还会 购买 "
+         "一个 这个 那个 非常 比较 已经 可以 应该 需要 因为 所以 但是 如果 虽然 而且 还是 或者 就是").split()
+PUNCT = "，。！？、；："
+LATIN = ["iPhone", "USB", "Windows", "ok", "WiFi", "app", "CPU", "3D"]
+
+
+def synth_chinese(n_lines: int, seed: int = 0) -> list:
+    """Deterministic Chinese-like text: random word sequences with punctuation, digits and Latin words."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        parts = []
+        for _ in range(rng.randint(4, 14)):
+            r = rng.random()
+            if r < 0.06:
+                parts.append(str(rng.randint(0, 2025)))
+            elif r < 0.10:
+                parts.append(" " + rng.choice(LATIN) + " ")
+            else:
+                parts.append(rng.choice(WORDS))
+            if rng.random() < 0.15:
+                parts.append(rng.choice(PUNCT))
+        parts.append("。")
+        lines.append("".join(parts))
+    return lines
+
+
+def write_lines(path: Path, lines) -> Path:
+    """`lines` into `path` (UTF-8), each ended by a newline."""
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def train_sp_pair(d: Path, english, en_vocab: int, chinese, zh_vocab: int):
+    """(base model, Chinese model): SentencePiece BPE models with LLaMA's settings trained in `d`."""
+    from zhllama.vocab import train as vtrain
+
+    vtrain.train([write_lines(d / "en.txt", english)], d / "base", vocab_size=en_vocab, threads=2)
+    vtrain.train([write_lines(d / "zh.txt", chinese)], d / "zh", vocab_size=zh_vocab, threads=2)
+    return d / "base" / "zh_sp.model", d / "zh" / "zh_sp.model"
+
+
+def cli_error(capsys, *args) -> str:
+    """Run `zhllama ARGS` expecting bad input: a non-zero exit and one line on stderr, returned."""
+    rc = run_cli(*args)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1, err
+    return err

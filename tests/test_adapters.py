@@ -1,4 +1,4 @@
-"""The PEFT setup of each stage, the adapter files, and the errors for bad adapters (DESIGN §3, §5)."""
+"""The PEFT setup of each stage, the adapter files, and the errors for bad adapters (docs/training.md: Stages, Run directory)."""
 
 import json
 import os

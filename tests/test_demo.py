@@ -7,7 +7,6 @@ changed settings, an interrupted step, a failing step) with stand-in steps.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,23 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import subprocess_env
 from zhllama.app import demo as demo_mod
 from zhllama.app.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _demo(out: Path, *extra):
     # From another working directory than the repository: the demo must not depend on it.
     return subprocess.run([sys.executable, "-m", "zhllama.app.cli", "demo", "--quick", "--out", str(out), *extra],
-                          cwd=str(out.parent), env=_env(), capture_output=True, text=True, timeout=1500)
+                          cwd=str(out.parent), env=subprocess_env(OMP_NUM_THREADS=None), capture_output=True, text=True, timeout=1500)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +73,8 @@ def test_quick_demo_shows_shorter_chinese_encodings_and_falling_heldout_loss(qui
         assert rows[stage]["tokens_per_s"] > 0
         run = Path(figures[stage]["run"])
         assert (run / "final" / "adapter_model.safetensors").is_file()
+        run_summary = json.loads((run / "summary.json").read_text())   # what `zhllama train` wrote, and the demo read
+        assert run_summary["total_steps"] == figures[stage]["steps"] and run_summary["trainable"] == figures[stage]["trainable"]
         assert (quick_demo["out"] / stage / "logs").is_dir()
     # The merged checkpoint, scored by `zhllama eval`, computes what base + adapters computed in-process.
     assert (Path(figures["merge"]["model"]) / "config.json").is_file()

@@ -9,7 +9,6 @@ Runs (module-scoped, each a real `zhllama train` process):
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port, subprocess_env
 from zhllama.app.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,23 +26,9 @@ COMMON = [f"max_steps={STEPS}", "global_batch=8", "micro_batch=2", "block_size=3
           "save_every=2", "keep_last=2", "eval_every=4", "eval_batches=2", "tensorboard=false"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
-
-
 def _train(args, **env):
     cmd = [sys.executable, "-m", "zhllama.app.cli", "train", *map(str, args)]
-    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=600)
 
 
 def _final_weights(run: Path) -> dict:
@@ -54,18 +40,8 @@ def _metrics(run: Path):
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory, tiny_tokenizer_dir):
-    out = tmp_path_factory.mktemp("engine") / "packed"
-    code = main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input",
-                 str(REPO / "zhllama" / "data" / "zh_sample.txt"), "--block-size", "32", "--out", str(out),
-                 "--validation-ratio", "0.05", "--workers", "1"])
-    assert code == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def base_args(tiny_model_dir, packed):
-    return ["stage=stage2", f"model={tiny_model_dir}", f"data=[{packed}]", "init_adapters=[]", *COMMON]
+def base_args(tiny_model_dir, tiny_packed):
+    return ["stage=stage2", f"model={tiny_model_dir}", f"data=[{tiny_packed}]", "init_adapters=[]", *COMMON]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +49,7 @@ def two_rank(tmp_path_factory, base_args):
     run = tmp_path_factory.mktemp("two_rank") / "run"
     res = subprocess.run(
         ["bash", str(REPO / "launch" / "pretrain_stage2.sh"), *base_args, "lora_dropout=0.0", f"out={run}"],
-        env=_env(GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()), LOG_DIR=str(run.parent / "logs"),
-                 PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+        env=subprocess_env(GPUS_PER_NODE=2, MASTER_PORT=free_port(), LOG_DIR=run.parent / "logs"),
         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run
@@ -163,8 +138,8 @@ def test_sigkill_then_resume_ends_with_the_same_weights(crash, tmp_path, base_ar
     assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(baseline)]
 
 
-def test_config_errors_before_any_compute(tmp_path, tiny_model_dir, packed, capsys):
-    base = ["stage=stage2", f"model={tiny_model_dir}", f"data=[{packed}]", f"out={tmp_path / 'r'}"]
+def test_config_errors_before_any_compute(tmp_path, tiny_model_dir, tiny_packed, capsys):
+    base = ["stage=stage2", f"model={tiny_model_dir}", f"data=[{tiny_packed}]", f"out={tmp_path / 'r'}"]
     assert main(["train", *base, "learning_rate=1e-4"]) == 2
     assert "unknown key 'learning_rate'" in capsys.readouterr().err
     assert main(["train", *base, "global_batch=10", "micro_batch=4"]) == 2
@@ -175,19 +150,19 @@ def test_config_errors_before_any_compute(tmp_path, tiny_model_dir, packed, caps
     assert not (tmp_path / "r").exists()
 
 
-def test_mismatched_shards_and_vocab_are_refused(tmp_path, tiny_model_dir, packed, tiny_tokenizer_dir):
+def test_mismatched_shards_and_vocab_are_refused(tmp_path, tiny_model_dir, tiny_packed, tiny_tokenizer_dir):
     from zhllama.errors import UserError
     from zhllama.pretrain.shards import PackedBlocks
     from zhllama.tiny import make_tiny_llama, make_tiny_sp
 
     other_tok = make_tiny_sp(tmp_path / "other" / "tokenizer.model", vocab_size=400)
     with pytest.raises(UserError, match="packed with tokenizer"):
-        PackedBlocks(packed, "train", expect_tokenizer=other_tok)
+        PackedBlocks(tiny_packed, "train", expect_tokenizer=other_tok)
     with pytest.raises(UserError, match="blocks of 32 tokens"):
-        PackedBlocks(packed, "train", expect_tokenizer=tiny_tokenizer_dir, expect_block_size=512)
+        PackedBlocks(tiny_packed, "train", expect_tokenizer=tiny_tokenizer_dir, expect_block_size=512)
     # A model whose vocab does not match the tokenizer: the run stops with both sizes named.
     small = make_tiny_llama(other_tok, tmp_path / "small_model")
-    res = _train(["stage=stage2", f"model={small}", f"tokenizer={tiny_tokenizer_dir}", f"data=[{packed}]",
+    res = _train(["stage=stage2", f"model={small}", f"tokenizer={tiny_tokenizer_dir}", f"data=[{tiny_packed}]",
                   f"out={tmp_path / 'r'}", *COMMON])
     assert res.returncode == 2
     assert "vocab" in res.stderr and str(tiny_tokenizer_dir) in res.stderr

@@ -10,6 +10,9 @@
 """
 
 import json
+import math
+import os
+import signal
 import threading
 from types import SimpleNamespace
 
@@ -20,6 +23,8 @@ from zhllama.errors import UserError
 from zhllama.loss import CausalLMTokenLoss, token_loss_sum
 from zhllama.pretrain import checkpoint, engine as engine_mod
 from zhllama.pretrain.config import load_config
+from zhllama.pretrain import hooks as hooks_mod
+from zhllama.pretrain.hooks import CRASH_ENV, NAN_STEPS_ENV, TrainHooks, hooks_from_env
 
 
 # ----------------------------------------------------------------------------- collectives and host syncs
@@ -74,6 +79,7 @@ def test_collectives_get_device_tensors_and_host_reads_are_bounded(monkeypatch):
     t.cfg = SimpleNamespace(micro_batch=2)
     t.preset = SimpleNamespace(global_batch=8)
     t.rank, t.world, t.device = 0, 2, device
+    t.hooks = TrainHooks()
     t.engine = _FakeEngine(CausalLMTokenLoss(_ToyLM()).to(device))
     blocks = [torch.randint(0, 40, (16,)) for _ in range(32)]
     t.data = SimpleNamespace(train=blocks, collate=engine_mod._collate_blocks, validation=blocks)
@@ -87,6 +93,50 @@ def test_collectives_get_device_tensors_and_host_reads_are_bounded(monkeypatch):
     seen.clear()
     t.evaluate()
     assert seen == [device]
+
+
+# ----------------------------------------------------------------------------- test hooks
+
+def _cpu_trainer(hooks=None):
+    t = engine_mod.Trainer.__new__(engine_mod.Trainer)
+    t.cfg = SimpleNamespace(micro_batch=2)
+    t.preset = SimpleNamespace(global_batch=4)
+    t.rank, t.world, t.device = 0, 1, torch.device("cpu")
+    t.hooks = hooks or TrainHooks()
+    t.engine = _FakeEngine(CausalLMTokenLoss(_ToyLM()))
+    blocks = [torch.randint(0, 40, (16,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    t.data = SimpleNamespace(train=blocks, collate=engine_mod._collate_blocks)
+    return t, SimpleNamespace(index=lambda p: p % len(blocks))
+
+
+def test_poison_hook_makes_the_chosen_steps_nonfinite_and_the_loop_reads_no_environment(monkeypatch):
+    monkeypatch.setenv(NAN_STEPS_ENV, "1,2")  # read only by hooks_from_env, at process start
+    t, order = _cpu_trainer()
+    assert [t._train_step(step, order, grad_accum=2)[2] for step in range(2)] == [0, 0]
+    t, order = _cpu_trainer(TrainHooks(poison_loss=lambda step, rank: step == 2))
+    results = [t._train_step(step, order, grad_accum=2) for step in range(3)]
+    assert [nonfinite for _, _, nonfinite in results] == [0, 2, 0]  # both micro-batches of step 2
+    assert math.isnan(results[1][0]) and math.isfinite(results[2][0])
+
+
+def test_hooks_from_env_is_the_one_test_seam(monkeypatch):
+    assert hooks_from_env({}) == TrainHooks()
+    assert hooks_from_env({CRASH_ENV: "sometime:3", NAN_STEPS_ENV: "x"}) == TrainHooks()  # unparsed: no hook
+    hooks = hooks_from_env({NAN_STEPS_ENV: "3,4"})
+    assert [s for s in range(1, 6) if hooks.poisons(s, rank=0)] == [3, 4]
+    assert not hooks.poisons(3, rank=1)  # rank 0 only
+    killed = []
+    monkeypatch.setattr(hooks_mod.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    for spec, point in (("after-step:5", "after_step"), ("in-checkpoint:4", "in_checkpoint")):
+        hooks = hooks_from_env({CRASH_ENV: spec})
+        assert getattr(hooks, {"after_step": "in_checkpoint", "in_checkpoint": "after_step"}[point]) is None
+        step = int(spec.split(":")[1])
+        for s, rank in ((step - 1, 0), (step, 1), (step + 1, 0)):
+            getattr(hooks, f"call_{point}")(s, rank)
+        assert killed == []
+        getattr(hooks, f"call_{point}")(step, 0)
+        assert killed == [(os.getpid(), signal.SIGKILL)]
+        killed.clear()
 
 
 # ----------------------------------------------------------------------------- precision

@@ -14,7 +14,6 @@ what a CPU cannot show: CUDA_VISIBLE_DEVICES and a hostfile without MASTER_ADDR.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zhllama.app.cli import main
+from conftest import free_port, subprocess_env
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -33,23 +32,6 @@ COMMON = [f"max_steps={STEPS}", "global_batch=8", "micro_batch=2", "block_size=3
           "save_every=2", "keep_last=2", "eval_every=0", "tensorboard=false"]
 TIMEOUT = 600
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]  # the `deepspeed` command, this python
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    """A clean CPU environment: no rank variables or GPU list leaking in from the caller."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHON=sys.executable, PATH=f"{BIN}:{os.environ['PATH']}")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
-              "GPUS_PER_NODE", "HOSTFILE", "CUDA_VISIBLE_DEVICES", "CONFIG", "DETACH", "DRY_RUN", "LAUNCHER_ARGS"):
-        env.pop(k, None)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def _metrics(run: Path) -> list:
@@ -83,21 +65,12 @@ def _assert_same_as(run: Path, ref: Path, what: str):
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory, tiny_tokenizer_dir):
-    out = tmp_path_factory.mktemp("launch") / "packed"
-    assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input",
-                 str(REPO / "zhllama" / "data" / "zh_sample.txt"), "--block-size", "32", "--out", str(out),
-                 "--validation-ratio", "0.05", "--workers", "1"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def train_args(tiny_model_dir, packed):
-    return [f"model={tiny_model_dir}", f"data=[{packed}]", "init_adapters=[]", *COMMON]
+def train_args(tiny_model_dir, tiny_packed):
+    return [f"model={tiny_model_dir}", f"data=[{tiny_packed}]", "init_adapters=[]", *COMMON]
 
 
 def _stage2(*args, **env):
-    return subprocess.run(["bash", str(LAUNCH / "pretrain_stage2.sh"), *map(str, args)], env=_env(**env),
+    return subprocess.run(["bash", str(LAUNCH / "pretrain_stage2.sh"), *map(str, args)], env=subprocess_env(**env),
                           capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
 
 
@@ -105,7 +78,7 @@ def _stage2(*args, **env):
 def one_node(tmp_path_factory, train_args):
     """The reference: one node, 2 ranks, DeepSpeed's launcher."""
     run = tmp_path_factory.mktemp("one_node") / "run"
-    res = _stage2(*train_args, f"out={run}", GPUS_PER_NODE=2, MASTER_PORT=_free_port(), LOG_DIR=run.parent / "logs")
+    res = _stage2(*train_args, f"out={run}", GPUS_PER_NODE=2, MASTER_PORT=free_port(), LOG_DIR=run.parent / "logs")
     _check(res, "one node x 2 ranks")
     assert [r["step"] for r in _metrics(run)] == list(range(1, STEPS + 1))
     assert "world 2 x micro 2 x accum 2" in res.stdout + res.stderr
@@ -114,8 +87,8 @@ def one_node(tmp_path_factory, train_args):
 
 def _start_node(node_rank: int, port: int, run: Path, train_args, extra_env=None) -> subprocess.Popen:
     """One loopback "node": its own launcher in its own process group (so it can be killed whole)."""
-    env = _env(NNODES=2, NODE_RANK=node_rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GPUS_PER_NODE=1,
-               LOG_DIR=run.parent / "logs", **(extra_env or {}))
+    env = subprocess_env(NNODES=2, NODE_RANK=node_rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GPUS_PER_NODE=1,
+                         LOG_DIR=run.parent / "logs", **(extra_env or {}))
     return subprocess.Popen(["bash", str(LAUNCH / "pretrain_stage2.sh"), *train_args, f"out={run}"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             start_new_session=True)
@@ -136,7 +109,7 @@ def _wait_all(procs, timeout=TIMEOUT):
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory, train_args):
     run = tmp_path_factory.mktemp("two_nodes") / "run"
-    port = _free_port()
+    port = free_port()
     procs = [_start_node(i, port, run, train_args) for i in (0, 1)]
     outs = _wait_all(procs)
     for i, (p, out) in enumerate(zip(procs, outs)):
@@ -147,7 +120,7 @@ def two_nodes(tmp_path_factory, train_args):
 # ----------------------------------------------------------------------------- commands (no training)
 
 def _dry(*, script="pretrain_stage1.sh", **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(LAUNCH / script), "out=runs/x"], env=_env(DRY_RUN=1, **env),
+    return subprocess.run(["bash", str(LAUNCH / script), "out=runs/x"], env=subprocess_env(DRY_RUN=1, **env),
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
@@ -200,7 +173,7 @@ def test_launch_scripts_are_valid_bash_and_python():
 
 
 def test_gpu_check_dry_run_lists_every_stage():
-    res = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"], env=_env(),
+    res = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"], env=subprocess_env(),
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     _check(res, "gpu_check.sh --dry-run")
     out = res.stdout
@@ -224,7 +197,7 @@ def test_sigkill_of_one_node_then_restart_resumes_exactly(tmp_path, train_args, 
     """Node 0's rank is SIGKILLed after step 3 (checkpoint step-2 complete; the engine's test hook, so
     the moment is exact), node 0's launcher then stops, node 1 loses its peer; both are restarted."""
     run = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     procs = [_start_node(0, port, run, train_args, {"ZHLLAMA_CRASH": "after-step:3"}),
              _start_node(1, port, run, train_args)]
     _wait_all(procs[:1])
@@ -239,7 +212,7 @@ def test_sigkill_of_one_node_then_restart_resumes_exactly(tmp_path, train_args, 
     assert (run / "checkpoints" / "step-2" / "zhllama_state.json").is_file()
     assert not (run / "final").exists()
 
-    port = _free_port()
+    port = free_port()
     procs = [_start_node(i, port, run, train_args) for i in (0, 1)]
     outs = _wait_all(procs)
     for i, (p, out) in enumerate(zip(procs, outs)):
@@ -255,7 +228,7 @@ def test_sigkill_of_one_node_then_restart_resumes_exactly(tmp_path, train_args, 
 
 
 def _outer(cmd, run, **env):
-    return subprocess.run(cmd, env=_env(LOG_DIR=run.parent / "logs", **env), capture_output=True, text=True,
+    return subprocess.run(cmd, env=subprocess_env(LOG_DIR=run.parent / "logs", **env), capture_output=True, text=True,
                           timeout=TIMEOUT, cwd=REPO)
 
 
@@ -264,7 +237,7 @@ def _outer(cmd, run, **env):
 def test_every_launch_form_trains_the_same_world_of_two(form, tmp_path, train_args, one_node):
     run = tmp_path / "run"
     args = [*train_args, f"out={run}"]
-    port = _free_port()
+    port = free_port()
     script = str(LAUNCH / "pretrain_stage2.sh")
     if form == "deepspeed":  # `python launch/pretrain_stage2.sh --local_rank=N ...` on each rank
         res = _outer([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), script, *args], run)

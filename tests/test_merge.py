@@ -1,12 +1,11 @@
-"""zhllama merge (DESIGN §4.6): merged weights = base + adapters, a checkpoint that stands alone, and
-clear refusals of bad input with nothing half-written.
+"""zhllama merge (docs/publish.md, What the tests prove): merged weights = base + adapters, a checkpoint
+that stands alone, and clear refusals of bad input with nothing half-written.
 
 Adapters: one real stage-2 run (`zhllama train`, 1 rank, module-scoped) and, for speed, SFT / stage-1 /
 grown-vocabulary adapters trained in-process with the engine's own `apply_stage` + `save_adapter`.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import adamw_steps
+from conftest import adamw_steps, subprocess_env
 
 from zhllama.app.cli import main
 from zhllama.errors import UserError
@@ -32,13 +31,6 @@ EN = "The quick brown fox jumps over the lazy dog. A language model predicts the
 # model x·(W + s·B·A)ᵀ; the same sums in another order differ by float32 rounding (~1e-6 relative to
 # logits of size ~1), far below the effect of any adapter tensor merged wrongly or not at all (>1e-2 here).
 ATOL = 1e-4
-
-
-def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _ids(tok, text):
@@ -86,7 +78,7 @@ def stage2(tmp_path_factory, tiny_model_dir, tiny_tokenizer_dir):
     res = subprocess.run([sys.executable, "-m", "zhllama.app.cli", "train", "stage=stage2", f"model={tiny_model_dir}",
                           f"data=[{root / 'packed'}]", "init_adapters=[]", "max_steps=3", "global_batch=8",
                           "micro_batch=4", "block_size=32", "lr=0.01", "save_every=100", "eval_every=100",
-                          "tensorboard=false", f"out={run}"], env=_env(), capture_output=True, text=True, timeout=600)
+                          "tensorboard=false", f"out={run}"], env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return run / "final"
 

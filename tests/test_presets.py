@@ -1,4 +1,4 @@
-"""Stage presets (DESIGN §3) and the gradient-accumulation rule."""
+"""Stage presets (docs/training.md, Stage presets) and the gradient-accumulation rule."""
 
 import pytest
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import shared_path
 
 from zhllama.sft import rouge
-from zhllama.sft.rouge import SimilarityIndex, fmeasure, lcs_length, rouge_l
+from zhllama.sft.rouge import SimilarityIndex, edited, fmeasure, lcs_length, rouge_l
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="rouge-score (dev dependency) not installed")
 
@@ -25,19 +25,6 @@ def _dp_lcs(a, b):
 
 def _random_seq(rng, alphabet, lo, hi):
     return [rng.choice(alphabet) for _ in range(rng.randint(lo, hi))]
-
-
-def _mutate(rng, seq, alphabet, edits):
-    seq = list(seq)
-    for _ in range(edits):
-        op = rng.random()
-        if op < 0.34 and seq:
-            del seq[rng.randrange(len(seq))]
-        elif op < 0.67:
-            seq.insert(rng.randint(0, len(seq)), rng.choice(alphabet))
-        elif seq:
-            seq[rng.randrange(len(seq))] = rng.choice(alphabet)
-    return seq
 
 
 def test_bit_parallel_lcs_and_fmeasure_equal_rouge_score():
@@ -112,14 +99,14 @@ def test_index_equals_brute_force(threshold):
     pool = []
     for _ in range(400):
         if pool and rng.random() < 0.5:
-            pool.append(_mutate(rng, rng.choice(pool), alphabet, rng.randint(0, 4)))
+            pool.append(edited(rng, rng.choice(pool), alphabet, rng.randint(0, 4)))
         else:
             pool.append(_random_seq(rng, alphabet, 0, 25))
     index = SimilarityIndex("en", threshold=threshold)
     for toks in pool:
         index.add_tokens(toks)
     for _ in range(300):
-        q = _mutate(rng, rng.choice(pool), alphabet, rng.randint(0, 6)) if rng.random() < 0.7 \
+        q = edited(rng, rng.choice(pool), alphabet, rng.randint(0, 6)) if rng.random() < 0.7 \
             else _random_seq(rng, alphabet + ["unseen"], 0, 25)
         # Brute force with the LCS proven equal to rouge_score's in the first test (its DP is slow).
         scores = [fmeasure(lcs_length(q, p), len(q), len(p)) for p in pool]
@@ -139,7 +126,7 @@ def test_sequential_filter_equals_stanford_loop():
     rng = random.Random(1)
     alphabet = [f"w{i}" for i in range(30)]
     seeds = [_random_seq(rng, alphabet, 4, 20) for _ in range(50)]
-    stream = [_mutate(rng, rng.choice(seeds), alphabet, rng.randint(0, 8)) for _ in range(300)]
+    stream = [edited(rng, rng.choice(seeds), alphabet, rng.randint(0, 8)) for _ in range(300)]
     pool = list(seeds)
     expected = []
     for cand in stream:

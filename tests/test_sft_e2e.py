@@ -6,15 +6,13 @@ would not give back the trained response and stop.
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import SHARED
+from conftest import SHARED, free_port, subprocess_env
 from zhllama.sft.templates import get_template
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,23 +33,13 @@ def _records():
     return "bundled", rows[4:12], {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sft_two_ranks_then_merge_and_generate_reproduces_trained_responses(tmp_path, tiny_model_dir):
     source, rows, field_map = _records()
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     run = tmp_path / "sft_run"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()),
-               LOG_DIR=str(tmp_path / "logs"), PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
-        env.pop(k, None)
+    env = subprocess_env(GPUS_PER_NODE=2, MASTER_PORT=free_port(), LOG_DIR=tmp_path / "logs")
     fm = "{" + ", ".join(f"{k}: {v}" for k, v in field_map.items()) + "}"
     res = subprocess.run(
         ["bash", str(REPO / "launch" / "sft.sh"), f"model={tiny_model_dir}", f"data=[{data}]", "init_adapters=[]",

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from test_vocab_train import synth_chinese
+from conftest import cli_error, shared_path, synth_chinese, train_sp_pair, write_lines
 from zhllama.app.cli import main
 from zhllama import spm as zspm
 from zhllama.vocab import train as vtrain
@@ -44,13 +44,8 @@ def tiny(tmp_path_factory):
     """A small English BPE 'base' (LLaMA settings) and a small Chinese model, trained on text made here."""
     d = tmp_path_factory.mktemp("tiny")
     en = stdlib_english_lines(6000)
-    (d / "en.txt").write_text("\n".join(en[:4000]) + "\n", encoding="utf-8")
-    vtrain.train([d / "en.txt"], d / "base", vocab_size=1500, threads=2)
-    zh = synth_chinese(3000, seed=3)
-    (d / "zh.txt").write_text("\n".join(zh) + "\n", encoding="utf-8")
-    vtrain.train([d / "zh.txt"], d / "zh", vocab_size=700, threads=2)
-    return {"dir": d, "base": d / "base" / "zh_sp.model", "add": d / "zh" / "zh_sp.model",
-            "en_heldout": en[4000:], "zh": synth_chinese(300, seed=99)}
+    base, add = train_sp_pair(d, en[:4000], 1500, synth_chinese(3000, seed=3), 700)
+    return {"dir": d, "base": base, "add": add, "en_heldout": en[4000:], "zh": synth_chinese(300, seed=99)}
 
 
 def _check_invariants(base_path, out, english, mixed):
@@ -176,11 +171,7 @@ def test_base_from_hf_dir_including_old_llamatokenizer_config(tiny, tmp_path):
 # --- bad input ---------------------------------------------------------------------------------------
 
 def _fail(capsys, *args):
-    rc = main(["vocab", "merge", *map(str, args)])
-    err = capsys.readouterr().err.strip()
-    assert rc != 0
-    assert len(err.splitlines()) == 1, err
-    return err
+    return cli_error(capsys, "vocab", "merge", *args)
 
 
 @pytest.mark.parametrize("content", [b"", b"this is a text file, not a model\n", bytes(range(256)) * 4,
@@ -214,14 +205,12 @@ def test_base_dir_without_tokenizer_model(tiny, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def llama_merge(tmp_path_factory):
-    from conftest import shared_path
     llama = shared_path("data/llama/tokenizer.model")
     news = shared_path("data/zh/news_train.txt")
     reviews = shared_path("data/zh/reviews_train.txt")
     d = tmp_path_factory.mktemp("llama")
     lines = news.read_text(encoding="utf-8").splitlines()[:6000] + reviews.read_text(encoding="utf-8").splitlines()[:6000]
-    (d / "zh.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    vtrain.train([d / "zh.txt"], d / "zh", vocab_size=6000, threads=2)
+    vtrain.train([write_lines(d / "zh.txt", lines)], d / "zh", vocab_size=6000, threads=2)
     merge_tokenizers(llama, d / "zh" / "zh_sp.model", d / "merged")
     heldout = news.read_text(encoding="utf-8").splitlines()[-600:] + reviews.read_text(encoding="utf-8").splitlines()[-600:]
     return {"llama": llama, "out": d / "merged", "heldout": heldout, "dir": d}
@@ -277,7 +266,6 @@ def test_transformers_conversion_of_llama_disagrees_and_ours_does_not(llama_merg
 
 
 def test_compat_v1_reproduces_chinese_llama_alpaca(tmp_path, capsys):
-    from conftest import shared_path
     llama = shared_path("data/llama/tokenizer.model")
     zh = shared_path("data/anchors/chinese_llama_sp.model")
     out = tmp_path / "v1"

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from test_vocab_train import synth_chinese
+from conftest import synth_chinese, train_sp_pair, write_lines
 from zhllama.app.cli import main
 from zhllama import spm as zspm
-from zhllama.vocab import train as vtrain
 from zhllama.vocab.merge import merge_tokenizers
 from zhllama.vocab.report import build_report, format_table, stdlib_english_lines
 
@@ -16,15 +15,11 @@ from zhllama.vocab.report import build_report, format_table, stdlib_english_line
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("rep")
     en = stdlib_english_lines(5000)
-    (d / "en.txt").write_text("\n".join(en[:4000]) + "\n", encoding="utf-8")
-    vtrain.train([d / "en.txt"], d / "base", vocab_size=1200, threads=2)
-    (d / "zh.txt").write_text("\n".join(synth_chinese(2000, seed=5)) + "\n", encoding="utf-8")
-    vtrain.train([d / "zh.txt"], d / "zh", vocab_size=600, threads=2)
-    merge_tokenizers(d / "base" / "zh_sp.model", d / "zh" / "zh_sp.model", d / "merged")
-    merge_tokenizers(d / "base" / "zh_sp.model", d / "zh" / "zh_sp.model", d / "v1", compat="v1")
-    text = d / "text.txt"
-    text.write_text("\n".join(synth_chinese(200, seed=6) + en[4000:4400]) + "\n", encoding="utf-8")
-    return {"d": d, "base": d / "base" / "zh_sp.model", "merged": d / "merged", "v1": d / "v1", "text": text}
+    base, add = train_sp_pair(d, en[:4000], 1200, synth_chinese(2000, seed=5), 600)
+    merge_tokenizers(base, add, d / "merged")
+    merge_tokenizers(base, add, d / "v1", compat="v1")
+    text = write_lines(d / "text.txt", synth_chinese(200, seed=6) + en[4000:4400])
+    return {"d": d, "base": base, "merged": d / "merged", "v1": d / "v1", "text": text}
 
 
 def test_report_json_figures(setup, capsys):

@@ -6,44 +6,16 @@ import random
 
 import pytest
 
+from conftest import cli_error, synth_chinese, write_lines
 from zhllama.app.cli import main
 from zhllama import spm as zspm
 from zhllama.vocab import train as vtrain
-
-WORDS = ("我们 喜欢 北京 上海 学生 老师 今天 明天 天气 很好 公园 散步 电脑 手机 价格 便宜 质量 服务 酒店 房间 "
-         "干净 早餐 经济 发展 政府 工作 人民 国家 社会 历史 文化 教育 科学 技术 研究 问题 方法 时间 地方 朋友 "
-         "孩子 家庭 医院 银行 公司 市场 产品 客户 快递 包装 味道 外卖 东西 不错 满意 推荐 下次 还会 购买 "
-         "一个 这个 那个 非常 比较 已经 可以 应该 需要 因为 所以 但是 如果 虽然 而且 还是 或者 就是").split()
-PUNCT = "，。！？、；："
-LATIN = ["iPhone", "USB", "Windows", "ok", "WiFi", "app", "CPU", "3D"]
-
-
-def synth_chinese(n_lines: int, seed: int = 0) -> list:
-    """Deterministic Chinese-like text: random word sequences with punctuation, digits and Latin words."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):
-        parts = []
-        for _ in range(rng.randint(4, 14)):
-            r = rng.random()
-            if r < 0.06:
-                parts.append(str(rng.randint(0, 2025)))
-            elif r < 0.10:
-                parts.append(" " + rng.choice(LATIN) + " ")
-            else:
-                parts.append(rng.choice(WORDS))
-            if rng.random() < 0.15:
-                parts.append(rng.choice(PUNCT))
-        parts.append("。")
-        lines.append("".join(parts))
-    return lines
-
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("zh")
     lines = synth_chinese(3000)
-    (d / "a.txt").write_text("\n".join(lines[:1000]) + "\n", encoding="utf-8")
+    write_lines(d / "a.txt", lines[:1000])
     sub = d / "sub"
     sub.mkdir()
     with gzip.open(sub / "b.jsonl.gz", "wt", encoding="utf-8") as f:
@@ -143,11 +115,7 @@ def test_jieba_delimiter_only_between_chinese_words():
 # --- bad input: one line naming the file, non-zero exit -------------------------------------------
 
 def _fail(capsys, *args):
-    rc = main(["vocab", "train", *map(str, args)])
-    err = capsys.readouterr().err.strip()
-    assert rc != 0
-    assert len(err.splitlines()) == 1, err
-    return err
+    return cli_error(capsys, "vocab", "train", *args)
 
 
 def test_missing_input(tmp_path, capsys):

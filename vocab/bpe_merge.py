@@ -43,6 +43,7 @@ from zhllama import bpe
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
 from zhllama.log import get_logger
+from zhllama.vocab.merge import fit_max_vocab
 
 log = get_logger("zhllama.vocab.bpe_merge")
 
@@ -181,12 +182,7 @@ def merge_json(base: dict, add: dict, *, max_vocab: Optional[int] = None, drop_u
               "synthesized_prefixes": 0}
     cands = _candidates(base_ids, add, counts)
     counts["candidates"] = len(cands)
-    if max_vocab is not None:
-        room = max_vocab - first_id
-        if room < 0:
-            raise UserError(f"--max-vocab {max_vocab} is smaller than the base vocabulary ({first_id})")
-        counts["capped"] = max(0, len(cands) - room)
-        cands = cands[:room]
+    cands = fit_max_vocab(cands, max_vocab, first_id, counts)
 
     dropped_unreachable, dropped_no_merge = [], []
     iterations = 0

@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from zhllama import bpe
 from zhllama.textenc import encode_text
+from zhllama.vocab.bpe_merge import unreachable_tokens
 from zhllama.vocab.report import reference_figures, token_figures
 
 
@@ -25,8 +26,6 @@ def encode_lines(tk, lines: List[str]) -> List[List[int]]:
 
 
 def measure(path, lines: List[str], *, reference: Optional[str] = None, ref_ids=None, parity: bool = True) -> dict:
-    from zhllama.vocab.bpe_merge import unreachable_tokens
-
     data = bpe.read_tokenizer_json(path)
     bpe.check_byte_level_bpe(data, bpe.tokenizer_json_path(path))
     tk = bpe.load_tokenizer(path)

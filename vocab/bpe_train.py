@@ -11,6 +11,7 @@ append it with its merge. Writes DIR/tokenizer.json and DIR/train_config.json, a
 
 import json
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from zhllama import bpe
@@ -82,5 +83,4 @@ def train(inputs, out_dir, *, base, vocab_size=20000, max_sentences=2_000_000, m
 
 
 def _versions() -> dict:
-    from importlib.metadata import version
     return {"tokenizers": version("tokenizers")}

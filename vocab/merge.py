@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from zhllama import spm as _spm
 from zhllama.bpe import is_bpe_json_base, read_tokenizer_json, tokenizer_json_path
 from zhllama.errors import UserError
@@ -69,7 +71,8 @@ def add_arguments(parser):
 
 
 def _run_bpe(args) -> int:
-    from zhllama.vocab import bpe_merge
+    from zhllama.vocab import bpe_merge  # here, not at the top: bpe_merge imports this module
+
     if args.compat or args.model_max_length is not None:
         raise UserError("--compat and --model-max-length apply to SentencePiece bases only")
     report = bpe_merge.merge_tokenizers(args.base, args.add, args.out, max_vocab=args.max_vocab,
@@ -114,7 +117,6 @@ def run(args) -> int:
 
 def _float32_below(x: float) -> float:
     """The largest float32 strictly below `x` by at least 1 (scores are stored as float32)."""
-    import numpy as np
     y = np.float32(np.float32(x) - np.float32(1.0))
     while y >= np.float32(x):
         y = np.nextafter(y, np.float32(-np.inf))
@@ -174,6 +176,28 @@ def _merge_v1(base, add, counts):
     return m
 
 
+def fit_max_vocab(cands: list, max_vocab: Optional[int], base_size: int, counts: dict,
+                  essential=lambda c: False) -> list:
+    """The candidates (best first) that fit under --max-vocab: every `essential` one, then the others
+    in order; counts["capped"] is how many are left out. Both merges (SentencePiece, byte-level BPE)."""
+    if max_vocab is None:
+        return cands
+    room = max_vocab - base_size
+    if room < 0:
+        raise UserError(f"--max-vocab {max_vocab} is smaller than the base vocabulary ({base_size})")
+    others_room = max(room - sum(1 for c in cands if essential(c)), 0)
+    out, others = [], 0
+    for c in cands:
+        if essential(c):
+            out.append(c)
+        elif others < others_room:
+            out.append(c)
+            others += 1
+    out = out[:room]
+    counts["capped"] = len(cands) - len(out)
+    return out
+
+
 def merge_protos(base, add, *, compat: Optional[str] = None, max_vocab: Optional[int] = None,
                  drop_unreachable: bool = True):
     """Merge two ModelProtos in memory. Returns (merged ModelProto, report dict without file info)."""
@@ -203,25 +227,9 @@ def merge_protos(base, add, *, compat: Optional[str] = None, max_vocab: Optional
                             f"BPE bases (LLaMA-style) only")
         cands = _candidates(base, add, counts)
         counts["candidates"] = len(cands)
-        if max_vocab is not None:
-            room = max_vocab - n_base
-            if room < 0:
-                raise UserError(f"--max-vocab {max_vocab} is smaller than the base vocabulary ({n_base})")
-            if len(cands) > room:
-                # Keep every single character (the pieces everything else is built from); leave out the
-                # lowest-priority multi-character pieces.
-                singles = sum(1 for p in cands if len(p.piece) == 1)
-                keep_multi = max(room - singles, 0)
-                out, k = [], 0
-                for p in cands:
-                    if len(p.piece) == 1:
-                        out.append(p)
-                    elif k < keep_multi:
-                        out.append(p)
-                        k += 1
-                out = out[:room]
-                counts["capped"] = len(cands) - len(out)
-                cands = out
+        # Under --max-vocab keep every single character (the pieces everything else is built from) and
+        # leave out the lowest-priority multi-character pieces.
+        cands = fit_max_vocab(cands, max_vocab, n_base, counts, essential=lambda p: len(p.piece) == 1)
         # A piece with a character that is not itself a piece (e.g. "℃／" when "℃", not CJK, was
         # filtered out and the base lacks it) is reachable in sentencepiece, which merges unknown
         # characters, but not in HF tokenizers, which turn unknown characters into bytes first.

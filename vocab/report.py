@@ -211,7 +211,8 @@ def measure(path, lines: List[str], *, reference=None, ref_ids=None, parity: boo
 
 
 def build_report(tokenizers, lines: List[str], *, reference=None, parity=True, hf_loader="auto") -> dict:
-    from zhllama.vocab import bpe_report
+    from zhllama.vocab import bpe_report  # here, not at the top: bpe_report imports this module
+
     ref_proto = ref_ids = None
     rows = []
     if reference is not None and is_bpe_json_base(reference):

@@ -21,10 +21,13 @@ the sample, the time), atomically.
 
 import io
 import json
+import logging
+import multiprocessing as mp
 import os
 import random
 import re
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from zhllama import corpus
@@ -146,8 +149,8 @@ def jieba_delimit(sentence: str, cut) -> str:
 
 
 def _jieba_init():
-    import logging
-    import jieba
+    import jieba  # on demand: --jieba only
+
     jieba.setLogLevel(logging.WARNING)
     jieba.initialize()
     return jieba
@@ -163,7 +166,6 @@ def jieba_segment(sentences, processes: int = 1, chunk: int = 2000):
     _jieba_init()  # load the dictionary once, before forking
     if processes <= 1 or len(sentences) < 2 * chunk:
         return _jieba_chunk(sentences)
-    import multiprocessing as mp
     try:
         ctx = mp.get_context("fork")
     except ValueError:  # no fork (Windows): one process
@@ -300,7 +302,6 @@ def _versions() -> dict:
     out = {}
     for name in ("sentencepiece", "jieba"):
         try:
-            from importlib.metadata import version
             out[name] = version(name)
         except Exception:
             pass
@@ -309,30 +310,23 @@ def _versions() -> dict:
 
 def run(args) -> int:
     check_output_path(args.out)  # before reading the corpus and training
+    common = dict(vocab_size=args.vocab_size, max_sentences=args.max_sentences,
+                  max_sentence_length=args.max_sentence_length, seed=args.seed, text_field=args.text_field,
+                  strict=not args.skip_bad_lines, overwrite=args.overwrite)
     if getattr(args, "base", None):
-        return _run_bpe(args)
-    cfg = train(args.input, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
-                character_coverage=args.character_coverage, max_sentences=args.max_sentences,
-                max_sentence_length=args.max_sentence_length, threads=args.threads, seed=args.seed,
-                use_jieba=args.jieba, text_field=args.text_field, strict=not args.skip_bad_lines,
-                overwrite=args.overwrite)
-    s = cfg["sampling"]
-    print(f"trained {cfg['pieces']:,} pieces on {s['sentences_sampled']:,} of {s['sentences_seen']:,} sentences "
-          f"in {cfg['seconds']['total']:.1f}s -> {Path(args.out) / (MODEL_NAME + '.model')}")
-    return 0
+        from zhllama.vocab import bpe_train  # here, not at the top: bpe_train imports this module
 
-
-def _run_bpe(args) -> int:
-    from zhllama.vocab import bpe_train
-    if args.jieba or args.model_type != "bpe":
-        raise UserError("--base (byte-level BPE) takes neither --jieba nor --model-type unigram")
-    cfg = bpe_train.train(args.input, args.out, base=args.base, vocab_size=args.vocab_size,
-                          max_sentences=args.max_sentences, max_sentence_length=args.max_sentence_length,
-                          seed=args.seed, text_field=args.text_field, strict=not args.skip_bad_lines,
-                          overwrite=args.overwrite)
+        if args.jieba or args.model_type != "bpe":
+            raise UserError("--base (byte-level BPE) takes neither --jieba nor --model-type unigram")
+        cfg = bpe_train.train(args.input, args.out, base=args.base, **common)
+        what, written = "byte-level BPE tokens", Path(args.out) / "tokenizer.json"
+    else:
+        cfg = train(args.input, args.out, model_type=args.model_type, character_coverage=args.character_coverage,
+                    threads=args.threads, use_jieba=args.jieba, **common)
+        what, written = "pieces", Path(args.out) / (MODEL_NAME + ".model")
     s = cfg["sampling"]
-    print(f"trained {cfg['pieces']:,} byte-level BPE tokens on {s['sentences_sampled']:,} of "
-          f"{s['sentences_seen']:,} sentences in {cfg['seconds']['total']:.1f}s -> {Path(args.out) / 'tokenizer.json'}")
+    print(f"trained {cfg['pieces']:,} {what} on {s['sentences_sampled']:,} of {s['sentences_seen']:,} sentences "
+          f"in {cfg['seconds']['total']:.1f}s -> {written}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Atomic output: write to a temporary sibling, fsync, rename.
+"""Files: atomic output (write to a temporary sibling, fsync, rename), checked JSON input.
 
 A crash mid-write leaves either the previous complete file/directory or nothing, never a
 half-written one that looks complete.
@@ -15,7 +15,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import InputError, UserError
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -168,3 +168,18 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path, required=(), hint: str = ""):
+    """The JSON object in `path`; an InputError naming the file when it cannot be read, is not JSON, or
+    lacks one of the `required` keys (`hint` is added to that message)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(path, f"cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise InputError(path, f"not valid JSON ({e})") from None
+    missing = [k for k in required if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise InputError(path, f"missing key {missing[0]!r}{hint}")
+    return data

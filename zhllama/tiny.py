@@ -1,11 +1,16 @@
-"""LLaMA configs: a tiny random LLaMA for tests and the demo, and the real LLaMA-1 shapes.
+"""LLaMA configs: a tiny random LLaMA for tests and the demo, the demo's brief English pretraining of
+it, and the real LLaMA-1 shapes.
 
 The tiny model is a normal HF checkpoint (same class, same files as a real LLaMA), so every code path
 the tests exercise is the one a 7B run takes; only the sizes differ. The LLaMA-1 shapes (paper,
 Table 2) are used by the planner and by tests that build a 7B model on the meta device.
 """
 
+import json
+import time
 from pathlib import Path
+
+from .schedule import lr_lambda
 
 # name -> (hidden, layers, heads, intermediate); LLaMA-1 paper shapes, vocab 32000, untied embeddings.
 LLAMA_SHAPES = {
@@ -75,6 +80,61 @@ def make_tiny_llama(tokenizer_path, out_dir, *, hidden_size=64, num_layers=2, nu
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return save_pretrained_atomic(model, tok, out_dir, overwrite=overwrite)
+
+
+def pretrain_tiny(model, sp_file, text_file, *, steps, batch, block_size, lr, seed, metrics_path,
+                  report=None) -> list:
+    """Train every weight of a tiny model briefly on a text file: the demo's English base.
+
+    zhllama's engine trains adapters on a real base; the demo's base only has to know some English
+    first. Documents are BOS + ids + EOS, concatenated and cut into blocks, visited in a seeded random
+    order; AdamW with the schedule of every stage (10% warmup, then cosine to zero: zhllama/schedule.py)
+    on the one token loss (zhllama/loss.py), averaged over the batch's predicted tokens. Returns the
+    metrics records, also written to `metrics_path` (one JSON object a line); `report(record)`, when
+    given, sees each one as it is made.
+    """
+    # torch (and zhllama.loss, which imports it) only here: `zhllama plan` reads this module's shapes.
+    import sentencepiece as spm
+    import torch
+
+    from .loss import CausalLMTokenLoss
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+    lines = [x for x in Path(text_file).read_text(encoding="utf-8").splitlines() if x.strip()]
+    ids = [t for doc in sp.encode(lines) for t in [sp.bos_id(), *doc, sp.eos_id()]]
+    n_blocks = len(ids) // block_size
+    blocks = torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    loss_sum = CausalLMTokenLoss(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup_ratio=0.1, min_lr_ratio=0.0))
+    model.train()
+    records, order = [], torch.randperm(n_blocks, generator=gen)
+    with open(metrics_path, "w") as f:
+        for step in range(steps):
+            start = (step * batch) % n_blocks
+            idx = order[start:start + batch]
+            if len(idx) < batch:
+                order = torch.randperm(n_blocks, generator=gen)
+                idx = order[:batch]
+            x = blocks[idx]
+            t0 = time.perf_counter()
+            loss = loss_sum(x, x) / (x.size(0) * (x.size(1) - 1))   # every position after the first is predicted
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            r = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
+                 "tokens_per_s": x.numel() / dt}
+            records.append(r)
+            f.write(json.dumps(r) + "\n")
+            if report is not None:
+                report(r)
+    model.eval()
+    return records
 
 
 # A small English + Chinese sample for tiny tokenizers (no ../shared needed: tests and the demo).

@@ -4,35 +4,23 @@ which shard files a checkpoint has, how big a shard may be, and how much memory 
 One home for what `zhllama vocab resize` and `zhllama merge` share, so neither stage imports the other.
 """
 
-import json
 import re
 import resource
 import sys
 from pathlib import Path
 
 from zhllama.errors import UserError
+from zhllama.modelio import checkpoint_shards
 
 
 def input_shards(model_dir):
-    """The safetensors files of a checkpoint, in index order."""
-    d = Path(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{index}: not a safetensors index (need key 'weight_map'): {e}") from e
-        files = list(dict.fromkeys(weight_map.values()))
-        missing = [f for f in files if not (d / f).is_file()]
-        if missing:
-            raise UserError(f"{index}: shard {missing[0]} listed but not found in {d}")
-        return [d / f for f in files]
-    if (d / "model.safetensors").is_file():
-        return [d / "model.safetensors"]
-    if list(d.glob("pytorch_model*.bin")):
-        raise UserError(f"{d}: only pytorch_model*.bin weights; convert to safetensors first "
+    """The safetensors files of a checkpoint, in index order (`modelio.checkpoint_shards`); resize and
+    merge stream safetensors, so a checkpoint with only pytorch_model*.bin weights is refused here."""
+    shards = checkpoint_shards(model_dir)
+    if not shards:
+        raise UserError(f"{model_dir}: only pytorch_model*.bin weights; convert to safetensors first "
                         f"(load with transformers and save_pretrained)")
-    raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    return shards
 
 
 def parse_size(text) -> int:

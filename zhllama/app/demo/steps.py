@@ -22,7 +22,10 @@ from zhllama.fsutil import atomic_write_json, atomic_write_text
 from zhllama.modelio import load_model, load_tokenizer, save_pretrained_atomic, save_tokenizer
 from zhllama.pretrain.pack import is_validation_doc
 from zhllama.pretrain.shards import read_manifest, split_counts
+from zhllama.sft.convert import record_to_json
+from zhllama.sft.records import load_records
 from zhllama.tiny import make_tiny_llama, make_tiny_sp, pretrain_tiny
+from zhllama.vocab.report import stdlib_english_lines
 
 from .report import fmt_s, plot_curves, summarise
 from .runner import read_json, read_jsonl, say, train_stage, zhllama_command
@@ -52,6 +55,8 @@ class Demo:
         if step == "data":  # the inputs' names, sizes and times: an edited file redoes everything
             files = self.zh_text or [DATA / "zh_sample.txt"]
             files = [*files, DATA / "en_sample.txt", DATA / "sft_zh.jsonl"]
+            if self.settings[step].get("sft_source"):
+                files.append(self.settings[step]["sft_source"]["path"])
             inputs["files"] = [[str(p), p.stat().st_size, int(p.stat().st_mtime)] if p.is_file() else [str(p)]
                                for p in map(Path, files)]
         if step == "base":
@@ -130,7 +135,14 @@ class Demo:
         en = [x for x in (DATA / "en_sample.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
         atomic_write_text(d / "en_heldout.txt", "".join(x + "\n" for x in en if is_validation_doc(x, 0.1)))
         atomic_write_text(d / "en_train.txt", "".join(x + "\n" for x in en if not is_validation_doc(x, 0.1)))
-        shutil.copyfile(DATA / "sft_zh.jsonl", d / "sft.jsonl")
+        sft = s.get("sft_source")
+        if sft:   # other field names (BELLE's question/std_answer) read and written as Alpaca records
+            records, _ = load_records([sft["path"]], field_map=sft["field_map"])
+            atomic_write_text(d / "sft.jsonl", "".join(json.dumps(record_to_json(r), ensure_ascii=False) + "\n"
+                                                       for r in records))
+            say(f"    {len(records):,} instruction records from {sft['path']}")
+        else:
+            shutil.copyfile(DATA / "sft_zh.jsonl", d / "sft.jsonl")
         say(f"    {len(train)} training and {len(held)} held-out Chinese documents "
             f"({sum(map(len, held)):,} held-out characters) from {', '.join(str(p) for p in sources)}")
         return {"zh_docs": len(docs), "zh_train_docs": len(train), "zh_heldout_docs": len(held),
@@ -217,11 +229,45 @@ class Demo:
 
     def step_pack(self, d: Path) -> dict:
         """zhllama data pack: token blocks, the held-out documents in the validation split"""
-        self.cli(["data", "pack", "--tokenizer", self.tokenizer(), "--input", self.dir("data") / "zh_all.txt",
+        inputs, figures = [self.dir("data") / "zh_all.txt"], {}
+        share = self.settings["pack"].get("english_share")
+        if share:
+            en_file, figures["english"] = self.english_mix(d / "en_mix.txt", share)
+            inputs.append(en_file)
+        self.cli(["data", "pack", "--tokenizer", self.tokenizer(), "--input", *inputs,
                   "--block-size", self.settings["pack"]["block_size"], "--out", d / "packed",
                   "--validation-ratio", self.settings["data"]["validation_ratio"]])
         counts = split_counts(read_manifest(d / "packed"))
-        return {"packed": str(d / "packed"), "splits": counts}
+        return {"packed": str(d / "packed"), "splits": counts, **figures}
+
+    def english_mix(self, out: Path, share: float):
+        """English documents worth `share` of the pretraining tokens, so stages 1 and 2 keep seeing the
+        base's language: the bundled English training paragraphs, then paragraphs of English prose from
+        the Python standard library's docstrings (offline, ~2 MB). Never a held-out English document,
+        and none that the pack's hash split would put in validation (its split stays Chinese only)."""
+        tok = load_tokenizer(self.tokenizer())
+
+        def n_tokens(docs):
+            return sum(len(ids) for ids in tok(docs, add_special_tokens=False)["input_ids"]) if docs else 0
+
+        ratio = self.settings["data"]["validation_ratio"]
+        zh = [x for x in (self.dir("data") / "zh_train.txt").read_text(encoding="utf-8").splitlines() if x]
+        zh_tokens = n_tokens(zh)
+        want = share / (1 - share) * zh_tokens
+        bundled = [x for x in (self.dir("data") / "en_train.txt").read_text(encoding="utf-8").splitlines() if x]
+        lines = stdlib_english_lines(60000)
+        prose = [" ".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
+        docs, have = [], 0
+        for doc in bundled + prose:
+            if have >= want:
+                break
+            if not is_validation_doc(doc, ratio):
+                docs.append(doc)
+                have += n_tokens([doc])
+        atomic_write_text(out, "".join(x + "\n" for x in docs))
+        say(f"    English mix: {len(docs):,} documents, {have:,} tokens ({have / (have + zh_tokens):.1%} "
+            f"of the pretraining tokens; {min(len(docs), len(bundled))} bundled paragraphs, the rest standard-library prose)")
+        return out, {"documents": len(docs), "tokens": have, "share": share}
 
     def _train(self, step: str, d: Path, overrides: list) -> dict:
         s = self.settings[step]
@@ -231,6 +277,8 @@ class Demo:
                   "warmup_ratio=0.1", "gradient_checkpointing=false", "tensorboard=false",
                   f"save_every={s.get('save_every') or max(1, s['max_steps'] // 2)}", "keep_last=1", "eval_batches=4",
                   f"eval_every={s.get('eval_every') or max(1, s['max_steps'] // 4)}"]
+        if "seed" in s:
+            common.append(f"seed={s['seed']}")
         world_size = train_stage(step, d, common + overrides, self.ranks)
         summary = read_json(run_dir / "summary.json")   # what `zhllama train` writes at the end
         if summary is None:
@@ -264,13 +312,6 @@ class Demo:
         """stage 2 through launch/pretrain_stage2.sh: LoRA + embed_tokens + lm_head, from stage 1"""
         blk = self.settings["pack"]["block_size"]
         data = [self.figures['pack']['packed']]
-        if self.settings["stage2"].get("english_mix"):
-            # the Chinese documents and the English training documents in one pack (a stage reads one);
-            # the same hash split holds out the same Chinese documents, and no held-out English one
-            self.cli(["data", "pack", "--tokenizer", self.tokenizer(), "--input", self.dir("data") / "zh_all.txt",
-                      self.dir("data") / "en_train.txt", "--block-size", blk, "--out", d / "packed_mix",
-                      "--validation-ratio", self.settings["data"]["validation_ratio"], "--overwrite"])
-            data = [str(d / "packed_mix")]
         return self._train("stage2", d, [f"data={json.dumps(data)}", f"block_size={blk}",
                                          f"init_adapters={json.dumps(self.adapters_until('stage1'))}"])
 

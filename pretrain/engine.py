@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -219,6 +220,26 @@ class Metrics:
 
 # ----------------------------------------------------------------------------- the loop
 
+@dataclass
+class _Run:
+    """What `Trainer._setup` builds and the step loop uses."""
+    engine: object                  # the DeepSpeed engine around CausalLMTokenLoss(model)
+    scheduler: object
+    order: BlockOrder
+    metrics: Metrics
+    precision: str
+    grad_accum: int
+    start_step: int
+    total_steps: int
+    trainable: int
+    total: int
+    ckpt_root: Path
+    fingerprint: str
+    tokenizer_path: str             # cfg.tokenizer or cfg.model
+    flops_per_token: float
+    peak_flops: float
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, allow_config_change: bool = False, hooks: Optional[TrainHooks] = None):
         self.cfg = cfg
@@ -228,8 +249,41 @@ class Trainer:
         self.run_dir = Path(cfg.out)
 
     def run(self) -> dict:
-        import deepspeed
+        """Set up, run the steps from the resume point to the end, save the final adapter."""
+        cfg = self.cfg
+        run = self._setup()
+        summary = {"start_step": run.start_step, "total_steps": run.total_steps, "trainable": run.trainable,
+                   "total": run.total, "nonfinite_skipped": 0}
+        nonfinite_in_row = 0
+        last = {}
 
+        for step in range(run.start_step, run.total_steps):
+            record, nonfinite = self._step_and_record(run, step)
+            done = step + 1
+            if nonfinite:
+                summary["nonfinite_skipped"] += nonfinite
+                nonfinite_in_row += 1
+                if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                    raise UserError(self._nonfinite_diagnosis(step, nonfinite_in_row, last))
+            else:
+                nonfinite_in_row = 0
+                last = record
+            if done % cfg.save_every == 0 or done == run.total_steps:
+                checkpoint.save(run.engine, run.ckpt_root, done,
+                                checkpoint.run_state(cfg, done, self.world, run.fingerprint),
+                                rank=self.rank, barrier=barrier, keep_last=cfg.keep_last,
+                                crash_hook=lambda: self.hooks.call_in_checkpoint(done, self.rank))
+            self.hooks.call_after_step(done, self.rank)
+
+        run.metrics.close()
+        summary.update({k: last.get(k) for k in ("loss", "val_loss", "tokens_per_s", "mfu")})
+        self._save_final(run.engine, run.tokenizer_path)
+        return summary
+
+    # setup ---------------------------------------------------------------------------------------
+    def _setup(self) -> "_Run":
+        """Everything before the first step, ordered to fail early: config errors before any process
+        group, a refused resume (it reads only the checkpoint's JSON) before the model is loaded."""
         cfg, preset = self.cfg, self.preset
         # Config errors first, before any process group, model or data is touched.
         grad_accumulation(preset.global_batch, cfg.micro_batch, int(os.environ.get("WORLD_SIZE", 1)))
@@ -256,32 +310,10 @@ class Trainer:
         from .adapters import count_trainable
         trainable, total = count_trainable(model)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
-
         if rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
-            stage_data = registered(cfg.stage)
-            for name, obj in (stage_data.run_files(cfg) if stage_data and stage_data.run_files else {}).items():
-                atomic_write_json(self.run_dir / name, obj)  # sft: template.json, the template itself
-            log.info("stage %s | %s | world %d x micro %d x accum %d = global batch %d | %d steps | "
-                     "precision %s | trainable %s of %s (%.2f%%) | ds config %s", cfg.stage, data.description,
-                     world, cfg.micro_batch, grad_accum, preset.global_batch, total_steps, precision,
-                     f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, ds_path.name)
+            self._start_run_dir(data, grad_accum, total_steps, precision, trainable, total, ds_path)
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        if ds_config.get("zero_optimization", {}).get("offload_optimizer"):
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-            optimizer = DeepSpeedCPUAdam(params, lr=preset.lr, betas=preset.betas,
-                                         weight_decay=preset.weight_decay, adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=preset.lr, betas=preset.betas,
-                                          weight_decay=preset.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(total_steps, preset.warmup_ratio, cfg.min_lr_ratio))
-        # DeepSpeed wraps the loss module: its forward returns the summed token loss (zhllama/loss.py).
-        engine, _, _, _ = deepspeed.initialize(model=CausalLMTokenLoss(model), optimizer=optimizer,
-                                               lr_scheduler=scheduler, config=ds_config)
-
+        engine, scheduler = self._deepspeed_engine(model, ds_config, total_steps)
         start_step = 0
         if latest is not None:
             state = checkpoint.load(engine, latest, rank=rank)
@@ -295,50 +327,71 @@ class Trainer:
         fpt = flops_per_token(hf_config, preset.block_size)
         peak = peak_flops(device) * world
         self.engine, self.data, self.device = engine, data, device
-        summary = {"start_step": start_step, "total_steps": total_steps, "trainable": trainable, "total": total,
-                   "nonfinite_skipped": 0}
-        nonfinite_in_row = 0
-        last = {}
+        return _Run(engine=engine, scheduler=scheduler, order=order, metrics=metrics, precision=precision,
+                    grad_accum=grad_accum, start_step=start_step, total_steps=total_steps, trainable=trainable,
+                    total=total, ckpt_root=ckpt_root, fingerprint=fingerprint, tokenizer_path=tokenizer_path,
+                    flops_per_token=fpt, peak_flops=peak)
 
-        for step in range(start_step, total_steps):
-            engine.train()
-            lr = scheduler.get_last_lr()[0]
-            t0 = time.perf_counter()
-            loss, tokens, nonfinite = self._train_step(step, order, grad_accum)
-            dt = time.perf_counter() - t0
-            done = step + 1
-            record = {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr,
-                      "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": tokens / dt,
-                      "mfu": fpt * tokens / dt / peak, "step_time_s": dt, "tokens": tokens,
-                      "nonfinite_microbatches": nonfinite}
-            if precision == "fp16":
-                record["loss_scale"] = _float(getattr(engine.optimizer, "cur_scale", None))
-            if cfg.eval_every and done % cfg.eval_every == 0 and data.validation is not None:
-                record.update(self.evaluate())
-            if done == total_steps and data.validation is not None and "val_loss" not in record:
-                record.update(self.evaluate())
-            if rank == 0:
-                metrics.write(record)
-                if done % cfg.log_every == 0 or done == total_steps or nonfinite:
-                    log.info(_progress_line(record, total_steps))
-            if nonfinite:
-                summary["nonfinite_skipped"] += nonfinite
-                nonfinite_in_row += 1
-                if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                    raise UserError(self._nonfinite_diagnosis(step, nonfinite_in_row, last))
-            else:
-                nonfinite_in_row = 0
-                last = record
-            if done % cfg.save_every == 0 or done == total_steps:
-                checkpoint.save(engine, ckpt_root, done, checkpoint.run_state(cfg, done, world, fingerprint),
-                                rank=rank, barrier=barrier, keep_last=cfg.keep_last,
-                                crash_hook=lambda: self.hooks.call_in_checkpoint(done, rank))
-            self.hooks.call_after_step(done, rank)
+    def _start_run_dir(self, data, grad_accum, total_steps, precision, trainable, total, ds_path):
+        """Rank 0: config.yaml and the stage's run files (sft: template.json), and the run's one-line plan."""
+        cfg, preset = self.cfg, self.preset
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        stage_data = registered(cfg.stage)
+        for name, obj in (stage_data.run_files(cfg) if stage_data and stage_data.run_files else {}).items():
+            atomic_write_json(self.run_dir / name, obj)  # sft: template.json, the template itself
+        log.info("stage %s | %s | world %d x micro %d x accum %d = global batch %d | %d steps | "
+                 "precision %s | trainable %s of %s (%.2f%%) | ds config %s", cfg.stage, data.description,
+                 self.world, cfg.micro_batch, grad_accum, preset.global_batch, total_steps, precision,
+                 f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, ds_path.name)
 
-        metrics.close()
-        summary.update({k: last.get(k) for k in ("loss", "val_loss", "tokens_per_s", "mfu")})
-        self._save_final(engine, tokenizer_path)
-        return summary
+    def _deepspeed_engine(self, model, ds_config, total_steps):
+        """(engine, scheduler): AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded) on the
+        trainable parameters, the warmup + cosine schedule, and DeepSpeed around the loss module."""
+        import deepspeed
+
+        preset = self.preset
+        params = [p for p in model.parameters() if p.requires_grad]
+        if ds_config.get("zero_optimization", {}).get("offload_optimizer"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(params, lr=preset.lr, betas=preset.betas,
+                                         weight_decay=preset.weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=preset.lr, betas=preset.betas,
+                                          weight_decay=preset.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total_steps, preset.warmup_ratio, self.cfg.min_lr_ratio))
+        # DeepSpeed wraps the loss module: its forward returns the summed token loss (zhllama/loss.py).
+        engine, _, _, _ = deepspeed.initialize(model=CausalLMTokenLoss(model), optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds_config)
+        return engine, scheduler
+
+    # one step and its record -----------------------------------------------------------------------
+    def _step_and_record(self, run: "_Run", step: int):
+        """Train one step, then its record: metrics.jsonl, the progress line, and the validation loss
+        every eval_every steps and at the last one. Returns (record, non-finite micro-batches)."""
+        cfg, engine = self.cfg, run.engine
+        engine.train()
+        lr = run.scheduler.get_last_lr()[0]
+        t0 = time.perf_counter()
+        loss, tokens, nonfinite = self._train_step(step, run.order, run.grad_accum)
+        dt = time.perf_counter() - t0
+        done = step + 1
+        record = {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr,
+                  "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": tokens / dt,
+                  "mfu": run.flops_per_token * tokens / dt / run.peak_flops, "step_time_s": dt, "tokens": tokens,
+                  "nonfinite_microbatches": nonfinite}
+        if run.precision == "fp16":
+            record["loss_scale"] = _float(getattr(engine.optimizer, "cur_scale", None))
+        if cfg.eval_every and done % cfg.eval_every == 0 and self.data.validation is not None:
+            record.update(self.evaluate())
+        if done == run.total_steps and self.data.validation is not None and "val_loss" not in record:
+            record.update(self.evaluate())
+        if self.rank == 0:
+            run.metrics.write(record)
+            if done % cfg.log_every == 0 or done == run.total_steps or nonfinite:
+                log.info(_progress_line(record, run.total_steps))
+        return record, nonfinite
 
     # one optimizer step --------------------------------------------------------------------------
     def _train_step(self, step, order, grad_accum):

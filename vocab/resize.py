@@ -48,6 +48,7 @@ import math
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from zhllama import bpe
@@ -226,6 +227,27 @@ def default_lm_head_init(init: str) -> str:
     return "zero" if init == "subword-mean" else init
 
 
+@dataclass
+class ResizePlan:
+    """What `plan_resize` read and checked, and the writing phases of `resize_checkpoint` use."""
+    model_dir: Path
+    tokenizer_path: object                      # the merged tokenizer, as given
+    cfg: dict                                   # the model's config.json
+    shards: list                                # the model's shards, in index order
+    tied: bool
+    max_bytes: int                              # the largest output shard
+    old_rows: int                               # embedding rows of the model (padding included)
+    old_size: int                               # its real vocabulary: rows that are copied
+    new_size: int                               # the merged tokenizer's size
+    rows: int                                   # output rows (new_size, padded)
+    new_tok: object                             # the merged tokenizer, loaded
+    init: str
+    lm_head_init: str
+    sources: list                               # per new token: base ids to average, or None (mean)
+    n_split: int                                # new tokens with base pieces (subword-mean)
+    std: float                                  # the config's initializer_range, for --init random
+
+
 def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
                       pad_to_multiple_of=None, base_tokenizer=None, seed=0,
                       max_shard_size="2GB", overwrite=False, lm_head_init=None) -> dict:
@@ -243,7 +265,30 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
     if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
         raise UserError(f"--pad-to-multiple-of must be a positive integer, got {pad_to_multiple_of}")
     model_dir = Path(model_dir)
-    base_tok_path = Path(base_tokenizer) if base_tokenizer else model_dir
+    plan = plan_resize(model_dir, tokenizer_path, Path(base_tokenizer) if base_tokenizer else model_dir,
+                       init, lm_head_init, pad_to_multiple_of, max_shard_size)
+
+    tensors = output_tensors(plan.shards, plan.tied, plan.old_rows, plan.rows)
+    names = {name for _, name, _, _ in tensors}
+    if EMBED not in names:
+        raise UserError(f"{model_dir}: no tensor '{EMBED}' in the checkpoint (not a LLaMA model?)")
+    if LM_HEAD not in names and not plan.tied:
+        raise UserError(f"{model_dir}: no tensor '{LM_HEAD}' and tie_word_embeddings is false")
+    shard_plan = plan_shards([(name, shape, dt) for _, name, shape, dt in tensors], plan.max_bytes)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        out_files = _write_shards(plan, tensors, shard_plan, tmp, seed)
+        _write_tokenizer_and_configs(plan, tmp)
+        report = _report(plan, seed, out_files, t0)
+        atomic_write_json(tmp / REPORT_NAME, report)
+    log.info("wrote %s (%d shards, peak RSS %.2f GB, %.1fs)", out_dir, len(out_files),
+             report["peak_rss_bytes"] / 1e9, report["seconds"])
+    return report
+
+
+def plan_resize(model_dir: Path, tokenizer_path, base_tok_path: Path, init: str, lm_head_init: str,
+                pad_to_multiple_of, max_shard_size) -> ResizePlan:
+    """Check the checkpoint and that the merged tokenizer extends the model's, size the output, and find,
+    for subword-mean, the base pieces of every new token; nothing is written yet."""
     cfg = read_model_config(model_dir)
     check_checkpoint(model_dir)  # a corrupt or misshapen shard: one line naming it, before any output
     if "vocab_size" not in cfg:
@@ -270,69 +315,80 @@ def resize_checkpoint(model_dir, tokenizer_path, out_dir, init="subword-mean",
     if tied and lm_head_init != init:
         log.info("tied embeddings: lm_head is embed_tokens, so --lm-head-init %s does not apply", lm_head_init)
         lm_head_init = init
-    base_sp = find_sp_model(base_tok_path)
-    if "subword-mean" in (init, lm_head_init) and base_sp is None and is_bpe_json_base(base_tok_path):
-        sources = bpe_subword_sources(base_tok_path, added, no_text, old_size)
-    elif "subword-mean" in (init, lm_head_init):
-        if base_sp is None:
-            raise UserError(f"--init subword-mean needs the base SentencePiece model: no tokenizer.model "
-                            f"in {base_tok_path}; pass it with --base-tokenizer, or use --init mean")
-        sources = subword_sources(base_sp, added, no_text, old_size)
-    else:
-        sources = [None] * len(added)
+    sources = _new_row_sources(base_tok_path, added, no_text, old_size, init, lm_head_init)
     n_split = sum(1 for s in sources if s)
     log.info("resize %s: %d -> %d tokens (%d rows%s), init %s%s", model_dir, old_size, new_size,
              rows, f", padded to a multiple of {pad_to_multiple_of}" if pad_to_multiple_of else "",
              f"{init} (lm_head: {lm_head_init})", f" ({n_split} from base pieces, {len(added) - n_split} mean)"
              if "subword-mean" in (init, lm_head_init) else "")
-
     std = float(cfg.get("initializer_range", 0.02))
-    tensors = output_tensors(shards, tied, old_rows, rows)
-    names = {name for _, name, _, _ in tensors}
-    if EMBED not in names:
-        raise UserError(f"{model_dir}: no tensor '{EMBED}' in the checkpoint (not a LLaMA model?)")
-    if LM_HEAD not in names and not tied:
-        raise UserError(f"{model_dir}: no tensor '{LM_HEAD}' and tie_word_embeddings is false")
-    plan = plan_shards([(name, shape, dt) for _, name, shape, dt in tensors], max_bytes)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, plan)
-        for shard_i, shard in enumerate(shards):
-            with Reader(shard) as f:
-                for name in (n for s, n, _, _ in tensors if s == shard):
-                    t = f.get(name)
-                    if name in (EMBED, LM_HEAD):
-                        t = build_matrix(t, old_size, rows, sources, lm_head_init if name == LM_HEAD else init,
-                                         seed=seed + (name == LM_HEAD), std=std)
-                    writer.write(name, t)
-                    del t
-            log.info("shard %d/%d done (%s), peak RSS %.2f GB", shard_i + 1, len(shards), shard.name,
-                     peak_rss_bytes() / 1e9)
-        out_files = writer.finish()
+    return ResizePlan(model_dir=model_dir, tokenizer_path=tokenizer_path, cfg=cfg, shards=shards, tied=tied,
+                      max_bytes=max_bytes, old_rows=old_rows, old_size=old_size, new_size=new_size, rows=rows,
+                      new_tok=new_tok, init=init, lm_head_init=lm_head_init, sources=sources, n_split=n_split,
+                      std=std)
 
-        write_resized_configs(tmp, cfg, model_dir, rows=rows, tokenizer_size=new_size, tokenizer=new_tok,
-                              base_vocab_size=old_size)
-        save_tokenizer(new_tok, tmp)
-        src_json = Path(tokenizer_path) / "tokenizer.json"
-        if src_json.is_file() and not (Path(tokenizer_path) / "tokenizer.model").is_file():
-            # a tokenizer.json tokenizer: the very file (a re-save writes the same ids in other bytes, and
-            # shards packed with the merged tokenizer are keyed by its bytes: pretrain/shards.py)
-            shutil.copyfile(src_json, tmp / "tokenizer.json")
-        if (Path(tokenizer_path) / "merge_report.json").is_file():
-            shutil.copyfile(Path(tokenizer_path) / "merge_report.json", tmp / "merge_report.json")
 
-        report = {
-            "model": str(model_dir), "tokenizer": str(tokenizer_path), "init": init,
-            "lm_head_init": lm_head_init,
-            "old_vocab": old_size, "new_vocab": new_size, "rows": rows,
-            "padding_rows": rows - new_size, "rows_from_base_pieces": n_split,
-            "rows_mean_fallback": len(added) - n_split if "subword-mean" in (init, lm_head_init) else None,
-            "tied_embeddings": tied, "seed": seed, "shards_in": len(shards), "shards_out": out_files,
-            "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - t0, 2),
-        }
-        atomic_write_json(tmp / REPORT_NAME, report)
-    log.info("wrote %s (%d shards, peak RSS %.2f GB, %.1fs)", out_dir, len(out_files),
-             report["peak_rss_bytes"] / 1e9, report["seconds"])
-    return report
+def _new_row_sources(base_tok_path: Path, added, no_text, old_size: int, init: str, lm_head_init: str) -> list:
+    """Per new token, the base ids whose rows subword-mean averages (None: the mean row); all None
+    when neither matrix uses subword-mean."""
+    base_sp = find_sp_model(base_tok_path)
+    if "subword-mean" in (init, lm_head_init) and base_sp is None and is_bpe_json_base(base_tok_path):
+        return bpe_subword_sources(base_tok_path, added, no_text, old_size)
+    if "subword-mean" in (init, lm_head_init):
+        if base_sp is None:
+            raise UserError(f"--init subword-mean needs the base SentencePiece model: no tokenizer.model "
+                            f"in {base_tok_path}; pass it with --base-tokenizer, or use --init mean")
+        return subword_sources(base_sp, added, no_text, old_size)
+    return [None] * len(added)
+
+
+def _write_shards(plan: ResizePlan, tensors, shard_plan, tmp: Path, seed: int) -> list:
+    """Stream every tensor into the planned shards, embed_tokens and lm_head resized on the way (old rows
+    copied, new rows initialised); returns the output shard names."""
+    writer = ShardWriter(tmp, shard_plan)
+    for shard_i, shard in enumerate(plan.shards):
+        with Reader(shard) as f:
+            for name in (n for s, n, _, _ in tensors if s == shard):
+                t = f.get(name)
+                if name in (EMBED, LM_HEAD):
+                    t = build_matrix(t, plan.old_size, plan.rows, plan.sources,
+                                     plan.lm_head_init if name == LM_HEAD else plan.init,
+                                     seed=seed + (name == LM_HEAD), std=plan.std)
+                writer.write(name, t)
+                del t
+        log.info("shard %d/%d done (%s), peak RSS %.2f GB", shard_i + 1, len(plan.shards), shard.name,
+                 peak_rss_bytes() / 1e9)
+    return writer.finish()
+
+
+def _write_tokenizer_and_configs(plan: ResizePlan, tmp: Path) -> None:
+    """config.json with the new vocab_size (and the base's, for new_rows_only), generation_config.json,
+    and the merged tokenizer, so AutoModelForCausalLM and AutoTokenizer load the output alone."""
+    tokenizer_path = plan.tokenizer_path
+    write_resized_configs(tmp, plan.cfg, plan.model_dir, rows=plan.rows, tokenizer_size=plan.new_size,
+                          tokenizer=plan.new_tok, base_vocab_size=plan.old_size)
+    save_tokenizer(plan.new_tok, tmp)
+    src_json = Path(tokenizer_path) / "tokenizer.json"
+    if src_json.is_file() and not (Path(tokenizer_path) / "tokenizer.model").is_file():
+        # a tokenizer.json tokenizer: the very file (a re-save writes the same ids in other bytes, and
+        # shards packed with the merged tokenizer are keyed by its bytes: pretrain/shards.py)
+        shutil.copyfile(src_json, tmp / "tokenizer.json")
+    if (Path(tokenizer_path) / "merge_report.json").is_file():
+        shutil.copyfile(Path(tokenizer_path) / "merge_report.json", tmp / "merge_report.json")
+
+
+def _report(plan: ResizePlan, seed: int, out_files: list, t0: float) -> dict:
+    """resize_report.json: the sizes and the inits, so the output can be traced to its inputs."""
+    init, lm_head_init, n_added = plan.init, plan.lm_head_init, plan.new_size - plan.old_size
+    return {
+        "model": str(plan.model_dir), "tokenizer": str(plan.tokenizer_path), "init": init,
+        "lm_head_init": lm_head_init,
+        "old_vocab": plan.old_size, "new_vocab": plan.new_size, "rows": plan.rows,
+        "padding_rows": plan.rows - plan.new_size, "rows_from_base_pieces": plan.n_split,
+        "rows_mean_fallback": n_added - plan.n_split if "subword-mean" in (init, lm_head_init) else None,
+        "tied_embeddings": plan.tied, "seed": seed, "shards_in": len(plan.shards), "shards_out": out_files,
+        "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from zhllama.modelio import load_for_inference
 from zhllama.pretrain.adapters import merge_adapters
 from zhllama.textenc import encode_text
 
+from .benchmark import run_benchmark
+
 log = get_logger("zhllama.eval")
 
 
@@ -170,7 +172,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     if args.benchmark:
-        from .benchmark import run_benchmark
         return run_benchmark(args)
     if not args.text:
         raise UserError("--text is required (or --benchmark cmmlu|ceval with --data)")

@@ -31,12 +31,12 @@ from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
 from zhllama.schedule import lr_lambda
 
-from . import checkpoint
+from . import adapters, checkpoint
 from .config import RunConfig, dump_config
 from .flops import flops_per_token, peak_flops
 from .hooks import TrainHooks
 from .presets import grad_accumulation
-from .shards import BlockOrder, positions_for_rank
+from .shards import BlockOrder, PackedBlocks, positions_for_rank
 from .stage_data import Data, registered
 
 log = get_logger("zhllama.train")
@@ -138,7 +138,6 @@ def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
     stage_data = registered(cfg.stage, required=cfg.stage == "sft")
     if stage_data is not None:
         return stage_data.build(cfg, preset, tokenizer)
-    from .shards import PackedBlocks
     if len(cfg.data) != 1:
         raise ConfigError("config: key 'data' must name exactly one `zhllama data pack` directory for "
                           f"stage {cfg.stage}, got {len(cfg.data)}")
@@ -159,8 +158,6 @@ def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
 # ----------------------------------------------------------------------------- model
 
 def build_model(cfg: RunConfig, preset, dtype):
-    from . import adapters
-
     tokenizer_path = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(tokenizer_path)
     model = load_model(cfg.model, dtype=dtype, tokenizer_path=tokenizer_path)
@@ -307,8 +304,7 @@ class Trainer:
 
         model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision))
         data = build_data(cfg, preset, tokenizer, tokenizer_path)
-        from .adapters import count_trainable
-        trainable, total = count_trainable(model)
+        trainable, total = adapters.count_trainable(model)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
         if rank == 0:
             self._start_run_dir(data, grad_accum, total_steps, precision, trainable, total, ds_path)
@@ -462,10 +458,9 @@ class Trainer:
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def _save_final(self, engine, tokenizer_path):
-        from .adapters import save_adapter
         final = self.run_dir / "final"
         if self.rank == 0:
-            save_adapter(engine.module.model, final, tokenizer_dir=tokenizer_path, run_config=_run_record(self.cfg),
+            adapters.save_adapter(engine.module.model, final, tokenizer_dir=tokenizer_path, run_config=_run_record(self.cfg),
                          overwrite=True)
             log.info("final adapter written to %s", final)
         barrier()

@@ -27,12 +27,14 @@ import json
 import math
 from pathlib import Path
 
+from zhllama import tiny
 from zhllama.errors import ConfigError, InputError, UserError
 from zhllama.fsutil import read_json
-
-from . import flops as flops_mod
 from zhllama.loss import chunk_tokens
 
+from . import flops as flops_mod
+from .adapters import apply_stage, count_trainable
+from .engine import resolve_ds_config
 from .presets import STAGES, grad_accumulation
 
 GIB = 1024 ** 3
@@ -65,7 +67,6 @@ def model_config(spec: str, vocab_size=None, layers=None):
 
 
 def _model_config(spec: str, vocab_size=None):
-    from zhllama import tiny
 
     key = spec.lower()
     if key in tiny.LLAMA_SHAPES:
@@ -91,7 +92,6 @@ def staged_meta_model(config, vocab_size, stage, new_rows_from=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .adapters import apply_stage
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -195,7 +195,6 @@ def executed_flops_per_token(config, seq_len, trainable_matmul, full_backward, c
 def _ds_buckets(ds_config):
     """(bucket elements, overlap factor, optimizer offloaded) from a DeepSpeed JSON (a path or a name
     in ds_configs/, resolved as `zhllama train` does); DeepSpeed's defaults where unset."""
-    from .engine import resolve_ds_config
     path = resolve_ds_config(ds_config or "zero2")
     try:
         zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {})
@@ -242,8 +241,6 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
     preset = STAGES["stage2" if stage == "full" else stage]
     seq = seq_len or preset.block_size
     gbatch = global_batch or preset.global_batch
-
-    from .adapters import count_trainable
 
     config = model_config(model, layers=layers)
     staged = staged_meta_model(config, vocab_size, stage, new_rows_from)

@@ -20,7 +20,9 @@ from pathlib import Path
 from zhllama.fsutil import atomic_write_json, check_output_path
 from zhllama.modelio import check_checkpoint, meta_model
 
-from .presets import OVERRIDE_KEYS
+from .config import dump_config, load_config
+from .hooks import hooks_from_env
+from .presets import OVERRIDE_KEYS, grad_accumulation
 
 
 def add_arguments(p):
@@ -38,17 +40,14 @@ def add_arguments(p):
 
 
 def run(args):
-    from .config import dump_config, load_config
-
     cfg = load_config(args.config, args.overrides)
     check_output_path(cfg.out, "run directory")
     if not args.dry_run:
         check_checkpoint(cfg.model)  # unreadable or misshapen weights: one line, before any process group
     if cfg.preset().uses_lora and (Path(cfg.model) / "config.json").is_file():
-        from .adapters import check_lora_targets
+        from .adapters import check_lora_targets   # torch: not for --help
         check_lora_targets(meta_model(cfg.model), cfg.preset().lora_targets)
     if args.dry_run:
-        from .presets import grad_accumulation
         preset = cfg.preset()
         world = int(os.environ.get("WORLD_SIZE", 1))
         accum = grad_accumulation(preset.global_batch, cfg.micro_batch, world)
@@ -56,8 +55,7 @@ def run(args):
         print(f"# world {world} x micro {cfg.micro_batch} x accumulation {accum} = global batch "
               f"{preset.global_batch} sequences of {preset.block_size} tokens")
         return 0
-    from .engine import Trainer
-    from .hooks import hooks_from_env
+    from .engine import Trainer   # torch, DeepSpeed: only when training, so `zhllama train --help` stays light
     # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.
     summary = Trainer(cfg, allow_config_change=args.allow_config_change, hooks=hooks_from_env()).run()
     if int(os.environ.get("RANK", 0)) == 0:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 from zhllama import spm as _spm
+from zhllama.errors import UserError
 
 # The four files `save_hf_tokenizer` writes for a SentencePiece model (what `vocab merge` reports).
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -95,7 +96,6 @@ def build_tokenizer(sp_model):
 
     proto = _spm.load_proto(sp_model)
     if proto.trainer_spec.model_type != _spm.BPE:
-        from zhllama.errors import UserError
         raise UserError(f"only BPE sentencepiece models can be written as a BPE tokenizer.json "
                         f"(this one is {_spm.model_type_name(proto)})")
     vocab = {}

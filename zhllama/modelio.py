@@ -27,6 +27,8 @@ from .dtypes import SAFETENSORS, TORCH_NAMES, torch_dtype
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_json
 from .log import get_logger
+from . import spm as _spm
+from .hf_tokenizer import hf_tokenizer_from_proto, make_portable
 from .spm import SP_MODEL_NAME, sp_model_path
 
 log = get_logger(__name__)
@@ -65,9 +67,6 @@ def _llama_tokenizer_from_sp(sp_file: Path, **kwargs):
     The file is exposed as `tokenizer.model` in a temporary dir because that is the one loading path
     that works on both transformers 4.4x and 5.x.
     """
-    from . import spm as _spm
-    from .hf_tokenizer import hf_tokenizer_from_proto
-
     proto = _spm.load_proto(sp_file)  # InputError naming the file if it is not a SentencePiece model
     if proto.trainer_spec.model_type == _spm.BPE and not kwargs:
         # Built like sentencepiece itself (zhllama.hf_tokenizer): transformers 5's own conversion of
@@ -359,7 +358,6 @@ def save_tokenizer(tokenizer_dir_or_obj, out_dir) -> None:
         if cfg.pop("zhllama_sp_model", None) is not None:
             cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     # A class name transformers 4.x knows too (5.x writes "TokenizersBackend").
-    from .hf_tokenizer import make_portable
     make_portable(out_dir)
 
 

@@ -10,6 +10,9 @@ import json
 import time
 from pathlib import Path
 
+from .errors import UserError
+from .fsutil import atomic_write_bytes
+from .modelio import load_tokenizer, save_pretrained_atomic
 from .schedule import lr_lambda
 
 # name -> (hidden, layers, heads, intermediate); LLaMA-1 paper shapes, vocab 32000, untied embeddings.
@@ -37,7 +40,6 @@ def _llama_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_s
 
 def llama_config(name: str, vocab_size: int = LLAMA_VOCAB, **kwargs):
     """The LlamaConfig of a LLaMA-1 size: 'llama-7b', 'llama-13b', 'llama-33b' or 'llama-65b'."""
-    from .errors import UserError
     key = name.lower()
     if key not in LLAMA_SHAPES:
         raise UserError(f"unknown model size '{name}'; known: {', '.join(LLAMA_SHAPES)}")
@@ -64,7 +66,6 @@ def make_tiny_llama(tokenizer_path, out_dir, *, hidden_size=64, num_layers=2, nu
     import torch
     from transformers import LlamaForCausalLM
 
-    from .modelio import load_tokenizer, save_pretrained_atomic
 
     tok = load_tokenizer(tokenizer_path)
     config = tiny_llama_config(
@@ -168,7 +169,6 @@ def make_tiny_sp(out_file, *, text: str = TINY_TEXT, vocab_size: int = 500, seed
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         hard_vocab_limit=False, num_threads=1, minloglevel=2)
-    from .fsutil import atomic_write_bytes
     atomic_write_bytes(out_file, buf.getvalue())
     return out_file
 
@@ -189,6 +189,5 @@ def extend_sp_model(base_file, pieces, out_file, score: float = 0.0) -> Path:
         have.add(piece)
         new = proto.pieces.add()
         new.piece, new.score, new.type = piece, score, pb.ModelProto.SentencePiece.NORMAL
-    from .fsutil import atomic_write_bytes
     atomic_write_bytes(out_file, proto.SerializeToString())
     return Path(out_file)

@@ -12,6 +12,7 @@ import sys
 
 from zhllama import __version__
 from zhllama.errors import UserError
+from zhllama.log import setup_logging
 
 # name -> (module, one-line summary). A name with a space is a subcommand of a group.
 COMMANDS = {
@@ -82,7 +83,6 @@ def main(argv=None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
 
-    from zhllama.log import setup_logging
     setup_logging(args.verbose)
     try:
         code = module.run(args)

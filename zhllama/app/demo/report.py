@@ -121,11 +121,11 @@ def summarise(demo, total_s: float, reused: list) -> dict:
         done = (f"zhllama demo: all {len(demo.steps)} steps done; this run took {fmt_s(total_s)}"
                 + (f", reusing {len(reused)} finished step(s): {', '.join(reused)}" if reused else ""))
     load = f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs now)" if hasattr(os, "getloadavg") else ""
-    # what was scored: every held-out document, or the first `max_heldout_docs` of them (a real base)
-    held, chars = demo.figures["data"]["zh_heldout_docs"], demo.figures["data"]["zh_heldout_chars"]
-    scored_chars = demo.figures["eval"]["per_stage"]["base"].get("chars", chars)
-    scored_docs = min(held, demo.settings["data"].get("max_heldout_docs") or held)
-    scored_docs = f"{scored_docs} of {held}" if scored_docs < held else str(held)
+    # what the eval step scored: every held-out document, or the first `max_heldout_docs` (a real base)
+    held = demo.figures["data"]["zh_heldout_docs"]
+    scored = demo.figures["eval"]["per_stage"]["base"]
+    n_scored, scored_chars = scored.get("documents", held), scored.get("chars", demo.figures["data"]["zh_heldout_chars"])
+    scored_docs = f"{n_scored} of {held}" if n_scored < held else str(held)
     lines = ["", done + load,
              "Held-out Chinese text: "
              f"{scored_docs} documents, {scored_chars:,} characters, never trained on. Loss is nats per "

@@ -247,26 +247,27 @@ class Demo:
         and none that the pack's hash split would put in validation (its split stays Chinese only)."""
         tok = load_tokenizer(self.tokenizer())
 
-        def n_tokens(docs):
-            return sum(len(ids) for ids in tok(docs, add_special_tokens=False)["input_ids"]) if docs else 0
+        def token_counts(texts):
+            return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
         ratio = self.settings["data"]["validation_ratio"]
         zh = [x for x in (self.dir("data") / "zh_train.txt").read_text(encoding="utf-8").splitlines() if x]
-        zh_tokens = n_tokens(zh)
+        zh_tokens = sum(token_counts(zh))
         want = share / (1 - share) * zh_tokens
         bundled = [x for x in (self.dir("data") / "en_train.txt").read_text(encoding="utf-8").splitlines() if x]
         lines = stdlib_english_lines(60000)
         prose = [" ".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
+        candidates = [x for x in bundled + prose if not is_validation_doc(x, ratio)]
         docs, have = [], 0
-        for doc in bundled + prose:
+        for doc, n in zip(candidates, token_counts(candidates)):   # one batched tokenization
             if have >= want:
                 break
-            if not is_validation_doc(doc, ratio):
-                docs.append(doc)
-                have += n_tokens([doc])
+            docs.append(doc)
+            have += n
+        n_bundled = len(set(docs) & set(bundled))
         atomic_write_text(out, "".join(x + "\n" for x in docs))
         say(f"    English mix: {len(docs):,} documents, {have:,} tokens ({have / (have + zh_tokens):.1%} "
-            f"of the pretraining tokens; {min(len(docs), len(bundled))} bundled paragraphs, the rest standard-library prose)")
+            f"of the pretraining tokens; {n_bundled} bundled paragraphs, the rest standard-library prose)")
         return out, {"documents": len(docs), "tokens": have, "share": share}
 
     def _train(self, step: str, d: Path, overrides: list) -> dict:
@@ -427,7 +428,7 @@ def heldout_figures(model_dir, tokenizer_dir, adapters, docs, en_docs=None) -> d
     model, tok = load_with_adapters(model_dir, tokenizer_dir, adapters, device="cpu", dtype="float32")
     zh = evaluate_docs(model, tok, docs, max_length=WINDOW + 1, stride=WINDOW)
     out = {"loss": zh["loss"], "bits_per_char": zh["bits_per_char"], "tokens": zh["scored_tokens"],
-           "chars": zh["characters"]}
+           "chars": zh["characters"], "documents": zh["documents"]}
     if en_docs:
         out["en_bits_per_char"] = evaluate_docs(model, tok, en_docs, max_length=WINDOW + 1,
                                                 stride=WINDOW)["bits_per_char"]

@@ -149,7 +149,7 @@ class Demo:
                 "zh_heldout_chars": sum(map(len, held))}
 
     def step_base(self, d: Path) -> dict:
-        """the base model: a tiny English LLaMA pretrained here (plain PyTorch), or the one given by --base"""
+        """the base model: a tiny English LLaMA pretrained here (zhllama.tiny.pretrain_tiny), or the one given by --base"""
         if self.base == SMOLLM2:
             model = materialize(d / "model", overwrite=True)
             source = read_json(model / "source.json")

@@ -398,7 +398,9 @@ def _write_seeds(tmp_path):
 
 # -- end to end against `zhllama serve` on loopback ---------------------------------------------
 
-from test_serve import KEY, tiny_model, tiny_server  # noqa: E402,F401  (session fixtures: one tiny model)
+from serve_helpers import KEY  # noqa: E402
+
+pytest_plugins = ["serve_fixtures"]      # tiny_server: the one served tiny model of the serve tests
 
 
 def _si_args(server, seeds, out, *extra):

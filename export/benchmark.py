@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
+from zhllama.inputfile import check_input_file
 from zhllama.log import get_logger
 from zhllama.modelio import load_for_inference
 from zhllama.textenc import encode_text
@@ -116,8 +117,9 @@ CMMLU, CEVAL = FORMATS["cmmlu"], FORMATS["ceval"]
 def read_questions(path: Path, fmt: Format) -> List[Question]:
     """Rows of a CMMLU/C-Eval CSV, fields exactly as written; a bad row is an InputError naming it."""
     cols = (fmt.question_col, *LETTERS, fmt.answer_col)
+    check_input_file(path, "benchmark CSV")
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:   # utf-8-sig: a BOM is not the header
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:

@@ -25,6 +25,7 @@ of the subjects' accuracies (the official figure); also the question-weighted me
 
 import csv
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,7 @@ def load_subjects(data_dir, fmt: Format, shots: int, only: Optional[Sequence[str
         test_file = split_dir / fmt.file_name(name, fmt.eval_split)
         if name not in fmt.subjects:
             raise UserError(f"{test_file}: unknown {fmt.name} subject {name!r}")
-        if not test_file.is_file():
+        if not os.path.lexists(test_file):      # anything else there (a FIFO, a broken link) is named below
             raise UserError(f"--subjects {name}: no {test_file}")
         questions = read_questions(test_file, fmt)
         if not questions:
@@ -175,7 +176,7 @@ def load_subjects(data_dir, fmt: Format, shots: int, only: Optional[Sequence[str
         dev = []
         if shots > 0:
             dev_file = data_dir / "dev" / fmt.file_name(name, "dev")
-            if not dev_file.is_file():
+            if not os.path.lexists(dev_file):
                 raise InputError(dev_file, f"missing: subject {name} needs its dev examples for --shots {shots}")
             dev = read_questions(dev_file, fmt)
             if len(dev) < shots:

@@ -399,7 +399,8 @@ def total_size(paths) -> int:
     return sum(os.path.getsize(p) for p in paths)
 
 
-def read_json_records(path, what: str = "input file", max_record: int = MAX_LINE_BYTES) -> list:
+def read_json_records(path, what: str = "input file", max_record: int = MAX_LINE_BYTES,
+                      flag: str = "--max-record-mb") -> list:
     """(where, value) for each item of a JSON array file or each line of a JSON-lines file.
 
     `where` is the line number (JSON lines) or "record N" (array), for `InputError(path, msg, where)`.
@@ -421,11 +422,11 @@ def read_json_records(path, what: str = "input file", max_record: int = MAX_LINE
             raise InputError(path, "JSON nested too deeply to read") from None
         for where, obj in items:
             if len(json.dumps(obj, ensure_ascii=False).encode("utf-8")) > max_record:
-                raise too_long(path, where, max_record, unit="record")
+                raise too_long(path, where, max_record, unit="record", flag=flag)
         return _refuse_surrogates(path, items)
     items = []
     with open(path, "rb") as f:
-        for lineno, raw in read_lines(f, path, max_record):
+        for lineno, raw in read_lines(f, path, max_record, flag):
             line = _decode(raw, path, lineno, True, None)
             if line.strip():
                 try:

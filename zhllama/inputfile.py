@@ -76,9 +76,10 @@ def too_long(path, where, limit: int, unit: str = "line", flag: str = "--max-lin
                       where)
 
 
-def read_lines(f, path, max_line: int = MAX_LINE_BYTES):
+def read_lines(f, path, max_line: int = MAX_LINE_BYTES, flag: str = "--max-line-mb"):
     """(line number, raw bytes with the newline) of a binary file object, each at most `max_line`
-    bytes long (the newline not counted), the BOM of the first line removed. Memory: one line."""
+    bytes long (the newline not counted; `flag` raises the limit), the BOM of the first line removed.
+    Memory: one line."""
     lineno = 0
     while True:
         raw = f.readline(max_line + 1)
@@ -86,7 +87,7 @@ def read_lines(f, path, max_line: int = MAX_LINE_BYTES):
             return
         lineno += 1
         if len(raw) > max_line and not raw.endswith(b"\n"):
-            raise too_long(path, lineno, max_line)
+            raise too_long(path, lineno, max_line, flag=flag)
         if lineno == 1 and raw.startswith(BOM):
             raw = raw[len(BOM):]
         yield lineno, raw

@@ -49,7 +49,8 @@ def _fifo(p: Path) -> None:
 
 
 def _char_device(p: Path) -> None:
-    os.symlink("/dev/zero", p)          # endless zeros: a reader without the check never ends
+    os.symlink("/dev/null", p)          # in-process: a reader without the check reads nothing (see
+                                        # test_dev_zero_is_refused_in_bounded_memory for endless zeros)
 
 
 def _block_device(p: Path) -> None:
@@ -431,6 +432,18 @@ def test_bom_is_not_content_in_sft_seed_translate_template_and_csv(tmp_path):
     csv_file.write_bytes(BOM + (CMMLU_HEADER + "\n0,土地是农业的基本生产资料吗,是,否,不一定,无法判断,A\n").encode("utf-8"))
     q = read_questions(csv_file, CMMLU)
     assert [(x.question, x.answer) for x in q] == [("土地是农业的基本生产资料吗", "A")]
+
+
+@pytest.mark.parametrize("command", ["sft.convert", "data pack"])
+def test_dev_zero_is_refused_in_bounded_memory(command, tiny_tokenizer_dir, tmp_path):
+    """Endless zeros behind an input's name (before: `sft.convert` read it whole, without end)."""
+    zero = tmp_path / "zero.jsonl"
+    os.symlink("/dev/zero", zero)
+    argv = ([sys.executable, "-m", "zhllama.sft.convert", zero, "--out", tmp_path / "out.jsonl"]
+            if command == "sft.convert" else
+            [*ZHLLAMA, "data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", zero, "--out", tmp_path / "out"])
+    res = run_bounded(argv, max_rss_mb=600, timeout_s=60)
+    res.assert_one_line_error(str(zero), "character device")
 
 
 def test_console_script_fifo_is_one_line_in_a_real_process(tmp_path):

@@ -18,6 +18,8 @@ CSVs read with and without one are equal.
 import gzip
 import json
 import os
+import random
+import re
 import shutil
 import socket
 import stat
@@ -337,44 +339,48 @@ def test_seed_task_field_and_record_limits(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_split_sentences_equals_a_plain_reference():
-    """The linear rewrite cuts exactly as the old quadratic one did (kept here as the reference):
-    at sentence punctuation, then hard cuts on character boundaries, 1- to 4-byte characters."""
-    import random
-    import re
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
 
-    from zhllama.vocab.train import split_sentences
-    end = re.compile(r"(?<=[。！？!?；;…])")
 
-    def reference(text, max_bytes):
-        for line in text.split("\n"):
-            line = line.rstrip("\r")
-            if not line.strip():
+def reference_split_sentences(text, max_bytes):
+    """`vocab train`'s sentence splitting as it was before issue 24, kept as the reference: plain, and
+    quadratic in a line's length (each step re-encodes what it has gathered; bench/split_sentences.py
+    times it against the linear rewrite)."""
+    for line in text.split("\n"):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        if len(line.encode("utf-8")) <= max_bytes:
+            yield line
+            continue
+        buf = ""
+        for part in _SENTENCE_END.split(line):
+            if len((buf + part).encode("utf-8")) <= max_bytes:
+                buf += part
                 continue
-            if len(line.encode("utf-8")) <= max_bytes:
-                yield line
-                continue
-            buf = ""
-            for part in end.split(line):
-                if len((buf + part).encode("utf-8")) <= max_bytes:
-                    buf += part
-                    continue
-                if buf.strip():
-                    yield buf
-                buf = part
-                while len(buf.encode("utf-8")) > max_bytes:
-                    cut = buf.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
-                    yield cut
-                    buf = buf[len(cut):]
             if buf.strip():
                 yield buf
+            buf = part
+            while len(buf.encode("utf-8")) > max_bytes:
+                cut = buf.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+                yield cut
+                buf = buf[len(cut):]
+        if buf.strip():
+            yield buf
 
+
+def test_split_sentences_equals_the_plain_reference():
+    """The linear rewrite cuts exactly as the reference: at sentence punctuation, then hard cuts on
+    character boundaries, with 1- to 4-byte characters; below 4 bytes (a hard cut could make no
+    progress: the endless loop of `--max-sentence-length 0`) it refuses."""
+    from zhllama.vocab.train import split_sentences
     rng = random.Random(0)
     alphabet = list("abc xyz") + list("中文字词") + ["é", "ß", "😀", "𠀀"] + list("。！？;…") + ["\n"]
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400)))
         for max_bytes in (4, 5, 7, 16, 61):
-            assert list(split_sentences(text, max_bytes)) == list(reference(text, max_bytes)), (text, max_bytes)
+            assert list(split_sentences(text, max_bytes)) == list(reference_split_sentences(text, max_bytes)), \
+                (text, max_bytes)
     with pytest.raises(ValueError):
         list(split_sentences("x" * 10, 3))
 

@@ -219,6 +219,23 @@ def test_swap_without_renameat2_and_an_interrupted_swap_is_undone(tmp_path, monk
     assert (out / "v").read_text() == "2" and not aside.exists()
 
 
+def test_an_output_that_is_a_symlink_stays_one(tiny_tokenizer_dir, tmp_path):
+    """A data dir linked to another disk: the rebuild replaces the target, the link stays a link."""
+    src = write_lines(tmp_path / "a.txt", synth_chinese(600, seed=8))
+    target = tmp_path / "disk2" / "pack"
+    target.parent.mkdir()
+    link = tmp_path / "pack"
+    link.symlink_to(target, target_is_directory=True)
+    assert cli_main(_pack_argv(tiny_tokenizer_dir, src, link)) == 0
+    write_lines(src, synth_chinese(700, seed=9))
+    assert cli_main(_pack_argv(tiny_tokenizer_dir, src, link)) == 0
+    assert link.is_symlink() and shards.read_manifest(target)["sources"][0]["size"] == src.stat().st_size
+    with fsutil.atomic_dir(link, overwrite=True) as tmp:
+        (tmp / "x").write_text("1")
+    assert link.is_symlink() and (target / "x").read_text() == "1"
+    assert _leftovers(tmp_path, "pack") == [] and _leftovers(target.parent, "pack") == []
+
+
 # ----------------------------------------------------------------------------- two writers
 
 HOLDER = textwrap.dedent("""

@@ -123,7 +123,7 @@ def atomic_dir(path, overwrite: bool = False):
     With `overwrite`, an existing `path` is replaced (moved aside first, removed after the rename);
     without it, an existing non-empty `path` is an error raised before any work is done.
     """
-    path = Path(path)
+    path = output_target(path)
     check_output_path(path)
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{path}: output exists; pass --overwrite to replace it")
@@ -136,6 +136,13 @@ def atomic_dir(path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def output_target(path) -> Path:
+    """Where an output named `path` is written: the directory a symbolic link points to (a data dir
+    linked to another disk stays on that disk, and the link stays a link), else `path` itself."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def make_temp_dir(path) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import OutputBusyError, UserError
-from .fsutil import check_output_path, make_dirs, remove_stale_partials
+from .fsutil import check_output_path, make_dirs, output_target, remove_stale_partials
 
 
 def lock_path(out) -> Path:
@@ -62,10 +62,11 @@ def output_lock(out, command: str, what: str = "output"):
     """Hold the lock of output `out` (a path a command writes) for the block; `command` names this run
     for whoever finds the lock held ("zhllama data pack")."""
     out = Path(out)
-    check_output_path(out, what)
-    make_dirs(out.parent)
-    remove_stale_partials(out)
-    path = lock_path(out)
+    target = output_target(out)          # a run through a symbolic link locks what it points to
+    check_output_path(target, what)
+    make_dirs(target.parent)
+    remove_stale_partials(target)
+    path = lock_path(target)
     for _ in range(10):
         lock = FileLock(str(path), timeout=0, on_acquired=_holder_writer(path, command))
         try:

@@ -5,11 +5,10 @@ import math
 import os
 import shutil
 import time
-from pathlib import Path
 
 from zhllama import corpus
 from zhllama.errors import UserError
-from zhllama.fsutil import swap_in
+from zhllama.fsutil import output_target, swap_in
 from zhllama.inputfile import add_max_line_argument, max_line_bytes
 from zhllama.log import get_logger
 from zhllama.outlock import output_lock
@@ -96,7 +95,7 @@ def _pack(args) -> int:
     for p in paths:                       # every input problem surfaces before any work is done
         corpus.check_readable(p)
     settings = make_settings(args, tok)
-    out = Path(args.out)
+    out = output_target(args.out)    # through a symbolic link: the directory it points to
     manifest = prepare_out_dir(out, settings, args.overwrite)
     sources = source_stats(paths)
     if manifest is None or manifest_is_current(out, manifest, settings, sources):

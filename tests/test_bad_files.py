@@ -314,6 +314,16 @@ def test_a_paragraph_without_blank_lines_is_bounded_too(tiny_tokenizer_dir, tmp_
     assert f"{src}:3: paragraph" in err and "--max-line-mb" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_pack_work_sizes_must_be_finite(value, tiny_tokenizer_dir, tmp_path, capsys):
+    """`--unit-mb nan` passed the `<= 0` check and failed in int(nan) with a traceback."""
+    assert _run_in_process(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", SAMPLE, "--out",
+                            tmp_path / "out", "--unit-mb", value]) == 2
+    err = capsys.readouterr().err
+    assert "--unit-mb and --slice-mb must be positive numbers" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_seed_task_field_and_record_limits(tmp_path, capsys):
     seeds = tmp_path / "seeds.jsonl"
     big = dict(SEED, instruction="很长" * 15_000)                        # 30,000 characters

@@ -33,6 +33,7 @@ import torch
 
 from zhllama.corpus import expand_inputs, iter_documents
 from zhllama.errors import UserError
+from zhllama.inputfile import MAX_LINE_BYTES, add_max_line_argument, max_line_bytes
 from zhllama.log import get_logger
 from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 from zhllama.modelio import load_for_inference
@@ -97,9 +98,9 @@ def score(model, windows_: List[Window], batch_size: int = 4, pad_id: int = 0):
     return nll, count, seconds
 
 
-def read_documents(path, text_field="text", doc_sep="line", limit=None) -> List[str]:
+def read_documents(path, text_field="text", doc_sep="line", limit=None, max_line=MAX_LINE_BYTES) -> List[str]:
     docs = []
-    for doc in iter_documents(path, text_field=text_field, doc_sep=doc_sep):
+    for doc in iter_documents(path, text_field=text_field, doc_sep=doc_sep, max_line=max_line):
         docs.append(doc)
         if limit is not None and len(docs) >= limit:
             break
@@ -148,6 +149,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", nargs="+",
                         help="held-out text: .txt (a document per line), .jsonl, .parquet, .gz, dirs or globs")
     parser.add_argument("--text-field", default="text", help="JSON/parquet field holding the text (default text)")
+    add_max_line_argument(parser, "line (a document) of --text")
     parser.add_argument("--doc-sep", choices=("line", "blank"), default="line",
                         help=".txt documents: one per line (default) or blank-line separated paragraphs")
     parser.add_argument("--max-length", type=int, default=None,
@@ -183,7 +185,8 @@ def run(args) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive")
     files = expand_inputs(args.text)
-    texts = {str(f): read_documents(f, args.text_field, args.doc_sep, args.limit) for f in files}
+    texts = {str(f): read_documents(f, args.text_field, args.doc_sep, args.limit, max_line_bytes(args))
+             for f in files}
     results = []
     for model_dir in args.model:
         if not Path(model_dir).is_dir():

@@ -46,6 +46,7 @@ from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, che
 from zhllama.hf_tokenizer import TOKENIZER_DIR_FILES, make_portable
 from zhllama.log import get_logger
 from zhllama.modelio import PADDED_VOCAB_KEY, save_tokenizer, write_resized_configs
+from zhllama.outlock import output_lock
 from zhllama.sft.examples import encode_chat_prompt
 from zhllama.st_files import input_shards, parse_size, peak_rss_bytes
 from zhllama.st_stream import Reader, ShardWriter, plan_shards
@@ -340,10 +341,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    report = merge_checkpoint(args.base, args.adapter, args.out, dtype=args.dtype,
-                              max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
-                              overwrite=args.overwrite, template=args.template,
-                              ollama_modelfile=args.ollama_modelfile)
+    with output_lock(args.out, "zhllama merge", "checkpoint"):   # one writer per --out, checked writable
+        report = merge_checkpoint(args.base, args.adapter, args.out, dtype=args.dtype,
+                                  max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
+                                  overwrite=args.overwrite, template=args.template,
+                                  ollama_modelfile=args.ollama_modelfile)
     chat = report["chat_template"]
     print("chat template: " + (f"{chat['name']} ({chat['source']}), in chat_template.jinja and tokenizer_config.json"
                                if chat else report["chat_template_note"] + "; none written"))

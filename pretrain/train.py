@@ -12,6 +12,7 @@ summary, also printed as one JSON line at the end).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from zhllama.fsutil import atomic_write_json, check_output_path
 from zhllama.modelio import check_checkpoint, meta_model
+from zhllama.outlock import output_lock
 
 from .config import dump_config, load_config
 from .hooks import hooks_from_env
@@ -56,9 +58,13 @@ def run(args):
               f"{preset.global_batch} sequences of {preset.block_size} tokens")
         return 0
     from .engine import Trainer   # torch, DeepSpeed: only when training, so `zhllama train --help` stays light
-    # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.
-    summary = Trainer(cfg, allow_config_change=args.allow_config_change, hooks=hooks_from_env()).run()
-    if int(os.environ.get("RANK", 0)) == 0:
-        atomic_write_json(Path(cfg.out) / "summary.json", summary)  # what scripts read; the line is for people
-        print(json.dumps(summary))
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    # One run per run directory: rank 0 holds its lock, before any process group (a second launch's
+    # rank 0 is refused naming the first; its launcher then stops its other ranks).
+    with output_lock(cfg.out, "zhllama train", "run directory") if rank0 else contextlib.nullcontext():
+        # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.
+        summary = Trainer(cfg, allow_config_change=args.allow_config_change, hooks=hooks_from_env()).run()
+        if rank0:
+            atomic_write_json(Path(cfg.out) / "summary.json", summary)  # what scripts read; the line is for people
+            print(json.dumps(summary))
     return 0

@@ -14,11 +14,13 @@ import argparse
 import json
 import sys
 
-from zhllama.errors import UserError
-from zhllama.fsutil import atomic_write_text, check_output_path
+from zhllama.errors import UserError, disk_full_error
+from zhllama.fsutil import atomic_write_text
+from zhllama.inputfile import add_max_line_argument, max_line_bytes
 from zhllama.log import get_logger, setup_logging
+from zhllama.outlock import output_lock
 
-from .records import Record, load_records
+from .records import MAX_RECORD_BYTES, MAX_RECORD_MB, Record, load_records
 
 log = get_logger("zhllama.sft.convert")
 
@@ -38,12 +40,13 @@ def record_to_json(record: Record) -> dict:
     return out
 
 
-def convert(specs, out, *, field_map=None, strict=False, seed=0) -> dict:
+def convert(specs, out, *, field_map=None, strict=False, seed=0, max_record=MAX_RECORD_BYTES) -> dict:
     """Write the valid records of `specs` to `out` as JSON lines; returns the stats as a dict."""
-    check_output_path(out, "output file")
-    records, stats = load_records(specs, field_map=field_map, strict=strict, seed=seed)
-    text = "".join(json.dumps(record_to_json(r), ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(out, text)
+    with output_lock(out, "zhllama.sft.convert", "output file"):   # checks `out` before reading
+        records, stats = load_records(specs, field_map=field_map, strict=strict, seed=seed,
+                                      max_record=max_record)
+        text = "".join(json.dumps(record_to_json(r), ensure_ascii=False) + "\n" for r in records)
+        atomic_write_text(out, text)
     log.info("wrote %d records to %s", len(records), out)
     return stats.as_dict()
 
@@ -57,12 +60,21 @@ def main(argv=None) -> int:
                    help="other field names, e.g. instruction=question,output=std_answer")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--seed", type=int, default=0, help="seed for fractional weights")
+    add_max_line_argument(p, "record (a JSON line or array element; a longer one is a bad record: "
+                             "skipped, or an error with --strict)", "--max-record-mb", MAX_RECORD_MB)
     args = p.parse_args(argv)
     setup_logging()
     try:
-        convert(args.inputs, args.out, field_map=args.field_map, strict=args.strict, seed=args.seed)
+        convert(args.inputs, args.out, field_map=args.field_map, strict=args.strict, seed=args.seed,
+                max_record=max_line_bytes(args, "max_record_mb"))
     except UserError as e:
         print(f"zhllama.sft.convert: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        full = disk_full_error(e, args.out)
+        if full is None:
+            raise
+        print(f"zhllama.sft.convert: error: {full}", file=sys.stderr)
         return 2
     return 0
 

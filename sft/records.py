@@ -13,7 +13,10 @@ alpaca_data.json) or JSON lines, told apart by the first non-blank character. Ac
 Every record becomes a `Record` (system, input, turns). A bad record (not UTF-8, not JSON, not an
 object, a missing or empty field, a wrong type, a broken conversation, an array cut short) is
 reported with its file and line: `strict=True` raises `InputError`, otherwise it is counted by
-reason and skipped, and the first few messages are kept in `RecordStats` (and logged).
+reason and skipped, and the first few messages are kept in `RecordStats` (and logged). A record
+larger than `max_record` bytes (2 MB by default: a 25 MB record took 3.6 GB to tokenize) is such a bad
+record ("too_large"): it is never parsed or tokenized. A FIFO, device or broken link is refused, and a
+UTF-8 BOM at the start of a file is skipped (`zhllama.inputfile`).
 """
 
 import bisect
@@ -30,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from zhllama.corpus import expand_inputs
 from zhllama.errors import ConfigError, InputError
+from zhllama.inputfile import BOM, check_input_file
 from zhllama.log import get_logger
 
 log = get_logger("zhllama.sft.records")
@@ -40,6 +44,8 @@ USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bot", "model"}
 _SURROGATE = re.compile("[\udc80-\udcff]")  # undecodable bytes, kept by surrogateescape
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a "\ud800" escape in the JSON: not a character
+MAX_RECORD_MB = 2.0
+MAX_RECORD_BYTES = int(MAX_RECORD_MB * 1_000_000)
 
 
 @dataclass
@@ -306,6 +312,7 @@ def _check_strings(obj, path="") -> None:
 
 # -- reading files -------------------------------------------------------------------------------
 def _read_text(path: Path) -> str:
+    check_input_file(path, "SFT data file")
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -315,20 +322,23 @@ def _read_text(path: Path) -> str:
                                "re-download or re-compress the file") from None
     except OSError as e:
         raise InputError(path, f"cannot read: {e}") from None
+    raw = raw.removeprefix(BOM)
     if not raw.strip():
         raise InputError(path, "file is empty")
     # surrogateescape keeps undecodable bytes visible per record instead of failing the whole file
     return raw.decode("utf-8", errors="surrogateescape")
 
 
-def iter_file(path, field_map=None, strict=False, stats: Optional[RecordStats] = None):
+def iter_file(path, field_map=None, strict=False, stats: Optional[RecordStats] = None,
+              max_record: int = MAX_RECORD_BYTES):
     """Validated `Record`s of one file, in file order; bad ones raise (strict) or are counted."""
     path = Path(path)
     stats = stats if stats is not None else RecordStats()
     field_map = parse_field_map(field_map)
     text = _read_text(path)
     body = text.lstrip()
-    values = _iter_array(path, text) if body.startswith("[") else _iter_lines(path, text)
+    values = (_iter_array(path, text, max_record) if body.startswith("[")
+              else _iter_lines(path, text, max_record))
     for lineno, value in values:
         where = f"{path}:{lineno}"
         if isinstance(value, BadRecord):
@@ -350,9 +360,21 @@ def iter_file(path, field_map=None, strict=False, stats: Optional[RecordStats] =
 _TOO_DEEP = "JSON nested too deeply to read"
 
 
-def _iter_lines(path, text):
+def _too_large(text: str, max_record: int) -> Optional[BadRecord]:
+    """A BadRecord when `text` (a record as written) is longer than `max_record` bytes in UTF-8."""
+    if len(text) * 4 <= max_record or len(text.encode("utf-8", "surrogateescape")) <= max_record:
+        return None
+    return BadRecord("too_large", f"record longer than {max_record / 1e6:g} MB; split it, or raise the "
+                                  "limit with --max-record-mb")
+
+
+def _iter_lines(path, text, max_record=MAX_RECORD_BYTES):
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
+            continue
+        big = _too_large(line, max_record)
+        if big is not None:
+            yield lineno, big
             continue
         try:
             yield lineno, json.loads(line)
@@ -362,7 +384,7 @@ def _iter_lines(path, text):
             yield lineno, BadRecord("bad_json", _TOO_DEEP)
 
 
-def _iter_array(path, text):
+def _iter_array(path, text, max_record=MAX_RECORD_BYTES):
     """Elements of a JSON array with the line each starts on. A syntax error or an array cut short
     ends the file there (the parser cannot resynchronise): one problem is reported at its line."""
     decoder = json.JSONDecoder()
@@ -390,7 +412,8 @@ def _iter_array(path, text):
                 yield e.lineno, BadRecord("bad_json", f"not valid JSON ({e.msg} at column {e.colno}); "
                                                       "the rest of the file is not read")
             return
-        yield line_at(pos), value
+        big = _too_large(text[pos:end], max_record)
+        yield line_at(pos), (value if big is None else big)
         pos = ws.match(text, end).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()
@@ -435,7 +458,8 @@ def parse_spec(spec) -> Tuple[str, Optional[float]]:
     return spec, None
 
 
-def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0):
+def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0,
+                 max_record: int = MAX_RECORD_BYTES):
     """Records of several files mixed with weights -> (records, stats).
 
     `specs`: paths, directories or globs, each optionally "path:weight"; or pass `weights` (one per
@@ -466,7 +490,7 @@ def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0):
                 raise InputError(path, f"not an SFT data file (expected {'/'.join(RECORD_SUFFIXES)})")
             name = str(path)
             stats.files.append(name)
-            file_records = list(iter_file(path, field_map, strict, stats))
+            file_records = list(iter_file(path, field_map, strict, stats, max_record))
             stats.read[name] += len(file_records)
             chosen = _weighted(file_records, weight, rng)
             stats.sampled[name] += len(chosen)

@@ -20,9 +20,12 @@ from pathlib import Path
 
 from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import check_output_path, sha256_file
+from zhllama.fsutil import sha256_file
+from zhllama.inputfile import add_max_line_argument, max_line_bytes
 from zhllama.log import get_logger
+from zhllama.outlock import output_lock
 from zhllama.sft.api_client import APIError, add_client_arguments, client_from_args
+from zhllama.sft.records import MAX_RECORD_BYTES, MAX_RECORD_MB
 from zhllama.sft.selfinstruct import ResumableJsonl, load_prompt
 
 log = get_logger(__name__)
@@ -30,11 +33,12 @@ log = get_logger(__name__)
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.I)
 
 
-def load_records(path, fields) -> list:
+def load_records(path, fields, max_record: int = MAX_RECORD_BYTES) -> list:
     """Records from a JSON array (alpaca_data.json) or JSON lines; each must be an object whose
-    `fields`, when present, are strings. Errors name the line (JSON lines) or the record number."""
+    `fields`, when present, are strings, and at most `max_record` bytes long (a record is one request).
+    Errors name the line (JSON lines) or the record number."""
     path = Path(path)
-    items = read_json_records(path, "input file")
+    items = read_json_records(path, "input file", max_record)
     records = []
     for loc, obj in items:
         problem = None
@@ -133,6 +137,7 @@ def add_arguments(parser):
     parser.add_argument("--input", required=True, help="instruction data: a JSON array (alpaca_data.json) "
                         "or JSON lines of objects")
     parser.add_argument("--out", required=True, help="output JSON lines (same keys); resumed when it exists")
+    add_max_line_argument(parser, "record (a JSON line or array element)", "--max-record-mb", MAX_RECORD_MB)
     add_client_arguments(parser)
     parser.add_argument("--fields", default="instruction,input,output",
                         help="comma-separated fields to translate (default instruction,input,output)")
@@ -146,13 +151,17 @@ def add_arguments(parser):
 
 
 def run(args):
-    check_output_path(args.out, "output file")
+    with output_lock(args.out, "zhllama translate", "output file"):   # it appends: one writer only
+        return _run(args)
+
+
+def _run(args):
     fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
     if not fields:
         raise UserError("--fields is empty")
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    records = load_records(args.input, fields)
+    records = load_records(args.input, fields, max_line_bytes(args, "max_record_mb"))
     if args.limit:
         records = records[:args.limit]
     client = client_from_args(args)

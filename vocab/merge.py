@@ -39,9 +39,10 @@ import numpy as np
 from zhllama import spm as _spm
 from zhllama.bpe import is_bpe_json_base, read_tokenizer_json, tokenizer_json_path
 from zhllama.errors import UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path, sha256_file
+from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
 from zhllama.hf_tokenizer import save_hf_tokenizer
 from zhllama.log import get_logger
+from zhllama.outlock import output_lock
 
 log = get_logger("zhllama.vocab.merge")
 
@@ -94,7 +95,11 @@ def _is_tokenizers_file(path) -> bool:
 
 
 def run(args) -> int:
-    check_output_path(args.out)
+    with output_lock(args.out, "zhllama vocab merge", "tokenizer"):   # checks --out first
+        return _run(args)
+
+
+def _run(args) -> int:
     if is_bpe_json_base(args.base) and tokenizer_json_path(args.add) is not None:
         return _run_bpe(args)
     if is_bpe_json_base(args.base) and _is_tokenizers_file(args.base):

@@ -54,8 +54,9 @@ from pathlib import Path
 from zhllama import bpe
 from zhllama.bpe import is_bpe_json_base
 from zhllama.errors import UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path
+from zhllama.fsutil import atomic_dir, atomic_write_json
 from zhllama.log import get_logger
+from zhllama.outlock import output_lock
 from zhllama.modelio import (PADDED_VOCAB_KEY, check_checkpoint, load_tokenizer, read_model_config,
                              save_tokenizer, write_resized_configs)
 from zhllama.spm import find_sp_model
@@ -417,11 +418,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    check_output_path(args.out)
-    report = resize_checkpoint(args.model, args.tokenizer, args.out, init=args.init,
-                               lm_head_init=args.lm_head_init,
-                               pad_to_multiple_of=args.pad_to_multiple_of,
-                               base_tokenizer=args.base_tokenizer, seed=args.seed,
-                               max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    with output_lock(args.out, "zhllama vocab resize", "checkpoint"):   # checks --out first
+        report = resize_checkpoint(args.model, args.tokenizer, args.out, init=args.init,
+                                   lm_head_init=args.lm_head_init,
+                                   pad_to_multiple_of=args.pad_to_multiple_of,
+                                   base_tokenizer=args.base_tokenizer, seed=args.seed,
+                                   max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(json.dumps(report, ensure_ascii=False))
     return 0

@@ -1,8 +1,11 @@
 """Reading text corpora: files, directories and globs of txt / jsonl / parquet, optionally .gz.
 
-Shared by `vocab train` and `data pack`. Every problem names its file (and line): a missing path, a
-glob that matches nothing, an empty or binary file, undecodable bytes, a JSON line that is not an
-object or lacks the text field. Bad lines are counted and skipped, or raise with `strict=True`.
+Shared by `vocab train`, `vocab report`, `data pack` and `eval`. Every problem names its file (and
+line): a missing path, a glob that matches nothing, a FIFO, device or broken link (`inputfile`), an
+empty or binary file, undecodable bytes, a line longer than `max_line` bytes, a JSON line that is not
+an object or lacks the text field. Bad lines are counted and skipped, or raise with `strict=True`; a
+line too long is always refused (reading it would cost memory without bound). A UTF-8 BOM at the start
+of a file is skipped.
 """
 
 import contextlib
@@ -16,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+import numpy as np
+
 from .errors import InputError
+from .inputfile import BOM, MAX_LINE_BYTES, check_input_entry, check_input_file, read_lines, too_long
 
 TEXT_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -80,6 +86,8 @@ def expand_inputs(specs) -> List[Path]:
         spec = str(spec)
         if _GLOB_CHARS & set(spec):
             matches = sorted(glob.glob(spec, recursive=True))
+            for m in matches:
+                check_input_entry(m)
             files = [Path(m) for m in matches if os.path.isfile(m)]
             if not files:
                 raise InputError(spec, "glob matches no file")
@@ -95,9 +103,11 @@ def expand_inputs(specs) -> List[Path]:
             if not files:
                 raise InputError(spec, f"directory holds no {'/'.join(KNOWN_SUFFIXES)} file")
             for f in files:
-                add(f)
+                add(check_input_file(f))
         elif os.path.isfile(spec):
-            add(Path(spec))
+            add(check_input_file(spec))
+        elif os.path.lexists(spec) or os.path.islink(spec):
+            add(check_input_file(spec))      # raises: says what it is instead of "no such file"
         else:
             raise InputError(spec, "no such file or directory")
     return out
@@ -120,7 +130,9 @@ def gzip_errors(path):
 
 
 def check_readable(path: Path) -> None:
-    """Refuse empty and binary files up front, with the file's name."""
+    """Refuse what is not a regular readable file, and empty and binary files, up front, with the
+    file's name."""
+    check_input_file(path)
     if os.path.getsize(path) == 0:
         raise InputError(path, "file is empty")
     try:
@@ -130,7 +142,7 @@ def check_readable(path: Path) -> None:
         raise InputError(path, f"cannot read: {e}") from None
     if data_format(path) == "parquet":
         return
-    if not head.strip():
+    if not head.removeprefix(BOM).strip():
         raise InputError(path, "file holds no text")
     nul = head.find(b"\x00")
     if nul >= 0:
@@ -150,11 +162,13 @@ def _decode(raw: bytes, path, lineno, strict, stats) -> Optional[str]:
         return None
 
 
-def iter_lines(path: Path, strict=False, stats: Optional[CorpusStats] = None) -> Iterator[tuple]:
-    """(line number, decoded line without newline) for each decodable line."""
+def iter_lines(path: Path, strict=False, stats: Optional[CorpusStats] = None,
+               max_line: int = MAX_LINE_BYTES) -> Iterator[tuple]:
+    """(line number, decoded line without newline) for each decodable line; a line longer than
+    `max_line` bytes is an InputError naming it."""
     stats = stats if stats is not None else CorpusStats()
     with gzip_errors(path), _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in read_lines(f, path, max_line):
             stats.bytes += len(raw)
             text = _decode(raw, path, lineno, strict, stats)
             if text is not None:
@@ -162,12 +176,13 @@ def iter_lines(path: Path, strict=False, stats: Optional[CorpusStats] = None) ->
 
 
 def iter_documents(path, *, text_field="text", doc_sep="line", strict=False,
-                   stats: Optional[CorpusStats] = None) -> Iterator[str]:
+                   stats: Optional[CorpusStats] = None, max_line: int = MAX_LINE_BYTES) -> Iterator[str]:
     """Documents of one file.
 
     text: one document per line (`doc_sep="line"`) or blank-line separated paragraphs
     (`doc_sep="blank"`); jsonl: the `text_field` of each JSON object; parquet: the `text_field` column.
-    Empty documents are counted and skipped.
+    Empty documents are counted and skipped. A line, or a paragraph, longer than `max_line` bytes is
+    refused.
     """
     path = Path(path)
     stats = stats if stats is not None else CorpusStats()
@@ -178,22 +193,24 @@ def iter_documents(path, *, text_field="text", doc_sep="line", strict=False,
         yield from _iter_parquet(path, text_field, strict, stats)
         return
     docs_before, bad_before = stats.documents, stats.bad_utf8
-    yield from _split_documents(iter_lines(path, strict, stats), path, kind, text_field, doc_sep,
-                                strict, stats)
+    yield from _split_documents(iter_lines(path, strict, stats, max_line), path, kind, text_field,
+                                doc_sep, strict, stats, max_line)
     if stats.documents == docs_before and stats.bad_utf8 > bad_before:
         raise InputError(path, f"not UTF-8 text: none of its lines decodes ({stats.bad_utf8 - bad_before} "
                                "undecodable); convert the file to UTF-8 (e.g. iconv -f GBK -t UTF-8)")
 
 
 def iter_lines_range(path, start: int, end: int, first_line: int = 1, strict=False,
-                     stats: Optional[CorpusStats] = None, chunk_bytes: int = 4 << 20) -> Iterator[tuple]:
+                     stats: Optional[CorpusStats] = None, chunk_bytes: int = 4 << 20,
+                     max_line: int = MAX_LINE_BYTES) -> Iterator[tuple]:
     """(line number, decoded line) for the lines of the byte range [start, end) of an uncompressed
     file; `start` must be a line start and `end` a line start or the end of the file, `first_line`
     the line number at `start`. Lets several workers read one large file without reading its prefix.
 
     Same lines, numbers and skips as `iter_lines`, but faster: the range is read and decoded in
     chunks of whole lines (UTF-8 never holds a newline byte inside a character), falling back to
-    line-by-line decoding only for a chunk that holds undecodable bytes. Memory: one chunk."""
+    line-by-line decoding only for a chunk that holds undecodable bytes. Memory: one chunk, or one
+    line of at most `max_line` bytes (a longer one is an InputError naming it)."""
     stats = stats if stats is not None else CorpusStats()
     lineno = first_line
     with open(path, "rb") as f:
@@ -203,15 +220,24 @@ def iter_lines_range(path, start: int, end: int, first_line: int = 1, strict=Fal
             chunk = f.read(min(end - pos, chunk_bytes))
             if not chunk:
                 break
-            pos += len(chunk)
+            read = len(chunk)
+            if pos == 0 and chunk.startswith(BOM):  # the file's BOM: not content
+                chunk = chunk[len(BOM):]
+            pos += read
             data = pending + chunk
             pending = b""
             if pos < end:
                 cut = data.rfind(b"\n") + 1
                 if cut == 0:
+                    if len(data) > max_line:
+                        raise too_long(path, lineno, max_line)
                     pending = data
                     continue
                 data, pending = data[:cut], data[cut:]
+                if len(pending) > max_line:
+                    raise too_long(path, lineno + data.count(b"\n"), max_line)
+            if len(data) > max_line:
+                _check_line_lengths(data, path, lineno, max_line)
             stats.bytes += len(data)
             try:
                 lines = data.decode("utf-8").split("\n")
@@ -232,15 +258,26 @@ def iter_lines_range(path, start: int, end: int, first_line: int = 1, strict=Fal
             yield from zip(range(lineno, lineno + len(lines)), lines)
             lineno += len(lines)
         if pending:  # a last line longer than the chunk, without a newline
+            if len(pending) > max_line:
+                raise too_long(path, lineno, max_line)
             stats.bytes += len(pending)
             text = _decode(pending, path, lineno, strict, stats)
             if text is not None:
                 yield lineno, text.rstrip("\r\n")
 
 
+def _check_line_lengths(data: bytes, path, first_line: int, max_line: int) -> None:
+    """Refuse the first line of `data` (whole lines) longer than `max_line` bytes, by its number."""
+    ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 0x0A)
+    lengths = np.diff(np.concatenate([[-1], ends, [len(data)]])) - 1
+    over = np.flatnonzero(lengths > max_line)
+    if len(over):
+        raise too_long(path, first_line + int(over[0]), max_line)
+
+
 def iter_documents_range(path, start: int, end: int, first_line: int = 1, *, text_field="text",
-                         doc_sep="line", strict=False,
-                         stats: Optional[CorpusStats] = None) -> Iterator[str]:
+                         doc_sep="line", strict=False, stats: Optional[CorpusStats] = None,
+                         max_line: int = MAX_LINE_BYTES) -> Iterator[str]:
     """Documents of the byte range [start, end) of an uncompressed txt/jsonl file, split exactly as
     `iter_documents` splits the whole file (the range must start and end on a document boundary:
     a line start, or after a blank line with `doc_sep="blank"`). Does not count the file in
@@ -250,13 +287,15 @@ def iter_documents_range(path, start: int, end: int, first_line: int = 1, *, tex
     kind = data_format(path)
     if kind == "parquet" or str(path).lower().endswith(".gz"):
         raise ValueError(f"{path}: byte ranges need an uncompressed text or JSON-lines file")
-    lines = iter_lines_range(path, start, end, first_line, strict, stats)
-    yield from _split_documents(lines, path, kind, text_field, doc_sep, strict, stats)
+    lines = iter_lines_range(path, start, end, first_line, strict, stats, max_line=max_line)
+    yield from _split_documents(lines, path, kind, text_field, doc_sep, strict, stats, max_line)
 
 
-def _split_documents(lines, path, kind, text_field, doc_sep, strict, stats) -> Iterator[str]:
+def _split_documents(lines, path, kind, text_field, doc_sep, strict, stats,
+                     max_line: int = MAX_LINE_BYTES) -> Iterator[str]:
     """Documents from (line number, line) pairs: JSON objects' text fields, one line each, or
-    blank-line separated paragraphs. Empty documents are counted and skipped."""
+    blank-line separated paragraphs (at most `max_line` bytes each). Empty documents are counted and
+    skipped."""
     if kind == "jsonl":
         for lineno, line in lines:
             if not line.strip():
@@ -279,8 +318,14 @@ def _split_documents(lines, path, kind, text_field, doc_sep, strict, stats) -> I
             yield line
     elif doc_sep == "blank":
         para: List[str] = []
-        for _, line in lines:
+        size = first = 0
+        for lineno, line in lines:
             if line.strip():
+                if not para:
+                    size, first = 0, lineno
+                size += len(line.encode("utf-8")) + 1
+                if size > max_line:
+                    raise too_long(path, first, max_line, unit="paragraph (from this line to the next blank line)")
                 para.append(line)
             elif para:
                 stats.documents += 1
@@ -354,37 +399,50 @@ def total_size(paths) -> int:
     return sum(os.path.getsize(p) for p in paths)
 
 
-def read_json_records(path, what: str = "input file") -> list:
+def read_json_records(path, what: str = "input file", max_record: int = MAX_LINE_BYTES,
+                      flag: str = "--max-record-mb") -> list:
     """(where, value) for each item of a JSON array file or each line of a JSON-lines file.
 
     `where` is the line number (JSON lines) or "record N" (array), for `InputError(path, msg, where)`.
-    For small files read whole (seed tasks, instruction sets to translate); corpora stream instead.
+    For small files whose records are all kept (seed tasks, instruction sets to translate); corpora
+    stream instead. A record (a line, or an array element as JSON) longer than `max_record` bytes is
+    refused naming it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, f"no such {what}")
-    try:
-        text = path.read_text("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if text.lstrip().startswith("["):
+    check_input_file(path, what)
+    with open(path, "rb") as f:
+        head = f.read(4096).removeprefix(BOM)
+    if head.lstrip().startswith(b"["):
+        text = _read_utf8(path)
         try:
             items = [(f"record {i}", obj) for i, obj in enumerate(json.loads(text), 1)]
         except json.JSONDecodeError as e:
             raise InputError(path, f"invalid JSON: {e.msg}", e.lineno) from None
         except RecursionError:
             raise InputError(path, "JSON nested too deeply to read") from None
+        for where, obj in items:
+            if len(json.dumps(obj, ensure_ascii=False).encode("utf-8")) > max_record:
+                raise too_long(path, where, max_record, unit="record", flag=flag)
         return _refuse_surrogates(path, items)
     items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                items.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise InputError(path, f"invalid JSON ({e.msg} at column {e.colno})", lineno) from None
-            except RecursionError:
-                raise InputError(path, "JSON nested too deeply to read", lineno) from None
+    with open(path, "rb") as f:
+        for lineno, raw in read_lines(f, path, max_record, flag):
+            line = _decode(raw, path, lineno, True, None)
+            if line.strip():
+                try:
+                    items.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise InputError(path, f"invalid JSON ({e.msg} at column {e.colno})", lineno) from None
+                except RecursionError:
+                    raise InputError(path, "JSON nested too deeply to read", lineno) from None
     return _refuse_surrogates(path, items)
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_bytes().removeprefix(BOM).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _refuse_surrogates(path, items) -> list:

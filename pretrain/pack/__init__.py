@@ -16,6 +16,10 @@ How it stays fast, bounded and safe:
     corpus loses only one final partial block per split (counted in the manifest).
   * manifest.json is written last, atomically. Re-running with the same tokenizer, options and
     unchanged input files does nothing; a changed input re-packs only that file's units.
+  * Over a complete pack the new one is built beside it (.OUT.pack-next, unchanged units hard-linked)
+    and swapped in when complete: the old pack stays usable until then, whatever happens (full disk,
+    Ctrl-C). One run per --out (a second is refused naming the first); a line longer than
+    --max-line-mb is refused naming it.
   * The validation split is by document: a hash of the document's text decides, so it is the same on
     every run and machine, and identical documents never straddle train and validation.
 

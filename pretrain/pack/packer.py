@@ -15,6 +15,7 @@ import numpy as np
 from zhllama import __version__, corpus
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
+from zhllama.inputfile import MAX_LINE_BYTES
 from zhllama.log import Progress, get_logger
 
 from .. import shards as fmt
@@ -33,7 +34,7 @@ class Packer:
     after_unit = None
 
     def __init__(self, args, tok: Tokenizer, settings: dict, out: Path, paths: List[Path],
-                 sources: List[dict]):
+                 sources: List[dict], max_line: int = MAX_LINE_BYTES):
         self.args = args
         self.tok = tok
         self.settings = settings
@@ -41,6 +42,7 @@ class Packer:
         self.out = out
         self.paths = paths
         self.sources = sources      # stat taken before reading: a file changed meanwhile is redone next time
+        self.max_line = max_line    # longest line read (not a setting: it changes no output byte)
         self.shard_dir = out / fmt.SHARD_DIR
         self.progress_path = out / fmt.PROGRESS
         self.dtype = np.dtype(settings["dtype"])
@@ -59,7 +61,8 @@ class Packer:
         total = corpus.total_size(self.paths)
         self.progress = Progress("data pack", total_bytes=total, logger=log)
         cfg = {k: self.settings[k] for k in ("text_field", "doc_sep", "strict", "validation_ratio", "dtype")}
-        cfg.update(tokenizer_kind=self.tok.kind, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id)
+        cfg.update(tokenizer_kind=self.tok.kind, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id,
+                   max_line=self.max_line)
         workers = self.args.workers
         if workers > 1:
             executor = ProcessPoolExecutor(workers, mp_context=mp_context(),

@@ -12,6 +12,7 @@ from zhllama import corpus
 from zhllama.fsutil import sha256_file
 
 READ_CHUNK = 8 << 20          # bytes per read when hashing inputs
+BLANK_CAP = 1 << 16           # a line longer than this is not looked at whole: it is not blank
 
 
 @dataclass
@@ -53,16 +54,29 @@ def _is_blank(raw: bytes) -> bool:
     return not raw.decode("utf-8", "replace").strip()
 
 
+def _skip_line(f) -> bool:
+    """Move past the rest of the current line (a bounded read at a time: a line may be gigabytes);
+    True when it was blank (a long line is never taken for blank) or the file ended."""
+    head = f.readline(BLANK_CAP)
+    if not head:
+        return True
+    if head.endswith(b"\n") or len(head) < BLANK_CAP:
+        return _is_blank(head)
+    while True:
+        part = f.readline(READ_CHUNK)
+        if not part or part.endswith(b"\n"):
+            return False
+
+
 def _next_boundary(f, target: int, doc_sep: str) -> int:
     """The first document boundary at or after `target`: a line start, or after a blank line."""
     f.seek(target - 1)
-    f.readline()                      # finish the line that holds byte target-1
+    _skip_line(f)                     # finish the line that holds byte target-1
     if doc_sep == "line":
         return f.tell()
-    while True:
-        line = f.readline()
-        if not line or _is_blank(line):
-            return f.tell()
+    while not _skip_line(f):
+        pass
+    return f.tell()
 
 
 def _boundaries(f, start: int, end: int, step: int, doc_sep: str) -> List[int]:

@@ -14,6 +14,8 @@ import tokenizers
 
 from zhllama import corpus
 from zhllama.errors import InputError
+from zhllama.fsutil import write_array
+from zhllama.inputfile import MAX_LINE_BYTES
 
 from .. import shards as fmt
 from .plan import hash64, validation_threshold
@@ -68,7 +70,7 @@ class _Sink:
         self.tokens[split] += len(arr)
         self.documents[split] += len(ids)
         if self.files is not None:
-            arr.tofile(self.files[split])
+            write_array(self.files[split], arr)
         else:
             self.arrays[split].append(arr)
 
@@ -110,7 +112,8 @@ def pack_task(task: dict) -> dict:
     dtype = np.dtype(cfg["dtype"])
     stats = corpus.CorpusStats()
     sink = _Sink(dtype, task.get("write_to"))
-    kw = dict(text_field=cfg["text_field"], doc_sep=cfg["doc_sep"], strict=cfg["strict"], stats=stats)
+    kw = dict(text_field=cfg["text_field"], doc_sep=cfg["doc_sep"], strict=cfg["strict"], stats=stats,
+              max_line=cfg.get("max_line", MAX_LINE_BYTES))
     try:
         if task["whole"]:
             docs = corpus.iter_documents(task["path"], **kw)

@@ -5,6 +5,8 @@ import random
 import shutil
 
 import pytest
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
 
 from conftest import cli_error, shared_path, synth_chinese, train_sp_pair, write_lines
 from zhllama.app.cli import main
@@ -39,6 +41,18 @@ def tricky(lines, seed=0):
     return out
 
 
+def unreachable_by_sentencepiece(model_bytes: bytes, ids) -> list:
+    """The ids among `ids` whose text, encoded alone by sentencepiece (no dummy prefix, "\u2581" as a space),
+    is not exactly that piece: written here from sentencepiece's own API, independent of zhllama.spm."""
+    proto = sp_model_pb2.ModelProto()
+    proto.ParseFromString(model_bytes)
+    proto.normalizer_spec.add_dummy_prefix = False
+    plain = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    ids = list(ids)
+    texts = [proto.pieces[i].piece.replace("\u2581", " ") for i in ids]
+    return [i for i, enc in zip(ids, plain.encode(texts)) if enc != [i]]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A small English BPE 'base' (LLaMA settings) and a small Chinese model, trained on text made here."""
@@ -69,8 +83,8 @@ def _check_invariants(base_path, out, english, mixed):
     sp_base, sp_merged = zspm.processor(base), zspm.processor(merged)
     differ = [t for t, a, b in zip(english, sp_base.encode(english), sp_merged.encode(english)) if a != b]
     assert differ == []
-    # 2. every added piece is reachable
-    assert zspm.unreachable_pieces(merged, added) == []
+    # 2. every added piece is reachable (checked by a plain reference, not the merge's own check)
+    assert unreachable_by_sentencepiece((out / "tokenizer.model").read_bytes(), added) == []
     assert report["unreachable_added"] == 0
     # 3. the HF tokenizer written to the dir encodes exactly like sentencepiece, with and without BOS
     tok = load_hf_tokenizer(out)
@@ -154,7 +168,13 @@ def test_unreachable_pieces_are_dropped_to_a_fixed_point():
     assert "甲乙丙丁" not in pieces and "甲乙丙丁" in r["dropped_unreachable_examples"]
     assert "ab" not in pieces and r["counts"]["filtered_no_cjk"] == 1
     assert "a甲" in pieces  # has a CJK character and is reachable: kept
-    assert zspm.unreachable_pieces(merged, range(len(base.pieces), len(merged.pieces))) == []
+    n = len(base.pieces)
+    assert unreachable_by_sentencepiece(merged.SerializeToString(), range(n, len(merged.pieces))) == []
+    # kept on request, the plain reference finds exactly the blocked piece, as the report does
+    kept, r = merge_protos(base, add, drop_unreachable=False)
+    blocked = [i for i in range(n, len(kept.pieces)) if kept.pieces[i].piece == "甲乙丙丁"]
+    assert unreachable_by_sentencepiece(kept.SerializeToString(), range(n, len(kept.pieces))) == blocked != []
+    assert r["unreachable_added"] == 1
 
 
 def test_base_from_hf_dir_including_old_llamatokenizer_config(tiny, tmp_path):

@@ -179,6 +179,21 @@ def train_sp_pair(d: Path, english, en_vocab: int, chinese, zh_vocab: int):
     return d / "base" / "zh_sp.model", d / "zh" / "zh_sp.model"
 
 
+def unreachable_by_sentencepiece(model_bytes: bytes, ids) -> list:
+    """The ids among `ids` whose text, encoded alone by sentencepiece (no dummy prefix, "\u2581" as a space),
+    is not exactly that piece: written here from sentencepiece's own API, independent of zhllama.spm."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_bytes)
+    proto.normalizer_spec.add_dummy_prefix = False
+    plain = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    ids = list(ids)
+    texts = [proto.pieces[i].piece.replace("\u2581", " ") for i in ids]
+    return [i for i, enc in zip(ids, plain.encode(texts)) if enc != [i]]
+
+
 def cli_error(capsys, *args) -> str:
     """Run `zhllama ARGS` expecting bad input: a non-zero exit and one line on stderr, returned."""
     rc = run_cli(*args)

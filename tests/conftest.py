@@ -52,6 +52,24 @@ def adamw_steps(model, x, steps: int, lr: float = 1e-2):
     return model.eval()
 
 
+def train_adapter(model, stage, out, tokenizer_dir, run_config=None, steps=2, seed=0, new_rows_from=None):
+    """A few AdamW steps of `stage` on 8 lines of the bundled Chinese text, then the engine's save_adapter."""
+    import torch
+
+    from zhllama.modelio import load_tokenizer
+    from zhllama.pretrain.adapters import apply_stage, save_adapter
+    from zhllama.pretrain.presets import STAGES
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = apply_stage(model, STAGES[stage], new_rows_from=new_rows_from)
+    lines = (SAMPLES / "zh_sample.txt").read_text(encoding="utf-8").splitlines()[seed:seed + 8]
+    x = torch.tensor([[tok.bos_token_id] + tok.encode(t, add_special_tokens=False)[:23] for t in lines
+                      if len(tok.encode(t, add_special_tokens=False)) >= 23])
+    adamw_steps(model, x, steps)
+    save_adapter(model, out, tokenizer_dir=tokenizer_dir, run_config=run_config, require_trained=stage != "stage1")
+    return out
+
+
 # ----------------------------------------------------------------------------- subprocesses
 # Variables a caller's shell may hold that would change what a launched run does: rank and world
 # variables (a run must start its own world), the launcher's knobs, and the engine's test seam.

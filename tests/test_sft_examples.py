@@ -311,6 +311,7 @@ def test_real_llama_tokenizer_stanford_seam_and_belle_smoke(llama):
     ds = SFTDataset([str(belle)], tok, "chinese-alpaca", field_map="instruction=question,output=std_answer")
     rows = [json.loads(ln) for ln in belle.read_text(encoding="utf-8").splitlines() if ln.strip()]
     answered = [r for r in rows if r["std_answer"].strip()]
+    assert (len(rows), len(answered)) == (1000, 631)     # what README.md says of the set
     too_long = sum(len(encode_prompt(tok, "chinese-alpaca", r["question"])) >= 512 for r in answered)
     assert len(ds) == len(answered) - too_long
     assert sum(ds.stats.dropped.values()) == too_long

@@ -235,6 +235,17 @@ def test_llama_merge_invariants(llama_merge):
     assert sum(map(len, sp_m.encode(zh))) < 0.6 * sum(map(len, sp_l.encode(zh)))
 
 
+def test_merge_of_chinese_llamas_pieces_drops_the_unreachable_ones(tmp_path):
+    """LLaMA + Chinese-LLaMA's 20,000-piece model: 335 of its CJK candidates cannot be reached once merged,
+    and the merge drops them (the case where the reachability invariant has something to catch)."""
+    llama = shared_path("data/llama/tokenizer.model")
+    merge_tokenizers(llama, shared_path("data/anchors/chinese_llama_sp.model"), tmp_path / "m")
+    news = shared_path("data/zh/news_train.txt").read_text(encoding="utf-8").splitlines()[-300:]
+    english = stdlib_english_lines(3000)
+    report = _check_invariants(llama, tmp_path / "m", english, tricky(news + english[:300], seed=2))
+    assert (report["counts"]["dropped_unreachable"], report["counts"]["added"]) == (335, 16917)
+
+
 def test_llama_tokenizer_class_loads_and_agrees_without_leading_space(llama_merge):
     """transformers 5's LlamaTokenizer rebuilds its pre-tokenizer (Metaspace, prepend_scheme=first):
     it loads the dir and agrees with sentencepiece except on text starting with a space."""

@@ -149,6 +149,24 @@ def tiny_packed(tmp_path_factory, tiny_tokenizer_dir) -> Path:
                  "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
     return out
 
+GROWN_PIECES = ["自然语言处理", "人工智能", "机器学习", "大模型"]
+
+
+def grow_tiny(root: Path, tiny_model_dir: Path, tiny_tokenizer_dir: Path):
+    """(tokenizer dir, resized model dir): the tiny tokenizer extended by GROWN_PIECES (as a merge would) and
+    the tiny model resized to it (new rows: the mean)."""
+    from zhllama.modelio import load_tokenizer, save_tokenizer
+    from zhllama.tiny import extend_sp_model
+    from zhllama.vocab.resize import resize_checkpoint
+
+    big = root / "tok"
+    big.mkdir()
+    extend_sp_model(tiny_tokenizer_dir / "tokenizer.model", GROWN_PIECES, big / "tokenizer.model")
+    save_tokenizer(load_tokenizer(big / "tokenizer.model"), big)
+    resize_checkpoint(tiny_model_dir, big, root / "resized", init="mean")
+    return big, root / "resized"
+
+
 # ----------------------------------------------------------------------------- tiny SentencePiece pair
 # Text made here and a small English "base" plus a small Chinese model trained on it: the vocab
 # train, merge and report tests build theirs with these.

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import subprocess_env, train_adapter
+from conftest import grow_tiny, subprocess_env, train_adapter
 
 from zhllama.app.cli import main
 from zhllama.errors import UserError
 from zhllama.export.merge import MANIFEST, REPORT, check_manifest, merge_checkpoint
-from zhllama.modelio import load_model, load_tokenizer, save_tokenizer
+from zhllama.modelio import load_model, load_tokenizer
 from zhllama.pretrain.adapters import load_adapter, merge_adapters
 
 REPO = Path(__file__).resolve().parent.parent
@@ -177,17 +177,8 @@ def test_dtype_option_and_bf16_output(tmp_path, tiny_model_dir, stage2):
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory, tiny_model_dir, tiny_tokenizer_dir):
     """A tokenizer extended with new pieces, the tiny model resized to it, and adapters trained on that."""
-    from zhllama.tiny import extend_sp_model
-    from zhllama.vocab.resize import resize_checkpoint
-
     root = tmp_path_factory.mktemp("grown")
-    big = root / "tok"
-    big.mkdir()
-    extend_sp_model(tiny_tokenizer_dir / "tokenizer.model", ["自然语言处理", "人工智能", "机器学习", "大模型"],
-                    big / "tokenizer.model")
-    save_tokenizer(load_tokenizer(big / "tokenizer.model"), big)
-    resized = root / "resized"
-    resize_checkpoint(tiny_model_dir, big, resized, init="mean")
+    big, resized = grow_tiny(root, tiny_model_dir, tiny_tokenizer_dir)
     n_base = len(load_tokenizer(tiny_tokenizer_dir))
     s1 = train_adapter(load_model(resized), "stage1", root / "s1", big, new_rows_from=n_base,
                         run_config={"stage": "stage1"})

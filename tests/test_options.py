@@ -25,9 +25,9 @@ import sentencepiece
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, SAMPLES, cli_error, run_cli, subprocess_env, train_adapter
-from zhllama.modelio import load_model, load_tokenizer, save_tokenizer
-from zhllama.sft.templates import get_template
+from conftest import GROWN_PIECES, REPO, cli_error, grow_tiny, run_cli, subprocess_env, train_adapter
+from test_selfinstruct import _Translator  # the scripted translation server
+from zhllama.modelio import load_model, load_tokenizer
 
 ZH = "北京是中国的首都，经济持续稳定发展。"
 
@@ -109,17 +109,9 @@ def test_merge_template_ships_that_chat_template_without_an_sft_adapter(tmp_path
 def grown(tmp_path_factory, tiny_model_dir, tiny_tokenizer_dir):
     """The tiny tokenizer extended by 4 pieces, the tiny model resized to it, and a stage-2 adapter trained on
     that whose directory holds no tokenizer (as when a user copies only the weights)."""
-    from zhllama.tiny import extend_sp_model
-    from zhllama.vocab.resize import resize_checkpoint
-
     root = tmp_path_factory.mktemp("opt_grown")
-    big = root / "tok"
-    big.mkdir()
-    extend_sp_model(tiny_tokenizer_dir / "tokenizer.model", ["自然语言处理", "人工智能", "机器学习", "大模型"],
-                    big / "tokenizer.model")
-    save_tokenizer(load_tokenizer(big / "tokenizer.model"), big)
-    resize_checkpoint(tiny_model_dir, big, root / "resized", init="mean")
-    adapter = train_adapter(load_model(root / "resized"), "stage2", root / "s2", big, run_config={"stage": "stage2"})
+    big, resized = grow_tiny(root, tiny_model_dir, tiny_tokenizer_dir)
+    adapter = train_adapter(load_model(resized), "stage2", root / "s2", big, run_config={"stage": "stage2"})
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         (adapter / name).unlink(missing_ok=True)
     return {"tok": big, "adapter": adapter, "rows": len(load_tokenizer(big))}
@@ -177,7 +169,7 @@ def test_resize_base_tokenizer_gives_the_split_that_subword_mean_averages(tmp_pa
     sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
     old, new = _weights(tiny_model_dir)["model.embed_tokens.weight"], _weights(out)["model.embed_tokens.weight"]
     assert new.shape[0] == 3004 and torch.equal(new[:3000], old)
-    for i, piece in enumerate(["自然语言处理", "人工智能", "机器学习", "大模型"], start=3000):
+    for i, piece in enumerate(GROWN_PIECES, start=3000):
         split = sp.encode(piece)
         assert len(split) > 1, piece
         torch.testing.assert_close(new[i], old[split].mean(0), rtol=1e-6, atol=1e-7)
@@ -235,8 +227,6 @@ def test_generate_stop_cuts_the_answer_at_the_first_occurrence(capsys, tiny_mode
 # ------------------------------------------------------------------------------------------ translate --fields
 
 def test_translate_fields_sends_and_replaces_only_those(tmp_path, capsys):
-    from test_selfinstruct import _Translator
-
     records = [{"instruction": f"Give tip {i}.", "input": f"ctx {i}", "output": f"Tip {i}.", "note": "keep"}
                for i in range(3)]
     src = tmp_path / "in.jsonl"

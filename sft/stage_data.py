@@ -5,11 +5,12 @@ Importing this module registers it with pretrain/stage_data.py; `zhllama train` 
 
 from zhllama.pretrain.stage_data import Data, StageData, register
 
-from .dataset import SFTDataset, default_pad_id, make_collate
 from .templates import get_template
 
 
 def build(cfg, preset, tokenizer) -> Data:
+    from .dataset import SFTDataset, default_pad_id, make_collate  # torch: only when training (`train --help` stays light)
+
     train = SFTDataset(cfg.data, tokenizer, cfg.template, max_length=preset.block_size,
                        strict=cfg.strict_data, field_map=cfg.field_map or None, seed=cfg.seed,
                        pack=cfg.pack_examples)

@@ -55,6 +55,7 @@ from zhllama import bpe
 from zhllama.bpe import is_bpe_json_base
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json
+from zhllama.hf_tokenizer import HF_TOKENIZER_FILES
 from zhllama.log import get_logger
 from zhllama.outlock import output_lock
 from zhllama.modelio import (PADDED_VOCAB_KEY, check_checkpoint, load_tokenizer, read_model_config,
@@ -300,6 +301,9 @@ def plan_resize(model_dir: Path, tokenizer_path, base_tok_path: Path, init: str,
     shards = input_shards(model_dir)
     max_bytes = parse_size(max_shard_size)
 
+    if base_tok_path == model_dir and not any((model_dir / f).is_file() for f in HF_TOKENIZER_FILES):
+        raise UserError(f"{model_dir} holds no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model); "
+                        "pass the one the model was trained with as --base-tokenizer")
     base_tokens, _, _ = token_strings(base_tok_path)
     if len(base_tokens) != old_size:
         raise UserError(f"the model {model_dir} has {old_size} vocabulary rows but its tokenizer "

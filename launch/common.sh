@@ -24,6 +24,12 @@
 #   DRY_RUN=1      print the command this node would run, and exit
 #   DS_ACCELERATOR=cpu   test mode without GPUs: CPU ranks, gloo backend
 #   PYTHON         the python that has zhllama installed (default: python on PATH)
+#   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_*, GLOO_SOCKET_IFNAME, UCX_*   the network the ranks use: taken
+#                  from this environment to every rank (each form's way is in docs/cluster.md) and
+#                  printed at start
+#
+# Written for bash 4.2 (CentOS 7 login nodes): a possibly empty array is expanded as
+# ${a[@]+"${a[@]}"}, because "${a[@]}" of an empty array is an unbound variable under set -u before 4.4.
 set -euo pipefail
 
 _launch_fail() { echo "launch: $*" >&2; return 2; }
@@ -43,6 +49,21 @@ _launch_local_ranks() {
   else
     _launch_fail "no GPU found (nvidia-smi missing); set GPUS_PER_NODE, or DS_ACCELERATOR=cpu for a CPU test"
   fi
+}
+
+# The network variables set here, as NAME=value words (empty when none is set).
+_launch_network_env() {
+  local v out=()
+  for v in $(compgen -e | LC_ALL=C sort); do
+    case $v in NCCL_*|GLOO_SOCKET_IFNAME|UCX_*|TP_SOCKET_IFNAME) out+=("$v=${!v}") ;; esac
+  done
+  echo ${out[@]+"${out[@]}"}
+}
+
+_launch_say_network() {
+  local net
+  net=$(_launch_network_env)
+  echo "launch: network settings for every rank: ${net:-none set (NCCL picks the interface itself)}" >&2
 }
 
 # Runs "$@" (or prints it under DRY_RUN=1), teeing its output to the node's log file.
@@ -69,6 +90,7 @@ _launch_run() {
 zhllama_launch() {
   local run_name=$1 config=$2
   shift 2
+  [ "${LOCAL_RANK:-0}" != 0 ] || _launch_say_network  # once per node
   local py=${PYTHON:-python}
   # The module and its arguments; the launchers take it as --module, python as -m.
   local train=(zhllama.app.cli train --config "$config" "$@")
@@ -100,7 +122,7 @@ zhllama_launch() {
     [ -f "$HOSTFILE" ] || _launch_fail "HOSTFILE $HOSTFILE not found" || return
     local cmd=("${ds[@]}" --hostfile "$HOSTFILE" --master_port "$master_port")
     [ -z "${MASTER_ADDR:-}" ] || cmd+=(--master_addr "$MASTER_ADDR")
-    _launch_run "$log_dir/${run_name}_node0.log" "${cmd[@]}" "${extra[@]}" --no_local_rank --module "${train[@]}"
+    _launch_run "$log_dir/${run_name}_node0.log" "${cmd[@]}" ${extra[@]+"${extra[@]}"} --no_local_rank --module "${train[@]}"
     return
   fi
 
@@ -115,7 +137,7 @@ zhllama_launch() {
     [ -n "${MASTER_ADDR:-}" ] || _launch_fail "NNODES=$nnodes needs MASTER_ADDR, the address of node 0" || return
     local cmd=("$py" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$NODE_RANK"
                --nproc_per_node "$gpus" --master_addr "$MASTER_ADDR" --master_port "$master_port")
-    _launch_run "$log_dir/${run_name}_node${NODE_RANK}.log" "${cmd[@]}" "${extra[@]}" --module "${train[@]}"
+    _launch_run "$log_dir/${run_name}_node${NODE_RANK}.log" "${cmd[@]}" ${extra[@]+"${extra[@]}"} --module "${train[@]}"
     return
   fi
 
@@ -132,5 +154,5 @@ zhllama_launch() {
   else
     cmd+=(--num_gpus "$gpus")
   fi
-  _launch_run "$log_dir/${run_name}_node0.log" "${cmd[@]}" "${extra[@]}" --no_local_rank --module "${train[@]}"
+  _launch_run "$log_dir/${run_name}_node0.log" "${cmd[@]}" ${extra[@]+"${extra[@]}"} --no_local_rank --module "${train[@]}"
 }

@@ -340,7 +340,9 @@ class Trainer:
         # DeepSpeed wraps the loss module: its forward returns the summed token loss (zhllama/loss.py).
         engine, _, _, _ = deepspeed.initialize(model=CausalLMTokenLoss(model), optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
-        assert_fp32_buffers(engine.module)  # rotary inv_freq: an old DeepSpeed casts it to bf16
+        checked = assert_fp32_buffers(engine.module)  # rotary inv_freq: an old DeepSpeed casts it to bf16
+        if self.rank == 0:
+            log.info("rotary buffers float32 after deepspeed.initialize: %d checked", checked)
         return engine, scheduler
 
     # one step and its record -----------------------------------------------------------------------

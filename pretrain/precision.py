@@ -33,7 +33,8 @@ def wrong_dtype_buffers(module, names: Iterable[str] = FP32_BUFFER_NAMES) -> lis
             if name.rsplit(".", 1)[-1] in wanted and buf.dtype != torch.float32]
 
 
-def assert_fp32_buffers(module, when: str = "after deepspeed.initialize") -> None:
+def assert_fp32_buffers(module, when: str = "after deepspeed.initialize") -> int:
+    """Raise PrecisionError if a buffer of FP32_BUFFER_NAMES is not float32; else return how many there are."""
     bad = wrong_dtype_buffers(module)
     if bad:
         name, dtype = bad[0]
@@ -41,6 +42,7 @@ def assert_fp32_buffers(module, when: str = "after deepspeed.initialize") -> Non
             f"{name} is {str(dtype).replace('torch.', '')} {when} ({len(bad)} such buffer(s)); it must stay "
             "float32 (rotary positions lose precision in 16 bits). DeepSpeed before 0.19.2 casts every buffer "
             "(upstream PR #8066): install deepspeed>=0.19.8")
+    return sum(1 for name, _ in module.named_buffers() if name.rsplit(".", 1)[-1] in FP32_BUFFER_NAMES)
 
 
 def with_bf16_nan_safety(ds_config: dict) -> dict:

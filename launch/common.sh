@@ -70,6 +70,7 @@ _launch_say_network() {
 _launch_run() {
   local log_file=$1
   shift
+  _launch_say_network
   if [ "${DRY_RUN:-0}" = "1" ]; then
     printf '%q ' "$@"
     echo
@@ -90,7 +91,6 @@ _launch_run() {
 zhllama_launch() {
   local run_name=$1 config=$2
   shift 2
-  [ "${LOCAL_RANK:-0}" != 0 ] || _launch_say_network  # once per node
   local py=${PYTHON:-python}
   # The module and its arguments; the launchers take it as --module, python as -m.
   local train=(zhllama.app.cli train --config "$config" "$@")
@@ -105,6 +105,7 @@ zhllama_launch() {
     for v in WORLD_SIZE MASTER_ADDR MASTER_PORT; do
       [ -n "${!v:-}" ] || _launch_fail "RANK is set (an outer launcher started this rank) but $v is not; set it, or unset RANK to let this script start the ranks" || return
     done
+    [ "$LOCAL_RANK" != 0 ] || _launch_say_network  # once per node
     if [ "${DRY_RUN:-0}" = "1" ]; then
       printf '%q ' "$py" -m "${train[@]}"
       echo

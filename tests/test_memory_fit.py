@@ -17,23 +17,29 @@ def _run_config(tiny_model_dir, tiny_packed, *extra):
                               "global_batch=8", "micro_batch=4", "block_size=32", *extra])
 
 
-def _plan_json(capsys, tiny_model_dir):
-    """What `zhllama plan --json` says for the same run (the user's view of the figures)."""
-    assert run_cli("plan", "--model", tiny_model_dir, "--stage", "stage2", "--tokens", "1e6", "--gpus", 2,
-                   "--micro-batch", 4, "--seq-len", 32, "--global-batch", 8, "--json") == 0
-    return json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def llama7b_dir(tmp_path_factory):
+    """A LLaMA-7B config.json with the merged vocabulary (the planner builds it on the meta device)."""
+    from zhllama.tiny import llama_config
+    d = tmp_path_factory.mktemp("llama7b")
+    llama_config("llama-7b", 49953).to_json_file(str(d / "config.json"))
+    return d
 
 
-@pytest.mark.parametrize("margin_gib, want_on", [(+0.01, False), (-0.01, True)])
-def test_auto_turns_checkpointing_on_exactly_when_the_plan_does_not_fit(capsys, tiny_model_dir, tiny_packed,
-                                                                        margin_gib, want_on):
-    figures = _plan_json(capsys, tiny_model_dir)["memory"]
+@pytest.mark.parametrize("margin_gib, want_on", [(+0.5, False), (-0.5, True)])
+def test_auto_turns_checkpointing_on_exactly_when_the_plan_does_not_fit(capsys, llama7b_dir, margin_gib, want_on):
+    """Stage 2 of 7B, 16 GPUs, micro batch 8: the figures come from `zhllama plan --json` (the user's view);
+    a stand-in GPU of (figure without checkpointing / 0.9) +- 0.5 GiB must turn it off / on."""
+    assert run_cli("plan", "--model", llama7b_dir, "--stage", "stage2", "--tokens", "1e6", "--gpus", 16,
+                   "--micro-batch", 8, "--json") == 0
+    figures = json.loads(capsys.readouterr().out)["memory"]
     without, with_ = figures["without_checkpointing"]["total_gib"], figures["with_checkpointing"]["total_gib"]
+    assert with_ < without - 15  # activations: 22 GiB without checkpointing, 2 with
     gpu_gib = without / 0.9 + margin_gib  # the plan's rule: fits when at most 90% of the GPU
-    cfg = _run_config(tiny_model_dir, tiny_packed)
+    cfg = load_config(None, ["stage=stage2", f"model={llama7b_dir}", "data=[unused]", "out=unused", "micro_batch=8"])
     assert cfg.gradient_checkpointing == "auto"  # the default
     on, why = memory_fit.decide_gradient_checkpointing(
-        cfg.gradient_checkpointing, cfg=cfg, preset=cfg.preset(), world=2, device=torch.device("cuda", 0),
+        cfg.gradient_checkpointing, cfg=cfg, preset=cfg.preset(), world=16, device=torch.device("cuda", 0),
         ds_path=resolve_ds_config(stage_ds_config(cfg.stage, cfg.ds_config)), gpu_gib=gpu_gib)
     assert on is want_on
     assert f"plan {without:.1f} GiB per GPU without it, {with_:.1f} GiB with it" in why

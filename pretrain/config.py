@@ -54,8 +54,8 @@ class RunConfig:
     new_rows_only: bool = False  # stage1: train only rows of tokens added by the merge
     # engine
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
-    ds_config: str = "zero2"  # a name in ds_configs/ or a JSON path
+    gradient_checkpointing: Union[bool, str] = "auto"  # auto: on when the plan's estimate does not fit the GPU
+    ds_config: Optional[str] = None  # a name in ds_configs/ or a JSON path; null: the stage's (ds_config.py)
     seed: int = 42
     # bookkeeping
     log_every: int = 1
@@ -104,8 +104,17 @@ def _field_kind(key: str):
     return origin, (args[0] if origin is list and args else None), nullable
 
 
+AUTO_KEYS = ("gradient_checkpointing",)  # true, false or auto (decided when the run starts)
+
+
 def _coerce(key: str, value, where: str):
     """Check a value against the field's type; YAML already parsed numbers, lists and booleans."""
+    if key in AUTO_KEYS:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _BOOL_WORDS):
+            return _scalar(key, value, bool, where)
+        raise ConfigError(f"{where}: key '{key}' must be true, false or auto, got {value!r}")
     kind, item, nullable = _field_kind(key)
     if value is None:
         if nullable:

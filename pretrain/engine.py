@@ -30,11 +30,15 @@ from zhllama.log import get_logger
 from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
 from zhllama.schedule import lr_lambda
+from zhllama.versions import check_versions, versions_line, versions_record
 
 from . import adapters, checkpoint
 from .config import RunConfig, dump_config
-from .flops import flops_per_token, peak_flops
+from .ds_config import build_ds_config, resolve_ds_config, stage_ds_config
+from .flops import MFUMeter, adapter_matmul_params, flops_per_token, peak_flops, trainable_matmul_params
 from .hooks import TrainHooks
+from .memory_fit import decide_gradient_checkpointing
+from .precision import assert_fp32_buffers, finite_or_none, json_safe
 from .presets import grad_accumulation
 from .shards import BlockOrder, PackedBlocks, positions_for_rank
 from .stage_data import Data, registered
@@ -83,40 +87,6 @@ def choose_precision(requested: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
-# ----------------------------------------------------------------------------- DeepSpeed config
-
-def resolve_ds_config(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix == ".json" or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"config: ds_config '{name_or_path}' not found")
-        return p
-    from importlib import resources
-    candidate = resources.files("zhllama.ds_configs") / f"{name_or_path}.json"
-    if not candidate.is_file():
-        raise ConfigError(f"config: ds_config '{name_or_path}' is neither a JSON file nor one of "
-                          f"zero2, zero2_offload")
-    return Path(str(candidate))
-
-
-def build_ds_config(path: Path, *, global_batch, micro_batch, grad_accum, grad_clip, precision) -> dict:
-    """The DeepSpeed JSON with every 'auto' filled from the run config."""
-    cfg = json.loads(Path(path).read_text())
-    cfg.pop("_comment", None)
-    cfg["train_batch_size"] = global_batch
-    cfg["train_micro_batch_size_per_gpu"] = micro_batch
-    cfg["gradient_accumulation_steps"] = grad_accum
-    cfg["gradient_clipping"] = grad_clip
-    cfg.setdefault("bf16", {})["enabled"] = precision == "bf16"
-    cfg.setdefault("fp16", {})["enabled"] = precision == "fp16"
-    if precision != "fp16":
-        cfg.pop("fp16")
-    if not torch.cuda.is_available():
-        # overlap_comm needs CUDA streams; on CPU it only adds copies.
-        cfg.get("zero_optimization", {})["overlap_comm"] = False
-    return cfg
-
-
 # ----------------------------------------------------------------------------- data
 
 def _run_record(cfg: RunConfig) -> dict:
@@ -157,7 +127,7 @@ def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(cfg: RunConfig, preset, dtype):
+def build_model(cfg: RunConfig, preset, dtype, checkpointing: bool = False):
     tokenizer_path = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(tokenizer_path)
     model = load_model(cfg.model, dtype=dtype, tokenizer_path=tokenizer_path)
@@ -172,7 +142,7 @@ def build_model(cfg: RunConfig, preset, dtype):
                               f"records in {cfg.model}/config.json ({BASE_VOCAB_KEY}); this model was not "
                               "resized by zhllama")
     model = adapters.apply_stage(model, preset, new_rows_from=new_rows_from)
-    if cfg.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # always: a KV cache would let packed SFT examples attend across examples
     return model, tokenizer, tokenizer_path
@@ -203,8 +173,9 @@ class Metrics:
     def write(self, record: dict):
         if not self.enabled:
             return
+        record = json_safe(record)  # null, never Infinity or NaN: those are not JSON
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
@@ -233,8 +204,7 @@ class _Run:
     ckpt_root: Path
     fingerprint: str
     tokenizer_path: str             # cfg.tokenizer or cfg.model
-    flops_per_token: float
-    peak_flops: float
+    mfu: MFUMeter
 
 
 class Trainer:
@@ -250,7 +220,8 @@ class Trainer:
         cfg = self.cfg
         run = self._setup()
         summary = {"start_step": run.start_step, "total_steps": run.total_steps, "trainable": run.trainable,
-                   "total": run.total, "nonfinite_skipped": 0}
+                   "total": run.total, "nonfinite_skipped": 0, "versions": self.versions,
+                   "gradient_checkpointing": self.checkpointing, "mfu_peak": self.mfu_basis}
         nonfinite_in_row = 0
         last = {}
 
@@ -273,7 +244,7 @@ class Trainer:
             self.hooks.call_after_step(done, self.rank)
 
         run.metrics.close()
-        summary.update({k: last.get(k) for k in ("loss", "val_loss", "tokens_per_s", "mfu")})
+        summary.update(json_safe({k: last.get(k) for k in ("loss", "val_loss", "tokens_per_s", "mfu")}))
         self._save_final(run.engine, run.tokenizer_path)
         return summary
 
@@ -282,11 +253,15 @@ class Trainer:
         """Everything before the first step, ordered to fail early: config errors before any process
         group, a refused resume (it reads only the checkpoint's JSON) before the model is loaded."""
         cfg, preset = self.cfg, self.preset
-        # Config errors first, before any process group, model or data is touched.
+        # Library versions, then config errors, before any process group, model or data is touched.
+        check_versions()
+        self.versions = versions_record()
         grad_accumulation(preset.global_batch, cfg.micro_batch, int(os.environ.get("WORLD_SIZE", 1)))
-        ds_path = resolve_ds_config(cfg.ds_config)
+        ds_path = resolve_ds_config(stage_ds_config(cfg.stage, cfg.ds_config))
         rank, world, local_rank = init_distributed()
         self.rank, self.world = rank, world
+        if rank == 0:
+            log.info("versions: %s", versions_line(self.versions))
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         precision = choose_precision(cfg.precision, device)
         grad_accum = grad_accumulation(preset.global_batch, cfg.micro_batch, world)
@@ -302,7 +277,11 @@ class Trainer:
         if latest is not None:
             checkpoint.check_resume(latest, cfg, world, fingerprint, self.allow_config_change)
 
-        model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision))
+        self.checkpointing, why = decide_gradient_checkpointing(
+            cfg.gradient_checkpointing, cfg=cfg, preset=preset, world=world, device=device, ds_path=ds_path)
+        if rank == 0:
+            log.info("gradient checkpointing %s: %s", "on" if self.checkpointing else "off", why)
+        model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision), self.checkpointing)
         data = build_data(cfg, preset, tokenizer, tokenizer_path)
         trainable, total = adapters.count_trainable(model)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
@@ -320,13 +299,14 @@ class Trainer:
         order = BlockOrder(len(data.train), cfg.seed)
         metrics = Metrics(self.run_dir, rank == 0, cfg.tensorboard, start_step)
         hf_config = getattr(model, "get_base_model", lambda: model)().config
-        fpt = flops_per_token(hf_config, preset.block_size)
-        peak = peak_flops(device) * world
+        fpt = flops_per_token(hf_config, preset.block_size, trainable_matmul_params(model), adapter_matmul_params(model))
+        device_peak, self.mfu_basis = peak_flops(device)
+        meter = MFUMeter(fpt, device_peak, world, measured=device.type != "cuda")
         self.engine, self.data, self.device = engine, data, device
         return _Run(engine=engine, scheduler=scheduler, order=order, metrics=metrics, precision=precision,
                     grad_accum=grad_accum, start_step=start_step, total_steps=total_steps, trainable=trainable,
                     total=total, ckpt_root=ckpt_root, fingerprint=fingerprint, tokenizer_path=tokenizer_path,
-                    flops_per_token=fpt, peak_flops=peak)
+                    mfu=meter)
 
     def _start_run_dir(self, data, grad_accum, total_steps, precision, trainable, total, ds_path):
         """Rank 0: config.yaml and the stage's run files (sft: template.json), and the run's one-line plan."""
@@ -360,6 +340,9 @@ class Trainer:
         # DeepSpeed wraps the loss module: its forward returns the summed token loss (zhllama/loss.py).
         engine, _, _, _ = deepspeed.initialize(model=CausalLMTokenLoss(model), optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
+        checked = assert_fp32_buffers(engine.module)  # rotary inv_freq: an old DeepSpeed casts it to bf16
+        if self.rank == 0:
+            log.info("rotary buffers float32 after deepspeed.initialize: %d checked", checked)
         return engine, scheduler
 
     # one step and its record -----------------------------------------------------------------------
@@ -374,11 +357,11 @@ class Trainer:
         dt = time.perf_counter() - t0
         done = step + 1
         record = {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr,
-                  "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": tokens / dt,
-                  "mfu": run.flops_per_token * tokens / dt / run.peak_flops, "step_time_s": dt, "tokens": tokens,
+                  "grad_norm": finite_or_none(engine.get_global_grad_norm()), "tokens_per_s": tokens / dt,
+                  "mfu": run.mfu(tokens, dt), "step_time_s": dt, "tokens": tokens,
                   "nonfinite_microbatches": nonfinite}
         if run.precision == "fp16":
-            record["loss_scale"] = _float(getattr(engine.optimizer, "cur_scale", None))
+            record["loss_scale"] = finite_or_none(getattr(engine.optimizer, "cur_scale", None))
         if cfg.eval_every and done % cfg.eval_every == 0 and self.data.validation is not None:
             record.update(self.evaluate())
         if done == run.total_steps and self.data.validation is not None and "val_loss" not in record:
@@ -473,21 +456,13 @@ class Trainer:
                 "The last complete checkpoint is intact; the run resumes from it.")
 
 
-def _float(x):
-    if x is None:
-        return None
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
-
-
 def _progress_line(r: dict, total: int) -> str:
     loss = f"loss {r['loss']:.4f}" if r["loss"] is not None else "loss non-finite (step skipped)"
     parts = [f"step {r['step']}/{total}", loss, f"lr {r['lr']:.2e}"]
     if r.get("grad_norm") is not None:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
-    parts += [f"{r['tokens_per_s']:,.0f} tok/s", f"MFU {100 * r['mfu']:.1f}%", f"{r['step_time_s']:.2f} s/step"]
+    mfu = f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "MFU unknown"
+    parts += [f"{r['tokens_per_s']:,.0f} tok/s", mfu, f"{r['step_time_s']:.2f} s/step"]
     if r.get("loss_scale") is not None:
         parts.append(f"scale {r['loss_scale']:g}")
     if "val_loss" in r:

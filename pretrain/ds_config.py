@@ -15,11 +15,12 @@ from zhllama.errors import ConfigError
 from .precision import with_bf16_nan_safety
 
 SHIPPED = ("zero1", "zero2", "zero2_offload")  # ds_configs/*.json
-# ds_config: null takes the stage's. The LoRA stages (and stage 1's embeddings) train a few percent of
-# the weights: ZeRO-1 reduces their gradients once per step instead of after every micro batch, for
-# 2 T (1 - 1/N) bytes more per GPU (`zhllama plan` prints both; docs/cluster.md, "ZeRO-1 or ZeRO-2").
-# Full training ("full" in the planner) keeps ZeRO-2, whose gradient partition is then worth its traffic.
-STAGE_DS_CONFIG = {"stage1": "zero1", "stage2": "zero1", "sft": "zero1", "full": "zero2"}
+# ds_config: null takes the stage's. Every stage runs under ZeRO-2 (the project's contract): on the
+# clusters zhllama is built for (8 A100s on NVLink, or 16 over InfiniBand) its per-micro-batch gradient
+# traffic costs a few percent of a step. ZeRO-1 (`ds_config=zero1`) reduces once per step instead, for
+# 2 T (1 - 1/N) bytes more per GPU: the choice for nodes joined by Ethernet (`zhllama plan` prints both;
+# docs/cluster.md, "ZeRO-1 or ZeRO-2").
+STAGE_DS_CONFIG = {"stage1": "zero2", "stage2": "zero2", "sft": "zero2", "full": "zero2"}
 
 
 def stage_ds_config(stage: str, configured=None) -> str:

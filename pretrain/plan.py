@@ -408,7 +408,7 @@ def add_arguments(parser):
     parser.add_argument("--ds-config", default=None,
                         help="DeepSpeed config for the ZeRO stage, bucket sizes and optimizer offload: a JSON path or "
                              "a name in ds_configs/ (zero1, zero2, zero2_offload; default: the stage's, as "
-                             "`zhllama train` uses: zero1 for stage1, stage2 and sft, zero2 for full)")
+                             "`zhllama train` uses: zero2 for every stage)")
     parser.add_argument("--layers", type=int, default=None,
                         help="override the number of decoder layers (e.g. 2, to compare with bench/loss_memory.py)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")

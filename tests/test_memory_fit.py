@@ -74,9 +74,9 @@ def test_zero1_and_zero2_traffic_and_memory_worked_by_hand():
     1024 / (8 x 16) = 8. One ring pass of the bf16 gradients sends 2 T x 15/16 = 783,006,720 bytes per
     GPU. ZeRO-2: 8 reduce-scatters + 1 all-gather = 9 x that = 7,047,060,480 bytes; ZeRO-1: 2 x that =
     1,566,013,440; ZeRO-1 keeps 2 T - 2 T / 16 = 783,006,720 bytes more gradient memory per GPU."""
-    z1 = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, micro_batch=8)
-    z2 = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, micro_batch=8,
-              ds_config="zero2")
+    z1 = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, micro_batch=8,
+              ds_config="zero1")
+    z2 = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, micro_batch=8)
     assert z1["trainable_params"] == 417_603_584 and z1["zero_stage"] == 1 and z2["zero_stage"] == 2
     c = z1["memory"]["without_checkpointing"]["communication"]
     assert c == {"grad_accumulation": 8, "zero2_bytes": 7_047_060_480, "zero1_bytes": 1_566_013_440,
@@ -88,7 +88,7 @@ def test_zero1_and_zero2_traffic_and_memory_worked_by_hand():
         == pytest.approx(783_006_720 / 2 ** 30)
 
 
-def test_the_stages_default_to_zero1_and_full_training_to_zero2():
-    assert [stage_ds_config(s) for s in ("stage1", "stage2", "sft", "full")] == ["zero1", "zero1", "zero1", "zero2"]
+def test_every_stage_defaults_to_zero2_and_zero1_is_shipped():
+    assert [stage_ds_config(s) for s in ("stage1", "stage2", "sft", "full")] == ["zero2", "zero2", "zero2", "zero2"]
     assert stage_ds_config("stage2", "zero2_offload") == "zero2_offload"
     assert json.loads(resolve_ds_config("zero1").read_text())["zero_optimization"]["stage"] == 1

@@ -43,9 +43,12 @@ def test_cli_json(capsys):
     assert abs(p["trainable_pct"] - 6.06) <= 0.01 and p["vocab_size"] == 49953
     assert p["gpu_hours_with_reserve"] == pytest.approx(1.3 * p["gpu_hours"])
     # 7B at 49,953 rows, s = 512, by hand: N_mm = 32 (4·4096² + 3·4096·11008) + 4096·49953 = 6,680,612,864;
-    # 6 N_mm + 12·32·4096·512 = 40,888,983,552 FLOP/token; 20e9 of them at 0.4 x 312 TFLOP/s = 1,820.2 GPU-hours
-    assert p["model_flops_per_token"] == 40_888_983_552
-    assert p["gpu_hours"] == pytest.approx(1820.2005, rel=1e-6)
+    # LoRA r=8 on q,k,v,o: A = 32 · 4 · (4096·8 + 8·4096) = 8,388,608, trained with lm_head (4096·49953):
+    # T_mm = 212,996,096. Model FLOPs 4 (N_mm + A) + 2 T_mm + 12·32·4096·512 = 27,987,304,448 a token
+    # (frozen weights: forward and backward to the activations; trained ones also their gradient);
+    # 20e9 of them at 0.4 x 312 TFLOP/s = 1,245.87 GPU-hours
+    assert p["model_flops_per_token"] == 27_987_304_448
+    assert p["gpu_hours"] == pytest.approx(1245.8736, rel=1e-6)
     assert p["days"] == pytest.approx(p["gpu_hours_with_reserve"] / 16 / 24)
     assert p["steps"] == -(-int(20e9) // (1024 * 512))
 

@@ -131,6 +131,38 @@ def tiny_packed(tmp_path_factory, tiny_tokenizer_dir) -> Path:
                  "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
     return out
 
+@pytest.fixture(scope="session")
+def tiny_packed_en(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """The bundled English sample packed like `tiny_packed`: the second source of a mixture."""
+    from zhllama.app.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_packed_en") / "en"
+    assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", str(SAMPLES / "en_sample.txt"),
+                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
+    return out
+
+
+TINY_NEW_ROWS = 500  # rows of the tiny vocabulary `tiny_model_base_vocab` calls added by a merge
+
+
+@pytest.fixture(scope="session")
+def tiny_model_base_vocab(tmp_path_factory, tiny_model_dir) -> Path:
+    """`tiny_model_dir` whose config.json records, as `zhllama vocab resize` does, that its last 500 rows were
+    added by a merge (zhllama_base_vocab_size = vocab - 500): the rarest pieces of the tiny tokenizer, which
+    occur in the Chinese sample and not in the English one. The engine splits the rows there."""
+    import json
+    import shutil
+
+    from zhllama.modelio import BASE_VOCAB_KEY
+
+    out = tmp_path_factory.mktemp("tiny_base_vocab") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config[BASE_VOCAB_KEY] = config["vocab_size"] - TINY_NEW_ROWS
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 # ----------------------------------------------------------------------------- tiny SentencePiece pair
 # Text made here and a small English "base" plus a small Chinese model trained on it: the vocab
 # train, merge and report tests build theirs with these.

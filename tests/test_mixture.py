@@ -257,3 +257,21 @@ def test_a_pack_without_character_counts_gives_the_loss_only(tmp_path, tiny_toke
     sv = SourceValidation(sources, 32, 0, 1, 0, 4)
     assert "no character count" in sv.describe()[0] and "--overwrite" in sv.describe()[0]
     assert sv.figures([(10.0, 5.0)]) == {"val_loss/old": 2.0}
+
+
+def test_the_loss_curve_png_draws_each_sources_validation(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the demo's PNG needs matplotlib (the dev extra)")
+    import matplotlib.pyplot as plt
+
+    from zhllama.app.demo.report import plot_curves
+
+    closed = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: closed.append(fig))
+    records = [{"step": 1, "loss": 3.0},
+               {"step": 2, "loss": 2.5, "val_loss": 2.6, "val_loss/zh": 2.7, "val_loss/en": 2.2},
+               {"step": 3, "loss": 2.4, "val_loss": 2.5, "val_loss/zh": 2.6, "val_loss/en": 2.3}]
+    assert plot_curves({"stage2": records}, tmp_path / "curves.png") and (tmp_path / "curves.png").stat().st_size
+    handles, labels = closed[0].axes[0].get_legend_handles_labels()
+    lines = dict(zip(labels, handles))
+    assert list(lines["held-out en"].get_ydata()) == [2.2, 2.3]
+    assert list(lines["held-out zh"].get_ydata()) == [2.7, 2.6]

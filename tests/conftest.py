@@ -121,25 +121,25 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return out
 
 
+def _pack_sample(tmp_path_factory, tokenizer_dir, sample: str, name: str) -> Path:
+    """A bundled sample packed into 32-token blocks (5% validation) with the tiny tokenizer."""
+    from zhllama.app.cli import main
+
+    out = tmp_path_factory.mktemp(f"tiny_{name}") / name
+    assert main(["data", "pack", "--tokenizer", tokenizer_dir, "--input", str(SAMPLES / sample),
+                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_packed(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """The bundled Chinese sample packed into 32-token blocks (5% validation) with the tiny tokenizer."""
-    from zhllama.app.cli import main
-
-    out = tmp_path_factory.mktemp("tiny_packed") / "packed"
-    assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", str(SAMPLES / "zh_sample.txt"),
-                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
-    return out
+    return _pack_sample(tmp_path_factory, tiny_tokenizer_dir, "zh_sample.txt", "packed")
 
 @pytest.fixture(scope="session")
 def tiny_packed_en(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """The bundled English sample packed like `tiny_packed`: the second source of a mixture."""
-    from zhllama.app.cli import main
-
-    out = tmp_path_factory.mktemp("tiny_packed_en") / "en"
-    assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", str(SAMPLES / "en_sample.txt"),
-                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
-    return out
+    return _pack_sample(tmp_path_factory, tiny_tokenizer_dir, "en_sample.txt", "en")
 
 
 TINY_NEW_ROWS = 500  # rows of the tiny vocabulary `tiny_model_base_vocab` calls added by a merge

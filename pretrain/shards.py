@@ -257,12 +257,16 @@ def iter_unit_streams(data_dir, split: str = "train"):
 
 def split_documents(data_dir, split: str = "validation") -> List[np.ndarray]:
     """Each document of a split as its ids without the closing EOS (BOS + text ids, or the text ids alone
-    for a tokenizer without BOS), in corpus order: what `zhllama eval` scores for the same text. Documents
-    are cut at the EOS ids `data pack` puts after every document (text never encodes to EOS)."""
-    eos = int(read_manifest(data_dir)["tokenizer"]["eos_id"])
+    for a tokenizer without BOS), in corpus order: what `zhllama eval` scores for the same text. `data pack`
+    writes every document as [BOS] ids EOS and text never encodes to BOS or EOS, so the documents are cut at
+    the EOS ids; where BOS and EOS are one id (GPT-2's `<|endoftext|>`), its occurrences alternate between
+    opening and closing a document."""
+    tok = read_manifest(data_dir)["tokenizer"]
+    eos = int(tok["eos_id"])
+    same = tok["bos_id"] is not None and int(tok["bos_id"]) == eos
     docs = []
     for _, stream in iter_unit_streams(data_dir, split):
-        ends = np.flatnonzero(np.asarray(stream) == eos)
-        starts = np.concatenate([[0], ends[:-1] + 1])
+        marks = np.flatnonzero(np.asarray(stream) == eos)
+        starts, ends = (marks[0::2], marks[1::2]) if same else (np.concatenate([[0], marks[:-1] + 1]), marks)
         docs.extend(np.array(stream[a:b], dtype=np.int64) for a, b in zip(starts, ends))
     return docs

@@ -275,3 +275,28 @@ def test_the_loss_curve_png_draws_each_sources_validation(tmp_path, monkeypatch)
     lines = dict(zip(labels, handles))
     assert list(lines["held-out en"].get_ydata()) == [2.2, 2.3]
     assert list(lines["held-out zh"].get_ydata()) == [2.7, 2.6]
+
+
+@pytest.mark.parametrize("style", ["sentencepiece", "gpt2"])
+def test_validation_documents_are_the_ids_zhllama_eval_scores(style, tmp_path, tiny_tokenizer_dir, tiny_packed):
+    """Each source's validation documents, cut from the pack at EOS, are BOS + the ids `zhllama eval` gets
+    for the same text; also for a GPT-2 style tokenizer whose BOS and EOS are one id (`<|endoftext|>`)."""
+    from zhllama.modelio import load_tokenizer
+    from zhllama.pretrain.shards import split_documents
+    from zhllama.textenc import encode_text
+    from zhllama.tiny_bpe import make_byte_level_bpe
+
+    lines = [d for d in (SAMPLES / "zh_sample.txt").read_text(encoding="utf-8").splitlines() if d.strip()]
+    tok_dir, pack = tiny_tokenizer_dir, tiny_packed
+    if style == "gpt2":
+        tok_dir = make_byte_level_bpe(tmp_path / "tok", lines, vocab_size=400, style="gpt2")
+        pack = tmp_path / "packed"
+        assert run_cli("data", "pack", "--tokenizer", tok_dir, "--input", SAMPLES / "zh_sample.txt", "--block-size",
+                       32, "--out", pack, "--validation-ratio", "0.05", "--workers", 1) == 0
+    tok = load_tokenizer(tok_dir)
+    assert (tok.bos_token_id == tok.eos_token_id) == (style == "gpt2")
+    threshold = int(0.05 * (1 << 64))
+    val = [d for d in lines
+           if int.from_bytes(hashlib.blake2b(d.encode("utf-8"), digest_size=8).digest(), "little") < threshold]
+    want = [[tok.bos_token_id] + encode_text(tok, d) for d in val]
+    assert [d.tolist() for d in split_documents(pack, "validation")] == want

@@ -16,7 +16,6 @@ import json
 import math
 import shutil
 from fractions import Fraction
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

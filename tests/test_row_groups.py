@@ -14,7 +14,6 @@ Slow, the real engine (DeepSpeed ZeRO-2, one CPU rank), tied and untied, stage 1
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -25,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import SAMPLES, TINY_NEW_ROWS, run_cli, subprocess_env
+from conftest import SAMPLES, run_cli, subprocess_env
 from zhllama.modelio import BASE_VOCAB_KEY, load_model
 from zhllama.pretrain.adapters import apply_stage, count_trainable, merge_adapters
 from zhllama.pretrain.presets import STAGES

@@ -213,3 +213,23 @@ def test_merge_writes_one_matrix_holding_the_trained_rows(runs, tmp_path):
         assert set(trained) == {"embed_tokens"}
     else:
         assert torch.equal(tensors["lm_head.weight"], trained["lm_head"])
+
+
+def test_row_lr_keys_are_checked(tiny_model_dir):
+    from zhllama.errors import ConfigError
+    from zhllama.pretrain.config import load_config
+    from zhllama.pretrain.engine import build_model
+
+    base = ["stage=stage2", f"model={tiny_model_dir}", "data=[d]", "out=o"]
+    for override, message in (("embed_lr_base=-1", "'embed_lr_base' must be a number >= 0"),
+                              ("embed_lr_new=0", "'embed_lr_new' must be a number > 0"),
+                              ("embed_lr_base=nan", "'embed_lr_base' must be a number >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, base + [override])
+    with pytest.raises(ConfigError, match="'new_rows_only' and 'embed_lr_base' disagree"):
+        load_config(None, ["stage=stage1", *base[1:], "new_rows_only=true", "embed_lr_base=0.5"])
+    assert load_config(None, ["stage=stage1", *base[1:], "new_rows_only=true"]).row_lr_scales() == (0.0, 1.0)
+    # a model `zhllama vocab resize` did not make has no recorded base vocab size: refused, naming both
+    cfg = load_config(None, base + ["embed_lr_base=0.1"])
+    with pytest.raises(ConfigError, match=f"embed_lr_base needs the base vocab size .*{BASE_VOCAB_KEY}"):
+        build_model(cfg, cfg.preset(), torch.float32)

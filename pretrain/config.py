@@ -51,7 +51,11 @@ class RunConfig:
     lora_alpha: Optional[int] = None
     lora_dropout: Optional[float] = None
     lora_targets: Optional[List[str]] = None
-    new_rows_only: bool = False  # stage1: train only rows of tokens added by the merge
+    new_rows_only: bool = False  # stage1: train only rows of tokens added by the merge (= embed_lr_base: 0)
+    # learning rates of the vocabulary rows, as multiples of the stage lr (pretrain/row_groups.py); they need
+    # the base vocab size `zhllama vocab resize` records. null: 1, or 0 with new_rows_only. 0 freezes them.
+    embed_lr_base: Optional[float] = None  # the base's own rows of embed_tokens (and of an untied lm_head)
+    embed_lr_new: float = 1.0  # the rows the merge added
     # engine
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     gradient_checkpointing: Union[bool, str] = "auto"  # auto: on when the plan's estimate does not fit the GPU
@@ -76,6 +80,11 @@ class RunConfig:
             if value is not None:
                 changes[key] = tuple(value) if isinstance(value, list) else value
         return base.with_overrides(**changes)
+
+    def row_lr_scales(self) -> tuple:
+        """(base rows, new rows): the vocabulary rows' learning rates as multiples of the stage lr."""
+        base = self.embed_lr_base if self.embed_lr_base is not None else (0.0 if self.new_rows_only else 1.0)
+        return base, self.embed_lr_new
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,7 +229,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"config: key 'precision' must be auto, bf16, fp16 or fp32, got '{cfg.precision}'")
     if cfg.new_rows_only and cfg.stage != "stage1":
-        raise ConfigError("config: key 'new_rows_only' applies to stage1 only")
+        raise ConfigError("config: key 'new_rows_only' applies to stage1 only (stage2 and sft: embed_lr_base: 0)")
+    if cfg.new_rows_only and cfg.embed_lr_base not in (None, 0):
+        raise ConfigError(f"config: keys 'new_rows_only' and 'embed_lr_base' disagree: new_rows_only freezes the base "
+                          f"rows, embed_lr_base is {cfg.embed_lr_base}; set one of them")
     for key in ("micro_batch", "save_every", "log_every", "keep_last", "max_nonfinite_steps"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config: key '{key}' must be >= 1, got {getattr(cfg, key)}")
@@ -277,6 +289,10 @@ def _check_ranges(cfg: RunConfig) -> None:
     need("epochs", cfg.epochs, lambda v: _finite(v) and v > 0, "a number > 0")
     need("eval_batches", cfg.eval_batches, lambda v: v >= 1, "an integer >= 1")
     need("eval_every", cfg.eval_every, lambda v: v >= 0, "an integer >= 0 (0: only at the end)")
+    if cfg.embed_lr_base is not None:
+        need("embed_lr_base", cfg.embed_lr_base, lambda v: _finite(v) and v >= 0,
+             "a number >= 0 (a multiple of the stage lr; 0 freezes the base rows)")
+    need("embed_lr_new", cfg.embed_lr_new, lambda v: _finite(v) and v > 0, "a number > 0 (a multiple of the stage lr)")
 
 
 def dump_config(cfg: RunConfig) -> str:

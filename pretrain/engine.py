@@ -9,7 +9,8 @@ three things must be exactly right and stay ours:
   batch), so 1 rank and 2 ranks compute the same update, and SFT examples of different lengths weigh
   by their tokens, not by their micro-batch;
 * the data position and the checkpoint: the sample order is a pure function of (seed, position), so
-  resuming at step k replays exactly what an uninterrupted run would have seen.
+  resuming at step k replays exactly what an uninterrupted run would have seen (several packs mixed by
+  weight included: pretrain/mixture.py).
 """
 
 import json
@@ -25,6 +26,7 @@ import torch
 from zhllama.dtypes import torch_dtype
 from zhllama.errors import ConfigError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
+from zhllama.heldout import pad_id
 from zhllama.hosts import free_port
 from zhllama.log import get_logger
 from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
@@ -32,15 +34,17 @@ from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
 from zhllama.schedule import lr_lambda
 from zhllama.versions import check_versions, versions_line, versions_record
 
-from . import adapters, checkpoint
+from . import adapters, checkpoint, row_groups
 from .config import RunConfig, dump_config
 from .ds_config import build_ds_config, resolve_ds_config, stage_ds_config
 from .flops import MFUMeter, adapter_matmul_params, flops_per_token, peak_flops, trainable_matmul_params
 from .hooks import TrainHooks
 from .memory_fit import decide_gradient_checkpointing
 from .precision import assert_fp32_buffers, finite_or_none, json_safe
+from .mixture import Mixture, load_sources
 from .presets import grad_accumulation
-from .shards import BlockOrder, PackedBlocks, positions_for_rank
+from .shards import BlockOrder, positions_for_rank
+from .source_eval import SourceValidation, first_and_last
 from .stage_data import Data, registered
 
 log = get_logger("zhllama.train")
@@ -105,24 +109,15 @@ def _collate_blocks(items):
 
 
 def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
+    """The stage's data: a registered reader's (sft), else packed shards, one pack or several mixed by
+    weight (`data: [packed/zh:0.85, packed/en:0.15]`, pretrain/mixture.py)."""
     stage_data = registered(cfg.stage, required=cfg.stage == "sft")
     if stage_data is not None:
         return stage_data.build(cfg, preset, tokenizer)
-    if len(cfg.data) != 1:
-        raise ConfigError("config: key 'data' must name exactly one `zhllama data pack` directory for "
-                          f"stage {cfg.stage}, got {len(cfg.data)}")
-    train = PackedBlocks(cfg.data[0], "train", expect_tokenizer=tokenizer_path,
-                         expect_block_size=preset.block_size)
-    if len(train) == 0:
-        raise UserError(f"{cfg.data[0]}: the training split holds no block")
-    try:
-        val = PackedBlocks(cfg.data[0], "validation", expect_tokenizer=tokenizer_path,
-                           expect_block_size=preset.block_size)
-        val = val if len(val) else None
-    except UserError:
-        val = None
-    return Data(train, val, _collate_blocks,
-                f"{len(train):,} blocks of {preset.block_size} tokens from {cfg.data[0]}")
+    mixture = Mixture(load_sources(cfg.data, tokenizer_path, preset.block_size), cfg.seed, preset.global_batch)
+    vals = tuple(s.validation for s in mixture.sources if s.validation is not None)
+    return Data(mixture.train, (vals[0] if len(vals) == 1 else vals) or None, _collate_blocks, mixture.describe(),
+                mixture=mixture)
 
 
 # ----------------------------------------------------------------------------- model
@@ -134,14 +129,15 @@ def build_model(cfg: RunConfig, preset, dtype, checkpointing: bool = False):
     if cfg.init_adapters:  # earlier stages' final/ dirs, folded into the weights in order
         log.info("merging earlier stages' adapters: %s", ", ".join(cfg.init_adapters))
         model = adapters.merge_adapters(model, cfg.init_adapters)
-    new_rows_from = None
-    if cfg.new_rows_only:
-        new_rows_from = getattr(model.config, BASE_VOCAB_KEY, None)
-        if not new_rows_from:
-            raise ConfigError(f"config: new_rows_only needs the base vocab size that `zhllama vocab resize` "
-                              f"records in {cfg.model}/config.json ({BASE_VOCAB_KEY}); this model was not "
-                              "resized by zhllama")
-    model = adapters.apply_stage(model, preset, new_rows_from=new_rows_from)
+    # The base's own rows and the merge's new rows are separate optimizer groups (pretrain/row_groups.py),
+    # split where `zhllama vocab resize` recorded the base vocab size.
+    base_vocab = getattr(model.config, BASE_VOCAB_KEY, None)
+    lr_base, lr_new = cfg.row_lr_scales()
+    if not base_vocab and (lr_base, lr_new) != (1.0, 1.0):
+        key = "new_rows_only" if cfg.new_rows_only else ("embed_lr_base" if lr_base != 1.0 else "embed_lr_new")
+        raise ConfigError(f"config: {key} needs the base vocab size that `zhllama vocab resize` records in "
+                          f"{cfg.model}/config.json ({BASE_VOCAB_KEY}); this model was not resized by zhllama")
+    model = adapters.apply_stage(model, preset, split_rows_at=base_vocab or None, train_base_rows=lr_base > 0)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # always: a KV cache would let packed SFT examples attend across examples
@@ -193,7 +189,7 @@ class _Run:
     """What `Trainer._setup` builds and the step loop uses."""
     engine: object                  # the DeepSpeed engine around CausalLMTokenLoss(model)
     scheduler: object
-    order: BlockOrder
+    order: object                   # position -> block id: the mixture's order, or a BlockOrder (sft)
     metrics: Metrics
     precision: str
     grad_accum: int
@@ -201,6 +197,7 @@ class _Run:
     total_steps: int
     trainable: int
     total: int
+    groups: dict                    # trainable parameters per optimizer group (row_groups.GROUPS)
     ckpt_root: Path
     fingerprint: str
     tokenizer_path: str             # cfg.tokenizer or cfg.model
@@ -245,8 +242,23 @@ class Trainer:
 
         run.metrics.close()
         summary.update(json_safe({k: last.get(k) for k in ("loss", "val_loss", "tokens_per_s", "mfu")}))
+        summary.update(json_safe(self._mixture_summary(run)))
         self._save_final(run.engine, run.tokenizer_path)
         return summary
+
+    def _mixture_summary(self, run: "_Run") -> dict:
+        """summary.json's trainable groups, each source's share of the sequences and its first and last
+        validation figures (from metrics.jsonl, so a resumed run reports its whole history)."""
+        out = {"trainable_groups": run.groups}
+        mixture = self.data.mixture
+        if mixture is not None:
+            shares = mixture.shares(run.total_steps)
+            out["sources"] = {s.name: {"weight": float(s.weight), "share": shares.get(s.name, 0.0)}
+                              for s in mixture.sources}
+            if self.rank == 0:
+                for name, figures in first_and_last(run.metrics.path).items():
+                    out["sources"].setdefault(name, {})["validation"] = figures
+        return out
 
     # setup ---------------------------------------------------------------------------------------
     def _setup(self) -> "_Run":
@@ -284,9 +296,13 @@ class Trainer:
         model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision), self.checkpointing)
         data = build_data(cfg, preset, tokenizer, tokenizer_path)
         trainable, total = adapters.count_trainable(model)
+        groups = row_groups.trainable_groups(model)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
+        self.source_validation = (
+            SourceValidation(data.mixture.sources, preset.block_size, rank, world, pad_id(tokenizer), cfg.micro_batch)
+            if data.mixture is not None else None)
         if rank == 0:
-            self._start_run_dir(data, grad_accum, total_steps, precision, trainable, total, ds_path)
+            self._start_run_dir(data, grad_accum, total_steps, precision, trainable, total, groups, ds_path)
 
         engine, scheduler = self._deepspeed_engine(model, ds_config, total_steps)
         start_step = 0
@@ -296,7 +312,7 @@ class Trainer:
             if rank == 0:
                 log.info("resumed from %s (step %d of %d)", latest, start_step, total_steps)
 
-        order = BlockOrder(len(data.train), cfg.seed)
+        order = data.mixture.order if data.mixture is not None else BlockOrder(len(data.train), cfg.seed)
         metrics = Metrics(self.run_dir, rank == 0, cfg.tensorboard, start_step)
         hf_config = getattr(model, "get_base_model", lambda: model)().config
         fpt = flops_per_token(hf_config, preset.block_size, trainable_matmul_params(model), adapter_matmul_params(model))
@@ -305,10 +321,10 @@ class Trainer:
         self.engine, self.data, self.device = engine, data, device
         return _Run(engine=engine, scheduler=scheduler, order=order, metrics=metrics, precision=precision,
                     grad_accum=grad_accum, start_step=start_step, total_steps=total_steps, trainable=trainable,
-                    total=total, ckpt_root=ckpt_root, fingerprint=fingerprint, tokenizer_path=tokenizer_path,
-                    mfu=meter)
+                    total=total, groups=groups, ckpt_root=ckpt_root, fingerprint=fingerprint,
+                    tokenizer_path=tokenizer_path, mfu=meter)
 
-    def _start_run_dir(self, data, grad_accum, total_steps, precision, trainable, total, ds_path):
+    def _start_run_dir(self, data, grad_accum, total_steps, precision, trainable, total, groups, ds_path):
         """Rank 0: config.yaml and the stage's run files (sft: template.json), and the run's one-line plan."""
         cfg, preset = self.cfg, self.preset
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -317,9 +333,16 @@ class Trainer:
         for name, obj in (stage_data.run_files(cfg) if stage_data and stage_data.run_files else {}).items():
             atomic_write_json(self.run_dir / name, obj)  # sft: template.json, the template itself
         log.info("stage %s | %s | world %d x micro %d x accum %d = global batch %d | %d steps | "
-                 "precision %s | trainable %s of %s (%.2f%%) | ds config %s", cfg.stage, data.description,
+                 "precision %s | trainable %s of %s (%.2f%%: %s) | ds config %s", cfg.stage, data.description,
                  self.world, cfg.micro_batch, grad_accum, preset.global_batch, total_steps, precision,
-                 f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, ds_path.name)
+                 f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, row_groups.describe_groups(groups),
+                 ds_path.name)
+        lr_base, lr_new = cfg.row_lr_scales()
+        if "base_rows" in groups or "new_rows" in groups or lr_base == 0:
+            log.info("vocabulary rows: base rows at %s x lr, new rows at %s x lr", "0 (frozen)" if lr_base == 0
+                     else f"{lr_base:g}", f"{lr_new:g}")
+        for line in self.source_validation.describe() if self.source_validation is not None else ():
+            log.info(line)
 
     def _deepspeed_engine(self, model, ds_config, total_steps):
         """(engine, scheduler): AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded) on the
@@ -327,7 +350,10 @@ class Trainer:
         import deepspeed
 
         preset = self.preset
-        params = [p for p in model.parameters() if p.requires_grad]
+        # One group per kind of trainable parameter (LoRA, the base's vocabulary rows, the new rows), each with
+        # its lr as a multiple of the stage lr (pretrain/row_groups.py); LambdaLR scales every group alike.
+        lr_base, lr_new = self.cfg.row_lr_scales()
+        params = row_groups.param_groups(model, preset.lr, base_scale=lr_base, new_scale=lr_new)
         if ds_config.get("zero_optimization", {}).get("offload_optimizer"):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             optimizer = DeepSpeedCPUAdam(params, lr=preset.lr, betas=preset.betas,
@@ -351,7 +377,7 @@ class Trainer:
         every eval_every steps and at the last one. Returns (record, non-finite micro-batches)."""
         cfg, engine = self.cfg, run.engine
         engine.train()
-        lr = run.scheduler.get_last_lr()[0]
+        lr = run.scheduler.get_last_lr()[0] / run.scheduler.optimizer.param_groups[0]["lr_scale"]  # the stage lr
         t0 = time.perf_counter()
         loss, tokens, nonfinite = self._train_step(step, run.order, run.grad_accum)
         dt = time.perf_counter() - t0
@@ -362,14 +388,17 @@ class Trainer:
                   "nonfinite_microbatches": nonfinite}
         if run.precision == "fp16":
             record["loss_scale"] = finite_or_none(getattr(engine.optimizer, "cur_scale", None))
-        if cfg.eval_every and done % cfg.eval_every == 0 and self.data.validation is not None:
-            record.update(self.evaluate())
-        if done == run.total_steps and self.data.validation is not None and "val_loss" not in record:
+        mixture = self.data.mixture
+        if mixture is not None and len(mixture.trained) > 1:   # the sequences each source got in this step
+            record.update({f"sequences/{name}": n for name, n in mixture.step_counts(step).items()})
+        validates = self.data.validation is not None or bool(self.source_validation)
+        if validates and ((cfg.eval_every and done % cfg.eval_every == 0) or done == run.total_steps):
             record.update(self.evaluate())
         if self.rank == 0:
             run.metrics.write(record)
             if done % cfg.log_every == 0 or done == run.total_steps or nonfinite:
-                log.info(_progress_line(record, run.total_steps))
+                shares = mixture.shares(done) if mixture is not None and len(mixture.trained) > 1 else None
+                log.info(_progress_line(record, run.total_steps, shares))
         return record, nonfinite
 
     # one optimizer step --------------------------------------------------------------------------
@@ -425,20 +454,38 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Token-weighted loss over the first eval_batches micro-batches per rank of the validation split."""
+        """`val_loss`: token-weighted loss over the first eval_batches micro-batches per rank of the validation
+        blocks (of each source of a mixture, pooled); and each source's validation documents scored on their own
+        (`val_loss/<source>`, `val_bits_per_char/<source>`: pretrain/source_eval.py)."""
         cfg, engine, val = self.cfg, self.engine, self.data.validation
+        sources = getattr(self, "source_validation", None) or ()
         engine.eval()
-        n = min(len(val), cfg.eval_batches * cfg.micro_batch * self.world)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for start in range(self.rank * cfg.micro_batch, n, cfg.micro_batch * self.world):
-            batch = self.data.collate([val[i] for i in range(start, min(start + cfg.micro_batch, n))])
-            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            sums += torch.stack([engine(**batch).double(), sums.new_tensor(float(tokens))])
-        loss_sum, tokens = self._reduce(sums)
+        # (loss sum, tokens) of the blocks, then of each source's documents: one all-reduce for all of them.
+        sums = torch.zeros(2 * (1 + len(sources)), dtype=torch.float64, device=self.device)
+        for split in (val if isinstance(val, tuple) else (val,)) if val is not None else ():
+            n = min(len(split), cfg.eval_batches * cfg.micro_batch * self.world)
+            for start in range(self.rank * cfg.micro_batch, n, cfg.micro_batch * self.world):
+                items = [split[i] for i in range(start, min(start + cfg.micro_batch, n))]
+                sums[0:2] += self._scored(self.data.collate(items))
+        for k, batch in sources.batches() if sources else ():
+            sums[2 * (k + 1):2 * (k + 2)] += self._scored(batch)
+        reduced = self._reduce(sums)
+        pairs = list(zip(reduced[0::2], reduced[1::2]))
         engine.train()
-        val_loss = loss_sum / max(tokens, 1.0)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        out = {}
+        if val is not None:
+            val_loss = pairs[0][0] / max(pairs[0][1], 1.0)
+            out.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        if sources:
+            out.update(sources.figures(pairs[1:]))
+        return out
+
+    def _scored(self, batch):
+        """(summed token loss, predicted tokens) of one batch, on the engine's device (no host read)."""
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # host-side labels: no device sync
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        loss = self.engine(**batch).double()
+        return torch.stack([loss, loss.new_tensor(float(tokens))])
 
     def _save_final(self, engine, tokenizer_path):
         final = self.run_dir / "final"
@@ -456,7 +503,7 @@ class Trainer:
                 "The last complete checkpoint is intact; the run resumes from it.")
 
 
-def _progress_line(r: dict, total: int) -> str:
+def _progress_line(r: dict, total: int, shares: Optional[dict] = None) -> str:
     loss = f"loss {r['loss']:.4f}" if r["loss"] is not None else "loss non-finite (step skipped)"
     parts = [f"step {r['step']}/{total}", loss, f"lr {r['lr']:.2e}"]
     if r.get("grad_norm") is not None:
@@ -467,6 +514,13 @@ def _progress_line(r: dict, total: int) -> str:
         parts.append(f"scale {r['loss_scale']:g}")
     if "val_loss" in r:
         parts.append(f"val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f})")
+    for key in r:
+        if key.startswith("val_loss/"):
+            name = key[len("val_loss/"):]
+            bpc = r.get(f"val_bits_per_char/{name}")
+            parts.append(f"val {name} {r[key]:.4f}" + (f" ({bpc:.4f} bits/char)" if bpc is not None else ""))
+    if shares:
+        parts.append("mix " + " ".join(f"{name} {100 * share:.1f}%" for name, share in shares.items()))
     if r.get("nonfinite_microbatches"):
         parts.append(f"skipped {r['nonfinite_microbatches']} non-finite micro-batches")
     return " | ".join(parts)

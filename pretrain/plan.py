@@ -2,7 +2,8 @@
 
 Trainable parameters are counted on the real module structure: the model is built with transformers on
 the meta device (no memory), its embeddings resized to the vocabulary, the stage applied with the same
-`apply_stage` the trainer uses, and the parameters counted. The planner and the trainer cannot disagree.
+`apply_stage` the trainer uses, and the parameters counted, per optimizer group (the base's own vocabulary
+rows, the rows the merge added, LoRA: pretrain/row_groups.py). The planner and the trainer cannot disagree.
 
 Memory per GPU under DeepSpeed ZeRO-1/2 (bytes; P = all parameters and buffers of the staged model,
 including PEFT's frozen copies, T = trainable parameters, N = GPUs, B = bucket elements):
@@ -42,6 +43,7 @@ from . import flops as flops_mod
 from .adapters import apply_stage, count_trainable
 from .ds_config import resolve_ds_config, stage_ds_config
 from .presets import STAGES, grad_accumulation
+from .row_groups import describe_groups, largest_trained_matrix, trainable_groups
 
 GIB = 1024 ** 3
 DEFAULT_MFU = 0.40  # a well-tuned DeepSpeed ZeRO-2 run on A100s; the LLaMA paper's own stack implies 0.46-0.50
@@ -93,21 +95,29 @@ def _model_config(spec: str, vocab_size=None):
         raise InputError(path, f"transformers cannot build a config from it ({e})") from None
 
 
-def staged_meta_model(config, vocab_size, stage, new_rows_from=None, preset=None):
+def staged_meta_model(config, vocab_size, stage, new_rows_from=None, preset=None, train_base_rows=True):
     """The model as training sees it, on the meta device: resized to `vocab_size`, stage applied
-    (`preset`: a run's preset with its overrides, default the stage's)."""
+    (`preset`: a run's preset with its overrides, default the stage's). A grown vocabulary is split at the
+    model's own size, as the trainer splits it at the base vocab size that `zhllama vocab resize` records
+    (the base rows and the new rows: two optimizer groups)."""
     import torch
     from transformers import AutoModelForCausalLM
 
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    if vocab_size and vocab_size != model.get_input_embeddings().weight.shape[0]:
+    base_vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab_size and vocab_size != base_vocab:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)  # what `zhllama vocab resize` does
     if stage == "full":
         model.requires_grad_(True)
         return model
-    return apply_stage(model, preset or STAGES[stage], new_rows_from=new_rows_from)
+    grown = vocab_size is not None and vocab_size > base_vocab and new_rows_from is None
+    if not train_base_rows and not grown:
+        raise ConfigError("--embed-lr-base 0 freezes the base's rows: give --vocab-size larger than the model's "
+                          f"own vocabulary ({base_vocab})")
+    return apply_stage(model, preset or STAGES[stage], new_rows_from=new_rows_from,
+                       split_rows_at=base_vocab if grown else None, train_base_rows=train_base_rows)
 
 
 def _weight_elements(model) -> int:
@@ -227,7 +237,7 @@ def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap, offload
 
 def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16, gpu="a100-80g",
          mfu=DEFAULT_MFU, reserve=DEFAULT_RESERVE, micro_batch=None, seq_len=None, global_batch=None,
-         new_rows_from=None, ds_config=None, layers=None, preset=None):
+         new_rows_from=None, ds_config=None, layers=None, preset=None, embed_lr_base=1.0):
     """Everything `zhllama plan` prints, as a dict (`preset`: a run's preset with its overrides)."""
     if stage not in PLAN_STAGES:
         raise ConfigError(f"unknown stage '{stage}'; choose one of {', '.join(PLAN_STAGES)}")
@@ -238,6 +248,8 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     if not 0 <= reserve < 10:
         raise ConfigError(f"--reserve must be a fraction >= 0 (0.3 = 30%), got {reserve}")
+    if not (math.isfinite(embed_lr_base) and embed_lr_base >= 0):
+        raise ConfigError(f"--embed-lr-base must be a number >= 0, got {embed_lr_base}")
     if not tokens > 0 or not gpus >= 1:
         raise ConfigError("--tokens and --gpus must be positive")
     mem_gib, has_bf16 = GPUS[gpu_key]
@@ -247,13 +259,15 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
     gbatch = global_batch or preset.global_batch
 
     config = model_config(model, layers=layers)
-    staged = staged_meta_model(config, vocab_size, stage, new_rows_from, None if stage == "full" else preset)
+    staged = staged_meta_model(config, vocab_size, stage, new_rows_from, None if stage == "full" else preset,
+                               train_base_rows=embed_lr_base > 0)
     config = staged.config if stage == "full" else staged.get_base_model().config
     trainable, total = count_trainable(staged) if stage != "full" else (
         sum(p.numel() for p in staged.parameters()),) * 2
+    groups = trainable_groups(staged) if stage != "full" else {"other": trainable}
     weights = _weight_elements(staged)
     profile = activation_profile(staged, full=stage == "full")
-    largest = max((p.numel() for p in staged.parameters() if p.requires_grad), default=0)
+    largest = largest_trained_matrix(staged)
 
     if stage == "full":
         model_fpt = flops_mod.flops_per_token(config, seq)
@@ -303,6 +317,7 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
         "model": model, "stage": stage, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers, "seq_len": seq, "global_batch": gbatch,
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
+        "trainable_groups": groups,
         "weight_elements": weights,
         "gpu": gpu_key, "gpus": gpus, "gpu_memory_gib": mem_gib, "precision": "bf16" if has_bf16 else "fp16",
         "peak_flops": peak, "mfu": mfu, "reserve": reserve, "tokens": tokens,
@@ -344,7 +359,8 @@ def format_plan(p) -> str:
     lines = [
         f"model {p['model']} (d={p['hidden_size']}, layers={p['layers']}, vocab={p['vocab_size']:,}), "
         f"stage {p['stage']}, {p['tokens']:.3g} tokens of {p['seq_len']}, global batch {p['global_batch']}",
-        f"  trainable      {p['trainable_params']:,} of {p['total_params']:,} = {p['trainable_pct']:.2f}%",
+        f"  trainable      {p['trainable_params']:,} of {p['total_params']:,} = {p['trainable_pct']:.2f}%"
+        + (f" ({describe_groups(p['trainable_groups'])})" if p["stage"] != "full" else ""),
         f"  GPUs           {p['gpus']} x {p['gpu']} ({p['gpu_memory_gib']:g} GiB, {p['precision']}, "
         f"peak {p['peak_flops'] / 1e12:g} TFLOP/s)",
         f"  FLOPs/token    {p['model_flops_per_token'] / 1e9:.2f} GFLOP model (4N + 2T + 12·L·d·s); executed "
@@ -390,6 +406,10 @@ def add_arguments(parser):
                         help="what is trained (presets of pretrain/presets.py; full: every parameter)")
     parser.add_argument("--new-rows-from", type=int, default=None,
                         help="stage1 only: train only embedding rows >= this id (the base vocab size, e.g. 32000)")
+    parser.add_argument("--embed-lr-base", type=float, default=1.0,
+                        help="the base's own vocabulary rows' lr as a multiple of the stage lr, as in the run config; "
+                             "0 freezes them (no gradient, no optimizer state), needs --vocab-size above the "
+                             "model's own (default 1)")
     parser.add_argument("--tokens", type=float, required=True, help="tokens to train on, e.g. 20e9")
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel world size)")
     parser.add_argument("--gpu", default="a100-80g", help=f"GPU type: {', '.join(GPUS)}")
@@ -418,6 +438,6 @@ def run(args):
     p = plan(model=args.model, vocab_size=args.vocab_size, stage=args.stage, tokens=args.tokens, gpus=args.gpus,
              gpu=args.gpu, mfu=args.mfu, reserve=args.reserve, micro_batch=args.micro_batch, seq_len=args.seq_len,
              global_batch=args.global_batch, new_rows_from=args.new_rows_from, ds_config=args.ds_config,
-             layers=args.layers)
+             layers=args.layers, embed_lr_base=args.embed_lr_base)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0

@@ -15,9 +15,10 @@ from zhllama.errors import ConfigError
 @dataclass
 class Data:
     train: object
-    validation: object
+    validation: object  # a dataset of blocks, a tuple of them (one per source of a mixture), or None
     collate: object  # list of dataset items -> dict of tensors with input_ids, labels (+ attention_mask)
     description: str
+    mixture: Optional[object] = None  # packed stages: pretrain/mixture.py's Mixture (order, sources, shares)
 
 
 @dataclass

@@ -29,9 +29,9 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-from zhllama.corpus import expand_inputs
+from zhllama.corpus import expand_inputs, parse_weighted_spec
 from zhllama.errors import ConfigError, InputError
 from zhllama.inputfile import BOM, check_input_file
 from zhllama.log import get_logger
@@ -443,21 +443,6 @@ class _LineIndex:
 
 
 # -- several files with weights ---------------------------------------------------------------------
-def parse_spec(spec) -> Tuple[str, Optional[float]]:
-    """"path:weight" -> (path, weight); a plain path -> (path, None)."""
-    spec = str(spec)
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return spec, None
-        if not math.isfinite(weight) or weight < 0:
-            raise ConfigError(f"data spec '{spec}': weight must be a number >= 0")
-        return head, weight
-    return spec, None
-
-
 def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0,
                  max_record: int = MAX_RECORD_BYTES):
     """Records of several files mixed with weights -> (records, stats).
@@ -479,7 +464,7 @@ def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0,
     rng = random.Random(seed)
     records: List[Record] = []
     for i, spec in enumerate(specs):
-        path_spec, weight = parse_spec(spec)
+        path_spec, weight = parse_weighted_spec(spec)
         if weights is not None:
             if weight is not None:
                 raise ConfigError(f"data spec '{spec}' has a weight and weights= gives another")

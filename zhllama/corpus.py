@@ -1,6 +1,7 @@
 """Reading text corpora: files, directories and globs of txt / jsonl / parquet, optionally .gz.
 
-Shared by `vocab train`, `vocab report`, `data pack` and `eval`. Every problem names its file (and
+Shared by `vocab train`, `vocab report`, `data pack` and `eval`; `parse_weighted_spec` reads the
+`path:weight` form that SFT data and a pretraining mixture both take. Every problem names its file (and
 line): a missing path, a glob that matches nothing, a FIFO, device or broken link (`inputfile`), an
 empty or binary file, undecodable bytes, a line longer than `max_line` bytes, a JSON line that is not
 an object or lacks the text field. Bad lines are counted and skipped, or raise with `strict=True`; a
@@ -12,16 +13,17 @@ import contextlib
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .inputfile import BOM, MAX_LINE_BYTES, check_input_entry, check_input_file, read_lines, too_long
 
 TEXT_SUFFIXES = (".txt", ".text")
@@ -67,6 +69,21 @@ def data_format(path) -> str:
         if name.endswith(suffixes):
             return kind
     return "text"
+
+
+def parse_weighted_spec(spec) -> Tuple[str, Optional[float]]:
+    """"path:weight" -> (path, weight); a plain path (or one whose tail after ':' is no number) -> (path, None)."""
+    spec = str(spec)
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return spec, None
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"data spec '{spec}': weight must be a number >= 0")
+        return head, weight
+    return spec, None
 
 
 def expand_inputs(specs) -> List[Path]:

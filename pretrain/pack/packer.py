@@ -170,6 +170,10 @@ class Packer:
             counts[s] = {"documents": sum(r["splits"][s]["documents"] for r in records),
                          "tokens": sum(r["splits"][s]["tokens"] for r in records),
                          "blocks": blocks, "dropped_tokens": tail["dropped_tokens"]}
+            # Characters of the split's documents (bits per character divide by them); units packed by a
+            # zhllama that did not count them leave the figure out rather than undercount it.
+            if all("characters" in r["splits"][s] for r in records):
+                counts[s]["characters"] = sum(r["splits"][s]["characters"] for r in records)
             splits_index[s] = {"blocks": blocks, "shards": shards}
         t = self.totals
         if counts["train"]["blocks"] == 0:

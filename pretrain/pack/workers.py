@@ -61,14 +61,16 @@ class _Sink:
         self.arrays = {s: [] for s in fmt.SPLITS}
         self.tokens = {s: 0 for s in fmt.SPLITS}
         self.documents = {s: 0 for s in fmt.SPLITS}
+        self.characters = {s: 0 for s in fmt.SPLITS}   # what bits per character divide by
         self.files = {s: open(p, "wb") for s, p in paths.items()} if paths else None
 
-    def add(self, split: str, ids: List[List[int]]) -> None:
+    def add(self, split: str, ids: List[List[int]], characters: int) -> None:
         if not ids:
             return
         arr = _flatten(ids, self.dtype)
         self.tokens[split] += len(arr)
         self.documents[split] += len(ids)
+        self.characters[split] += characters
         if self.files is not None:
             write_array(self.files[split], arr)
         else:
@@ -98,11 +100,11 @@ def _encode_into(docs: List[str], sink: _Sink) -> None:
         ids = _W["sp"].encode(docs, add_bos=True, add_eos=True, num_threads=1)
     threshold = _W["threshold"]
     if not threshold:
-        sink.add("train", ids)
+        sink.add("train", ids, sum(map(len, docs)))
         return
     val = [hash64(d) < threshold for d in docs]
-    sink.add("train", [x for x, v in zip(ids, val) if not v])
-    sink.add("validation", [x for x, v in zip(ids, val) if v])
+    sink.add("train", [x for x, v in zip(ids, val) if not v], sum(len(d) for d, v in zip(docs, val) if not v))
+    sink.add("validation", [x for x, v in zip(ids, val) if v], sum(len(d) for d, v in zip(docs, val) if v))
 
 
 def pack_task(task: dict) -> dict:
@@ -138,7 +140,7 @@ def pack_task(task: dict) -> dict:
     if sink.files is None:
         arrays = {s: (np.concatenate(a) if a else np.empty(0, dtype)) for s, a in sink.arrays.items()}
     return {"error": None, "arrays": arrays, "tokens": sink.tokens, "documents": sink.documents,
-            "stats": stats.as_dict()}
+            "characters": sink.characters, "stats": stats.as_dict()}
 
 
 def mp_context():

@@ -32,6 +32,7 @@ class UnitWriter:
         self.files = None
         self.tokens = {s: 0 for s in fmt.SPLITS}
         self.documents = {s: 0 for s in fmt.SPLITS}
+        self.characters = {s: 0 for s in fmt.SPLITS}
         self.stats: Optional[dict] = None
 
     def temp_paths(self) -> Dict[str, str]:
@@ -41,6 +42,7 @@ class UnitWriter:
         for s in fmt.SPLITS:
             self.tokens[s] += result["tokens"][s]
             self.documents[s] += result["documents"][s]
+            self.characters[s] += result["characters"][s]
         if result["arrays"] is None:          # the worker wrote the temp files itself
             return
         if self.files is None:
@@ -61,14 +63,15 @@ class UnitWriter:
             n = self.tokens[s]
             if n == 0:
                 unlink(self.temp[s])
-                splits[s] = {"file": None, "tokens": 0, "blocks": 0, "tail": 0, "documents": 0}
+                splits[s] = {"file": None, "tokens": 0, "blocks": 0, "tail": 0, "documents": 0, "characters": 0}
                 continue
             if not self.temp[s].exists() and n:
                 raise RuntimeError(f"{self.temp[s]} vanished before it was finished")
             os.replace(self.temp[s], self.final[s])
             blocks = n // block_size
             splits[s] = {"file": self.final[s].name, "tokens": n, "blocks": blocks,
-                         "tail": n - blocks * block_size, "documents": self.documents[s]}
+                         "tail": n - blocks * block_size, "documents": self.documents[s],
+                         "characters": self.characters[s]}
         return splits
 
     def abort(self) -> None:

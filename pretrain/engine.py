@@ -71,6 +71,31 @@ def all_reduce_(tensor, op=None):
     return tensor
 
 
+def broadcast_from_rank0(value: int, device) -> int:
+    """Global rank 0's `value` on every rank (an integer, through the engine's device for NCCL)."""
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(t, src=0)
+    return int(t.item())
+
+
+def first_message(message: Optional[str], device, width: int = 1024) -> Optional[str]:
+    """Every rank says something or None; every rank gets the lowest rank's message (None when all were
+    None). A collective, hence also a barrier. Text travels as bytes in a tensor: nothing is pickled."""
+    if not torch.distributed.is_initialized():
+        return message
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rows = torch.zeros(world, width, dtype=torch.int32, device=device)
+    if message:
+        data = message.encode("utf-8")[:width]
+        rows[rank, :len(data)] = torch.tensor(list(data), dtype=torch.int32, device=device)
+    all_reduce_(rows)
+    for row in rows.tolist():
+        if any(row):
+            return bytes(b for b in row if b).decode("utf-8", errors="replace")
+    return None
+
+
 def choose_precision(requested: str, device: torch.device) -> str:
     """bf16 on GPUs that compute it natively (compute capability >= 8.0: A100, H100, 4090...), fp16
     (dynamic loss scaling) on older GPUs such as V100, where bf16 is only emulated; fp32 on CPU."""
@@ -232,16 +257,19 @@ class _Run:
     total: int
     ckpt_root: Path
     fingerprint: str
+    data_fingerprint: Optional[dict]  # recorded in checkpoints; a resume on other data is refused
     tokenizer_path: str             # cfg.tokenizer or cfg.model
     flops_per_token: float
     peak_flops: float
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, allow_config_change: bool = False, hooks: Optional[TrainHooks] = None):
+    def __init__(self, cfg: RunConfig, allow_config_change: bool = False, hooks: Optional[TrainHooks] = None,
+                 allow_data_change: bool = False):
         self.cfg = cfg
         self.hooks = hooks or TrainHooks()  # tests' crash and NaN injection points (pretrain/hooks.py)
         self.allow_config_change = allow_config_change  # resume even if the config differs from the checkpoint's
+        self.allow_data_change = allow_data_change  # resume even if the data's fingerprint differs
         self.preset = cfg.preset()
         self.run_dir = Path(cfg.out)
 
@@ -265,11 +293,10 @@ class Trainer:
             else:
                 nonfinite_in_row = 0
                 last = record
+            if self.hooks.poisons_weights(done, self.rank):
+                self._poison_weights()
             if done % cfg.save_every == 0 or done == run.total_steps:
-                checkpoint.save(run.engine, run.ckpt_root, done,
-                                checkpoint.run_state(cfg, done, self.world, run.fingerprint),
-                                rank=self.rank, barrier=barrier, keep_last=cfg.keep_last,
-                                crash_hook=lambda: self.hooks.call_in_checkpoint(done, self.rank))
+                self._save_checkpoint(run, done, last)
             self.hooks.call_after_step(done, self.rank)
 
         run.metrics.close()
@@ -294,16 +321,24 @@ class Trainer:
                                     grad_accum=grad_accum, grad_clip=preset.grad_clip, precision=precision)
         torch.manual_seed(cfg.seed)
 
-        # Resume checks read only the checkpoint's JSON: a changed world size or config is refused
-        # before the model is loaded.
+        # Resume checks read only the checkpoint's JSON and the data's manifests (or input files): a
+        # changed config or data set is refused before the model is loaded. Global rank 0 chooses the
+        # checkpoint; every rank takes its choice.
         ckpt_root = self.run_dir / "checkpoints"
-        latest = checkpoint.latest_checkpoint(ckpt_root) if cfg.resume else None
+        latest = checkpoint.choose_resume(ckpt_root, rank=rank, broadcast=lambda step: broadcast_from_rank0(
+            step, device)) if cfg.resume else None
         fingerprint = checkpoint.model_fingerprint(cfg.model)
+        data_fingerprint = None
         if latest is not None:
             checkpoint.check_resume(latest, cfg, world, fingerprint, self.allow_config_change)
+            data_fingerprint = checkpoint.data_fingerprint(cfg)
+            if not (self.allow_config_change or self.allow_data_change):
+                checkpoint.check_data(latest, data_fingerprint)
 
         model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision))
         data = build_data(cfg, preset, tokenizer, tokenizer_path)
+        if data_fingerprint is None:
+            data_fingerprint = checkpoint.data_fingerprint(cfg)
         trainable, total = adapters.count_trainable(model)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
         if rank == 0:
@@ -312,7 +347,7 @@ class Trainer:
         engine, scheduler = self._deepspeed_engine(model, ds_config, total_steps)
         start_step = 0
         if latest is not None:
-            state = checkpoint.load(engine, latest, rank=rank)
+            state = checkpoint.load(engine, latest, rank=rank, world=world)
             start_step = state["step"]
             if rank == 0:
                 log.info("resumed from %s (step %d of %d)", latest, start_step, total_steps)
@@ -325,7 +360,8 @@ class Trainer:
         self.engine, self.data, self.device = engine, data, device
         return _Run(engine=engine, scheduler=scheduler, order=order, metrics=metrics, precision=precision,
                     grad_accum=grad_accum, start_step=start_step, total_steps=total_steps, trainable=trainable,
-                    total=total, ckpt_root=ckpt_root, fingerprint=fingerprint, tokenizer_path=tokenizer_path,
+                    total=total, ckpt_root=ckpt_root, fingerprint=fingerprint, data_fingerprint=data_fingerprint,
+                    tokenizer_path=tokenizer_path,
                     flops_per_token=fpt, peak_flops=peak)
 
     def _start_run_dir(self, data, grad_accum, total_steps, precision, trainable, total, ds_path):
@@ -457,6 +493,28 @@ class Trainer:
         val_loss = loss_sum / max(tokens, 1.0)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
+    def _save_checkpoint(self, run: "_Run", done: int, last: dict) -> None:
+        """checkpoint.save with this run's state; weights that are not finite on some rank stop the run
+        before anything is written (the last complete checkpoint stays the one to resume from)."""
+        try:
+            checkpoint.save(run.engine, run.ckpt_root, done,
+                            checkpoint.run_state(self.cfg, done, self.world, run.fingerprint, run.data_fingerprint),
+                            rank=self.rank, barrier=barrier, keep_last=self.cfg.keep_last,
+                            crash_hook=lambda: self.hooks.call_in_checkpoint(done, self.rank),
+                            agree=lambda message: first_message(message, self.device))
+        except checkpoint.NonFiniteWeights as e:
+            log.error("step %d: %s", done, e)
+            raise UserError(f"stopped at step {done}: {e}. Last finite record: {last or 'none'}. {_LIKELY_CAUSES}; "
+                            "the run resumes from that checkpoint") from None
+
+    def _poison_weights(self):
+        """Test seam (ZHLLAMA_NAN_WEIGHTS): this rank's trainable weights become NaN, as after an update that
+        DeepSpeed's overflow check let through."""
+        with torch.no_grad():
+            for p in self.engine.module.parameters():
+                if p.requires_grad:
+                    p.fill_(float("nan"))
+
     def _save_final(self, engine, tokenizer_path):
         final = self.run_dir / "final"
         if self.rank == 0:
@@ -468,9 +526,11 @@ class Trainer:
     def _nonfinite_diagnosis(self, step, n, last) -> str:
         return (f"stopped at step {step + 1}: the loss was non-finite in {n} steps in a row "
                 f"(max_nonfinite_steps={self.cfg.max_nonfinite_steps}). Last finite record: {last or 'none'}. "
-                "Likely causes: lr too high for this stage (try lr=5e-5), fp16 overflow (use bf16 on "
-                "A100/H100, or precision=fp32 to check), or corrupt data (re-run `zhllama data pack`). "
-                "The last complete checkpoint is intact; the run resumes from it.")
+                f"{_LIKELY_CAUSES}. The last complete checkpoint is intact; the run resumes from it.")
+
+
+_LIKELY_CAUSES = ("Likely causes: lr too high for this stage (try lr=5e-5), fp16 overflow (use bf16 on A100/H100, "
+                  "or precision=fp32 to check), or corrupt data (re-run `zhllama data pack`)")
 
 
 def _float(x):

@@ -3,9 +3,12 @@
 Importing this module registers it with pretrain/stage_data.py; `zhllama train` does (zhllama/app/train.py).
 """
 
+from zhllama.corpus import expand_inputs
+from zhllama.fsutil import sha256_file
 from zhllama.pretrain.stage_data import Data, StageData, register
 
 from .dataset import SFTDataset, default_pad_id, make_collate
+from .records import parse_spec
 from .templates import get_template
 
 
@@ -28,4 +31,14 @@ def run_files(cfg) -> dict:
     return {"template.json": run_record(cfg)["template_spec"]}
 
 
-register("sft", StageData(build=build, run_record=run_record, run_files=run_files))
+def fingerprint(cfg) -> dict:
+    """The sha256 of every input file, per data spec: a checkpoint records it, and a resume on changed
+    files is refused (pretrain/checkpoint.py)."""
+    out = {}
+    for spec in cfg.data:
+        path_spec, _ = parse_spec(spec)
+        out[str(spec)] = {"sha256 of": {str(p): sha256_file(p) for p in expand_inputs([path_spec])}}
+    return out
+
+
+register("sft", StageData(build=build, run_record=run_record, run_files=run_files, fingerprint=fingerprint))

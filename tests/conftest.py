@@ -57,7 +57,7 @@ def adamw_steps(model, x, steps: int, lr: float = 1e-2):
 # variables (a run must start its own world), the launcher's knobs, and the engine's test seam.
 _LEAKY_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
               "GPUS_PER_NODE", "HOSTFILE", "CUDA_VISIBLE_DEVICES", "CONFIG", "DETACH", "DRY_RUN", "LAUNCHER_ARGS",
-              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS")
+              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS", "ZHLLAMA_NAN_WEIGHTS")
 
 
 def subprocess_env(**extra) -> dict:

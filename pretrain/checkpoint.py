@@ -269,29 +269,37 @@ def _write_error(path, e: BaseException) -> str:
 
 
 class _GuardedWrites:
-    """DeepSpeed's checkpoint writes on this rank, with a failure recorded instead of raised: a rank that
-    raised there would leave the others waiting at DeepSpeed's closing barrier for ever."""
+    """DeepSpeed's checkpoint writes on this rank (its directory, its state files, the recovery scripts it
+    copies beside them), with the first failure recorded instead of raised and later writes skipped: a rank
+    that raised there would leave the others waiting at DeepSpeed's closing barrier for ever."""
 
     def __init__(self, engine):
         self.error = None
-        self.ckpt_engine = getattr(engine, "checkpoint_engine", None)
-        self.real_save = getattr(self.ckpt_engine, "save", None)
+        ckpt_engine = getattr(engine, "checkpoint_engine", None)
+        self.patched = [(obj, name, getattr(obj, name)) for obj, name in
+                        ((ckpt_engine, "makedirs"), (ckpt_engine, "save"), (engine, "_copy_recovery_script"))
+                        if obj is not None and callable(getattr(obj, name, None))]
+
+    def _guard(self, write):
+        def guarded(*args, **kwargs):
+            if self.error is not None:
+                return None
+            try:
+                return write(*args, **kwargs)
+            except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+                path = kwargs.get("path") or next((a for a in args if isinstance(a, (str, Path))), "?")
+                self.error = _write_error(path, e)
+            return None
+        return guarded
 
     def __enter__(self):
-        if self.real_save is not None:
-            def save(state_dict, path):
-                if self.error is not None:
-                    return
-                try:
-                    self.real_save(state_dict, path)
-                except (OSError, RuntimeError) as e:
-                    self.error = _write_error(path, e)
-            self.ckpt_engine.save = save
+        for obj, name, write in self.patched:
+            setattr(obj, name, self._guard(write))
         return self
 
     def __exit__(self, *exc):
-        if self.real_save is not None:
-            self.ckpt_engine.save = self.real_save
+        for obj, name, write in self.patched:
+            setattr(obj, name, write)
         return False
 
 
@@ -321,13 +329,13 @@ def save(engine, root, step: int, state: dict, *, rank: int, barrier, keep_last:
     bad = agree(f"{bad} on rank {rank}" if bad else None)
     if bad:
         raise NonFiniteWeights(f"the trainable weights are not finite ({bad}); checkpoint step-{step} was not "
-                               f"written and {_last_complete(root)} is kept")
+                               f"written, {_kept(root, 'kept')}")
 
     def fail(error: str):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{error}; checkpoint step-{step} was not written and {_last_complete(root)} is intact: "
-                        "free space and rerun the same command to resume from it")
+        raise UserError(f"{error}; checkpoint step-{step} was not written, {_kept(root, 'intact')}: free space and "
+                        "rerun the same command to go on from there")
 
     def prepare():
         root.mkdir(parents=True, exist_ok=True)
@@ -368,9 +376,9 @@ def save(engine, root, step: int, state: dict, *, rank: int, barrier, keep_last:
     return final
 
 
-def _last_complete(root) -> str:
+def _kept(root, how: str) -> str:
     found = complete_checkpoints(root)
-    return f"the last complete checkpoint {found[-1][1]}" if found else "no earlier checkpoint exists"
+    return f"the last complete checkpoint {found[-1][1]} is {how}" if found else "and there is no earlier checkpoint"
 
 
 # ----------------------------------------------------------------------------- load

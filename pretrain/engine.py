@@ -504,8 +504,8 @@ class Trainer:
                             agree=lambda message: first_message(message, self.device))
         except checkpoint.NonFiniteWeights as e:
             log.error("step %d: %s", done, e)
-            raise UserError(f"stopped at step {done}: {e}. Last finite record: {last or 'none'}. {_LIKELY_CAUSES}; "
-                            "the run resumes from that checkpoint") from None
+            raise UserError(f"stopped at step {done}: {e}. Last finite record: {last or 'none'}. {_LIKELY_CAUSES}. "
+                            "A rerun resumes from the last complete checkpoint") from None
 
     def _poison_weights(self):
         """Test seam (ZHLLAMA_NAN_WEIGHTS): this rank's trainable weights become NaN, as after an update that

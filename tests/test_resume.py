@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,82 @@ def test_a_planted_pickle_in_an_optimizer_file_is_refused_when_resharding(tmp_pa
     with pytest.raises(UserError, match="refusing to load a checkpoint file"):
         reshard.SavedShards(tmp_path, saved_world=2)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- a failed write on one rank
+
+class _CkptEngine:
+    """DeepSpeed's checkpoint engine as the engine uses it: `save(state_dict, path)`; rank 1's disk is full."""
+
+    def __init__(self, rank):
+        self.rank = rank
+
+    def save(self, state_dict, path):
+        if self.rank == 1:
+            raise OSError(28, "No space left on device")
+        Path(path).write_bytes(b"x" * 10)
+
+
+class _Engine:
+    def __init__(self, rank, weight):
+        self.rank, self.checkpoint_engine = rank, _CkptEngine(rank)
+        self.module = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            self.module.weight.fill_(weight)
+
+    def save_checkpoint(self, path, tag, client_state, save_latest, exclude_frozen_parameters):
+        (Path(path) / tag).mkdir(parents=True, exist_ok=True)
+        self.checkpoint_engine.save({}, str(Path(path) / tag / f"zero_pp_rank_{self.rank}_optim_states.pt"))
+
+
+def _save_on_two_threads(root, step, weights):
+    """checkpoint.save on 2 threads standing for 2 ranks, with an `agree` like the engine's first_message."""
+    barrier, said, results = threading.Barrier(2), [None, None], [None, None]
+
+    def agree_for(rank):
+        def agree(message):
+            said[rank] = message
+            barrier.wait()
+            first = next((m for m in said if m), None)
+            barrier.wait()
+            return first
+        return agree
+
+    def rank_main(rank):
+        try:
+            results[rank] = checkpoint.save(_Engine(rank, weights[rank]), root, step, {"step": step}, rank=rank,
+                                            barrier=barrier.wait, keep_last=2, agree=agree_for(rank))
+        except UserError as e:
+            results[rank] = e
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank hangs"
+    return results
+
+
+def test_a_write_failing_on_one_rank_stops_every_rank_naming_the_file(tmp_path):
+    good = tmp_path / "step-2"
+    good.mkdir()
+    (good / checkpoint.STATE_FILE).write_text('{"step": 2}')
+    results = _save_on_two_threads(tmp_path, 4, weights=(1.0, 1.0))
+    assert all(isinstance(r, UserError) for r in results), results
+    shard = tmp_path / ".tmp-step-4" / "engine" / "zero_pp_rank_1_optim_states.pt"
+    assert str(results[0]) == str(results[1])
+    assert str(results[0]).startswith(f"{shard}: No space left on device (a full disk, a quota or a file-size limit")
+    assert f"the last complete checkpoint {good} is intact" in str(results[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]  # the half-written one removed
+
+
+def test_weights_not_finite_on_one_rank_stop_every_rank_before_anything_is_written(tmp_path):
+    results = _save_on_two_threads(tmp_path, 4, weights=(1.0, float("inf")))
+    assert all(isinstance(r, checkpoint.NonFiniteWeights) for r in results), results
+    assert str(results[0]) == ("the trainable weights are not finite (weight on rank 1); checkpoint step-4 was not "
+                               "written, and there is no earlier checkpoint")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- 2 gloo ranks

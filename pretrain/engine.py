@@ -79,6 +79,31 @@ def all_reduce_(tensor, op=None):
     return tensor
 
 
+def broadcast_from_rank0(value: int, device) -> int:
+    """Global rank 0's `value` on every rank (an integer, through the engine's device for NCCL)."""
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(t, src=0)
+    return int(t.item())
+
+
+def first_message(message: Optional[str], device, width: int = 1024) -> Optional[str]:
+    """Every rank says something or None; every rank gets the lowest rank's message (None when all were
+    None). A collective, hence also a barrier. Text travels as bytes in a tensor: nothing is pickled."""
+    if not torch.distributed.is_initialized():
+        return message
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rows = torch.zeros(world, width, dtype=torch.int32, device=device)
+    if message:
+        data = message.encode("utf-8")[:width]
+        rows[rank, :len(data)] = torch.tensor(list(data), dtype=torch.int32, device=device)
+    all_reduce_(rows)
+    for row in rows.tolist():
+        if any(row):
+            return bytes(b for b in row if b).decode("utf-8", errors="replace")
+    return None
+
+
 def choose_precision(requested: str, device: torch.device) -> str:
     """bf16 on GPUs that compute it natively (compute capability >= 8.0: A100, H100, 4090...), fp16
     (dynamic loss scaling) on older GPUs such as V100, where bf16 is only emulated; fp32 on CPU."""
@@ -200,15 +225,18 @@ class _Run:
     groups: dict                    # trainable parameters per optimizer group (row_groups.GROUPS)
     ckpt_root: Path
     fingerprint: str
+    data_fingerprint: Optional[dict]  # recorded in checkpoints; a resume on other data is refused
     tokenizer_path: str             # cfg.tokenizer or cfg.model
     mfu: MFUMeter
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, allow_config_change: bool = False, hooks: Optional[TrainHooks] = None):
+    def __init__(self, cfg: RunConfig, allow_config_change: bool = False, hooks: Optional[TrainHooks] = None,
+                 allow_data_change: bool = False):
         self.cfg = cfg
         self.hooks = hooks or TrainHooks()  # tests' crash and NaN injection points (pretrain/hooks.py)
         self.allow_config_change = allow_config_change  # resume even if the config differs from the checkpoint's
+        self.allow_data_change = allow_data_change  # resume even if the data's fingerprint differs
         self.preset = cfg.preset()
         self.run_dir = Path(cfg.out)
 
@@ -233,11 +261,10 @@ class Trainer:
             else:
                 nonfinite_in_row = 0
                 last = record
+            if self.hooks.poisons_weights(done, self.rank):
+                self._poison_weights()
             if done % cfg.save_every == 0 or done == run.total_steps:
-                checkpoint.save(run.engine, run.ckpt_root, done,
-                                checkpoint.run_state(cfg, done, self.world, run.fingerprint),
-                                rank=self.rank, barrier=barrier, keep_last=cfg.keep_last,
-                                crash_hook=lambda: self.hooks.call_in_checkpoint(done, self.rank))
+                self._save_checkpoint(run, done, last)
             self.hooks.call_after_step(done, self.rank)
 
         run.metrics.close()
@@ -281,13 +308,19 @@ class Trainer:
                                     grad_accum=grad_accum, grad_clip=preset.grad_clip, precision=precision)
         torch.manual_seed(cfg.seed)
 
-        # Resume checks read only the checkpoint's JSON: a changed world size or config is refused
-        # before the model is loaded.
+        # Resume checks read only the checkpoint's JSON and the data's manifests (or input files): a
+        # changed config or data set is refused before the model is loaded. Global rank 0 chooses the
+        # checkpoint; every rank takes its choice.
         ckpt_root = self.run_dir / "checkpoints"
-        latest = checkpoint.latest_checkpoint(ckpt_root) if cfg.resume else None
+        latest = checkpoint.choose_resume(ckpt_root, rank=rank, broadcast=lambda step: broadcast_from_rank0(
+            step, device)) if cfg.resume else None
         fingerprint = checkpoint.model_fingerprint(cfg.model)
+        data_fingerprint = None
         if latest is not None:
             checkpoint.check_resume(latest, cfg, world, fingerprint, self.allow_config_change)
+            data_fingerprint = checkpoint.data_fingerprint(cfg)
+            if not (self.allow_config_change or self.allow_data_change):
+                checkpoint.check_data(latest, data_fingerprint)
 
         self.checkpointing, why = decide_gradient_checkpointing(
             cfg.gradient_checkpointing, cfg=cfg, preset=preset, world=world, device=device, ds_path=ds_path)
@@ -295,6 +328,8 @@ class Trainer:
             log.info("gradient checkpointing %s: %s", "on" if self.checkpointing else "off", why)
         model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision), self.checkpointing)
         data = build_data(cfg, preset, tokenizer, tokenizer_path)
+        if data_fingerprint is None:
+            data_fingerprint = checkpoint.data_fingerprint(cfg)
         trainable, total = adapters.count_trainable(model)
         groups = row_groups.trainable_groups(model)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
@@ -307,7 +342,7 @@ class Trainer:
         engine, scheduler = self._deepspeed_engine(model, ds_config, total_steps)
         start_step = 0
         if latest is not None:
-            state = checkpoint.load(engine, latest, rank=rank)
+            state = checkpoint.load(engine, latest, rank=rank, world=world)
             start_step = state["step"]
             if rank == 0:
                 log.info("resumed from %s (step %d of %d)", latest, start_step, total_steps)
@@ -322,7 +357,7 @@ class Trainer:
         return _Run(engine=engine, scheduler=scheduler, order=order, metrics=metrics, precision=precision,
                     grad_accum=grad_accum, start_step=start_step, total_steps=total_steps, trainable=trainable,
                     total=total, groups=groups, ckpt_root=ckpt_root, fingerprint=fingerprint,
-                    tokenizer_path=tokenizer_path, mfu=meter)
+                    data_fingerprint=data_fingerprint, tokenizer_path=tokenizer_path, mfu=meter)
 
     def _start_run_dir(self, data, grad_accum, total_steps, precision, trainable, total, groups, ds_path):
         """Rank 0: config.yaml and the stage's run files (sft: template.json), and the run's one-line plan."""
@@ -487,6 +522,28 @@ class Trainer:
         loss = self.engine(**batch).double()
         return torch.stack([loss, loss.new_tensor(float(tokens))])
 
+    def _save_checkpoint(self, run: "_Run", done: int, last: dict) -> None:
+        """checkpoint.save with this run's state; weights that are not finite on some rank stop the run
+        before anything is written (the last complete checkpoint stays the one to resume from)."""
+        try:
+            checkpoint.save(run.engine, run.ckpt_root, done,
+                            checkpoint.run_state(self.cfg, done, self.world, run.fingerprint, run.data_fingerprint),
+                            rank=self.rank, barrier=barrier, keep_last=self.cfg.keep_last,
+                            crash_hook=lambda: self.hooks.call_in_checkpoint(done, self.rank),
+                            agree=lambda message: first_message(message, self.device))
+        except checkpoint.NonFiniteWeights as e:
+            log.error("step %d: %s", done, e)
+            raise UserError(f"stopped at step {done}: {e}. Last finite record: {last or 'none'}. {_LIKELY_CAUSES}. "
+                            "A rerun resumes from the last complete checkpoint") from None
+
+    def _poison_weights(self):
+        """Test seam (ZHLLAMA_NAN_WEIGHTS): this rank's trainable weights become NaN, as after an update that
+        DeepSpeed's overflow check let through."""
+        with torch.no_grad():
+            for p in self.engine.module.parameters():
+                if p.requires_grad:
+                    p.fill_(float("nan"))
+
     def _save_final(self, engine, tokenizer_path):
         final = self.run_dir / "final"
         if self.rank == 0:
@@ -498,9 +555,11 @@ class Trainer:
     def _nonfinite_diagnosis(self, step, n, last) -> str:
         return (f"stopped at step {step + 1}: the loss was non-finite in {n} steps in a row "
                 f"(max_nonfinite_steps={self.cfg.max_nonfinite_steps}). Last finite record: {last or 'none'}. "
-                "Likely causes: lr too high for this stage (try lr=5e-5), fp16 overflow (use bf16 on "
-                "A100/H100, or precision=fp32 to check), or corrupt data (re-run `zhllama data pack`). "
-                "The last complete checkpoint is intact; the run resumes from it.")
+                f"{_LIKELY_CAUSES}. The last complete checkpoint is intact; the run resumes from it.")
+
+
+_LIKELY_CAUSES = ("Likely causes: lr too high for this stage (try lr=5e-5), fp16 overflow (use bf16 on A100/H100, "
+                  "or precision=fp32 to check), or corrupt data (re-run `zhllama data pack`)")
 
 
 def _progress_line(r: dict, total: int, shares: Optional[dict] = None) -> str:

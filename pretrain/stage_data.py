@@ -24,10 +24,13 @@ class Data:
 @dataclass
 class StageData:
     """build(cfg, preset, tokenizer) -> Data; run_record(cfg) -> extra keys for the run record saved with
-    the adapter; run_files(cfg) -> {file name: JSON object} written into the run directory."""
+    the adapter; run_files(cfg) -> {file name: JSON object} written into the run directory;
+    fingerprint(cfg) -> a JSON object that changes when the data changes (checkpoints record it, and a
+    resume on other data is refused; see pretrain/checkpoint.py)."""
     build: Callable
     run_record: Optional[Callable] = None
     run_files: Optional[Callable] = None
+    fingerprint: Optional[Callable] = None
 
 
 _REGISTRY: Dict[str, StageData] = {}

@@ -36,7 +36,12 @@ def add_arguments(p):
                    help="validate the config, print the resolved config and batch plan, and exit")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume from OUT/checkpoints even though global batch, lr, stage, model or another "
-                        "setting differs from the checkpoint's (by default such a resume is refused)")
+                        "setting differs from the checkpoint's (by default such a resume is refused); implies "
+                        "--allow-data-change")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume from OUT/checkpoints even though the data changed since the checkpoint (a pack "
+                        "rebuilt from other text, edited SFT files): the run goes on at its step and data "
+                        "position over the new data (by default such a resume is refused, naming what changed)")
     # The deepspeed launcher passes --local_rank; the engine reads LOCAL_RANK from the environment.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -63,7 +68,8 @@ def run(args):
     # rank 0 is refused naming the first; its launcher then stops its other ranks).
     with output_lock(cfg.out, "zhllama train", "run directory") if rank0 else contextlib.nullcontext():
         # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.
-        summary = Trainer(cfg, allow_config_change=args.allow_config_change, hooks=hooks_from_env()).run()
+        summary = Trainer(cfg, allow_config_change=args.allow_config_change,
+                          allow_data_change=args.allow_data_change, hooks=hooks_from_env()).run()
         if rank0:
             atomic_write_json(Path(cfg.out) / "summary.json", summary)  # what scripts read; the line is for people
             print(json.dumps(summary))

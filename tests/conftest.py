@@ -75,7 +75,7 @@ def train_adapter(model, stage, out, tokenizer_dir, run_config=None, steps=2, se
 # variables (a run must start its own world), the launcher's knobs, and the engine's test seam.
 _LEAKY_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
               "GPUS_PER_NODE", "HOSTFILE", "CUDA_VISIBLE_DEVICES", "CONFIG", "DETACH", "DRY_RUN", "LAUNCHER_ARGS",
-              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS")
+              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS", "ZHLLAMA_NAN_WEIGHTS")
 
 
 def subprocess_env(**extra) -> dict:

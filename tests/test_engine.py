@@ -5,10 +5,16 @@ Runs (module-scoped, each a real `zhllama train` process):
   one_rank   the same config in a plain process (a world of one)
   baseline   1 rank with LoRA dropout 0.05 (RNG matters), uninterrupted
   crashes    the baseline config SIGKILLed after a step / inside a checkpoint write, then restarted
+  resumes    copies of these runs cut back to an earlier checkpoint and resumed on another world size, with
+             a longer max_steps, under a file-size limit, or with weights made NaN
+  stage1     stage 1 (TrainableTokens) on 1 rank, and the same run resumed 1 -> 2 -> 1 ranks
 """
 
 import json
+import math
 import os
+import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +43,43 @@ def _final_weights(run: Path) -> dict:
 
 def _metrics(run: Path):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _train_two_ranks(args, run: Path):
+    """`zhllama train ARGS` on 2 CPU ranks through launch/pretrain_stage2.sh (the `deepspeed` launcher)."""
+    return subprocess.run(["bash", str(REPO / "launch" / "pretrain_stage2.sh"), *map(str, args)],
+                          env=subprocess_env(GPUS_PER_NODE=2, MASTER_PORT=free_port(), LOG_DIR=run.parent / "logs"),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _cut_back(run: Path, dst: Path, step: int) -> Path:
+    """A copy of `run` as it was right after checkpoint `step`: later checkpoints, final/ and summary.json
+    removed (metrics.jsonl records after `step` are dropped by the resume itself)."""
+    shutil.copytree(run, dst)
+    for p in (dst / "checkpoints").iterdir():
+        if p.name.startswith("step-") and int(p.name[5:]) > step:
+            shutil.rmtree(p)
+    shutil.rmtree(dst / "final")
+    (dst / "summary.json").unlink(missing_ok=True)
+    assert (dst / "checkpoints" / f"step-{step}" / "zhllama_state.json").is_file()
+    return dst
+
+
+def _assert_same_run(run: Path, reference: Path, rel: float = 1e-5):
+    """Every logged loss within `rel` of the reference's, and every adapter tensor within `rel` of it
+    relative to its norm: |a - b| <= rel |b| (Frobenius). A lost or misplaced optimizer moment moves the
+    tensors by ~1e-2 relative (a whole Adam step); summation order across ranks by ~1e-6."""
+    assert [r["step"] for r in _metrics(run)] == [r["step"] for r in _metrics(reference)]
+    assert [r["loss"] for r in _metrics(run)] == pytest.approx([r["loss"] for r in _metrics(reference)], rel=rel)
+    a, b = _final_weights(run), _final_weights(reference)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert float((a[k] - b[k]).norm()) <= rel * float(b[k].norm()), (k, float((a[k] - b[k]).norm()))
+
+
+def _module_weights(ckpt: Path) -> dict:
+    from zhllama.pretrain.safe_load import safe_torch_load
+    return safe_torch_load(ckpt / "engine" / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +179,133 @@ def test_sigkill_then_resume_ends_with_the_same_weights(crash, tmp_path, base_ar
         assert torch.equal(a[k], b[k]), k
     assert [r["step"] for r in _metrics(run)] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(baseline)]
+
+
+@pytest.mark.slow
+def test_resume_two_ranks_to_one_equals_the_uninterrupted_runs(tmp_path, base_args, two_rank, one_rank):
+    """A 2-rank checkpoint resumed on 1 rank: the ZeRO-2 optimizer state of 2 partitions becomes 1, by name."""
+    run = _cut_back(two_rank, tmp_path / "run", 6)
+    res = _train([*base_args, "lora_dropout=0.0", f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "written by 2 ranks; its optimizer state is redistributed over 1" in res.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step-6'}" in res.stderr
+    _assert_same_run(run, two_rank)
+    _assert_same_run(run, one_rank)
+
+
+@pytest.mark.slow
+def test_resume_one_rank_to_two_equals_the_uninterrupted_runs(tmp_path, base_args, two_rank, one_rank):
+    run = _cut_back(one_rank, tmp_path / "run", 6)
+    res = _train_two_ranks([*base_args, "lora_dropout=0.0", f"out={run}"], run)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (run.parent / "logs" / "pretrain_stage2_node0.log").read_text()
+    assert "written by 1 ranks; its optimizer state is redistributed over 2" in log
+    _assert_same_run(run, one_rank)
+    _assert_same_run(run, two_rank)
+
+
+@pytest.fixture(scope="module")
+def stage1_args(tiny_model_dir, tiny_packed):
+    return ["stage=stage1", f"model={tiny_model_dir}", f"data=[{tiny_packed}]", "init_adapters=[]", *COMMON,
+            "keep_last=4"]
+
+
+@pytest.mark.slow
+def test_stage1_resumed_one_to_two_to_one_ranks_equals_the_uninterrupted_run(tmp_path_factory, stage1_args):
+    """Stage 1 trains one TrainableTokens matrix, which ZeRO-2 cuts across the 2 ranks' partitions: steps 1-4
+    on 1 rank, 5-6 on 2 ranks, 7-8 on 1 rank against 1-8 on 1 rank."""
+    root = tmp_path_factory.mktemp("stage1")
+    reference = root / "reference"
+    res = _train([*stage1_args, f"out={reference}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(_final_weights(reference)) == 1  # the one trainable_tokens_delta
+
+    run = _cut_back(reference, root / "one_two", 4)
+    res = _train_two_ranks([*stage1_args, f"out={run}"], run)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = json.loads((run / "checkpoints" / "step-6" / "zhllama_state.json").read_text())
+    assert state["world_size"] == 2
+    _assert_same_run(run, reference)
+
+    run = _cut_back(run, root / "one_two_one", 6)
+    res = _train([*stage1_args, f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "written by 2 ranks; its optimizer state is redistributed over 1" in res.stderr
+    _assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_a_longer_max_steps_continues_the_schedule_without_a_step_at_lr_0(tmp_path, base_args, baseline):
+    """8 steps done (the schedule ended at lr 0), resumed with max_steps=10: the schedule is laid over 10
+    steps and step 9 takes its lr at step index 8. Warmup round(10 x 0.05) = 0 -> 1 step, so cosine over
+    9 steps: lr(i) = 0.01 x 0.5 x (1 + cos(pi (i - 1) / 9))."""
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    assert _metrics(baseline)[-1]["step"] == 8
+    res = _train([*base_args, f"out={run}", "max_steps=10", "save_every=1", "keep_last=3"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = _metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert records[8]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(7 * math.pi / 9)), rel=1e-12)  # 1.1698e-3
+    assert records[9]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(8 * math.pi / 9)), rel=1e-12)  # 3.0154e-4
+    assert records[8]["lr"] == pytest.approx(1.16978e-3, rel=1e-5)
+    # The lr was applied, not only logged: step 9 moved every trainable tensor.
+    before, after = _module_weights(run / "checkpoints" / "step-8"), _module_weights(run / "checkpoints" / "step-9")
+    assert before.keys() == after.keys() and len(before) > 0
+    assert all(not torch.equal(before[k], after[k]) for k in before), [k for k in before if torch.equal(before[k], after[k])]
+
+
+def _limit_file_size(limit: int):
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_the_rerun_resumes(tmp_path, base_args, baseline):
+    """A file-size limit (RLIMIT_FSIZE, as a full disk) between the model-states file and the optimizer shard
+    of checkpoint 8: one line naming the shard, step-6 untouched, nothing half-written left; the rerun
+    resumes from step-6 and ends exactly as the uninterrupted run."""
+    run = _cut_back(baseline, tmp_path / "run", 6)
+    engine_files = {p.name: p.stat().st_size for p in (run / "checkpoints" / "step-6" / "engine").iterdir()}
+    shard, model_states = "zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"
+    limit = (engine_files[shard] + engine_files[model_states]) // 2
+    assert engine_files[model_states] < limit < engine_files[shard], engine_files
+    before = {p.relative_to(run): p.read_bytes() for p in (run / "checkpoints" / "step-6").rglob("*") if p.is_file()}
+
+    cmd = [sys.executable, "-m", "zhllama.app.cli", "train", *base_args, f"out={run}"]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+                         preexec_fn=_limit_file_size(limit))
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert str(run / "checkpoints" / ".tmp-step-8" / "engine" / shard) in errors[0]
+    assert f"the last complete checkpoint {run / 'checkpoints' / 'step-6'} is intact" in errors[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-6"]
+    after = {p.relative_to(run): p.read_bytes() for p in (run / "checkpoints" / "step-6").rglob("*") if p.is_file()}
+    assert after == before
+
+    res = _train([*base_args, f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-6'}" in res.stderr
+    a, b = _final_weights(baseline), _final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(baseline)]
+
+
+@pytest.mark.slow
+def test_no_checkpoint_is_written_from_nonfinite_weights(tmp_path, base_args, baseline):
+    """Weights made NaN after step 8 (ZHLLAMA_NAN_WEIGHTS, as after a NaN update DeepSpeed let through): the
+    run stops before checkpoint 8 is written, saying so, and step-6 stays the one to resume from."""
+    run = _cut_back(baseline, tmp_path / "run", 6)
+    res = _train([*base_args, f"out={run}"], ZHLLAMA_NAN_WEIGHTS="8")
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "stopped at step 8: the trainable weights are not finite (" in errors[0] and "on rank 0)" in errors[0]
+    assert f"the last complete checkpoint {run / 'checkpoints' / 'step-6'} is kept" in errors[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-6"]
+    assert not (run / "final").exists()
 
 
 def test_config_errors_before_any_compute(tmp_path, tiny_model_dir, tiny_packed, capsys):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import free_port, subprocess_env
+from runs import assert_same_run, cut_back, final_weights, metrics, train, train_two_ranks
 from zhllama.app.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,48 +33,11 @@ COMMON = [f"max_steps={STEPS}", "global_batch=8", "micro_batch=2", "block_size=3
 
 
 def _train(args, **env):
-    cmd = [sys.executable, "-m", "zhllama.app.cli", "train", *map(str, args)]
-    return subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=600)
-
-
-def _final_weights(run: Path) -> dict:
-    return load_file(str(run / "final" / "adapter_model.safetensors"))
-
-
-def _metrics(run: Path):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return train(args, timeout=600, **env)
 
 
 def _train_two_ranks(args, run: Path):
-    """`zhllama train ARGS` on 2 CPU ranks through launch/pretrain_stage2.sh (the `deepspeed` launcher)."""
-    return subprocess.run(["bash", str(REPO / "launch" / "pretrain_stage2.sh"), *map(str, args)],
-                          env=subprocess_env(GPUS_PER_NODE=2, MASTER_PORT=free_port(), LOG_DIR=run.parent / "logs"),
-                          capture_output=True, text=True, timeout=600)
-
-
-def _cut_back(run: Path, dst: Path, step: int) -> Path:
-    """A copy of `run` as it was right after checkpoint `step`: later checkpoints, final/ and summary.json
-    removed (metrics.jsonl records after `step` are dropped by the resume itself)."""
-    shutil.copytree(run, dst)
-    for p in (dst / "checkpoints").iterdir():
-        if p.name.startswith("step-") and int(p.name[5:]) > step:
-            shutil.rmtree(p)
-    shutil.rmtree(dst / "final")
-    (dst / "summary.json").unlink(missing_ok=True)
-    assert (dst / "checkpoints" / f"step-{step}" / "zhllama_state.json").is_file()
-    return dst
-
-
-def _assert_same_run(run: Path, reference: Path, rel: float = 1e-5):
-    """Every logged loss within `rel` of the reference's, and every adapter tensor within `rel` of it
-    relative to its norm: |a - b| <= rel |b| (Frobenius). A lost or misplaced optimizer moment moves the
-    tensors by ~1e-2 relative (a whole Adam step); summation order across ranks by ~1e-6."""
-    assert [r["step"] for r in _metrics(run)] == [r["step"] for r in _metrics(reference)]
-    assert [r["loss"] for r in _metrics(run)] == pytest.approx([r["loss"] for r in _metrics(reference)], rel=rel)
-    a, b = _final_weights(run), _final_weights(reference)
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        assert float((a[k] - b[k]).norm()) <= rel * float(b[k].norm()), (k, float((a[k] - b[k]).norm()))
+    return train_two_ranks(args, run, timeout=600)
 
 
 def _module_weights(ckpt: Path) -> dict:
@@ -116,7 +79,7 @@ def baseline(tmp_path_factory, base_args):
 
 @pytest.mark.slow
 def test_two_rank_zero2_run_trains_checkpoints_and_writes_final(two_rank, tiny_model_dir):
-    records = _metrics(two_rank)
+    records = metrics(two_rank)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert records[-1]["loss"] < records[0]["loss"] - 0.1, [r["loss"] for r in records]
     assert all(r["grad_norm"] is not None and r["tokens_per_s"] > 0 for r in records)
@@ -148,12 +111,12 @@ def test_one_rank_and_two_ranks_give_the_same_weights(two_rank, one_rank):
     rounding grows over steps. After 8 steps at lr 0.01 (each weight moves up to ~0.01 a step) we allow
     1e-4 absolute, i.e. ~1% of a single step's update; a wrong batch split or loss scaling (e.g. a
     missing 1/world or a per-micro-batch mean) moves weights by whole updates."""
-    a, b = _final_weights(one_rank), _final_weights(two_rank)
+    a, b = final_weights(one_rank), final_weights(two_rank)
     assert a.keys() == b.keys() and len(a) > 0
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst
-    la = [r["loss"] for r in _metrics(one_rank)]
-    lb = [r["loss"] for r in _metrics(two_rank)]
+    la = [r["loss"] for r in metrics(one_rank)]
+    lb = [r["loss"] for r in metrics(two_rank)]
     assert la == pytest.approx(lb, rel=1e-5)
 
 
@@ -173,35 +136,35 @@ def test_sigkill_then_resume_ends_with_the_same_weights(crash, tmp_path, base_ar
     resumed = _train(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / expected_resume}" in resumed.stderr
-    a, b = _final_weights(baseline), _final_weights(run)
+    a, b = final_weights(baseline), final_weights(run)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["step"] for r in _metrics(run)] == list(range(1, STEPS + 1))
-    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(baseline)]
+    assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(baseline)]
 
 
 @pytest.mark.slow
 def test_resume_two_ranks_to_one_equals_the_uninterrupted_runs(tmp_path, base_args, two_rank, one_rank):
     """A 2-rank checkpoint resumed on 1 rank: the ZeRO-2 optimizer state of 2 partitions becomes 1, by name."""
-    run = _cut_back(two_rank, tmp_path / "run", 6)
+    run = cut_back(two_rank, tmp_path / "run", 6)
     res = _train([*base_args, "lora_dropout=0.0", f"out={run}"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "written by 2 ranks; its optimizer state is redistributed over 1" in res.stderr
     assert f"resumed from {run / 'checkpoints' / 'step-6'}" in res.stderr
-    _assert_same_run(run, two_rank)
-    _assert_same_run(run, one_rank)
+    assert_same_run(run, two_rank)
+    assert_same_run(run, one_rank)
 
 
 @pytest.mark.slow
 def test_resume_one_rank_to_two_equals_the_uninterrupted_runs(tmp_path, base_args, two_rank, one_rank):
-    run = _cut_back(one_rank, tmp_path / "run", 6)
+    run = cut_back(one_rank, tmp_path / "run", 6)
     res = _train_two_ranks([*base_args, "lora_dropout=0.0", f"out={run}"], run)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = (run.parent / "logs" / "pretrain_stage2_node0.log").read_text()
     assert "written by 1 ranks; its optimizer state is redistributed over 2" in log
-    _assert_same_run(run, one_rank)
-    _assert_same_run(run, two_rank)
+    assert_same_run(run, one_rank)
+    assert_same_run(run, two_rank)
 
 
 @pytest.fixture(scope="module")
@@ -218,20 +181,20 @@ def test_stage1_resumed_one_to_two_to_one_ranks_equals_the_uninterrupted_run(tmp
     reference = root / "reference"
     res = _train([*stage1_args, f"out={reference}"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert len(_final_weights(reference)) == 1  # the one trainable_tokens_delta
+    assert len(final_weights(reference)) == 1  # the one trainable_tokens_delta
 
-    run = _cut_back(reference, root / "one_two", 4)
+    run = cut_back(reference, root / "one_two", 4)
     res = _train_two_ranks([*stage1_args, f"out={run}"], run)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     state = json.loads((run / "checkpoints" / "step-6" / "zhllama_state.json").read_text())
     assert state["world_size"] == 2
-    _assert_same_run(run, reference)
+    assert_same_run(run, reference)
 
-    run = _cut_back(run, root / "one_two_one", 6)
+    run = cut_back(run, root / "one_two_one", 6)
     res = _train([*stage1_args, f"out={run}"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "written by 2 ranks; its optimizer state is redistributed over 1" in res.stderr
-    _assert_same_run(run, reference)
+    assert_same_run(run, reference)
 
 
 @pytest.mark.slow
@@ -241,10 +204,10 @@ def test_a_longer_max_steps_continues_the_schedule_without_a_step_at_lr_0(tmp_pa
     9 steps: lr(i) = 0.01 x 0.5 x (1 + cos(pi (i - 1) / 9))."""
     run = tmp_path / "run"
     shutil.copytree(baseline, run)
-    assert _metrics(baseline)[-1]["step"] == 8
+    assert metrics(baseline)[-1]["step"] == 8
     res = _train([*base_args, f"out={run}", "max_steps=10", "save_every=1", "keep_last=3"])
     assert res.returncode == 0, res.stderr[-3000:]
-    records = _metrics(run)
+    records = metrics(run)
     assert [r["step"] for r in records] == list(range(1, 11))
     assert records[8]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(7 * math.pi / 9)), rel=1e-12)  # 1.1698e-3
     assert records[9]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(8 * math.pi / 9)), rel=1e-12)  # 3.0154e-4
@@ -266,7 +229,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_the_rerun_resume
     """A file-size limit (RLIMIT_FSIZE, as a full disk) between the model-states file and the optimizer shard
     of checkpoint 8: one line naming the shard, step-6 untouched, nothing half-written left; the rerun
     resumes from step-6 and ends exactly as the uninterrupted run."""
-    run = _cut_back(baseline, tmp_path / "run", 6)
+    run = cut_back(baseline, tmp_path / "run", 6)
     engine_files = {p.name: p.stat().st_size for p in (run / "checkpoints" / "step-6" / "engine").iterdir()}
     shard, model_states = "zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"
     limit = (engine_files[shard] + engine_files[model_states]) // 2
@@ -288,16 +251,16 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_the_rerun_resume
     res = _train([*base_args, f"out={run}"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'step-6'}" in res.stderr
-    a, b = _final_weights(baseline), _final_weights(run)
+    a, b = final_weights(baseline), final_weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(baseline)]
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(baseline)]
 
 
 @pytest.mark.slow
 def test_no_checkpoint_is_written_from_nonfinite_weights(tmp_path, base_args, baseline):
     """Weights made NaN after step 8 (ZHLLAMA_NAN_WEIGHTS, as after a NaN update DeepSpeed let through): the
     run stops before checkpoint 8 is written, saying so, and step-6 stays the one to resume from."""
-    run = _cut_back(baseline, tmp_path / "run", 6)
+    run = cut_back(baseline, tmp_path / "run", 6)
     res = _train([*base_args, f"out={run}"], ZHLLAMA_NAN_WEIGHTS="8")
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if "error:" in line]
@@ -343,7 +306,7 @@ def test_gradient_checkpointing_with_frozen_base_and_lora_gives_the_same_losses(
     run = tmp_path / "gc"
     res = _train([*base_args, "lora_dropout=0.0", "gradient_checkpointing=true", f"out={run}"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert [r["loss"] for r in _metrics(run)] == pytest.approx([r["loss"] for r in _metrics(one_rank)], rel=1e-5)
+    assert [r["loss"] for r in metrics(run)] == pytest.approx([r["loss"] for r in metrics(one_rank)], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -352,10 +315,10 @@ def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, base_
     run = tmp_path / "nan"
     res = _train([*base_args, f"out={run}", "max_steps=4"], ZHLLAMA_NAN_STEPS="2")
     assert res.returncode == 0, res.stderr[-3000:]
-    records = _metrics(run)
+    records = metrics(run)
     assert records[1]["loss"] is None and records[1]["nonfinite_microbatches"] == 4  # 8 / micro 2
     assert all(r["loss"] is not None and r["nonfinite_microbatches"] == 0 for i, r in enumerate(records) if i != 1)
-    assert all(torch.isfinite(t).all() for t in _final_weights(run).values())
+    assert all(torch.isfinite(t).all() for t in final_weights(run).values())
     # Two in a row with max_nonfinite_steps=2: a clear stop, no final/, the last checkpoint intact.
     run = tmp_path / "nan_streak"
     res = _train([*base_args, f"out={run}", "max_steps=6", "max_nonfinite_steps=2"], ZHLLAMA_NAN_STEPS="3,4")
@@ -411,7 +374,7 @@ def test_checkpoint_holds_trainable_weights_and_optimizer_state_only(baseline, t
     from zhllama.pretrain.checkpoint import dir_bytes
     state = json.loads((baseline / "checkpoints" / f"step-{STEPS}" / "zhllama_state.json").read_text())
     assert state["world_size"] == 1 and state["settings"]["lr"] == 0.01 and state["model_fingerprint"]
-    trainable = sum(t.numel() for t in _final_weights(baseline).values())  # the adapter holds the trained tensors
+    trainable = sum(t.numel() for t in final_weights(baseline).values())  # the adapter holds the trained tensors
     engine_bytes = dir_bytes(baseline / "checkpoints" / f"step-{STEPS}" / "engine")
     assert abs(engine_bytes / (16 * trainable) - 1) < 0.05, (engine_bytes, trainable)
     model_bytes = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))

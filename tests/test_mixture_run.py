@@ -5,11 +5,14 @@ Runs (module-scoped, each a real process):
   baseline   1 rank, uninterrupted, TensorBoard on
   crashed    the same config SIGKILLed after step 5, then restarted
   two_ranks  the same config on 2 ranks through launch/pretrain_stage2.sh
+  resharded  two_ranks cut back to its step-6 checkpoint and resumed on 1 rank
 
 * after SIGKILL and resume the steps continue exactly: the same sequences of each source per step, the same
   losses and the same final weights, bit for bit (the split groups' optimizer state included);
 * 2 ranks train on the same sequences as 1 (the step's list is a function of (seed, step), each rank takes
   its slice): the same per-step counts, and the same weights within float tolerance;
+* a mixture with split rows checkpointed on 2 ranks resumes on 1: the mixture's sequences continue and the
+  split groups' optimizer state is redistributed by name, ending as the uninterrupted runs do;
 * each source's validation figures equal `zhllama eval` on that source's validation text (the documents
   `data pack` sent to validation), loss and bits per character, in metrics.jsonl, TensorBoard and
   summary.json.
@@ -17,30 +20,19 @@ Runs (module-scoped, each a real process):
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLES, free_port, run_cli, subprocess_env
+from conftest import SAMPLES, run_cli
+from runs import assert_same_run, cut_back, metrics, train, train_two_ranks
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
 COMMON = ["stage=stage2", "init_adapters=[]", f"max_steps={STEPS}", "global_batch=8", "micro_batch=2",
           "block_size=32", "lr=0.01", "save_every=2", "keep_last=2", "eval_every=4", "eval_batches=2",
           "lora_dropout=0.0", "embed_lr_base=0.1"]
-
-
-def _train(args, **env):
-    cmd = [sys.executable, "-m", "zhllama.app.cli", "train", *map(str, args)]
-    return subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=900)
-
-
-def _metrics(run: Path):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _weights(run: Path) -> dict:
@@ -59,7 +51,7 @@ def base_args(tiny_model_base_vocab, tiny_packed, tiny_packed_en):
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, base_args):
     run = tmp_path_factory.mktemp("mix_baseline") / "run"
-    res = _train([*base_args, "tensorboard=true", f"out={run}"])
+    res = train([*base_args, "tensorboard=true", f"out={run}"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trainable" in res.stderr and "base rows" in res.stderr and "new rows" in res.stderr
     return run
@@ -69,12 +61,12 @@ def baseline(tmp_path_factory, base_args):
 def test_sigkill_then_resume_continues_the_same_sequences(tmp_path, base_args, baseline):
     run = tmp_path / "run"
     args = [*base_args, "tensorboard=false", f"out={run}"]
-    killed = _train(args, ZHLLAMA_CRASH="after-step:5")
+    killed = train(args, ZHLLAMA_CRASH="after-step:5")
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = _train(args)
+    resumed = train(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'step-4'}" in resumed.stderr
-    a, b = _metrics(baseline), _metrics(run)
+    a, b = metrics(baseline), metrics(run)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))
     assert _mix(b) == _mix(a) and all(sum(m.values()) == 8 for m in _mix(a))
     assert {k for m in _mix(a) for k in m} == {"sequences/packed", "sequences/en"}
@@ -88,21 +80,35 @@ def test_sigkill_then_resume_continues_the_same_sequences(tmp_path, base_args, b
     assert sa["trainable_groups"].keys() == {"lora", "base_rows", "new_rows"}
 
 
-@pytest.mark.slow
-def test_two_ranks_train_on_the_same_sequences(tmp_path, base_args, baseline):
-    run = tmp_path / "run"
-    res = subprocess.run(["bash", str(REPO / "launch" / "pretrain_stage2.sh"), *base_args, "tensorboard=false",
-                          f"out={run}"],
-                         env=subprocess_env(GPUS_PER_NODE=2, MASTER_PORT=free_port(), LOG_DIR=tmp_path / "logs"),
-                         capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, base_args):
+    run = tmp_path_factory.mktemp("mix_two_ranks") / "run"
+    res = train_two_ranks([*base_args, "tensorboard=false", f"out={run}"], run)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    a, b = _metrics(baseline), _metrics(run)
+    return run
+
+
+@pytest.mark.slow
+def test_two_ranks_train_on_the_same_sequences(two_ranks, baseline):
+    a, b = metrics(baseline), metrics(two_ranks)
     assert _mix(b) == _mix(a)
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
-    wa, wb = _weights(baseline), _weights(run)   # tolerance as in test_engine.py: float summation order
+    wa, wb = _weights(baseline), _weights(two_ranks)   # tolerance as in test_engine.py: float summation order
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
     for key in ("val_loss/packed", "val_bits_per_char/en"):
         assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-5)   # validation windows dealt to 2 ranks
+
+
+@pytest.mark.slow
+def test_a_two_rank_mixture_with_split_rows_resumes_on_one_rank(tmp_path, base_args, two_ranks, baseline):
+    """The mixture's order and the base-row/new-row groups together across a world-size change."""
+    run = cut_back(two_ranks, tmp_path / "run", 6)
+    res = train([*base_args, "tensorboard=false", f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "written by 2 ranks; its optimizer state is redistributed over 1" in res.stderr
+    assert _mix(metrics(run)) == _mix(metrics(baseline))
+    assert_same_run(run, two_ranks)
+    assert_same_run(run, baseline)
 
 
 def _validation_text(src: Path, out: Path, ratio: float = 0.05) -> Path:
@@ -126,7 +132,7 @@ def test_each_sources_validation_equals_zhllama_eval_on_its_text(tmp_path, capsy
     assert run_cli("eval", "--model", merged, "--text", *texts.values(), "--max-length", 32, "--stride", 16,
                    "--json") == 0
     results = {Path(r["text"]).name: r for r in json.loads(capsys.readouterr().out)["results"]}
-    last = _metrics(baseline)[-1]
+    last = metrics(baseline)[-1]
     summary = json.loads((baseline / "summary.json").read_text())["sources"]
     events = EventAccumulator(str(baseline / "tensorboard"))
     events.Reload()

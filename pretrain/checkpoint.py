@@ -41,6 +41,7 @@ from zhllama.fsutil import atomic_write_json, fsync_dir
 from zhllama.log import get_logger
 
 from . import reshard
+from .ds_config import stage_ds_config
 from .presets import OVERRIDE_KEYS
 from .safe_load import safe_torch_load
 from .shards import read_manifest
@@ -136,12 +137,14 @@ def fingerprint_changes(old, new, where: str = "") -> list:
 
 
 def resume_settings(cfg) -> dict:
-    """The run's resolved values of RESUME_KEYS (preset values filled in)."""
+    """The run's resolved values of RESUME_KEYS (preset values filled in, `ds_config: null` as the stage's
+    default: a run started without a config file and resumed with one naming that default is the same run)."""
     preset = cfg.preset()
     out = {}
     for key in RESUME_KEYS:
         value = getattr(preset, key) if hasattr(preset, key) else getattr(cfg, key)
         out[key] = list(value) if isinstance(value, tuple) else value
+    out["ds_config"] = stage_ds_config(cfg.stage, cfg.ds_config)
     return out
 
 

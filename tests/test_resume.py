@@ -27,7 +27,7 @@ from conftest import SAMPLES, free_port, subprocess_env
 from zhllama.app.cli import main
 from zhllama.errors import UserError
 from zhllama.pretrain import checkpoint, engine as engine_mod, reshard
-from zhllama.pretrain.config import load_config
+from zhllama.pretrain.config import RunConfig, load_config
 from zhllama.schedule import lr_lambda
 import zhllama.sft.stage_data  # noqa: F401  (registers the sft data reader, as `zhllama train` does)
 
@@ -308,7 +308,9 @@ _TWO_RANKS = textwrap.dedent('''
     out["none"] = engine.first_message(None, cpu)
     out["one"] = engine.first_message("disk full on rank 1" if rank == 1 else None, cpu)
     out["both"] = engine.first_message(f"rank {rank} says 中文", cpu)
-    print(json.dumps(out, ensure_ascii=False))
+    print(json.dumps(out, ensure_ascii=False), flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # gloo's threads must stop before the interpreter exits
 ''')
 
 
@@ -340,3 +342,12 @@ def test_global_rank_zero_chooses_the_checkpoint_and_messages_reach_every_rank(t
     assert [o["none"] for o in outs] == [None, None]
     assert [o["one"] for o in outs] == ["disk full on rank 1"] * 2
     assert [o["both"] for o in outs] == ["rank 0 says 中文"] * 2
+
+
+def test_ds_config_left_to_the_stage_default_resumes_a_run_that_named_it():
+    """`zhllama train` without a config file leaves ds_config null (the stage's default, zero2); the
+    launchers pass configs/stage2.yaml, which names zero2. Both are the same run; zero1 is another."""
+    named, default = RunConfig(stage="stage2", ds_config="zero2"), RunConfig(stage="stage2", ds_config=None)
+    assert checkpoint.resume_settings(named) == checkpoint.resume_settings(default)
+    assert checkpoint.resume_settings(default)["ds_config"] == "zero2"
+    assert checkpoint.resume_settings(RunConfig(stage="stage2", ds_config="zero1"))["ds_config"] == "zero1"

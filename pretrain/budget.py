@@ -1,0 +1,85 @@
+"""The memory a training run will need, estimated from its config and the model's config.json before
+anything is allocated, so that `lora_r=100000000` or `micro_batch=65536` is one line naming the key and
+the estimate instead of an allocation that takes the machine.
+
+Every figure is a lower bound (a run that fits is never refused; the planner, `zhllama plan`, gives the
+full per-GPU picture):
+  weights       2 bytes x the parameters (bf16; `zhllama.model_config.estimate_params`)
+  LoRA          16 bytes x r x (in + out) of every adapted matrix: fp32 A and B, their gradients, Adam m, v
+  embeddings    16 bytes x the trained rows x width, for embed_tokens (stage 1 new rows only) and lm_head
+  step batch    8 bytes x the tokens of this rank's share of one optimizer step (the engine gathers the
+                step's sequences as int64 ids before splitting them into micro batches)
+  activations   2 bytes x micro_batch x block_size x layers x width (what gradient checkpointing keeps)
+These are compared with the memory this machine has: free RAM and swap, plus one GPU's memory if any.
+"""
+
+import os
+
+from zhllama.errors import ConfigError
+from zhllama.model_config import available_memory, estimate_params, gb
+from zhllama.modelio import BASE_VOCAB_KEY
+
+# (in, out) of each LLaMA projection LoRA may adapt, from (hidden, intermediate, q width, kv width).
+PROJECTIONS = {
+    "q_proj": lambda h, i, q, kv: (h, q), "k_proj": lambda h, i, q, kv: (h, kv),
+    "v_proj": lambda h, i, q, kv: (h, kv), "o_proj": lambda h, i, q, kv: (q, h),
+    "gate_proj": lambda h, i, q, kv: (h, i), "up_proj": lambda h, i, q, kv: (h, i),
+    "down_proj": lambda h, i, q, kv: (i, h),
+}
+
+
+def _int(cfg: dict, key: str, default: int = 0) -> int:
+    v = cfg.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
+
+
+def estimate(cfg, model_cfg: dict, world: int = 1) -> dict:
+    """Lower bounds in bytes by part (module docstring) of run config `cfg` on the model `model_cfg`,
+    with (part -> the config key that sizes it) under "keys"."""
+    p = cfg.preset()
+    h, layers, vocab = (_int(model_cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size"))
+    inter, heads = _int(model_cfg, "intermediate_size"), _int(model_cfg, "num_attention_heads", 1)
+    head_dim = _int(model_cfg, "head_dim", h // heads)
+    q, kv = heads * head_dim, _int(model_cfg, "num_key_value_heads", heads) * head_dim
+    lora_width = sum(sum(PROJECTIONS[t](h, inter, q, kv)) for t in (p.lora_targets or ()) if t in PROJECTIONS)
+    rows = vocab
+    if cfg.new_rows_only:
+        rows = max(0, vocab - _int(model_cfg, BASE_VOCAB_KEY, vocab))
+    trained_rows = (rows if p.trains_embeddings else 0) + (vocab if p.trains_lm_head else 0)
+    parts = {
+        "weights": 2 * estimate_params(model_cfg),
+        "lora": 16 * (p.lora_r or 0) * lora_width * layers,
+        "embeddings": 16 * trained_rows * h,
+        "step batch": 8 * p.global_batch * p.block_size // max(1, world),
+        "activations": 2 * cfg.micro_batch * p.block_size * layers * h,
+    }
+    parts["keys"] = {"weights": "model", "lora": "lora_r", "embeddings": "model",
+                     "step batch": "global_batch", "activations": "micro_batch"}
+    return parts
+
+
+def _gpu_memory() -> int:
+    """One visible GPU's memory in bytes, 0 without one (torch is imported only when this is asked)."""
+    import torch
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+
+
+WHAT = {"weights": "the model's weights (bf16)", "lora": "the LoRA weights, gradients and Adam moments (fp32)",
+        "embeddings": "the trained embedding rows with their gradients and Adam moments",
+        "step batch": "the token ids of one optimizer step", "activations": "the activations of one micro batch"}
+
+
+def check_run_fits(cfg, model_cfg: dict, model_config_path) -> None:
+    """A ConfigError naming the key behind the largest part when the run's lower bound exceeds the
+    memory available (RAM and swap, plus one GPU's memory when the RAM alone is not enough)."""
+    parts = estimate(cfg, model_cfg, world=int(os.environ.get("WORLD_SIZE", 1) or 1))
+    keys = parts.pop("keys")
+    need, have = sum(parts.values()), available_memory()
+    if need <= have or need <= have + _gpu_memory():
+        return
+    part = max(parts, key=parts.get)
+    key = keys[part]
+    value = cfg.model if key == "model" else getattr(cfg.preset(), key, None) or getattr(cfg, key)
+    subject = f"the model {model_config_path}" if key == "model" else f"key '{key}' = {value}"
+    raise ConfigError(f"config: {subject} needs ~{gb(parts[part])} for {WHAT[part]}; the run needs at least "
+                      f"{gb(need)} in all and {gb(have)} of memory is available")

@@ -23,10 +23,13 @@ class Data:
 @dataclass
 class StageData:
     """build(cfg, preset, tokenizer) -> Data; run_record(cfg) -> extra keys for the run record saved with
-    the adapter; run_files(cfg) -> {file name: JSON object} written into the run directory."""
+    the adapter; run_files(cfg) -> {file name: JSON object} written into the run directory; check(cfg):
+    the stage's own settings (a template file), refused by `zhllama train` before any model or process
+    group (also on --dry-run)."""
     build: Callable
     run_record: Optional[Callable] = None
     run_files: Optional[Callable] = None
+    check: Optional[Callable] = None
 
 
 _REGISTRY: Dict[str, StageData] = {}

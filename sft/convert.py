@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from zhllama.argtypes import SEED
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_write_text, check_output_path
 from zhllama.log import get_logger, setup_logging
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--field-map", default=None,
                    help="other field names, e.g. instruction=question,output=std_answer")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
-    p.add_argument("--seed", type=int, default=0, help="seed for fractional weights")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for fractional weights")
     args = p.parse_args(argv)
     setup_logging()
     try:

@@ -29,6 +29,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
+from zhllama.argtypes import SEED, float_in, int_in
 from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_write_json, check_output_path, sha256_file
@@ -364,19 +365,26 @@ def add_arguments(parser):
                         "and 'instances' [{input, output}] (Stanford's / BELLE's seed_tasks format)")
     parser.add_argument("--out", required=True, help="output JSON lines; resumed when it exists")
     add_client_arguments(parser)
-    parser.add_argument("--num", type=int, required=True, help="number of instructions to end with")
+    parser.add_argument("--num", type=int_in(1, 10 ** 7, "a count"),
+                        required=True, help="number of instructions to end with")
     parser.add_argument("--lang", choices=["zh", "en"], default="zh", help="language of the tasks (default zh)")
-    parser.add_argument("--num-prompt-instructions", type=int, default=3, help="seed examples per request (3)")
-    parser.add_argument("--num-tasks", type=int, default=20, help="length of the list the model completes (20)")
-    parser.add_argument("--batch-size", type=int, default=5, help="requests per batch; a batch is written "
+    parser.add_argument("--num-prompt-instructions", type=int_in(1, 100, "a count"),
+                        default=3, help="seed examples per request (3)")
+    parser.add_argument("--num-tasks", type=int_in(1, 1000, "a count"),
+                        default=20, help="length of the list the model completes (20)")
+    parser.add_argument("--batch-size", type=int_in(1, 10 ** 4, "a batch size"),
+                        default=5, help="requests per batch; a batch is written "
                         "at once, so a crash loses at most one batch (5)")
-    parser.add_argument("--threshold", type=float, default=0.7, help="drop instructions with ROUGE-L above this (0.7)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=3072)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the example sampling")
-    parser.add_argument("--max-requests", type=int, default=0, help="stop after this many requests (0 = no limit)")
-    parser.add_argument("--patience", type=int, default=20, help="stop after this many batches in a row "
+    parser.add_argument("--threshold", type=float_in(0, 1, "a ROUGE-L threshold"),
+                        default=0.7, help="drop instructions with ROUGE-L above this (0.7)")
+    parser.add_argument("--temperature", type=float_in(0, 2, "a temperature"), default=1.0)
+    parser.add_argument("--top-p", type=float_in(0, 1, "a probability mass", open_lo=True), default=1.0)
+    parser.add_argument("--max-tokens", type=int_in(1, 1 << 20, "a token count"), default=3072)
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the example sampling")
+    parser.add_argument("--max-requests", type=int_in(0, 10 ** 9, "a request count"),
+                        default=0, help="stop after this many requests (0 = no limit)")
+    parser.add_argument("--patience", type=int_in(1, 10 ** 6, "a batch count"),
+                        default=20, help="stop after this many batches in a row "
                         "keep nothing (0 = never)")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out")
 

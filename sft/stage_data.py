@@ -28,4 +28,9 @@ def run_files(cfg) -> dict:
     return {"template.json": run_record(cfg)["template_spec"]}
 
 
-register("sft", StageData(build=build, run_record=run_record, run_files=run_files))
+def check(cfg) -> None:
+    """The template reads (a file: bounded YAML, known keys) before any model is loaded."""
+    get_template(cfg.template)
+
+
+register("sft", StageData(build=build, run_record=run_record, run_files=run_files, check=check))

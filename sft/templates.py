@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 from zhllama.errors import ConfigError, InputError
+from zhllama.yamlio import read_yaml_file
 
 SEAMS = ("continue", "standalone")
 # {instruction}, {input}, {system} in a template's text (export/ollama.py rewrites them for Ollama).
@@ -229,22 +228,17 @@ class Template:
         ("continue" or "standalone").
         """
         path = Path(path)
+        if path.suffix.lower() != ".json":
+            return cls.from_dict(read_yaml_file(path, "template file"), source=str(path), default_name=path.stem)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise InputError(path, f"cannot read template: {e.strerror}") from None
         except UnicodeDecodeError as e:
             raise InputError(path, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                data = yaml.safe_load(text)
-        except Exception as e:  # json and yaml raise different types; both are "bad file"
-            line = getattr(e, "lineno", None) or getattr(getattr(e, "problem_mark", None), "line", None)
-            if line is not None and not isinstance(e, json.JSONDecodeError):
-                line += 1  # yaml marks count from 0
-            raise InputError(path, f"not a valid template file: {str(e).splitlines()[0]}", line) from None
+        except (ValueError, RecursionError) as e:
+            raise InputError(path, f"not a valid template file: {str(e).splitlines()[0]}",
+                             getattr(e, "lineno", None)) from None
         return cls.from_dict(data, source=str(path), default_name=path.stem)
 
     @classmethod

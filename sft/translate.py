@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from zhllama.argtypes import float_in, int_in
 from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import check_output_path, sha256_file
@@ -136,12 +137,15 @@ def add_arguments(parser):
     add_client_arguments(parser)
     parser.add_argument("--fields", default="instruction,input,output",
                         help="comma-separated fields to translate (default instruction,input,output)")
-    parser.add_argument("--batch-size", type=int, default=16, help="records per committed batch (16)")
-    parser.add_argument("--parse-retries", type=int, default=2, help="new answers asked for when an answer "
+    parser.add_argument("--batch-size", type=int_in(1, 10 ** 4, "a batch size"),
+                        default=16, help="records per committed batch (16)")
+    parser.add_argument("--parse-retries", type=int_in(0, 100, "a retry count"),
+                        default=2, help="new answers asked for when an answer "
                         "is not the expected JSON object (2)")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-tokens", type=int, default=2048)
-    parser.add_argument("--limit", type=int, default=0, help="translate only the first N records (0 = all)")
+    parser.add_argument("--temperature", type=float_in(0, 2, "a temperature"), default=0.0)
+    parser.add_argument("--max-tokens", type=int_in(1, 1 << 20, "a token count"), default=2048)
+    parser.add_argument("--limit", type=int_in(0, 10 ** 12, "a record count"),
+                        default=0, help="translate only the first N records (0 = all)")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out")
 
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from zhllama import corpus
+from zhllama.argtypes import float_in
 from zhllama.errors import UserError
 from zhllama.fsutil import check_output_path
 from zhllama.log import get_logger
@@ -48,7 +49,7 @@ def add_arguments(parser) -> None:
                                                     "resume granularity"),
                                 ("--slice-mb", 1.0, "text per task sent to a worker in MB (default 1): the "
                                                     "load-balancing granularity; does not change the output")):
-        parser.add_argument(flag, type=float, default=default, help=what)
+        parser.add_argument(flag, type=float_in(0, 1 << 20, "a size in MB", open_lo=True), default=default, help=what)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a pack in --out that was built with another tokenizer or options")
 

@@ -16,7 +16,7 @@ These are compared with the memory this machine has: free RAM and swap, plus one
 import os
 
 from zhllama.errors import ConfigError
-from zhllama.model_config import available_memory, estimate_params, gb
+from zhllama.model_config import Shape, available_memory, dimension, estimate_params, gb
 from zhllama.modelio import BASE_VOCAB_KEY
 
 # (in, out) of each LLaMA projection LoRA may adapt, from (hidden, intermediate, q width, kv width).
@@ -28,30 +28,23 @@ PROJECTIONS = {
 }
 
 
-def _int(cfg: dict, key: str, default: int = 0) -> int:
-    v = cfg.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
-
-
 def estimate(cfg, model_cfg: dict, world: int = 1) -> dict:
     """Lower bounds in bytes by part (module docstring) of run config `cfg` on the model `model_cfg`,
     with (part -> the config key that sizes it) under "keys"."""
     p = cfg.preset()
-    h, layers, vocab = (_int(model_cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size"))
-    inter, heads = _int(model_cfg, "intermediate_size"), _int(model_cfg, "num_attention_heads", 1)
-    head_dim = _int(model_cfg, "head_dim", h // heads)
-    q, kv = heads * head_dim, _int(model_cfg, "num_key_value_heads", heads) * head_dim
-    lora_width = sum(sum(PROJECTIONS[t](h, inter, q, kv)) for t in (p.lora_targets or ()) if t in PROJECTIONS)
-    rows = vocab
+    s = Shape.of(model_cfg)
+    lora_width = sum(sum(PROJECTIONS[t](s.hidden, s.intermediate, s.q_width, s.kv_width))
+                     for t in (p.lora_targets or ()) if t in PROJECTIONS)
+    rows = s.vocab
     if cfg.new_rows_only:
-        rows = max(0, vocab - _int(model_cfg, BASE_VOCAB_KEY, vocab))
-    trained_rows = (rows if p.trains_embeddings else 0) + (vocab if p.trains_lm_head else 0)
+        rows = max(0, s.vocab - dimension(model_cfg, BASE_VOCAB_KEY, s.vocab))
+    trained_rows = (rows if p.trains_embeddings else 0) + (s.vocab if p.trains_lm_head else 0)
     parts = {
         "weights": 2 * estimate_params(model_cfg),
-        "lora": 16 * (p.lora_r or 0) * lora_width * layers,
-        "embeddings": 16 * trained_rows * h,
+        "lora": 16 * (p.lora_r or 0) * lora_width * s.layers,
+        "embeddings": 16 * trained_rows * s.hidden,
         "step batch": 8 * p.global_batch * p.block_size // max(1, world),
-        "activations": 2 * cfg.micro_batch * p.block_size * layers * h,
+        "activations": 2 * cfg.micro_batch * p.block_size * s.layers * s.hidden,
     }
     parts["keys"] = {"weights": "model", "lora": "lora_r", "embeddings": "model",
                      "step batch": "global_batch", "activations": "micro_batch"}

@@ -138,9 +138,11 @@ def _tiny_adapter(model_dir: Path, out: Path) -> Path:
     return out
 
 
-# Nine levels of nine aliases: 342 bytes on disk, 9^9 (387 million) strings once expanded (the issue's bomb).
-BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
-    f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+# Nine levels of nine aliases under a real key of a run config: about 400 bytes on disk, 9^9 (387 million)
+# strings once anything walks it (copying the config for --dry-run's dump did: 2.6 GB and no end).
+BOMB = "stage: sft\nmodel: m\nout: o\ndata: [x.jsonl]\nfield_map:\n" + \
+    '  a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+        f"  {c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
 # The same bomb in one `key=value` override (a flow mapping under a real key).
 BOMB_OVERRIDE = "field_map={a: &a [x,x,x,x,x,x,x,x,x], " + ", ".join(
     f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]" for p, c in zip("abcdefgh", "bcdefghi")) + "}"
@@ -382,7 +384,6 @@ HOSTILE_FILES = [
     ("12", "maxpos-0", MODEL_READERS, "config.json", "'max_position_embeddings'"),
     ("12", "kv-heads-3", MODEL_READERS, "config.json", "'num_key_value_heads'"),
     ("12", "config-list", MODEL_READERS, "config.json", "JSON object"),
-    ("12", "layers-1000", WEIGHT_READERS, "", "'model.layers.2."),
     # Huge dimensions where only a meta-device model or headers are built (bounded in-process); the
     # readers that would allocate the weights run in a bounded child (BOUNDED below).
     ("12", "hidden-huge", [r for r in MODEL_READERS if r not in WEIGHT_READERS[:3]], "config.json", "'hidden_size'"),
@@ -508,7 +509,9 @@ def test_bad_input_is_one_line_exit_2(case, bad, tiny_tokenizer_dir, tiny_model_
     assert want in errors[0], f"{name}: {errors[0]!r} does not name {want}"
     for text in (also[0] if also else ()):
         assert text in errors[0], f"{name}: {errors[0]!r} does not say {text!r}"
-    assert not bad["marker"].exists(), f"{name}: code shipped in a model folder ran"
+    ran = bad["marker"].exists()
+    bad["marker"].unlink(missing_ok=True)
+    assert not ran, f"{name}: code shipped in a model folder ran"
     if "gbk" in name:
         assert "UTF-8" in errors[0] and "empty file" not in errors[0], errors[0]
     # nothing half-written: no output, no temporary sibling. `data pack` is resumable by design: a
@@ -595,6 +598,11 @@ BOUNDED += [
     ("12 lora_r=10^8 | train", lambda b, t, m, o: _train(m, o, "lora_r=100000000"), "'lora_r' = 100000000",
      "GB for the LoRA weights"),
 ]
+# A config of 1,000 layers over shards of 2: refused for the tensors it lacks; a regression would run a
+# 1,000-layer model of random weights (minutes of eval or training), hence a bounded child.
+for _cmd, _build in WEIGHT_READERS + [("serve", lambda x, b, t, m, o: _serve(x))]:
+    BOUNDED.append((f"12 layers-1000 | {_cmd}", lambda b, t, m, o, bd=_build: bd(b["layers-1000"], b, t, m, o),
+                    "layers-1000", "'model.layers.2."))
 for _item, _key, _readers in (("layers-1e6", "'num_hidden_layers'", CHILD_READERS),
                               ("hidden-huge", "'hidden_size'", LOADERS), ("vocab-huge", "'vocab_size'", LOADERS)):
     for _cmd, _build in _readers:
@@ -614,6 +622,8 @@ def test_hostile_input_in_a_bounded_child(case, bad, tiny_tokenizer_dir, tiny_mo
                       env=subprocess_env())
     head, _, tail = file.partition("/")
     want = str(Path(bad[head], tail)) if head in bad else file
+    ran = bad["marker"].exists()
+    bad["marker"].unlink(missing_ok=True)   # so one regression fails its own cases only
+    assert not ran, f"{name}: code shipped in a model folder ran:\n{res.describe()}"
     res.assert_one_line_error(want, key)
-    assert not bad["marker"].exists(), f"{name}: code shipped in a model folder ran"
     assert not out.exists(), f"{name}: left {out}"

@@ -16,6 +16,7 @@ Two kinds of hostile or broken directory are stopped here, in the one place ever
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -145,24 +146,42 @@ def check_tokenizer_dir(path) -> None:
 
 # ----------------------------------------------------------------------------------------------- size
 
-def _dim(cfg: dict, key: str, default: int = 0) -> int:
+def dimension(cfg: dict, key: str, default: int = 0) -> int:
+    """`cfg[key]` when it is a positive integer, else `default` (for lower-bound estimates)."""
     v = cfg.get(key)
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of a LLaMA-style config.json that size its weights; a missing one is 0 (a missing
+    head count one full-width head), so what is computed from them is a lower bound."""
+    hidden: int
+    layers: int
+    vocab: int
+    intermediate: int
+    q_width: int    # attention heads x head_dim
+    kv_width: int   # key/value heads x head_dim
+    tied: bool
+
+    @classmethod
+    def of(cls, cfg: dict) -> "Shape":
+        h, heads = dimension(cfg, "hidden_size"), dimension(cfg, "num_attention_heads", 1)
+        head_dim = dimension(cfg, "head_dim", h // heads)
+        return cls(hidden=h, layers=dimension(cfg, "num_hidden_layers"), vocab=dimension(cfg, "vocab_size"),
+                   intermediate=dimension(cfg, "intermediate_size"), q_width=heads * head_dim,
+                   kv_width=dimension(cfg, "num_key_value_heads", heads) * head_dim,
+                   tied=bool(cfg.get("tie_word_embeddings", True)))
+
+
 def estimate_params(cfg: dict) -> int:
-    """A lower bound on the parameters of the LLaMA-style model `cfg` describes: embeddings (and an untied
-    lm_head), and per layer the attention projections, the gated MLP and two norms. A missing dimension
-    counts as 0 (a missing head count as one full-width head), so the estimate never exceeds the truth."""
-    h, layers = _dim(cfg, "hidden_size"), _dim(cfg, "num_hidden_layers")
-    vocab, inter = _dim(cfg, "vocab_size"), _dim(cfg, "intermediate_size")
-    heads = _dim(cfg, "num_attention_heads", 1)
-    head_dim = _dim(cfg, "head_dim", h // heads)
-    kv = _dim(cfg, "num_key_value_heads", heads)
-    attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim  # q, o; k, v
-    per_layer = attention + 3 * h * inter + 2 * h
-    head = 0 if cfg.get("tie_word_embeddings", True) else vocab * h
-    return vocab * h + head + layers * per_layer + h
+    """A lower bound on the parameters of the LLaMA-style model `cfg` describes (`Shape`): embeddings (and
+    an untied lm_head), and per layer the attention projections, the gated MLP and two norms."""
+    s = Shape.of(cfg)
+    attention = 2 * s.hidden * s.q_width + 2 * s.hidden * s.kv_width  # q, o; k, v
+    per_layer = attention + 3 * s.hidden * s.intermediate + 2 * s.hidden
+    head = 0 if s.tied else s.vocab * s.hidden
+    return s.vocab * s.hidden + head + s.layers * per_layer + s.hidden
 
 
 def _weights_note(cfg: dict) -> str:

@@ -74,17 +74,27 @@ def read_config_json(path) -> dict:
 
 # ----------------------------------------------------------------------------------------------- code
 
+# Names transformers ships that zhllama's own files and the LLaMA family use: answered without importing
+# transformers (about 2 s), so a refusal for another reason comes at once. Any other name is looked up
+# in transformers' own tables.
+COMMON_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gemma"})
+COMMON_TOKENIZER_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend", "LlamaTokenizer",
+                                      "LlamaTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast"})
+
+
 def _known_model_type(name: str) -> bool:
+    if name in COMMON_MODEL_TYPES:
+        return True
     from transformers import CONFIG_MAPPING
     return name in CONFIG_MAPPING
 
 
 def _known_tokenizer_class(name: str) -> bool:
+    if name in COMMON_TOKENIZER_CLASSES or name in LEGACY_TOKENIZER_CLASSES:
+        return True
     import transformers
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-    if name in LEGACY_TOKENIZER_CLASSES or hasattr(transformers, name):
-        return True
-    return tokenizer_class_from_name(name) is not None
+    return hasattr(transformers, name) or tokenizer_class_from_name(name) is not None
 
 
 def refuse_code_keys(data: dict, path, *, classes: bool = True, kind: str = "") -> None:

@@ -368,6 +368,7 @@ def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="aut
     device "auto": CUDA when present, else CPU; dtype "auto": bf16 on GPUs that have it, fp16 on other
     GPUs, fp32 on CPU. The tokenizer (default: the model's own) is checked against the model's vocab.
     """
+    read_model_config(model_dir)  # code named, dimensions out of range: refused before torch or a tokenizer
     import torch
 
     if device == "auto":
@@ -378,7 +379,6 @@ def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="aut
             else "float32"
     if dtype not in TORCH_NAMES:
         raise UserError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16")
-    read_model_config(model_dir)  # code named, dimensions out of range: refused before any tokenizer reads it
     tok_path = tokenizer_path or model_dir
     tokenizer = load_tokenizer(tok_path)
     model = load_model(model_dir, dtype=torch_dtype(dtype), device=device, tokenizer_path=tok_path).eval()

@@ -17,7 +17,7 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from zhllama import hfdatasets
+from zhllama import corpus as corpus_module, hfdatasets
 from zhllama.errors import InputError
 from zhllama.pretrain import pack, shards
 from zhllama.sft.convert import convert, main as convert_main
@@ -36,10 +36,11 @@ def write_jsonl(path, docs, field="text"):
     return path
 
 
-def write_arrow_stream(path, docs, batch_rows):
-    """An Arrow IPC stream (the format save_to_disk writes) of record batches of `batch_rows` rows."""
+def write_arrow_stream(path, docs, batch_rows, writer=pa.ipc.new_stream):
+    """An Arrow IPC stream (the format save_to_disk writes; `writer=pa.ipc.new_file`: the IPC file format,
+    Feather v2) of record batches of `batch_rows` rows."""
     table = pa.table({"text": docs})
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+    with pa.OSFile(str(path), "wb") as sink, writer(sink, table.schema) as w:
         w.write_table(table, max_chunksize=batch_rows)
     return path
 
@@ -137,17 +138,17 @@ def test_save_to_disk_dataset_without_splits(tiny_sp, tmp_path):
     assert_same_pack(tmp_path / "ref", tmp_path / "out")
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "arrow-file"])
 def test_columnar_units_are_row_ranges_resumable_and_parallel(fmt, tiny_sp, sp, tmp_path, caplog):
     """A columnar file is cut into several units on its row groups / record batches: the units hold the
     documents in order, a pack interrupted after two units resumes with the others and equals a clean
     one, and two workers give the same shard files as one."""
     docs = make_docs(600, seed=27)
-    src = tmp_path / f"big.{fmt}"
+    src = tmp_path / f"big.{fmt.split('-')[0]}"
     if fmt == "parquet":
         pq.write_table(pa.table({"text": docs}), src, row_group_size=50)
     else:
-        write_arrow_stream(src, docs, 50)
+        write_arrow_stream(src, docs, 50, pa.ipc.new_file if fmt == "arrow-file" else pa.ipc.new_stream)
     opts = ("--unit-mb", "0.01", "--validation-ratio", "0")
     clean = tmp_path / "clean"
     assert do_pack(tiny_sp, [src], clean, *opts, "--workers", "1") == 0
@@ -213,7 +214,7 @@ def test_missing_or_non_string_text_column_is_one_line(tiny_sp, tmp_path, capsys
     assert not (out / "manifest.json").exists()
 
 
-def test_null_row_counted_or_named_and_long_cell_refused(tiny_sp, sp, tmp_path, capsys):
+def test_null_or_undecodable_row_counted_or_named_and_long_cell_refused(tiny_sp, sp, tmp_path, capsys):
     docs = make_docs(40, seed=29)
     with_null = docs[:7] + [None] + docs[7:]
     saved = tmp_path / "saved"
@@ -231,6 +232,20 @@ def test_null_row_counted_or_named_and_long_cell_refused(tiny_sp, sp, tmp_path, 
     assert do_pack(tiny_sp, [saved], tmp_path / "strict", "--strict", "--workers", "1") == 2
     assert one_error_line(capsys).endswith(f"error: {arrow}:row 7: column 'text' is null (no text)")
     assert not (tmp_path / "strict" / "manifest.json").exists()
+
+    # a parquet writer need not check UTF-8: bytes that are not are counted, or named with --strict
+    bad = tmp_path / "bad.parquet"
+    raw = [d.encode("utf-8") for d in docs[:3]] + [b"\xff\xfe oops"] + [d.encode("utf-8") for d in docs[3:]]
+    pq.write_table(pa.table({"text": pa.array(raw, pa.binary()).view(pa.string())}), bad)
+    assert do_pack(tiny_sp, [bad], tmp_path / "bad", "--validation-ratio", "0", "--workers", "1", block_size=16) == 0
+    c = shards.read_manifest(tmp_path / "bad")["counts"]["input"]
+    assert (c["documents"], c["bad_utf8"]) == (40, 1)
+    assert c["first_problems"] == [f"{bad}:row 3: not valid UTF-8 (invalid start byte at byte 0)"]
+    stream = np.concatenate([arr for _, arr in shards.iter_unit_streams(tmp_path / "bad")])
+    assert np.array_equal(stream, expected_stream(sp, docs))
+    capsys.readouterr()
+    assert do_pack(tiny_sp, [bad], tmp_path / "bad_strict", "--strict", "--workers", "1") == 2
+    assert one_error_line(capsys).endswith(f"error: {bad}:row 3: not valid UTF-8 (invalid start byte at byte 0)")
 
     long_docs = ["短"] * 5 + ["长" * 100] + ["短"] * 5            # row 5: 300 bytes
     pqf = tmp_path / "long.parquet"
@@ -276,6 +291,8 @@ def test_hub_spec_parts():
                                                       "wikitext-2-raw-v1", "test")
     assert hfdatasets.parse_hub_spec("hf://imdb").repo == "imdb"
     assert h.spec == "hf://Salesforce/wikitext@refs%2Fconvert%2Fparquet/wikitext-2-raw-v1"
+    with pytest.raises(InputError, match="read by `data pack` and SFT data only"):
+        corpus_module.expand_inputs(["hf://Salesforce/wikitext"])     # e.g. vocab train, eval
 
 
 def test_hub_stream_shards_pack_like_json_lines(tiny_sp, tmp_path, monkeypatch):

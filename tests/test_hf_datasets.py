@@ -19,7 +19,9 @@ datasets = pytest.importorskip("datasets")
 
 from zhllama import corpus as corpus_module, hfdatasets
 from zhllama.errors import InputError
+from zhllama.modelio import load_tokenizer
 from zhllama.pretrain import pack, shards
+from zhllama.sft.dataset import SFTDataset
 from zhllama.sft.convert import convert, main as convert_main
 from zhllama.sft.records import load_records
 
@@ -370,7 +372,7 @@ def as_tuples(records):
     return [(r.turns, r.system, r.input) for r in records]
 
 
-def test_sft_saved_dataset_and_parquet_like_json_lines(tmp_path):
+def test_sft_saved_dataset_and_parquet_like_json_lines(tmp_path, tiny_tokenizer_dir):
     ref = tmp_path / "ref.jsonl"
     ref.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
                            for r in rows_of(ALPACA) + rows_of(CONVERSATIONS)), encoding="utf-8")
@@ -380,6 +382,12 @@ def test_sft_saved_dataset_and_parquet_like_json_lines(tmp_path):
     assert len(want) == 5
     got, stats = load_records([tmp_path / "alpaca", tmp_path / "conv.parquet"])
     assert as_tuples(got) == as_tuples(want)
+    # the training examples (a stage=sft config's `data:`), token for token
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    examples = [[(e["input_ids"].tolist(), e["labels"].tolist()) for e in
+                 SFTDataset([str(p) for p in data], tok, "chinese-alpaca", max_length=128)]
+                for data in ([ref], [tmp_path / "alpaca", tmp_path / "conv.parquet"])]
+    assert len(examples[0]) == 5 and examples[0] == examples[1]
     assert got[1].source.endswith("data-00000-of-00001.arrow:row 1")
     # weights work as for files; sft.convert writes the same JSON lines from either
     twice, _ = load_records([f"{tmp_path / 'alpaca'}:2"])

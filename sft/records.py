@@ -344,22 +344,7 @@ def iter_file(path, field_map=None, strict=False, stats: Optional[RecordStats] =
     body = text.lstrip()
     values = (_iter_array(path, text, max_record) if body.startswith("[")
               else _iter_lines(path, text, max_record))
-    for lineno, value in values:
-        where = f"{path}:{lineno}"
-        if isinstance(value, BadRecord):
-            if strict:
-                raise InputError(path, str(value), lineno)
-            stats.note(value.reason, f"{where}: {value}")
-            continue
-        try:
-            record = normalise(value, field_map)
-        except BadRecord as e:
-            if strict:
-                raise InputError(path, str(e), lineno) from None
-            stats.note(e.reason, f"{where}: {e}")
-            continue
-        record.source = where
-        yield record
+    yield from _validated(path, values, field_map, strict, stats)
 
 
 def iter_table(source, field_map=None, strict=False, stats: Optional[RecordStats] = None,
@@ -368,15 +353,20 @@ def iter_table(source, field_map=None, strict=False, stats: Optional[RecordStats
     each named `source:row N` (from 0). A null is an absent field; a row larger than `max_record` bytes
     as JSON is a bad record ("too_large"), as a JSON line would be."""
     stats = stats if stats is not None else RecordStats()
-    field_map = parse_field_map(field_map)
     rows = iter_hub_rows(source) if isinstance(source, HubDataset) else iter_rows(source)
-    for row, obj in rows:
-        where = f"row {row}"
+    values = ((f"row {row}", _too_large(json.dumps(obj, ensure_ascii=False, default=str), max_record) or obj)
+              for row, obj in rows)
+    yield from _validated(source, values, parse_field_map(field_map), strict, stats)
+
+
+def _validated(source, values, field_map, strict, stats):
+    """Records of (where, JSON value or BadRecord) pairs, each named `source:where`; a bad one raises
+    (strict) or is counted."""
+    for where, value in values:
         try:
-            big = _too_large(json.dumps(obj, ensure_ascii=False, default=str), max_record)
-            if big is not None:
-                raise big
-            record = normalise(obj, field_map)
+            if isinstance(value, BadRecord):
+                raise value
+            record = normalise(value, field_map)
         except BadRecord as e:
             if strict:
                 raise InputError(source, str(e), where) from None

@@ -20,13 +20,14 @@ datasets = pytest.importorskip("datasets")
 from zhllama import corpus as corpus_module, hfdatasets
 from zhllama.errors import InputError
 from zhllama.modelio import load_tokenizer
-from zhllama.pretrain import pack, shards
+from zhllama.pretrain import shards
 from zhllama.sft.dataset import SFTDataset
 from zhllama.sft.convert import convert, main as convert_main
 from zhllama.sft.records import load_records
 
 from conftest import run_cli
-from test_pack import decode_docs, do_pack, expected_stream, make_docs, sp, tiny_sp  # noqa: F401 (fixtures)
+from test_pack import (decode_docs, do_pack, expected_stream, interrupted_after, make_docs,  # noqa: F401
+                       sp, tiny_sp)  # (sp, tiny_sp: fixtures)
 
 # Index entry keys that name where a unit came from; everything else must be equal.
 WHERE = ("file", "source", "start", "end", "range")
@@ -164,18 +165,8 @@ def test_columnar_units_are_row_ranges_resumable_and_parallel(fmt, tiny_sp, sp, 
     assert np.array_equal(stream, expected_stream(sp, docs))
 
     out = tmp_path / "pack"
-    seen = []
-
-    def interrupt(unit):
-        seen.append(unit.index)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-
-    pack.Packer.after_unit = interrupt
-    try:
+    with interrupted_after(2):
         assert do_pack(tiny_sp, [src], out, *opts, "--workers", "1") == 130
-    finally:
-        pack.Packer.after_unit = None
     assert not (out / "manifest.json").exists()
     caplog.clear()
     with caplog.at_level("INFO", logger="zhllama.pack"):

@@ -21,6 +21,7 @@ from zhllama import corpus as corpus_module, hfdatasets
 from zhllama.errors import InputError
 from zhllama.modelio import load_tokenizer
 from zhllama.pretrain import shards
+from zhllama.pretrain.pack import plan
 from zhllama.sft.dataset import SFTDataset
 from zhllama.sft.convert import convert, main as convert_main
 from zhllama.sft.records import load_records
@@ -145,7 +146,8 @@ def test_save_to_disk_dataset_without_splits(tiny_sp, tmp_path):
 def test_columnar_units_are_row_ranges_resumable_and_parallel(fmt, tiny_sp, sp, tmp_path, caplog):
     """A columnar file is cut into several units on its row groups / record batches: the units hold the
     documents in order, a pack interrupted after two units resumes with the others and equals a clean
-    one, and two workers give the same shard files as one."""
+    one, and neither the workers nor the slices (several a unit, or one written by its worker when a
+    block is larger than BIG_BLOCK slices) change the shard files."""
     docs = make_docs(600, seed=27)
     src = tmp_path / f"big.{fmt.split('-')[0]}"
     if fmt == "parquet":
@@ -174,11 +176,20 @@ def test_columnar_units_are_row_ranges_resumable_and_parallel(fmt, tiny_sp, sp, 
     assert f"resumed: 2 of {n_units} unit(s)" in caplog.text
     assert_same_pack(clean, out)
 
-    parallel = tmp_path / "parallel"
-    assert do_pack(tiny_sp, [src], parallel, *opts, "--workers", "2") == 0
-    assert_same_pack(clean, parallel)
-    assert sorted(p.name for p in (parallel / "shards").iterdir()) == \
-        sorted(p.name for p in (clean / "shards").iterdir())
+    # the slices: the default (1 MB: one a unit), a block's size (several a unit, in memory), a byte (each
+    # unit one slice its worker writes); the planner's choice first, then the packs
+    block = max(plan.ColumnarFile(src).block_text_bytes("text"))
+    for slice_bytes, whole, many in ((1 << 20, False, False), (block // 2, False, True), (1, True, False)):
+        units = plan.plan_columnar(src, 0, 10_000, slice_bytes, "text")
+        assert [u.whole for u in units] == [whole] * n_units
+        assert any(len(u.slices) > 1 for u in units) == many
+        assert all(u.slices[0].start == u.start and u.slices[-1].end == u.end for u in units)
+    for slice_mb, workers in ((block / 2e6, "2"), ("0.000001", "2"), ("0.000001", "1")):
+        again = tmp_path / f"slices_{slice_mb}_{workers}"
+        assert do_pack(tiny_sp, [src], again, *opts, "--slice-mb", slice_mb, "--workers", workers) == 0
+        assert_same_pack(clean, again)
+        assert sorted(p.name for p in (again / "shards").iterdir()) == \
+            sorted(p.name for p in (clean / "shards").iterdir())
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -6,8 +6,9 @@ How each kind of input maps onto units, deterministically from its content (so a
     about --slice-mb for the workers (`reader="text"`);
   * a .gz file: one unit, one slice, read whole by one worker (`whole`);
   * a parquet or Arrow file (a saved dataset is its split's Arrow files): row ranges of about --unit-mb
-    of text, cut on the file's own blocks (parquet row groups, Arrow record batches, never split), each
-    read by one worker that writes the unit's shard itself (`reader="rows"`; memory: one batch of rows);
+    of text, cut on the file's own blocks (parquet row groups, Arrow record batches, never split), and
+    slices of about --slice-mb of them; a unit with a block larger than BIG_BLOCK slices is one slice,
+    read by one worker that writes the unit's shard itself (memory: one batch of rows) (`reader="rows"`);
   * a Hub dataset: one unit per shard of its stream, at the commit it was resolved to (`reader="hub"`).
 """
 
@@ -16,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from zhllama import corpus
 from zhllama.columnar import ColumnarFile
@@ -25,6 +26,7 @@ from zhllama.hfdatasets import HubDataset
 
 READ_CHUNK = 8 << 20          # bytes per read when hashing inputs
 BLANK_CAP = 1 << 16           # a line longer than this is not looked at whole: it is not blank
+BIG_BLOCK = 4                 # a row group / record batch of more slices' text: its unit is written by one worker
 
 
 @dataclass
@@ -130,33 +132,53 @@ def plan_source(source, first_index: int, unit_bytes: int, slice_bytes: int, doc
         return [Unit(first_index + k, source, source.revision, k, k + 1, True, [Slice(k, k + 1, 0, 0)], "hub")
                 for k in range(source.shards)]
     if corpus.is_columnar(source):
-        return plan_columnar(source, first_index, unit_bytes, text_field)
+        return plan_columnar(source, first_index, unit_bytes, slice_bytes, text_field)
     return plan_file(source, first_index, unit_bytes, slice_bytes, doc_sep)
 
 
-def plan_columnar(path: Path, first_index: int, unit_bytes: int, text_field: str) -> List[Unit]:
+def plan_columnar(path: Path, first_index: int, unit_bytes: int, slice_bytes: int, text_field: str) -> List[Unit]:
     """Row ranges of a parquet/Arrow file holding about `unit_bytes` of text each, cut on the file's
-    blocks (row groups, record batches). Each is one slice; its progress share is the file's bytes in
-    proportion to its text. The text column is checked here, before any work is sent out."""
+    blocks (row groups, record batches), and slices of about `slice_bytes` within them, as for text. A
+    unit holding a block larger than BIG_BLOCK slices is one slice that its worker writes itself (a
+    block is never split, and a 1 GB row group must not come back through memory). Progress counts the
+    file's bytes in proportion to the text."""
     f = ColumnarFile(path)
     f.check_text_column(text_field)
     sha, size = sha256_file(path), os.path.getsize(path)
     text = f.block_text_bytes(text_field)
-    total = max(1, sum(text))
+    total = sum(text)
+
+    def share(done: int) -> int:
+        return size if done >= total else size * done // total
+
     units: List[Unit] = []
-    start = row = acc = text_done = bytes_done = 0
-    for k, (rows, nbytes) in enumerate(zip(f.block_rows, text)):
-        row, acc = row + rows, acc + nbytes
-        last = k == len(text) - 1
-        if acc >= unit_bytes or last:
-            text_done += acc
-            share = size if last else size * text_done // total
-            units.append(Unit(first_index + len(units), path, sha, start, row, True,
-                              [Slice(start, row, start, share - bytes_done)], "rows"))
-            start, acc, bytes_done = row, 0, share
+    row = done = 0                                    # rows and text bytes before the current block
+    for group in _groups(list(zip(f.block_rows, text)), unit_bytes):
+        whole = max(n for _, n in group) > BIG_BLOCK * slice_bytes
+        slices = []
+        for part in ([group] if whole else _groups(group, slice_bytes)):
+            rows, nbytes = sum(r for r, _ in part), sum(n for _, n in part)
+            slices.append(Slice(row, row + rows, row, share(done + nbytes) - share(done)))
+            row, done = row + rows, done + nbytes
+        units.append(Unit(first_index + len(units), path, sha, slices[0].start, slices[-1].end, whole,
+                          slices, "rows"))
     if not units:                                     # a file without rows: one empty unit
         units.append(Unit(first_index, path, sha, 0, 0, True, [Slice(0, 0, 0, size)], "rows"))
     return units
+
+
+def _groups(blocks: List[Tuple[int, int]], target: int) -> List[List[Tuple[int, int]]]:
+    """Consecutive (rows, text bytes) blocks grouped until a group holds `target` bytes of text."""
+    groups, current, acc = [], [], 0
+    for block in blocks:
+        current.append(block)
+        acc += block[1]
+        if acc >= target:
+            groups.append(current)
+            current, acc = [], 0
+    if current:
+        groups.append(current)
+    return groups
 
 
 def plan_file(path: Path, first_index: int, unit_bytes: int, slice_bytes: int, doc_sep: str) -> List[Unit]:

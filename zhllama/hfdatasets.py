@@ -48,11 +48,26 @@ def is_saved_dataset(path) -> bool:
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in SAVED_DATASET_FILES)
 
 
+@contextlib.contextmanager
+def _no_tqdm_monitor():
+    """datasets loads a saved dataset's files through tqdm's thread_map, whose monitor thread outlives
+    it; a second thread makes `data pack` start its workers by spawn (seconds each) instead of fork.
+    tqdm's documented switch (`monitor_interval = 0`) keeps it from starting, here only."""
+    import tqdm                            # a dependency of datasets, loaded with it
+    before = tqdm.tqdm.monitor_interval
+    tqdm.tqdm.monitor_interval = 0
+    try:
+        yield
+    finally:
+        tqdm.tqdm.monitor_interval = before
+
+
 def saved_dataset_files(path, split: str = "train") -> List[Path]:
     """The Arrow files of a saved dataset (of its split `split` if it is a DatasetDict), in order."""
     datasets = _datasets(path)
     try:
-        ds = datasets.load_from_disk(str(path), keep_in_memory=False)
+        with _no_tqdm_monitor():
+            ds = datasets.load_from_disk(str(path), keep_in_memory=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(path, f"not a readable saved dataset ({first})") from None

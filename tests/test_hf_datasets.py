@@ -140,6 +140,8 @@ def test_save_to_disk_dataset_without_splits(tiny_sp, tmp_path):
     assert do_pack(tiny_sp, ref, tmp_path / "ref", *PACK_OPTS) == 0
     assert do_pack(tiny_sp, [tmp_path / "saved"], tmp_path / "out", *PACK_OPTS) == 0
     assert_same_pack(tmp_path / "ref", tmp_path / "out")
+    # the other readers of corpora (vocab train, vocab report, eval) take the folder too
+    assert list(corpus_module.iter_corpus([tmp_path / "saved"])) == docs
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow", "arrow-file"])

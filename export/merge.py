@@ -47,6 +47,7 @@ from zhllama.hf_tokenizer import TOKENIZER_DIR_FILES, make_portable
 from zhllama.log import get_logger
 from zhllama.model_config import TRUST_REMOTE_CODE
 from zhllama.modelio import PADDED_VOCAB_KEY, save_tokenizer, write_resized_configs
+from zhllama.outlock import output_lock
 from zhllama.sft.examples import encode_chat_prompt
 from zhllama.st_files import input_shards, parse_size, peak_rss_bytes
 from zhllama.st_stream import Reader, ShardWriter, plan_shards
@@ -74,7 +75,7 @@ def _apply(name: str, load, adapters: List[Adapter], handles, out_dtype):
     touched = [ad for ad in adapters if ad.touches(name)]
     if not touched:
         tensor = load()
-        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+        return _cast(name, tensor, out_dtype) if tensor.is_floating_point() else tensor
     w = None
     for ad in touched:
         f = handles[ad.path]
@@ -91,7 +92,21 @@ def _apply(name: str, load, adapters: List[Adapter], handles, out_dtype):
             w = w.index_copy(0, torch.tensor(idx, dtype=torch.long), f.get(key).float())
         if not _finite(w):
             raise UserError(f"{ad.weights}: merging it into {name} gives NaN or infinite values; the adapter is broken")
-    return w.to(out_dtype)
+    return _cast(name, w, out_dtype)
+
+
+def _cast(name: str, t, out_dtype):
+    """`t` cast to `out_dtype`, refused when a value does not fit: in fp16 (largest finite 65504) a larger
+    weight becomes inf, and a checkpoint holding it loads fine and then computes NaN."""
+    import torch
+
+    out = t.to(out_dtype)
+    if out.dtype != t.dtype and torch.finfo(out.dtype).max < torch.finfo(t.dtype).max and not _finite(out):
+        largest = float(t.float().abs().max())
+        raise UserError(f"{name} holds values up to {largest:.6g}, beyond the largest finite "
+                        f"{str(out_dtype).replace('torch.', '')} ({torch.finfo(out.dtype).max:g}) that --dtype asks "
+                        "for; merge with --dtype bf16 (or fp32)")
+    return out
 
 
 def _finite(t, chunk: int = 1 << 22) -> bool:
@@ -341,10 +356,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    report = merge_checkpoint(args.base, args.adapter, args.out, dtype=args.dtype,
-                              max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
-                              overwrite=args.overwrite, template=args.template,
-                              ollama_modelfile=args.ollama_modelfile)
+    with output_lock(args.out, "zhllama merge", "checkpoint"):   # one writer per --out, checked writable
+        report = merge_checkpoint(args.base, args.adapter, args.out, dtype=args.dtype,
+                                  max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
+                                  overwrite=args.overwrite, template=args.template,
+                                  ollama_modelfile=args.ollama_modelfile)
     chat = report["chat_template"]
     print("chat template: " + (f"{chat['name']} ({chat['source']}), in chat_template.jinja and tokenizer_config.json"
                                if chat else report["chat_template_note"] + "; none written"))

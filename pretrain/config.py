@@ -55,11 +55,15 @@ class RunConfig:
     lora_alpha: Optional[int] = None
     lora_dropout: Optional[float] = None
     lora_targets: Optional[List[str]] = None
-    new_rows_only: bool = False  # stage1: train only rows of tokens added by the merge
+    new_rows_only: bool = False  # stage1: train only rows of tokens added by the merge (= embed_lr_base: 0)
+    # learning rates of the vocabulary rows, as multiples of the stage lr (pretrain/row_groups.py); they need
+    # the base vocab size `zhllama vocab resize` records. null: 1, or 0 with new_rows_only. 0 freezes them.
+    embed_lr_base: Optional[float] = None  # the base's own rows of embed_tokens (and of an untied lm_head)
+    embed_lr_new: float = 1.0  # the rows the merge added
     # engine
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
-    ds_config: str = "zero2"  # a name in ds_configs/ or a JSON path
+    gradient_checkpointing: Union[bool, str] = "auto"  # auto: on when the plan's estimate does not fit the GPU
+    ds_config: Optional[str] = None  # a name in ds_configs/ or a JSON path; null: the stage's (ds_config.py)
     seed: int = 42
     # bookkeeping
     log_every: int = 1
@@ -80,6 +84,11 @@ class RunConfig:
             if value is not None:
                 changes[key] = tuple(value) if isinstance(value, list) else value
         return base.with_overrides(**changes)
+
+    def row_lr_scales(self) -> tuple:
+        """(base rows, new rows): the vocabulary rows' learning rates as multiples of the stage lr."""
+        base = self.embed_lr_base if self.embed_lr_base is not None else (0.0 if self.new_rows_only else 1.0)
+        return base, self.embed_lr_new
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,8 +117,17 @@ def _field_kind(key: str):
     return origin, (args[0] if origin is list and args else None), nullable
 
 
+AUTO_KEYS = ("gradient_checkpointing",)  # true, false or auto (decided when the run starts)
+
+
 def _coerce(key: str, value, where: str):
     """Check a value against the field's type; YAML already parsed numbers, lists and booleans."""
+    if key in AUTO_KEYS:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _BOOL_WORDS):
+            return _scalar(key, value, bool, where)
+        raise ConfigError(f"{where}: key '{key}' must be true, false or auto, got {value!r}")
     kind, item, nullable = _field_kind(key)
     if value is None:
         if nullable:
@@ -215,7 +233,10 @@ def validate(cfg: RunConfig, model_config: Optional[dict] = None) -> None:
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"config: key 'precision' must be auto, bf16, fp16 or fp32, got '{cfg.precision}'")
     if cfg.new_rows_only and cfg.stage != "stage1":
-        raise ConfigError("config: key 'new_rows_only' applies to stage1 only")
+        raise ConfigError("config: key 'new_rows_only' applies to stage1 only (stage2 and sft: embed_lr_base: 0)")
+    if cfg.new_rows_only and cfg.embed_lr_base not in (None, 0):
+        raise ConfigError(f"config: keys 'new_rows_only' and 'embed_lr_base' disagree: new_rows_only freezes the base "
+                          f"rows, embed_lr_base is {cfg.embed_lr_base}; set one of them")
     for key in ("data", "init_adapters"):
         if not all(isinstance(x, str) and x for x in getattr(cfg, key)):
             raise ConfigError(f"config: key '{key}' must be a list of paths, got {getattr(cfg, key)!r:.200}")
@@ -253,9 +274,11 @@ RANGES = {
     "keep_last": (1, 10 ** 4, "checkpoints kept"),
     "max_nonfinite_steps": (1, 10 ** 6, "non-finite steps in a row"),
     "seed": (0, 2 ** 32 - 1, "a seed"),
+    "embed_lr_base": (0.0, 1e4, "a multiple of the stage lr for the base's rows; 0 freezes them"),
+    "embed_lr_new": (0.0, 1e4, "a multiple of the stage lr for the rows the merge added, > 0"),
 }
-OPEN_BELOW = ("lr", "lora_alpha", "epochs")  # must be > lowest
-OPEN_ABOVE = ("lora_dropout",)               # must be < highest
+OPEN_BELOW = ("lr", "lora_alpha", "epochs", "embed_lr_new")  # must be > lowest
+OPEN_ABOVE = ("lora_dropout",)                              # must be < highest
 
 
 def _size_note(key: str, value, p) -> str:
@@ -282,8 +305,8 @@ def _check_ranges(cfg: RunConfig, upper: bool) -> None:
         if key.startswith("lora_") and not p.uses_lora:
             continue  # stage1: no LoRA, its lora_* values are unused
         value = getattr(p, key) if key in OVERRIDE_KEYS else getattr(cfg, key)
-        if key == "max_steps" and value is None:
-            continue
+        if key in ("max_steps", "embed_lr_base") and value is None:
+            continue  # null: one pass over the data; 1 (0 with new_rows_only)
         integer = isinstance(lo, int)
         ok_type = not isinstance(value, bool) and (isinstance(value, int) if integer else
                                                    isinstance(value, (int, float)) and _finite(value))

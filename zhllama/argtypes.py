@@ -6,7 +6,6 @@ disables a check (`nan > 0` is False, `nan < 1` too) or a size that allocates un
 """
 
 import argparse
-import math
 
 
 def port_number(text: str) -> int:
@@ -20,36 +19,33 @@ def port_number(text: str) -> int:
     return port
 
 
-def int_in(lo: int, hi: int, what: str = "an integer"):
-    """An argparse type: an integer in [lo, hi]."""
+def int_range(low: int, high: int):
+    """A `type=` for a whole number in low..high (a limit: neither negative nor absurd)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {what} ({lo:,}..{hi:,})") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value} is out of range for {what} ({lo:,}..{hi:,})")
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number ({low}..{high})") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value}: expected a whole number at least {low} and at most {high}")
         return value
-    parse.__name__ = what  # argparse names the type in "invalid <name> value" messages
     return parse
 
 
-def float_in(lo: float, hi: float, what: str = "a number", *, open_lo: bool = False, open_hi: bool = False):
-    """An argparse type: a finite number in [lo, hi] (open at either end when asked); nan and inf never."""
-    bounds = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
-
+def float_range(low: float, high: float, *, above_low: bool = False):
+    """A `type=` for a finite number in low..high (more than `low` with `above_low`): nan and inf are
+    refused, so `--timeout nan` cannot slip past a `<= 0` check."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {what} in {bounds}") from None
-        above = value > lo if open_lo else value >= lo
-        below = value < hi if open_hi else value <= hi
-        if not (math.isfinite(value) and above and below):
-            raise argparse.ArgumentTypeError(f"{text} is out of range for {what} {bounds}")
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        inside = (low < value if above_low else low <= value) and value <= high     # false for nan
+        if not inside:
+            lower = f"more than {low:g}" if above_low else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"{text}: expected a number {lower} and at most {high:g}")
         return value
-    parse.__name__ = what
     return parse
 
 
-SEED = int_in(0, 2 ** 32 - 1, "a seed")  # numpy and torch both take it
+SEED = int_range(0, 2 ** 32 - 1)  # numpy and torch both take it

@@ -581,8 +581,9 @@ for _item in ("automap-tok", "automap-cfg"):
                         f"{_item}/{_file}", "'auto_map'"))
 BOUNDED += [
     ("11 pickle-only | serve", lambda b, t, m, o: _serve(b["pickle-only"]), "pickle-only", "pytorch_model"),
-    ("12 maxpos-0 | serve", lambda b, t, m, o: _serve(b["maxpos-0"]), "maxpos-0/config.json",
-     "'max_position_embeddings'"),
+    # serve names the key with its own way out (--max-context), tests/test_serve_limits.py
+    ("12 maxpos-0 | serve", lambda b, t, m, o: _serve(b["maxpos-0"]), "maxpos-0/config.json: max_position_embeddings",
+     "--max-context"),
     ("12 bomb.yaml | train --dry-run", lambda b, t, m, o: ["train", "--dry-run", "--config", b["bomb.yaml"]],
      "bomb.yaml", "alias"),
     ("12 bomb.yaml | train", lambda b, t, m, o: ["train", "--config", b["bomb.yaml"]], "bomb.yaml", "alias"),

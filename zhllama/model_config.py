@@ -200,10 +200,13 @@ def _weights_note(cfg: dict) -> str:
             f"{gb(available_memory())} of memory is available)") if n else ""
 
 
-def check_model_config(cfg, path) -> dict:
+def check_model_config(cfg, path, *, context_given: bool = False) -> dict:
     """`cfg`, the JSON read from the model config `path`, if it names no code and every dimension in
     DIMENSIONS is a positive integer within its limit (heads dividing the width, key/value heads dividing
-    the heads); else one InputError naming the file and the key, with the size the values imply."""
+    the heads); else one InputError naming the file and the key, with the size the values imply.
+    `context_given`: the caller checks max_position_embeddings itself (`zhllama serve`, which bounds
+    every prompt by it and takes --max-context when it is no context length), so it is skipped here; a
+    position table it would size is still checked against the weights' shapes (modelio.check_checkpoint)."""
     path = Path(path)
     if not isinstance(cfg, dict):
         raise InputError(path, f"not a JSON object (found {type(cfg).__name__}): a config maps keys to values")
@@ -214,8 +217,11 @@ def check_model_config(cfg, path) -> dict:
         value = cfg[key]
         if value is None and key in ("head_dim", "num_key_value_heads"):
             continue  # null: transformers derives it
+        if key == "max_position_embeddings" and context_given:
+            continue
+        too_large = isinstance(value, int) and not isinstance(value, bool) and value > most
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-            note = _weights_note(cfg) if isinstance(value, int) and value > most else ""
+            note = _weights_note(cfg) if too_large else ""
             raise InputError(path, f"key '{key}' must be an integer in 1..{most:,}, got {value!r}{note}")
     heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
     if heads and cfg.get("hidden_size") and cfg.get("head_dim") is None and cfg["hidden_size"] % heads:

@@ -146,15 +146,16 @@ def tokenizer_size(path) -> int:
     return len(load_tokenizer(p))
 
 
-def read_model_config(path) -> dict:
+def read_model_config(path, *, context_given: bool = False) -> dict:
     """The raw `config.json` of a checkpoint dir (no weights read), checked before anything is built
-    from it: no code named anywhere in the directory, every dimension in range (`zhllama.model_config`)."""
+    from it: no code named anywhere in the directory, every dimension in range (`zhllama.model_config`;
+    `context_given`: see check_model_config)."""
     p = Path(path)
     cfg = p / "config.json"
     if not cfg.is_file():
         raise UserError(f"{p}: not a model checkpoint directory (no config.json)")
     check_no_remote_code(p)
-    return check_model_config(read_config_json(cfg), cfg)
+    return check_model_config(read_config_json(cfg), cfg, context_given=context_given)
 
 
 def check_vocab_match(model_path, tokenizer_path, model_config=None, tok_size=None) -> None:
@@ -221,13 +222,13 @@ def safetensors_header(path) -> dict:
     return {name: (dtype, shape) for name, (dtype, shape, _, _) in entries.items()}
 
 
-def meta_model(model_dir):
+def meta_model(model_dir, *, context_given: bool = False):
     """The model a checkpoint's `config.json` describes, on the meta device (no memory, no weights):
     for checking shapes and module names before anything is loaded."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    read_model_config(model_dir)  # missing, unreadable, naming code or out of range: one line
+    read_model_config(model_dir, context_given=context_given)  # missing, unreadable, naming code or out of range
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=TRUST_REMOTE_CODE)
         with torch.device("meta"):
@@ -236,12 +237,12 @@ def meta_model(model_dir):
         raise UserError(f"{Path(model_dir) / 'config.json'}: cannot build the model it describes: {e}") from None
 
 
-def check_checkpoint(model_dir) -> None:
+def check_checkpoint(model_dir, *, context_given: bool = False) -> None:
     """Refuse a checkpoint whose weight files are unreadable, whose tensors do not have the shapes its
     config.json implies, or that lacks a tensor the config implies (transformers would fill it with random
     values: a config of 1000 layers over shards of 2), naming the shard and tensor; reads headers only."""
     d = Path(model_dir)
-    model = meta_model(d)
+    model = meta_model(d, context_given=context_given)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
     found = set()
@@ -298,24 +299,24 @@ def _fix_special_ids(model, tokenizer) -> None:
             model.generation_config.pad_token_id = None
 
 
-def load_model(path, dtype=None, device="cpu", tokenizer_path=None):
+def load_model(path, dtype=None, device="cpu", tokenizer_path=None, *, context_given: bool = False):
     """`AutoModelForCausalLM` from a local HF dir (never the hub), SDPA attention.
 
     With `tokenizer_path`, the tokenizer/vocab sizes are checked before any weight is read and the
-    model's bos/eos ids are aligned with the tokenizer's.
+    model's bos/eos ids are aligned with the tokenizer's. `context_given`: see check_model_config.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if dtype is None else dtype
     p = Path(path)
-    cfg = read_model_config(p)
+    cfg = read_model_config(p, context_given=context_given)
     check_weights_fit(cfg, p / "config.json", dtype.itemsize, str(dtype).replace("torch.", ""))
     tok = None
     if tokenizer_path is not None:
         tok = load_tokenizer(tokenizer_path)
         check_vocab_match(p, tokenizer_path, cfg, len(tok))
-    check_checkpoint(p)
+    check_checkpoint(p, context_given=context_given)
     dtype_kw = {"dtype": dtype} if _transformers_major() >= 5 else {"torch_dtype": dtype}
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -362,13 +363,14 @@ def save_pretrained_atomic(model, tokenizer_dir_or_obj, out_dir, overwrite=False
     return out_dir
 
 
-def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="auto"):
+def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="auto", *, context_given: bool = False):
     """(model in eval mode, tokenizer) for generate / eval / serve.
 
     device "auto": CUDA when present, else CPU; dtype "auto": bf16 on GPUs that have it, fp16 on other
     GPUs, fp32 on CPU. The tokenizer (default: the model's own) is checked against the model's vocab.
+    `context_given`: the caller bounds the context (see check_model_config).
     """
-    read_model_config(model_dir)  # code named, dimensions out of range: refused before torch or a tokenizer
+    read_model_config(model_dir, context_given=context_given)  # code, dimensions: refused before torch or a tokenizer
     import torch
 
     if device == "auto":
@@ -381,7 +383,8 @@ def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="aut
         raise UserError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16")
     tok_path = tokenizer_path or model_dir
     tokenizer = load_tokenizer(tok_path)
-    model = load_model(model_dir, dtype=torch_dtype(dtype), device=device, tokenizer_path=tok_path).eval()
+    model = load_model(model_dir, dtype=torch_dtype(dtype), device=device, tokenizer_path=tok_path,
+                       context_given=context_given).eval()
     return model, tokenizer
 
 

@@ -7,8 +7,10 @@ before (and, for token streams, SentencePiece called directly). Datasets are bui
 """
 
 import json
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -424,3 +426,73 @@ def test_sft_hub_name_offline_is_one_line(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("zhllama.sft.convert: error: hf://someone/instructions: a Hub "
                                                "dataset needs the network"), err
     assert not out.exists()
+
+
+class _RunsCode:
+    """Unpickling this creates `marker`: what a reader that deserializes a pickle from a file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_saved_dataset_runs_no_code_and_reads_only_its_own_files(tiny_sp, tmp_path, capsys):
+    """issue 24 (no code from data) for save_to_disk folders: the Arrow file's text field is declared as
+    pyarrow's pickled extension type, with a live pickle as its metadata (what pyarrow before 14.0.1
+    unpickled on reading, CVE-2023-47248): the folder is read as plain text and nothing runs. A state.json
+    naming a data file outside the folder is refused, naming it, instead of reading that file."""
+    docs = make_docs(20, seed=40)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(saved))
+    (arrow,) = saved.glob("*.arrow")
+    marker = tmp_path / "code-ran"
+    payload = pickle.dumps(_RunsCode(marker))
+    pickle.loads(payload)                       # the payload is live: unpickling it runs code
+    assert marker.exists()
+    marker.unlink()
+    field = pa.field("text", pa.string(), metadata={b"ARROW:extension:name": b"arrow.py_extension_type",
+                                                   b"ARROW:extension:metadata": payload})
+    schema = pa.schema([field])
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+        w.write_batch(pa.record_batch([pa.array(docs)], schema=schema))
+    try:
+        read = list(corpus_module.iter_corpus([saved]))
+    finally:
+        assert not marker.exists(), "the pickle in the dataset's Arrow schema was unpickled"   # checked first
+    assert read == docs
+    assert do_pack(tiny_sp, [saved], tmp_path / "out", *PACK_OPTS) == 0
+    assert not marker.exists()
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    arrow.rename(outside / "other.arrow")
+    state = json.loads((saved / "state.json").read_text())
+    state["_data_files"] = [{"filename": "../elsewhere/other.arrow"}]
+    (saved / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert do_pack(tiny_sp, [saved], tmp_path / "out2", *PACK_OPTS) == 2
+    line = one_error_line(capsys)
+    assert f"{saved}: the saved dataset names a data file outside its folder" in line and "other.arrow" in line
+
+
+@pytest.mark.parametrize("package, version", [("pyarrow", "14.0.0"), ("datasets", "2.15.0")])
+def test_a_reader_that_could_run_code_is_refused_before_reading(package, version, tmp_path, monkeypatch):
+    """pyarrow before 14.0.1 unpickles what a file names, datasets before 2.16 runs a Hub dataset's script
+    without asking: either is one line naming the package and the version needed, before any file is read."""
+    from zhllama import columnar, versions
+    from zhllama.versions import VersionError
+    real = versions.installed
+    monkeypatch.setattr(versions, "installed", lambda p: version if p == package else real(p))
+    columnar.check_pyarrow.cache_clear()
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": ["甲"]}).save_to_disk(str(saved))
+    try:
+        with pytest.raises(VersionError, match=f"{package} {version} is installed; zhllama needs {package}>="):
+            list(corpus_module.iter_corpus([saved]))
+        if package == "pyarrow":
+            with pytest.raises(VersionError, match="CVE-2023-47248"):
+                columnar.ColumnarFile(next(saved.glob("*.arrow")))
+    finally:
+        columnar.check_pyarrow.cache_clear()

@@ -24,25 +24,34 @@ PRODUCT = ["zhllama", "vocab", "pretrain", "sft", "export"]   # zhllama/app is u
 
 # ------------------------------------------------------------------------------------------ no code
 
-def _loader_calls():
-    """(file:line, call) of every `X.from_pretrained(...)` / `X.from_config(...)` in the product code."""
+# Calls that load from a folder or the Hub and take trust_remote_code: transformers' and PEFT's, and
+# `datasets.load_dataset` (which runs a Hub dataset's loading script, or asks on stdin, before 4.0).
+TRUSTING = ("from_pretrained", "from_config", "load_dataset")
+# Loaders with no such keyword, each read to see that it runs no code (tests/test_hf_datasets.py shows
+# it for a saved dataset whose Arrow schema carries a pickle).
+NO_CODE_PATH = {"load_from_disk": ["zhllama/hfdatasets.py"]}
+
+
+def _calls(names):
+    """(file:line, call) of every `X.name(...)` with a name in `names` in the product code."""
     for folder in PRODUCT:
         for path in sorted((REPO / folder).rglob("*.py")):
             tree = ast.parse(path.read_text(encoding="utf-8"))
             for node in ast.walk(tree):
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                        and node.func.attr in ("from_pretrained", "from_config")):
+                        and node.func.attr in names):
                     yield f"{path.relative_to(REPO)}:{node.lineno}", node
 
 
-def test_every_transformers_and_peft_loader_passes_trust_remote_code_false():
+def test_every_transformers_peft_and_datasets_loader_passes_trust_remote_code_false():
     """Without the keyword transformers asks on stdin whether to run a folder's code; with it False it
-    never imports any. 16 loaders in the product code today (counted by hand: modelio 5, hf_tokenizer 1,
+    never imports any. 17 loaders in the product code today (counted by hand: modelio 5, hf_tokenizer 1,
     vocab/report 2, vocab/bpe_report 1, export/merge 2, app/smollm2 2, tiny_bpe 1, pretrain/adapters 1,
-    pretrain/plan 1)."""
+    pretrain/plan 1, hfdatasets 1 load_dataset)."""
     assert model_config.TRUST_REMOTE_CODE is False
-    calls = list(_loader_calls())
-    assert len(calls) >= 16, [where for where, _ in calls]
+    calls = list(_calls(TRUSTING))
+    assert len(calls) >= 17, [where for where, _ in calls]
+    assert any(call.func.attr == "load_dataset" for _, call in calls)
     missing = []
     for where, call in calls:
         kw = {k.arg: k.value for k in call.keywords}
@@ -52,6 +61,31 @@ def test_every_transformers_and_peft_loader_passes_trust_remote_code_false():
         if not ok:
             missing.append(where)
     assert not missing, f"loaders without trust_remote_code=False: {missing}"
+
+
+YAML_READERS = {"load", "safe_load", "full_load", "unsafe_load", "load_all", "safe_load_all", "full_load_all",
+                "unsafe_load_all", "compose", "compose_all", "Loader", "SafeLoader", "FullLoader", "UnsafeLoader",
+                "CLoader", "CSafeLoader", "CFullLoader", "CUnsafeLoader", "BaseLoader"}
+
+
+def test_yaml_is_parsed_only_by_yamlio():
+    """Every YAML document (run configs, overrides, templates) goes through zhllama/yamlio.py, which
+    measures aliases before expanding them; `yaml.safe_load` anywhere else would take the alias bomb."""
+    found = []
+    for folder in PRODUCT:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "yaml"
+                        and node.attr in YAML_READERS):
+                    found.append(str(path.relative_to(REPO)))
+    assert found and set(found) == {"zhllama/yamlio.py"}, found
+
+
+def test_loaders_without_the_keyword_are_the_ones_read():
+    """A new `load_from_disk` (or another loader with no trust_remote_code) must be looked at first."""
+    for name, files in NO_CODE_PATH.items():
+        found = sorted({where.split(":")[0] for where, _ in _calls((name,))})
+        assert found == files, (name, found)
 
 
 @pytest.mark.parametrize("file, data, key", [

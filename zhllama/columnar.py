@@ -13,10 +13,12 @@ the file and the column. A null cell is counted and skipped like a JSON line wit
 Rows are counted from 0 within their file, as `Dataset[i]` and pandas count them.
 
 pyarrow (a dependency of `datasets`) is imported only when a columnar file is read, so commands on
-text stay light.
+text stay light. A pyarrow older than `PYARROW_FLOOR` is refused before any file is opened: its readers
+unpickle a type a file's schema names, so reading a stranger's file could run code.
 """
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -24,12 +26,15 @@ import numpy as np
 
 from .errors import InputError
 from .inputfile import MAX_LINE_BYTES, too_long
+from .versions import check_versions
 
 PARQUET_SUFFIXES = (".parquet",)
 ARROW_SUFFIXES = (".arrow",)
 COLUMNAR_SUFFIXES = PARQUET_SUFFIXES + ARROW_SUFFIXES
 BATCH_ROWS = 1024               # rows converted to Python at a time
 _ARROW_FILE_MAGIC = b"ARROW1"   # the IPC file format starts with it; the stream format does not
+PYARROW_FLOOR = {"pyarrow": ("14.0.1", "older releases unpickle the extension type an Arrow or parquet file names "
+                                       "(CVE-2023-47248): reading a file could run code")}
 
 
 def kind(path) -> Optional[str]:
@@ -40,6 +45,12 @@ def kind(path) -> Optional[str]:
     if name.endswith(ARROW_SUFFIXES):
         return "arrow"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def check_pyarrow() -> None:
+    """A VersionError (one line) when the installed pyarrow is older than PYARROW_FLOOR; asked once."""
+    check_versions(PYARROW_FLOOR)
 
 
 @contextlib.contextmanager
@@ -59,6 +70,7 @@ class ColumnarFile:
     """One parquet or Arrow file: its schema, its blocks, and batches of a row range."""
 
     def __init__(self, path):
+        check_pyarrow()
         import pyarrow as pa
         import pyarrow.parquet as pq
         self.path = Path(path)

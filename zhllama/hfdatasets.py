@@ -20,16 +20,21 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 from urllib.parse import quote, unquote
 
-from .columnar import check_text
+from .columnar import check_pyarrow, check_text
 from .errors import InputError
 from .inputfile import MAX_LINE_BYTES
 from .log import get_logger
+from .model_config import TRUST_REMOTE_CODE
+from .versions import check_versions
 
 log = get_logger("zhllama.hfdatasets")
 
 HUB_PREFIX = "hf://"
 SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 _TRUE = {"1", "ON", "YES", "TRUE"}      # huggingface_hub's reading of a boolean environment variable
+# Before 2.16 `load_dataset` ran a Hub dataset's loading script without asking (no trust_remote_code);
+# 2.16 to 3.x ask on stdin unless it is False; 4.0 dropped scripts. Checked with pyarrow's floor (columnar).
+DATASETS_FLOOR = {"datasets": ("2.16", "older releases run a Hub dataset's loading script without asking")}
 
 
 def _datasets(what):
@@ -38,6 +43,8 @@ def _datasets(what):
     except ImportError:
         raise InputError(what, "reading a Hugging Face dataset needs the datasets package "
                                "(pip install datasets)") from None
+    check_versions(DATASETS_FLOOR)
+    check_pyarrow()
     return datasets
 
 
@@ -81,6 +88,10 @@ def saved_dataset_files(path, split: str = "train") -> List[Path]:
     files = [Path(f["filename"]) for f in ds.cache_files]
     if not files:
         raise InputError(path, "the saved dataset lists no data file")
+    folder = Path(os.path.abspath(path))
+    for f in files:     # state.json may name any path ("../x.arrow", "/home/..."): only the folder's own are read
+        if not Path(os.path.abspath(f)).is_relative_to(folder):
+            raise InputError(path, f"the saved dataset names a data file outside its folder: {f}")
     log.info("%s: saved dataset, %s: %d rows in %d Arrow file(s)", path, what, ds.num_rows, len(files))
     return files
 
@@ -178,7 +189,7 @@ def open_stream(hub: HubDataset):
     """The split as a streaming `IterableDataset`."""
     datasets = _datasets(hub.spec)
     return datasets.load_dataset(hub.repo, hub.config, split=hub.split, streaming=True,
-                                 revision=hub.revision)
+                                 revision=hub.revision, trust_remote_code=TRUST_REMOTE_CODE)
 
 
 def iter_hub_rows(hub: HubDataset, shard: Optional[int] = None) -> Iterator[Tuple[int, dict]]:

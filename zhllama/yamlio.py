@@ -9,17 +9,16 @@ nodes, with no alias inside its own anchor, and no deeper than `MAX_DEPTH`, is t
 values. Every failure is one `UserError` naming the source (a file, or "override 'key=value'").
 """
 
-import stat
-from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from zhllama.errors import ConfigError, InputError
+from zhllama.inputfile import read_text
 
 MAX_ALIAS_NODES = 10_000  # nodes aliases may add beyond those written out (real configs: a handful)
 MAX_DEPTH = 100           # nesting of sequences and mappings (real configs: 3)
-MAX_FILE_BYTES = 4 << 20  # a run config or a prompt template (real ones: a few KB)
+MAX_FILE_BYTES = 4_000_000  # a run config (real ones: a few KB)
 
 
 def _measure(root) -> tuple:
@@ -83,19 +82,7 @@ def load_yaml(text: str, source: str, what: str = "YAML file"):
 
 
 def read_yaml_file(path, what: str = "YAML file"):
-    """`load_yaml` of a UTF-8 file of at most MAX_FILE_BYTES, every failure one UserError naming it (and
-    calling it `what`: "run config file", "template file")."""
-    path = Path(path)
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: not a regular file (a directory, FIFO or device); give the {what}'s path")
-        size = st.st_size
-        if size > MAX_FILE_BYTES:
-            raise ConfigError(f"{path}: {size:,} bytes is too large for a {what} (at most {MAX_FILE_BYTES:,})")
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the {what} as UTF-8") from None
-    return load_yaml(text, str(path), what)
+    """`load_yaml` of a UTF-8 file of at most MAX_FILE_BYTES (read by `inputfile.read_text`: a FIFO,
+    a device, a broken link or a BOM handled as for any input), every failure one UserError naming it
+    and calling it `what` ("run config file")."""
+    return load_yaml(read_text(path, "input", max_bytes=MAX_FILE_BYTES), str(path), what)

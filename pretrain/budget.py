@@ -6,7 +6,8 @@ Every figure is a lower bound (a run that fits is never refused; the planner, `z
 full per-GPU picture):
   weights       2 bytes x the parameters (bf16; `zhllama.model_config.estimate_params`)
   LoRA          16 bytes x r x (in + out) of every adapted matrix: fp32 A and B, their gradients, Adam m, v
-  embeddings    16 bytes x the trained rows x width, for embed_tokens (stage 1 new rows only) and lm_head
+  embeddings    16 bytes x the trained rows x width, of embed_tokens and lm_head (one matrix when tied);
+                the new rows only when the base's are frozen (new_rows_only, embed_lr_base: 0)
   step batch    8 bytes x the tokens of this rank's share of one optimizer step (the engine gathers the
                 step's sequences as int64 ids before splitting them into micro batches)
   activations   2 bytes x micro_batch x block_size x layers x width (what gradient checkpointing keeps)
@@ -36,9 +37,10 @@ def estimate(cfg, model_cfg: dict, world: int = 1) -> dict:
     lora_width = sum(sum(PROJECTIONS[t](s.hidden, s.intermediate, s.q_width, s.kv_width))
                      for t in (p.lora_targets or ()) if t in PROJECTIONS)
     rows = s.vocab
-    if cfg.new_rows_only:
+    if cfg.row_lr_scales()[0] == 0:  # the base's rows frozen: no gradient, no Adam moments (pretrain/row_groups.py)
         rows = max(0, s.vocab - dimension(model_cfg, BASE_VOCAB_KEY, s.vocab))
-    trained_rows = (rows if p.trains_embeddings else 0) + (s.vocab if p.trains_lm_head else 0)
+    matrices = int(p.trains_embeddings) + int(p.trains_lm_head)
+    trained_rows = rows * (min(matrices, 1) if s.tied else matrices)
     parts = {
         "weights": 2 * estimate_params(model_cfg),
         "lora": 16 * (p.lora_r or 0) * lora_width * s.layers,

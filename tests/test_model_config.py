@@ -164,23 +164,35 @@ def test_weights_that_do_not_fit_are_refused_before_loading(monkeypatch):
         model_config.check_weights_fit(LLAMA, "m/config.json", 4, "float32")
 
 
-def test_the_run_estimate_counts_what_peft_trains(tiny_model_dir):
-    """LoRA and embedding parts of the run estimate / 16 bytes = the trainable parameters PEFT makes."""
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("stage, extra, stage_kw", [
+    ("stage1", [], {}), ("stage1", ["new_rows_only=true"], {"new_rows_from": 472}),
+    ("stage2", [], {}), ("stage2", ["embed_lr_base=0"], {"split_rows_at": 472, "train_base_rows": False}),
+    ("sft", [], {}), ("sft", ["embed_lr_base=0"], {"split_rows_at": 472, "train_base_rows": False}),
+    ("sft", ["embed_lr_base=0.5"], {"split_rows_at": 472}),
+])
+def test_the_run_estimate_counts_what_peft_trains(tmp_path, tied, stage, extra, stage_kw):
+    """LoRA and embedding parts of the run estimate / 16 bytes = the trainable parameters PEFT makes, for
+    a tiny model of 512 rows whose first 472 are the base's (as `vocab resize` records): tied or not,
+    with the base rows frozen (new_rows_only, embed_lr_base: 0; the trainer splits the matrix there) or
+    trained at another lr (split, both trained)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from zhllama.modelio import read_model_config
+    from zhllama import tiny
+    from zhllama.modelio import BASE_VOCAB_KEY
     from zhllama.pretrain.adapters import apply_stage, count_trainable
     from zhllama.pretrain.budget import estimate
     from zhllama.pretrain.config import load_config
 
-    for stage in ("stage2", "sft"):
-        cfg = load_config(None, [f"model={tiny_model_dir}", "out=o", f"stage={stage}", "data=[x]"])
-        parts = estimate(cfg, read_model_config(tiny_model_dir))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
-        trainable, _ = count_trainable(apply_stage(model, cfg.preset()))
-        assert (parts["lora"] + parts["embeddings"]) // 16 == trainable, stage
+    config = {**tiny.tiny_llama_config(512).to_dict(), "tie_word_embeddings": tied, BASE_VOCAB_KEY: 472}
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    cfg = load_config(None, [f"model={tmp_path}", "out=o", f"stage={stage}", "data=[x]", *extra])
+    parts = estimate(cfg, config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    trainable, _ = count_trainable(apply_stage(model, cfg.preset(), **stage_kw))
+    assert (parts["lora"] + parts["embeddings"]) // 16 == trainable
 
 
 # -------------------------------------------------------------------------------------------- YAML

@@ -30,6 +30,7 @@ from typing import List
 
 import torch
 
+from zhllama.argtypes import int_range
 from zhllama.corpus import expand_inputs, iter_documents
 from zhllama.errors import UserError
 from zhllama.inputfile import MAX_LINE_BYTES, add_max_line_argument, max_line_bytes
@@ -118,13 +119,13 @@ def add_arguments(parser) -> None:
     add_max_line_argument(parser, "line (a document) of --text")
     parser.add_argument("--doc-sep", choices=("line", "blank"), default="line",
                         help=".txt documents: one per line (default) or blank-line separated paragraphs")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--max-length", type=int_range(2, 1 << 24), default=None,
                         help="tokens per window (default: the model's context, at most 2048; benchmarks: 2048)")
-    parser.add_argument("--stride", type=int, default=None,
+    parser.add_argument("--stride", type=int_range(1, 1 << 24), default=None,
                         help="new tokens scored per window for long documents (default: half of --max-length)")
-    parser.add_argument("--batch-size", type=int, default=4,
+    parser.add_argument("--batch-size", type=int_range(1, 1 << 16), default=4,
                         help="windows (benchmarks: questions) per forward pass (default 4)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=int_range(1, 10 ** 12), default=None,
                         help="evaluate at most N documents per file (benchmarks: the first N questions per subject)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), float32, ...")

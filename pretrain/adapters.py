@@ -32,6 +32,7 @@ from zhllama.errors import ConfigError, InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
 from zhllama.hf_tokenizer import TOKENIZER_DIR_FILES
 from zhllama.log import get_logger
+from zhllama.model_config import TRUST_REMOTE_CODE
 
 from .adapter_files import FORMAT_VERSION, META, WEIGHTS, guess_stage, read_adapter_dir, read_adapter_shapes
 from .row_groups import RowSplitEmbedding, join_rows, split_rows
@@ -465,7 +466,8 @@ def load_adapter(base_model, adapter_dir, is_trainable=False):
         raise UserError(f"{weights}: the adapter holds its own lm_head but the base model ties lm_head to "
                         "embed_tokens; zhllama trains a tied model's shared matrix via embed_tokens only")
     with _quiet():
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable,
+                                          trust_remote_code=TRUST_REMOTE_CODE)
     _retie(model, tied)
     model.zhllama_stage = (meta or {}).get("stage") or guess_stage(cfg)
     model.zhllama_new_rows_from = (meta or {}).get("new_rows_from")

@@ -34,13 +34,15 @@ import math
 from pathlib import Path
 
 from zhllama import tiny
+from zhllama.argtypes import float_range, int_range
 from zhllama.errors import ConfigError, InputError, UserError
-from zhllama.fsutil import read_json
 from zhllama.loss import chunk_tokens
+from zhllama.model_config import DIMENSIONS, TRUST_REMOTE_CODE, check_model_config, read_config_json
 from zhllama.modelio import BASE_VOCAB_KEY
 
 from . import flops as flops_mod
 from .adapters import apply_stage, count_trainable
+from .config import RANGES
 from .ds_config import resolve_ds_config, stage_ds_config
 from .presets import STAGES, grad_accumulation
 from .row_groups import describe_groups, largest_trained_matrix, trainable_groups
@@ -87,7 +89,9 @@ def _model_config(spec: str, vocab_size=None):
     if not path.is_file():
         raise UserError(f"--model {spec}: not a known shape ({', '.join(tiny.LLAMA_SHAPES)}, tiny) and no "
                         f"config.json at {path}")
-    data = read_json(path, required=("model_type",), hint=" (is this a transformers config.json?)")
+    data = check_model_config(read_config_json(path), path)  # no code, every dimension in range
+    if "model_type" not in data:
+        raise InputError(path, "missing key 'model_type' (is this a transformers config.json?)")
     from transformers import AutoConfig
     try:
         return AutoConfig.for_model(**data)
@@ -105,7 +109,7 @@ def staged_meta_model(config, vocab_size, stage, new_rows_from=None, preset=None
 
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=TRUST_REMOTE_CODE)
     base_vocab = model.get_input_embeddings().weight.shape[0]
     if vocab_size and vocab_size != base_vocab:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)  # what `zhllama vocab resize` does
@@ -348,7 +352,7 @@ def memory_estimate(cfg, preset, gpus: int, ds_path) -> dict:
 
 def _new_rows_from(cfg):
     """Stage 1 with new_rows_only: where `zhllama vocab resize` says the added rows start."""
-    return read_json(Path(cfg.model) / "config.json").get(BASE_VOCAB_KEY)
+    return read_config_json(Path(cfg.model) / "config.json").get(BASE_VOCAB_KEY)
 
 
 def _fmt_params(n):
@@ -400,36 +404,39 @@ def format_plan(p) -> str:
 def add_arguments(parser):
     parser.add_argument("--model", default="llama-7b",
                         help="llama-7b, llama-13b, llama-33b, llama-65b, tiny, or an HF config.json (file or dir)")
-    parser.add_argument("--vocab-size", type=int, default=None,
+    parser.add_argument("--vocab-size", type=int_range(1, DIMENSIONS["vocab_size"]), default=None,
                         help="vocabulary after the merge, e.g. 49953 (default: the model's)")
     parser.add_argument("--stage", default="stage2", choices=PLAN_STAGES,
                         help="what is trained (presets of pretrain/presets.py; full: every parameter)")
-    parser.add_argument("--new-rows-from", type=int, default=None,
+    parser.add_argument("--new-rows-from", type=int_range(0, DIMENSIONS["vocab_size"]), default=None,
                         help="stage1 only: train only embedding rows >= this id (the base vocab size, e.g. 32000)")
-    parser.add_argument("--embed-lr-base", type=float, default=1.0,
+    parser.add_argument("--embed-lr-base", type=float_range(0, RANGES["embed_lr_base"][1]), default=1.0,
                         help="the base's own vocabulary rows' lr as a multiple of the stage lr, as in the run config; "
                              "0 freezes them (no gradient, no optimizer state), needs --vocab-size above the "
                              "model's own (default 1)")
-    parser.add_argument("--tokens", type=float, required=True, help="tokens to train on, e.g. 20e9")
-    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel world size)")
+    parser.add_argument("--tokens", type=float_range(0, 1e16, above_low=True),
+                        required=True, help="tokens to train on, e.g. 20e9")
+    parser.add_argument("--gpus", type=int_range(1, 1 << 20),
+                        required=True, help="number of GPUs (data-parallel world size)")
     parser.add_argument("--gpu", default="a100-80g", help=f"GPU type: {', '.join(GPUS)}")
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+    parser.add_argument("--mfu", type=float_range(0, 1, above_low=True), default=DEFAULT_MFU,
                         help=f"model FLOPs utilisation (6N + attention convention, as in metrics.jsonl); "
                              f"default {DEFAULT_MFU}")
-    parser.add_argument("--reserve", type=float, default=DEFAULT_RESERVE,
+    parser.add_argument("--reserve", type=float_range(0, 10), default=DEFAULT_RESERVE,
                         help=f"extra fraction of compute for failures, restarts and evaluation; default "
                              f"{DEFAULT_RESERVE} (BloombergGPT's)")
-    parser.add_argument("--micro-batch", type=int, default=None,
+    parser.add_argument("--micro-batch", type=int_range(1, RANGES["micro_batch"][1]), default=None,
                         help="sequences per GPU per forward (default: the largest that fits and divides the "
                              "global batch)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the stage's, 512)")
-    parser.add_argument("--global-batch", type=int, default=None,
+    parser.add_argument("--seq-len", type=int_range(2, RANGES["block_size"][1]),
+                        default=None, help="tokens per sequence (default: the stage's, 512)")
+    parser.add_argument("--global-batch", type=int_range(1, RANGES["global_batch"][1]), default=None,
                         help="sequences per optimizer step (default: the stage's)")
     parser.add_argument("--ds-config", default=None,
                         help="DeepSpeed config for the ZeRO stage, bucket sizes and optimizer offload: a JSON path or "
                              "a name in ds_configs/ (zero1, zero2, zero2_offload; default: the stage's, as "
                              "`zhllama train` uses: zero2 for every stage)")
-    parser.add_argument("--layers", type=int, default=None,
+    parser.add_argument("--layers", type=int_range(1, DIMENSIONS["num_hidden_layers"]), default=None,
                         help="override the number of decoder layers (e.g. 2, to compare with bench/loss_memory.py)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 

@@ -19,12 +19,15 @@ import sys
 from pathlib import Path
 
 from zhllama.fsutil import atomic_write_json, check_output_path
+from zhllama.model_config import check_tokenizer_dir
 from zhllama.modelio import check_checkpoint, meta_model
 from zhllama.outlock import output_lock
 
+from .adapter_files import read_adapter_dir, read_adapter_shapes
 from .config import dump_config, load_config
 from .hooks import hooks_from_env
 from .presets import OVERRIDE_KEYS, grad_accumulation
+from .stage_data import registered
 
 
 def add_arguments(p):
@@ -49,8 +52,14 @@ def add_arguments(p):
 def run(args):
     cfg = load_config(args.config, args.overrides)
     check_output_path(cfg.out, "run directory")
+    stage_data = registered(cfg.stage)
+    if stage_data is not None and stage_data.check is not None:
+        stage_data.check(cfg)
     if not args.dry_run:
         check_checkpoint(cfg.model)  # unreadable or misshapen weights: one line, before any process group
+        check_tokenizer_dir(cfg.tokenizer or cfg.model)  # code named in it, an unreadable tokenizer.json
+        for adapter in cfg.init_adapters:
+            read_adapter_shapes(read_adapter_dir(Path(adapter))[1])  # missing, damaged, naming code
     if cfg.preset().uses_lora and (Path(cfg.model) / "config.json").is_file():
         from .adapters import check_lora_targets   # torch: not for --help
         check_lora_targets(meta_model(cfg.model), cfg.preset().lora_targets)

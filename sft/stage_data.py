@@ -31,6 +31,11 @@ def run_files(cfg) -> dict:
     return {"template.json": run_record(cfg)["template_spec"]}
 
 
+def check(cfg) -> None:
+    """The template reads (a file: bounded YAML, known keys) before any model is loaded."""
+    get_template(cfg.template)
+
+
 def fingerprint(cfg) -> dict:
     """The sha256 of every input file, per data spec: a checkpoint records it, and a resume on changed
     files is refused (pretrain/checkpoint.py)."""
@@ -41,4 +46,5 @@ def fingerprint(cfg) -> dict:
     return out
 
 
-register("sft", StageData(build=build, run_record=run_record, run_files=run_files, fingerprint=fingerprint))
+register("sft", StageData(build=build, run_record=run_record, run_files=run_files, fingerprint=fingerprint,
+                          check=check))

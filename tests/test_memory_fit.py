@@ -27,9 +27,13 @@ def llama7b_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("margin_gib, want_on", [(+0.5, False), (-0.5, True)])
-def test_auto_turns_checkpointing_on_exactly_when_the_plan_does_not_fit(capsys, llama7b_dir, margin_gib, want_on):
+def test_auto_turns_checkpointing_on_exactly_when_the_plan_does_not_fit(capsys, monkeypatch, llama7b_dir, margin_gib,
+                                                                       want_on):
     """Stage 2 of 7B, 16 GPUs, micro batch 8: the figures come from `zhllama plan --json` (the user's view);
-    a stand-in GPU of (figure without checkpointing / 0.9) +- 0.5 GiB must turn it off / on."""
+    a stand-in GPU of (figure without checkpointing / 0.9) +- 0.5 GiB must turn it off / on. The run
+    config is read as on a machine where 7B fits (load_config refuses a run whose weights do not fit this
+    one's free memory: pretrain/budget.py)."""
+    monkeypatch.setattr("zhllama.pretrain.budget.available_memory", lambda: 1 << 40)
     assert run_cli("plan", "--model", llama7b_dir, "--stage", "stage2", "--tokens", "1e6", "--gpus", 16,
                    "--micro-batch", 8, "--json") == 0
     figures = json.loads(capsys.readouterr().out)["memory"]

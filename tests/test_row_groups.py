@@ -221,9 +221,9 @@ def test_row_lr_keys_are_checked(tiny_model_dir):
     from zhllama.pretrain.engine import build_model
 
     base = ["stage=stage2", f"model={tiny_model_dir}", "data=[d]", "out=o"]
-    for override, message in (("embed_lr_base=-1", "'embed_lr_base' must be a number >= 0"),
-                              ("embed_lr_new=0", "'embed_lr_new' must be a number > 0"),
-                              ("embed_lr_base=nan", "'embed_lr_base' must be a number >= 0")):
+    for override, message in (("embed_lr_base=-1", r"'embed_lr_base' must be a number in \[0\.0, "),
+                              ("embed_lr_new=0", r"'embed_lr_new' must be a number in \(0\.0, "),
+                              ("embed_lr_base=nan", r"'embed_lr_base' must be a number in \[0\.0, ")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, base + [override])
     with pytest.raises(ConfigError, match="'new_rows_only' and 'embed_lr_base' disagree"):

@@ -12,9 +12,10 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-from zhllama import corpus
+from zhllama import columnar, corpus
 from zhllama.errors import InputError
 from zhllama.fsutil import write_array
+from zhllama.hfdatasets import iter_hub_texts
 from zhllama.inputfile import MAX_LINE_BYTES
 
 from .. import shards as fmt
@@ -54,7 +55,7 @@ def _flatten(ids: List[List[int]], dtype) -> np.ndarray:
 
 class _Sink:
     """Collects a task's tokens per split: in memory (byte-range slices, bounded by --slice-mb), or
-    straight into the unit's temp files (a whole .gz/parquet file, which may be large)."""
+    straight into the unit's temp files (a whole .gz file, a columnar row range, a Hub shard: large)."""
 
     def __init__(self, dtype, paths: Optional[Dict[str, str]] = None):
         self.dtype = dtype
@@ -117,7 +118,13 @@ def pack_task(task: dict) -> dict:
     kw = dict(text_field=cfg["text_field"], doc_sep=cfg["doc_sep"], strict=cfg["strict"], stats=stats,
               max_line=cfg.get("max_line", MAX_LINE_BYTES))
     try:
-        if task["whole"]:
+        if task["reader"] == "rows":
+            docs = columnar.iter_texts(task["path"], cfg["text_field"], task["start"], task["end"],
+                                       strict=cfg["strict"], stats=stats, max_line=kw["max_line"])
+        elif task["reader"] == "hub":
+            docs = iter_hub_texts(task["path"], task["start"], cfg["text_field"], strict=cfg["strict"],
+                                  stats=stats, max_line=kw["max_line"])
+        elif task["whole"]:
             docs = corpus.iter_documents(task["path"], **kw)
         else:
             docs = corpus.iter_documents_range(task["path"], task["start"], task["end"],

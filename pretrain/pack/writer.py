@@ -12,6 +12,7 @@ import numpy as np
 
 from zhllama.errors import UserError
 from zhllama.fsutil import make_dirs, write_array
+from zhllama.hfdatasets import HubDataset
 from zhllama.log import get_logger
 
 from .. import shards as fmt
@@ -153,8 +154,12 @@ def write_tail(shard_dir: Path, split: str, records: List[dict], block_size: int
 
 
 def source_stats(paths) -> List[dict]:
+    """What tells an input changed: a file's size and mtime; a Hub dataset's commit and shard count."""
     out = []
     for p in paths:
+        if isinstance(p, HubDataset):
+            out.append({"path": p.key, "revision": p.revision, "shards": p.shards})
+            continue
         st = os.stat(p)
         out.append({"path": os.path.realpath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
@@ -163,7 +168,7 @@ def source_stats(paths) -> List[dict]:
 def manifest_is_current(out: Path, manifest: dict, settings: dict, sources: List[dict]) -> bool:
     if manifest.get("settings") != settings or not manifest.get("complete"):
         return False
-    old = [{k: s[k] for k in ("path", "size", "mtime_ns")} for s in manifest.get("sources", [])]
+    old = [{k: v for k, v in s.items() if k not in ("sha256", "given_as")} for s in manifest.get("sources", [])]
     if old != sources:
         return False
     try:

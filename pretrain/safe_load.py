@@ -7,6 +7,7 @@ planted pickle that would run a command) is refused with one line naming the fil
 """
 
 import contextlib
+import enum
 import pickle
 
 import torch
@@ -28,12 +29,26 @@ def _deepspeed_safe_globals() -> list:
     return found
 
 
+def _enum_lookup(allowed_enums: tuple):
+    """`builtins.getattr` as some Python 3.11 releases (3.11.0-3.11.?, e.g. Debian 12's 3.11.2) pickle an
+    enum member: `getattr(ZeroStageEnum, "gradients")`. Allowed only as a member lookup on DeepSpeed's
+    own enums; any other class or attribute is refused, so the name grants no general getattr."""
+    def getattr_member(cls, name):
+        if cls in allowed_enums and isinstance(name, str) and name in cls.__members__:
+            return cls[name]
+        raise pickle.UnpicklingError(f"getattr({getattr(cls, '__name__', type(cls).__name__)}, {name!r}) "
+                                     "is not a member of an allowed enum")
+    return getattr_member
+
+
 def safe_torch_load(path, map_location=None, mmap: bool = False):
     """torch.load without code execution: weights_only=True, DeepSpeed's plain classes allowed.
 
     `mmap=True` maps the tensors of a zip-format file instead of reading them (a rank that needs a slice
     of another rank's optimizer state reads only those pages)."""
     allowed = _deepspeed_safe_globals()
+    enums = tuple(c for c in allowed if isinstance(c, type) and issubclass(c, enum.Enum))
+    allowed = [*allowed, (_enum_lookup(enums), "builtins.getattr")]
     scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; 2.4 has only the global list
     if scoped is None and hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(allowed)

@@ -204,6 +204,29 @@ def test_a_planted_pickle_in_an_optimizer_file_is_refused_when_resharding(tmp_pa
     assert not marker.exists()
 
 
+class _PickledByGetattr:
+    """What Python 3.11.0-3.11.4 (Debian 12's 3.11.2) write for an enum member: `getattr(cls, name)`."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return (getattr, (self.cls, self.name))
+
+
+def test_an_enum_member_pickled_by_getattr_loads_and_nothing_else_does(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from zhllama.pretrain.safe_load import safe_torch_load
+    torch.save({"zero_stage": _PickledByGetattr(ZeroStageEnum, "gradients")}, tmp_path / "ok.pt")
+    assert safe_torch_load(tmp_path / "ok.pt")["zero_stage"] is ZeroStageEnum.gradients
+    # the name allows a member lookup on DeepSpeed's enums only: not another attribute, not another class
+    for i, (cls, name) in enumerate([(ZeroStageEnum, "__class__"), (ZeroStageEnum, "_member_map_"), (subprocess.Popen, "__init__"),
+                                     (torch.Tensor, "add_")]):
+        torch.save({"x": _PickledByGetattr(cls, name)}, tmp_path / f"bad{i}.pt")
+        with pytest.raises(UserError, match="refusing to load a checkpoint file"):
+            safe_torch_load(tmp_path / f"bad{i}.pt")
+
+
 # ----------------------------------------------------------------------------- a failed write on one rank
 
 class _CkptEngine:

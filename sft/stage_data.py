@@ -3,7 +3,8 @@
 Importing this module registers it with pretrain/stage_data.py; `zhllama train` does (zhllama/app/train.py).
 """
 
-from zhllama.corpus import expand_inputs, parse_weighted_spec
+from zhllama.corpus import expand_sources, parse_weighted_spec
+from zhllama.hfdatasets import HubDataset
 from zhllama.fsutil import sha256_file
 from zhllama.pretrain.stage_data import Data, StageData, register
 
@@ -38,11 +39,18 @@ def check(cfg) -> None:
 
 def fingerprint(cfg) -> dict:
     """The sha256 of every input file, per data spec: a checkpoint records it, and a resume on changed
-    files is refused (pretrain/checkpoint.py)."""
+    files is refused (pretrain/checkpoint.py). A `hf://` Hub dataset is recorded by its name, revision,
+    config and split (its rows are streamed, not hashed: name a commit, `hf://OWNER/NAME@SHA`, to pin it)."""
     out = {}
     for spec in cfg.data:
         path_spec, _ = parse_weighted_spec(spec)
-        out[str(spec)] = {"sha256 of": {str(p): sha256_file(p) for p in expand_inputs([path_spec])}}
+        files, hub = {}, []
+        for source in expand_sources([path_spec]):
+            if isinstance(source, HubDataset):
+                hub.append(source.key)
+            else:
+                files[str(source)] = sha256_file(source)
+        out[str(spec)] = {"sha256 of": files, **({"hub datasets": hub} if hub else {})}
     return out
 
 

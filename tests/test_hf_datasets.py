@@ -6,11 +6,13 @@ before (and, for token streams, SentencePiece called directly). Datasets are bui
 `datasets.Dataset.from_dict`; nothing touches the network (HF_HUB_OFFLINE=1, conftest).
 """
 
+import hashlib
 import json
 import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -426,6 +428,19 @@ def test_sft_hub_name_offline_is_one_line(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("zhllama.sft.convert: error: hf://someone/instructions: a Hub "
                                                "dataset needs the network"), err
     assert not out.exists()
+
+
+def test_sft_fingerprint_records_a_hub_dataset_by_its_name_and_hashes_the_files(tmp_path):
+    """What an SFT checkpoint records of its data (the resume check): files by sha256, a Hub dataset
+    by name, revision, config and split; no network is needed to record or compare it."""
+    from zhllama.sft.stage_data import fingerprint
+    local = tmp_path / "a.jsonl"
+    local.write_bytes(b'{"instruction": "x", "output": "y"}\n')
+    cfg = SimpleNamespace(data=["hf://someone/instructions@abc123/zh:0.5", f"{local}:2"])
+    assert fingerprint(cfg) == {
+        "hf://someone/instructions@abc123/zh:0.5": {
+            "sha256 of": {}, "hub datasets": ["hf://someone/instructions@abc123/zh?split=train"]},
+        f"{local}:2": {"sha256 of": {str(local): hashlib.sha256(local.read_bytes()).hexdigest()}}}
 
 
 class _RunsCode:

@@ -61,3 +61,15 @@ def test_gguf_dequantized_into_a_tied_llama(tmp_path):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert float(loss) < 6.0   # a trained model, far below ln(49152) = 10.8 of a random one
+
+
+def test_an_answer_loops_when_a_stretch_of_four_characters_comes_three_times():
+    from zhllama.app.demo.report import loops, repeated_span
+    # the final model's answer of the 2026-11-30 run, and the base's
+    assert repeated_span("这是一个示例，我们可以在一个表栋中，在一个表栋中，在一个表栋中，") == "在一个表栋中，"
+    assert repeated_span("春天的诗：\n\n春天的诗：\n\n春天的诗：") == "春天的诗："   # whitespace does not count
+    assert loops("春天的诗：\n\n春天的诗：\n\n春天的诗：")
+    assert not loops("北京是中国的首都，也是一座历史悠久的城市，每年都有很多游客。")
+    assert repeated_span("abcabcabc") == "abc" and not loops("abcabcabc")   # 3 characters: not a loop
+    assert not loops("在一个表栋中，在一个表栋中，")   # twice is not a loop
+    assert repeated_span("") == ""

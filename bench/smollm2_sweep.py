@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -73,6 +74,15 @@ def heldout_docs(demo: PrepDemo):
     return zh[:demo.settings["data"]["max_heldout_docs"]], en
 
 
+def remove_shm_buffers(logs: Path) -> None:
+    """DeepSpeed leaves a ~70 MB /dev/shm buffer per rank behind (docs/training.md); a sweep of many runs
+    would fill the memory. Remove those of this run's launcher ports only (read from its logs)."""
+    ports = {m.group(1) for f in logs.glob("*.log") for m in re.finditer(r"--master_port[ =](\d+)", f.read_text())}
+    for port in ports:
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
+
+
 def train(demo: PrepDemo, stage: str, run_dir: Path, overrides: list, ranks: int, env: dict = None) -> dict:
     """One `zhllama train` run into run_dir/run (reused when finished): its summary and metrics."""
     if not (run_dir / "run" / "summary.json").is_file():
@@ -85,6 +95,7 @@ def train(demo: PrepDemo, stage: str, run_dir: Path, overrides: list, ranks: int
         finally:
             os.environ.clear()
             os.environ.update(saved)
+            remove_shm_buffers(run_dir / "logs")
     return {"summary": read_json(run_dir / "run" / "summary.json"),
             "metrics": read_jsonl(run_dir / "run" / "metrics.jsonl")}
 
@@ -107,14 +118,17 @@ def throughput(demo: PrepDemo, args) -> None:
         for name in (order if rep % 2 == 0 else order[::-1]):   # alternate the order between repeats
             ranks, micro, block = SETUPS[name]
             packed = demo.pack(0.1, block)
+            chain = []
             for stage in ("stage1", "stage2"):
                 tag = f"{name.replace(' ', '_')}_{stage}_r{rep}"
                 out = args.work / "throughput" / tag
                 res = train(demo, stage, out, [f"data={json.dumps([packed])}", f"block_size={block}",
+                                               f"init_adapters={json.dumps(chain)}",
                                                f"max_steps={args.steps}", f"global_batch={args.global_batch}",
                                                f"micro_batch={micro}", "lr=2e-3", "warmup_ratio=0.1",
                                                f"save_every={args.steps}", "eval_every=0", "eval_batches=1"],
                             ranks)
+                chain = [str(out / "run" / "final")]
                 tps = [r["tokens_per_s"] for r in res["metrics"][2:]]   # the first steps warm up
                 rows.setdefault((name, stage), []).append(statistics.median(tps))
                 print(f"  {tag}: median {statistics.median(tps):,.0f} tokens/s", flush=True)
@@ -131,6 +145,10 @@ def throughput(demo: PrepDemo, args) -> None:
 
 # ------------------------------------------------------------------------------------------------ sweep
 
+TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+           "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
 def config_name(c: dict) -> str:
     parts = [f"en{c['english_share']:g}", f"s{c['stage1_steps']}+{c['stage2_steps']}", f"lr{c['lr']:g}"]
     if c.get("lr1") is not None:
@@ -139,6 +157,8 @@ def config_name(c: dict) -> str:
                        ("block", "b"), ("sft_steps", "sft")):
         if c.get(key) is not None:
             parts.append(f"{short}{c[key]:g}")
+    if c.get("lora_targets"):
+        parts.append(c["lora_targets"])
     return "_".join(parts)
 
 
@@ -153,18 +173,20 @@ def sweep(demo: PrepDemo, args) -> None:
     base = json.loads(base_fig.read_text())
     print(f"base: zh {base['bits_per_char']:.3f} bits/char, en {base['en_bits_per_char']:.3f}", flush=True)
     grid = itertools.product(args.english_share, args.split, args.lr, args.lr1 or [None], args.embed_lr_base or [None],
-                             args.block)
-    for share, split, lr, lr1, base_lr, block in grid:
+                             args.embed_lr_new or [None], args.lora_r or [None], args.lora_targets or [None], args.block)
+    for share, split, lr, lr1, base_lr, new_lr, lora_r, targets, block in grid:
         n1, n2 = (int(x) for x in split.split(":"))
         c = {"english_share": share, "stage1_steps": n1, "stage2_steps": n2, "lr": lr, "lr1": lr1,
-             "embed_lr_base": base_lr, "block": block if block != 128 else None,
-             "sft_steps": args.sft_steps if args.sft else None}
+             "embed_lr_base": base_lr, "embed_lr_new": new_lr, "lora_r": lora_r, "lora_targets": targets,
+             "block": block if block != 128 else None, "sft_steps": args.sft_steps if args.sft else None}
         name = args.name_prefix + config_name(c)
         packed = demo.pack(share, block)
         common = [f"data={json.dumps([packed])}", f"block_size={block}", f"global_batch={args.global_batch}",
                   f"micro_batch={args.micro_batch}", "warmup_ratio=0.1", "eval_every=0", "eval_batches=4"]
         if base_lr is not None:
             common.append(f"embed_lr_base={base_lr}")
+        if new_lr is not None:
+            common.append(f"embed_lr_new={new_lr}")
         runs, chain, out = {}, [], {"name": name, **c}
         plan = [("stage1", n1, lr1 if lr1 is not None else lr, 42), ("stage2", n2, lr, 43)]
         if args.sft:
@@ -180,6 +202,10 @@ def sweep(demo: PrepDemo, args) -> None:
                         f"micro_batch={args.micro_batch}", "warmup_ratio=0.1", "eval_every=0"]
             else:
                 data = common
+                if stage == "stage2" and lora_r is not None:   # alpha / r kept at the preset's 4
+                    data = data + [f"lora_r={lora_r}", f"lora_alpha={4 * lora_r}"]
+                if stage == "stage2" and targets is not None:
+                    data = data + [f"lora_targets={json.dumps(TARGETS[targets])}"]
             res = train(demo, stage, d, [*data, f"max_steps={steps}", f"lr={stage_lr}", f"seed={seed}",
                                          f"save_every={steps}", f"init_adapters={json.dumps(chain)}"], args.ranks)
             chain = chain + [str(d / "run" / "final")]
@@ -231,6 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, nargs="+", default=[2e-3], help="stage-2 lr (and stage 1's without --lr1)")
     ap.add_argument("--lr1", type=float, nargs="+", help="stage-1 lr")
     ap.add_argument("--embed-lr-base", type=float, nargs="+", help="base-row lr multiple (needs the per-row groups)")
+    ap.add_argument("--embed-lr-new", type=float, nargs="+", help="new-row lr multiple (needs the per-row groups)")
+    ap.add_argument("--lora-r", type=int, nargs="+", help="stage-2 LoRA rank (alpha = 4 r, as the preset's 32/8)")
+    ap.add_argument("--lora-targets", nargs="+", choices=tuple(TARGETS), help="stage-2 LoRA targets")
     ap.add_argument("--block", type=int, nargs="+", default=[128])
     ap.add_argument("--sft", action="store_true", help="also SFT after stage 2 (the demo's SFT data)")
     ap.add_argument("--sft-steps", type=int, default=40)

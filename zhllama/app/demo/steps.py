@@ -342,7 +342,7 @@ class Demo:
                                       f"init_adapters={json.dumps(self.adapters_until(self.train_steps[-2]))}"])
 
     def step_merge(self, d: Path) -> dict:
-        """zhllama merge: the three adapters folded into one HF checkpoint"""
+        """zhllama merge: the training steps' adapters folded into one HF checkpoint"""
         args = ["merge", "--base", self.resized()]
         for a in self.adapters_until("sft"):
             args += ["--adapter", a]

@@ -203,6 +203,7 @@ def load_inference_model(model_dir, tokenizer=None, template="alpaca", name=None
     `max_context` caps the tokens of a request (default: the model's max_position_embeddings)."""
 
     template = get_template(template)
-    model, tok = load_for_inference(model_dir, tokenizer, device=device, dtype=dtype)
+    model, tok = load_for_inference(model_dir, tokenizer, device=device, dtype=dtype,
+                                    context_given=max_context is not None)
     return InferenceModel(model, tok, template, name or Path(model_dir).resolve().name, max_new_tokens,
                           max_context)

@@ -45,6 +45,7 @@ from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output_path, sha256_file
 from zhllama.hf_tokenizer import TOKENIZER_DIR_FILES, make_portable
 from zhllama.log import get_logger
+from zhllama.model_config import TRUST_REMOTE_CODE
 from zhllama.modelio import PADDED_VOCAB_KEY, save_tokenizer, write_resized_configs
 from zhllama.outlock import output_lock
 from zhllama.sft.examples import encode_chat_prompt
@@ -124,7 +125,7 @@ def _check_chat_template(out_dir: Path, template) -> None:
     from transformers import AutoTokenizer
 
 
-    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True, trust_remote_code=TRUST_REMOTE_CODE)
     msgs = [{"role": "user", "content": "用一句话介绍北京。"}, {"role": "assistant", "content": "北京是中国的首都。"},
             {"role": "user", "content": "Name three colors."}]
     if template.turn is None:
@@ -304,7 +305,7 @@ def verify_output(out_dir: Path, want_shapes: Dict[str, tuple], dtype_name: str,
     if cfg["vocab_size"] != rows or got[EMBED][0][0] != rows:
         raise RuntimeError(f"{out_dir}: config vocab_size {cfg['vocab_size']}, {EMBED} rows {got[EMBED][0][0]}, "
                            f"expected {rows}")
-    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True, trust_remote_code=TRUST_REMOTE_CODE)
     n = len(tok)
     if n > rows or (n < rows and cfg.get(PADDED_VOCAB_KEY) != n):
         raise RuntimeError(f"{out_dir}: AutoTokenizer loads {n} tokens for {rows} embedding rows")

@@ -597,7 +597,7 @@ def serving_context(model_dir, max_context=None) -> int:
     without a usable one (missing, 0, absurd) is refused unless --max-context is given; --max-context
     may lower the model's positions, not raise them."""
     key = f"{Path(model_dir) / 'config.json'}: max_position_embeddings"
-    config = read_model_config(model_dir)
+    config = read_model_config(model_dir, context_given=True)    # the key is checked here, with the way out
     if max_context is None:
         return usable_context(config.get("max_position_embeddings"), key)
     positions = config.get("max_position_embeddings")

@@ -164,7 +164,9 @@ def check_python_claims(text: str, where: str, floor: str) -> list:
             f"requires Python >= {floor}" for m in PYTHON_CLAIM.finditer(text) if m.group(1) != floor]
 
 
-COMMAND = re.compile(r"`((?:CI=true )?bash [^`]+|python bench/[^`]+|zhllama [^`]+)`")
+# a command in backticks, after any VAR=value assignments (`CI=true bash ...`, `ZHLLAMA_SHARED=... bash ...`)
+ENV_ASSIGNMENTS = r"(?:[A-Z][A-Z0-9_]*=\S+ )*"
+COMMAND = re.compile(r"`(" + ENV_ASSIGNMENTS + r"(?:bash [^`]+|python bench/[^`]+|zhllama [^`]+))`")
 
 
 def check_benchmark_commands(text: str, where: str) -> list:
@@ -180,7 +182,7 @@ def check_benchmark_commands(text: str, where: str) -> list:
         if figure.search(body) and not commands:
             problems.append(f"{where}:{line}: section '{title}' gives figures but names no command that produced them")
         for c in commands:
-            words = c.replace("CI=true ", "").split()
+            words = re.sub("^" + ENV_ASSIGNMENTS, "", c).split()
             if words[0] == "python" and not (REPO / words[1]).is_file():
                 problems.append(f"{where}:{line}: section '{title}' names `{c}`, but {words[1]} does not exist")
             if words[0] == "bash" and not (REPO / words[1]).is_file():

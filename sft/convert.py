@@ -3,9 +3,10 @@
     python -m zhllama.sft.convert ../shared/data/sft/belle_eval_set_zh.json \\
         --field-map instruction=question,output=std_answer --out data/sft/belle_zh.jsonl
 
-Reads any file `zhllama.sft.records` accepts (Alpaca JSON array or lines, ShareGPT/OpenAI-style
-conversations, other field names through --field-map, `path:weight` specs) with the same validation,
-and writes the valid records: single-turn ones as Alpaca objects (`instruction`, `input`, `output`,
+Reads any input `zhllama.sft.records` accepts (Alpaca JSON array or lines, ShareGPT/OpenAI-style
+conversations, parquet/Arrow files and `save_to_disk` folders one record a row, `hf://` Hub datasets,
+other field names through --field-map, `path:weight` specs) with the same validation, and writes the
+valid records: single-turn ones as Alpaca objects (`instruction`, `input`, `output`,
 plus `system` when set), multi-turn ones as `conversations` (`from`/`value`). Output is written
 atomically; skipped records are counted in the log (or stop the run with --strict).
 """
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 
+from zhllama.argtypes import SEED
 from zhllama.errors import UserError, disk_full_error
 from zhllama.fsutil import atomic_write_text
 from zhllama.inputfile import add_max_line_argument, max_line_bytes
@@ -54,12 +56,13 @@ def convert(specs, out, *, field_map=None, strict=False, seed=0, max_record=MAX_
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m zhllama.sft.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="data files, dirs or globs; path:weight to resample")
+    p.add_argument("inputs", nargs="+", help="data files (JSON, JSON lines, parquet, Arrow), dirs, globs, "
+                                             "save_to_disk folders, hf://OWNER/NAME; path:weight to resample")
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--field-map", default=None,
                    help="other field names, e.g. instruction=question,output=std_answer")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
-    p.add_argument("--seed", type=int, default=0, help="seed for fractional weights")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for fractional weights")
     add_max_line_argument(p, "record (a JSON line or array element; a longer one is a bad record: "
                              "skipped, or an error with --strict)", "--max-record-mb", MAX_RECORD_MB)
     args = p.parse_args(argv)

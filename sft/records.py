@@ -1,7 +1,10 @@
 """Instruction records: read, validate and normalise SFT data files.
 
 Accepted files (.json, .jsonl, .ndjson, optionally .gz): a JSON array of objects (Stanford's
-alpaca_data.json) or JSON lines, told apart by the first non-blank character. Accepted records:
+alpaca_data.json) or JSON lines, told apart by the first non-blank character. Also tables, one record
+a row (`iter_table`): parquet and Arrow files, a dataset saved with `save_to_disk` (its `train` split;
+give a DatasetDict's split folder for another), and a Hub dataset `hf://OWNER/NAME[/CONFIG]`
+(streamed; needs the network). Accepted records:
 
 - Alpaca: `instruction`, optional `input`, `output` (and an optional `system`);
 - conversations (ShareGPT style): `conversations` (or `messages`), a list of `{from|role, value|content}`
@@ -12,7 +15,7 @@ alpaca_data.json) or JSON lines, told apart by the first non-blank character. Ac
 
 Every record becomes a `Record` (system, input, turns). A bad record (not UTF-8, not JSON, not an
 object, a missing or empty field, a wrong type, a broken conversation, an array cut short) is
-reported with its file and line: `strict=True` raises `InputError`, otherwise it is counted by
+reported with its file and line (a table's row, from 0): `strict=True` raises `InputError`, otherwise it is counted by
 reason and skipped, and the first few messages are kept in `RecordStats` (and logged). A record
 larger than `max_record` bytes (2 MB by default: a 25 MB record took 3.6 GB to tokenize) is such a bad
 record ("too_large"): it is never parsed or tokenized. A FIFO, device or broken link is refused, and a
@@ -29,10 +32,12 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-from zhllama.corpus import expand_inputs
+from zhllama.columnar import iter_rows
+from zhllama.corpus import expand_sources, is_columnar, parse_weighted_spec
 from zhllama.errors import ConfigError, InputError
+from zhllama.hfdatasets import HubDataset, iter_hub_rows, resolve
 from zhllama.inputfile import BOM, check_input_file
 from zhllama.log import get_logger
 
@@ -339,21 +344,35 @@ def iter_file(path, field_map=None, strict=False, stats: Optional[RecordStats] =
     body = text.lstrip()
     values = (_iter_array(path, text, max_record) if body.startswith("[")
               else _iter_lines(path, text, max_record))
-    for lineno, value in values:
-        where = f"{path}:{lineno}"
-        if isinstance(value, BadRecord):
-            if strict:
-                raise InputError(path, str(value), lineno)
-            stats.note(value.reason, f"{where}: {value}")
-            continue
+    yield from _validated(path, values, field_map, strict, stats)
+
+
+def iter_table(source, field_map=None, strict=False, stats: Optional[RecordStats] = None,
+               max_record: int = MAX_RECORD_BYTES):
+    """Validated `Record`s of a parquet/Arrow file or a resolved Hub dataset, one a row, in row order,
+    each named `source:row N` (from 0). A null is an absent field; a row larger than `max_record` bytes
+    as JSON is a bad record ("too_large"), as a JSON line would be."""
+    stats = stats if stats is not None else RecordStats()
+    rows = iter_hub_rows(source) if isinstance(source, HubDataset) else iter_rows(source)
+    values = ((f"row {row}", _too_large(json.dumps(obj, ensure_ascii=False, default=str), max_record) or obj)
+              for row, obj in rows)
+    yield from _validated(source, values, parse_field_map(field_map), strict, stats)
+
+
+def _validated(source, values, field_map, strict, stats):
+    """Records of (where, JSON value or BadRecord) pairs, each named `source:where`; a bad one raises
+    (strict) or is counted."""
+    for where, value in values:
         try:
+            if isinstance(value, BadRecord):
+                raise value
             record = normalise(value, field_map)
         except BadRecord as e:
             if strict:
-                raise InputError(path, str(e), lineno) from None
-            stats.note(e.reason, f"{where}: {e}")
+                raise InputError(source, str(e), where) from None
+            stats.note(e.reason, f"{source}:{where}: {e}")
             continue
-        record.source = where
+        record.source = f"{source}:{where}"
         yield record
 
 
@@ -443,27 +462,12 @@ class _LineIndex:
 
 
 # -- several files with weights ---------------------------------------------------------------------
-def parse_spec(spec) -> Tuple[str, Optional[float]]:
-    """"path:weight" -> (path, weight); a plain path -> (path, None)."""
-    spec = str(spec)
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return spec, None
-        if not math.isfinite(weight) or weight < 0:
-            raise ConfigError(f"data spec '{spec}': weight must be a number >= 0")
-        return head, weight
-    return spec, None
-
-
 def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0,
                  max_record: int = MAX_RECORD_BYTES):
     """Records of several files mixed with weights -> (records, stats).
 
-    `specs`: paths, directories or globs, each optionally "path:weight"; or pass `weights` (one per
-    spec). A weight w keeps every record floor(w) times plus a seeded random fraction w - floor(w)
+    `specs`: paths, directories, globs, saved datasets or `hf://` Hub datasets, each optionally
+    "path:weight"; or pass `weights` (one per spec). A weight w keeps every record floor(w) times plus a seeded random fraction w - floor(w)
     of them once more (0.5 = half the file, 2 = twice). Order: files in spec order, records in file
     order, extra copies after the file's records; the training sampler shuffles.
     """
@@ -479,18 +483,25 @@ def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0,
     rng = random.Random(seed)
     records: List[Record] = []
     for i, spec in enumerate(specs):
-        path_spec, weight = parse_spec(spec)
+        path_spec, weight = parse_weighted_spec(spec)
         if weights is not None:
             if weight is not None:
                 raise ConfigError(f"data spec '{spec}' has a weight and weights= gives another")
             weight = float(weights[i])
         weight = 1.0 if weight is None else weight
-        for path in expand_inputs([path_spec]):
-            if not path.name.lower().removesuffix(".gz").endswith(RECORD_SUFFIXES):
-                raise InputError(path, f"not an SFT data file (expected {'/'.join(RECORD_SUFFIXES)})")
+        for path in expand_sources([path_spec]):
+            if isinstance(path, HubDataset):
+                path = resolve(path)
+                file_records = list(iter_table(path, field_map, strict, stats, max_record))
+            elif is_columnar(path):
+                file_records = list(iter_table(path, field_map, strict, stats, max_record))
+            elif path.name.lower().removesuffix(".gz").endswith(RECORD_SUFFIXES):
+                file_records = list(iter_file(path, field_map, strict, stats, max_record))
+            else:
+                raise InputError(path, f"not an SFT data file (expected {'/'.join(RECORD_SUFFIXES)}, "
+                                       ".parquet, .arrow or a saved dataset)")
             name = str(path)
             stats.files.append(name)
-            file_records = list(iter_file(path, field_map, strict, stats, max_record))
             stats.read[name] += len(file_records)
             chosen = _weighted(file_records, weight, rng)
             stats.sampled[name] += len(chosen)

@@ -29,6 +29,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
+from zhllama.argtypes import SEED, float_range, int_range
 from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_write_json, sha256_file
@@ -376,19 +377,26 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output JSON lines; resumed when it exists")
     add_max_line_argument(parser, "seed task (a JSON line or array element)", "--max-record-mb", MAX_RECORD_MB)
     add_client_arguments(parser)
-    parser.add_argument("--num", type=int, required=True, help="number of instructions to end with")
+    parser.add_argument("--num", type=int_range(1, 10 ** 7),
+                        required=True, help="number of instructions to end with")
     parser.add_argument("--lang", choices=["zh", "en"], default="zh", help="language of the tasks (default zh)")
-    parser.add_argument("--num-prompt-instructions", type=int, default=3, help="seed examples per request (3)")
-    parser.add_argument("--num-tasks", type=int, default=20, help="length of the list the model completes (20)")
-    parser.add_argument("--batch-size", type=int, default=5, help="requests per batch; a batch is written "
+    parser.add_argument("--num-prompt-instructions", type=int_range(1, 100),
+                        default=3, help="seed examples per request (3)")
+    parser.add_argument("--num-tasks", type=int_range(1, 1000),
+                        default=20, help="length of the list the model completes (20)")
+    parser.add_argument("--batch-size", type=int_range(1, 10 ** 4),
+                        default=5, help="requests per batch; a batch is written "
                         "at once, so a crash loses at most one batch (5)")
-    parser.add_argument("--threshold", type=float, default=0.7, help="drop instructions with ROUGE-L above this (0.7)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=3072)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the example sampling")
-    parser.add_argument("--max-requests", type=int, default=0, help="stop after this many requests (0 = no limit)")
-    parser.add_argument("--patience", type=int, default=20, help="stop after this many batches in a row "
+    parser.add_argument("--threshold", type=float_range(0, 1),
+                        default=0.7, help="drop instructions with ROUGE-L above this (0.7)")
+    parser.add_argument("--temperature", type=float_range(0, 2), default=1.0)
+    parser.add_argument("--top-p", type=float_range(0, 1, above_low=True), default=1.0)
+    parser.add_argument("--max-tokens", type=int_range(1, 1 << 20), default=3072)
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the example sampling")
+    parser.add_argument("--max-requests", type=int_range(0, 10 ** 9),
+                        default=0, help="stop after this many requests (0 = no limit)")
+    parser.add_argument("--patience", type=int_range(1, 10 ** 6),
+                        default=20, help="stop after this many batches in a row "
                         "keep nothing (0 = never)")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out")
 

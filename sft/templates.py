@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 from zhllama.errors import ConfigError, InputError
 from zhllama.inputfile import read_text
+from zhllama.yamlio import load_yaml
 
 SEAMS = ("continue", "standalone")
 TEMPLATE_MAX_BYTES = 1_000_000  # a prompt template is a few hundred bytes; a larger file is a mistake
@@ -233,16 +232,13 @@ class Template:
         """
         path = Path(path)
         text = read_text(path, "template", max_bytes=TEMPLATE_MAX_BYTES)
+        if path.suffix.lower() != ".json":
+            return cls.from_dict(load_yaml(text, str(path), "template file"), source=str(path), default_name=path.stem)
         try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                data = yaml.safe_load(text)
-        except Exception as e:  # json and yaml raise different types; both are "bad file"
-            line = getattr(e, "lineno", None) or getattr(getattr(e, "problem_mark", None), "line", None)
-            if line is not None and not isinstance(e, json.JSONDecodeError):
-                line += 1  # yaml marks count from 0
-            raise InputError(path, f"not a valid template file: {str(e).splitlines()[0]}", line) from None
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InputError(path, f"not a valid template file: {str(e).splitlines()[0]}",
+                             getattr(e, "lineno", None)) from None
         return cls.from_dict(data, source=str(path), default_name=path.stem)
 
     @classmethod

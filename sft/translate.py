@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from zhllama.argtypes import float_range, int_range
 from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import sha256_file
@@ -141,12 +142,15 @@ def add_arguments(parser):
     add_client_arguments(parser)
     parser.add_argument("--fields", default="instruction,input,output",
                         help="comma-separated fields to translate (default instruction,input,output)")
-    parser.add_argument("--batch-size", type=int, default=16, help="records per committed batch (16)")
-    parser.add_argument("--parse-retries", type=int, default=2, help="new answers asked for when an answer "
+    parser.add_argument("--batch-size", type=int_range(1, 10 ** 4),
+                        default=16, help="records per committed batch (16)")
+    parser.add_argument("--parse-retries", type=int_range(0, 100),
+                        default=2, help="new answers asked for when an answer "
                         "is not the expected JSON object (2)")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-tokens", type=int, default=2048)
-    parser.add_argument("--limit", type=int, default=0, help="translate only the first N records (0 = all)")
+    parser.add_argument("--temperature", type=float_range(0, 2), default=0.0)
+    parser.add_argument("--max-tokens", type=int_range(1, 1 << 20), default=2048)
+    parser.add_argument("--limit", type=int_range(0, 10 ** 12),
+                        default=0, help="translate only the first N records (0 = all)")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out")
 
 

@@ -75,7 +75,7 @@ def train_adapter(model, stage, out, tokenizer_dir, run_config=None, steps=2, se
 # variables (a run must start its own world), the launcher's knobs, and the engine's test seam.
 _LEAKY_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
               "GPUS_PER_NODE", "HOSTFILE", "CUDA_VISIBLE_DEVICES", "CONFIG", "DETACH", "DRY_RUN", "LAUNCHER_ARGS",
-              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS")
+              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS", "ZHLLAMA_NAN_WEIGHTS")
 
 
 def subprocess_env(**extra) -> dict:
@@ -139,14 +139,45 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return out
 
 
+def _pack_sample(tmp_path_factory, tokenizer_dir, sample: str, name: str) -> Path:
+    """A bundled sample packed into 32-token blocks (5% validation) with the tiny tokenizer."""
+    from zhllama.app.cli import main
+
+    out = tmp_path_factory.mktemp(f"tiny_{name}") / name
+    assert main(["data", "pack", "--tokenizer", tokenizer_dir, "--input", str(SAMPLES / sample),
+                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_packed(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """The bundled Chinese sample packed into 32-token blocks (5% validation) with the tiny tokenizer."""
-    from zhllama.app.cli import main
+    return _pack_sample(tmp_path_factory, tiny_tokenizer_dir, "zh_sample.txt", "packed")
 
-    out = tmp_path_factory.mktemp("tiny_packed") / "packed"
-    assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", str(SAMPLES / "zh_sample.txt"),
-                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
+@pytest.fixture(scope="session")
+def tiny_packed_en(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """The bundled English sample packed like `tiny_packed`: the second source of a mixture."""
+    return _pack_sample(tmp_path_factory, tiny_tokenizer_dir, "en_sample.txt", "en")
+
+
+TINY_NEW_ROWS = 500  # rows of the tiny vocabulary `tiny_model_base_vocab` calls added by a merge
+
+
+@pytest.fixture(scope="session")
+def tiny_model_base_vocab(tmp_path_factory, tiny_model_dir) -> Path:
+    """`tiny_model_dir` whose config.json records, as `zhllama vocab resize` does, that its last 500 rows were
+    added by a merge (zhllama_base_vocab_size = vocab - 500): the rarest pieces of the tiny tokenizer, which
+    occur in the Chinese sample and not in the English one. The engine splits the rows there."""
+    import json
+    import shutil
+
+    from zhllama.modelio import BASE_VOCAB_KEY
+
+    out = tmp_path_factory.mktemp("tiny_base_vocab") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config[BASE_VOCAB_KEY] = config["vocab_size"] - TINY_NEW_ROWS
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 GROWN_PIECES = ["自然语言处理", "人工智能", "机器学习", "大模型"]

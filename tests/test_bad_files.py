@@ -116,6 +116,7 @@ COMMANDS = {
     "translate": (lambda p, t, m, o: ["translate", "--input", p, "--out", o / "out.jsonl", *API], ".jsonl", False),
     "eval --benchmark": (lambda p, t, m, o: ["eval", "--model", m, "--benchmark", "cmmlu", "--data", p,
                                              "--device", "cpu"], ".csv", "benchmark"),
+    "train --config": (lambda p, t, m, o: ["train", "--dry-run", "--config", p], ".yaml", False),
 }
 
 

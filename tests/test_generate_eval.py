@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from zhllama.app.cli import main
-from zhllama.export.evaluate import evaluate_docs, windows
+from zhllama.export.evaluate import evaluate_docs
+from zhllama.heldout import windows
 from zhllama.modelio import load_model, load_tokenizer
 from zhllama.sft.examples import encode_chat_prompt, encode_prompt
 

@@ -4,6 +4,7 @@ A tiny SentencePiece BPE model (byte fallback, identity normalization so decodin
 is trained once per session on text the test writes; ../shared is only used by the last test.
 """
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -113,6 +114,23 @@ def decode_docs(sp, stream):
         start = c + 1
     assert start == len(stream)
     return docs
+
+
+@contextlib.contextmanager
+def interrupted_after(units: int):
+    """Packs in this block stop with Ctrl-C (KeyboardInterrupt) once `units` units are recorded."""
+    seen = []
+
+    def interrupt(unit):
+        seen.append(unit.index)
+        if len(seen) == units:
+            raise KeyboardInterrupt
+
+    pack.Packer.after_unit = interrupt
+    try:
+        yield
+    finally:
+        pack.Packer.after_unit = None
 
 
 def snapshot(out):
@@ -282,18 +300,8 @@ def test_interrupted_pack_resumes(tiny_sp, tmp_path, caplog):
     assert n_units >= 3
 
     out = tmp_path / "pack"
-    seen = []
-
-    def interrupt(unit):
-        seen.append(unit.index)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-
-    pack.Packer.after_unit = interrupt
-    try:
+    with interrupted_after(2):
         assert do_pack(tiny_sp, [src], out, *opts) == 130
-    finally:
-        pack.Packer.after_unit = None
     assert not (out / "manifest.json").exists()
     assert not list((out / "shards").glob(".*.tmp"))         # no half-written shard left
     with pytest.raises(UserError, match="interrupted"):

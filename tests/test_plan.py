@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_cli
 from zhllama.pretrain import flops
-from zhllama.pretrain.plan import activation_bytes, activation_profile, executed_flops_per_token, plan
+from zhllama.pretrain.plan import activation_bytes, activation_profile, plan, recompute_flops_per_token
 
 # LLaMA paper (Touvron et al. 2023): Table 15 GPU-hours on A100-80GB, §2.4 throughput of the 65B run.
 LLAMA_7B_GPU_HOURS, LLAMA_7B_TOKENS = 82_432, 1.0e12
@@ -43,9 +43,12 @@ def test_cli_json(capsys):
     assert abs(p["trainable_pct"] - 6.06) <= 0.01 and p["vocab_size"] == 49953
     assert p["gpu_hours_with_reserve"] == pytest.approx(1.3 * p["gpu_hours"])
     # 7B at 49,953 rows, s = 512, by hand: N_mm = 32 (4·4096² + 3·4096·11008) + 4096·49953 = 6,680,612,864;
-    # 6 N_mm + 12·32·4096·512 = 40,888,983,552 FLOP/token; 20e9 of them at 0.4 x 312 TFLOP/s = 1,820.2 GPU-hours
-    assert p["model_flops_per_token"] == 40_888_983_552
-    assert p["gpu_hours"] == pytest.approx(1820.2005, rel=1e-6)
+    # LoRA r=8 on q,k,v,o: A = 32 · 4 · (4096·8 + 8·4096) = 8,388,608, trained with lm_head (4096·49953):
+    # T_mm = 212,996,096. Model FLOPs 4 (N_mm + A) + 2 T_mm + 12·32·4096·512 = 27,987,304,448 a token
+    # (frozen weights: forward and backward to the activations; trained ones also their gradient);
+    # 20e9 of them at 0.4 x 312 TFLOP/s = 1,245.87 GPU-hours
+    assert p["model_flops_per_token"] == 27_987_304_448
+    assert p["gpu_hours"] == pytest.approx(1245.8736, rel=1e-6)
     assert p["days"] == pytest.approx(p["gpu_hours_with_reserve"] / 16 / 24)
     assert p["steps"] == -(-int(20e9) // (1024 * 512))
 
@@ -116,14 +119,16 @@ def test_micro_batch_choice_and_errors(capsys):
     assert "no/such/config.json" in capsys.readouterr().err
 
 
-def test_executed_flops_match_model_flops_for_full_training():
+def test_executed_flops_are_model_flops_plus_the_recomputed_layers():
     from zhllama.tiny import llama_config
     cfg = llama_config("llama-7b")
-    model = flops.flops_per_token(cfg, 512)
-    assert executed_flops_per_token(cfg, 512, flops.matmul_params(cfg), True, False) == pytest.approx(model)
-    # frozen layers: no weight gradients, but the backward still runs through them: forward 2N + 4Lds and
-    # backward to the activations 2N + 8Lds, by hand 4 x 6,607,077,376 + 12·32·4096·512 (64% of the model FLOPs)
-    assert executed_flops_per_token(cfg, 512, 0, False, False) == 4 * 6_607_077_376 + 12 * 32 * 4096 * 512
+    p = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, micro_batch=8)
+    executed = p["executed_flops_per_token"]
+    assert executed["without_checkpointing"] == p["model_flops_per_token"]
+    # checkpointing recomputes the 32 layers' forward: 2 x 6.48e9 layer matmul parameters + 4 L d s
+    layers_mm = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert executed["with_checkpointing"] - executed["without_checkpointing"] == pytest.approx(
+        2 * layers_mm + 4 * 32 * 4096 * 512) == recompute_flops_per_token(cfg, 512, True)
 
 
 def test_plan_from_an_hf_config_matches_a_real_model(tmp_path):

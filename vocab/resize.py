@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zhllama import bpe
+from zhllama.argtypes import SEED, int_range
 from zhllama.bpe import is_bpe_json_base
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json
@@ -450,12 +451,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lm-head-init", choices=LM_HEAD_INITS, default=None,
                         help="initialisation of the new lm_head rows (default: zero with "
                              "--init subword-mean, else the same as --init); see above for why")
-    parser.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
+    parser.add_argument("--pad-to-multiple-of", type=int_range(1, 1 << 16), default=None, metavar="N",
                         help="pad the rows to a multiple of N (e.g. 64) for faster matmuls; padding "
                              "rows are never produced by the tokenizer and marked in config.json")
     parser.add_argument("--base-tokenizer", default=None,
                         help="the tokenizer the model was trained with (default: the one in --model)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --init random and hf-mean (default 0)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of --init random and hf-mean (default 0)")
     parser.add_argument("--max-shard-size", default="2GB",
                         help="largest output shard, which bounds peak memory (default 2GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from zhllama import corpus
 from zhllama import spm as _spm
+from zhllama.argtypes import SEED, float_range, int_range
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
 from zhllama.inputfile import MAX_LINE_BYTES, add_max_line_argument, max_line_bytes
@@ -69,19 +70,21 @@ def add_arguments(parser):
     parser.add_argument("--input", "-i", nargs="+", required=True,
                         help="text files, JSON-lines files (.jsonl/.json), .gz, directories or globs")
     parser.add_argument("--out", "-o", required=True, help="output directory (zh_sp.model, zh_sp.vocab, train_config.json)")
-    parser.add_argument("--vocab-size", type=int, default=20000, help="pieces in the model (default 20000)")
+    parser.add_argument("--vocab-size", type=int_range(1, 1 << 22),
+                        default=20000, help="pieces in the model (default 20000)")
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
                         help="bpe (default, like LLaMA; what `vocab merge` expects) or unigram")
-    parser.add_argument("--character-coverage", type=float, default=0.9995,
+    parser.add_argument("--character-coverage", type=float_range(0, 1, above_low=True), default=0.9995,
                         help="share of characters covered by pieces; the rest falls back to bytes (default 0.9995)")
-    parser.add_argument("--max-sentences", type=int, default=2_000_000,
+    parser.add_argument("--max-sentences", type=int_range(1, 10 ** 10), default=2_000_000,
                         help="train on a uniform sample of at most this many sentences (default 2,000,000)")
-    parser.add_argument("--max-sentence-length", type=int, default=4192,
+    parser.add_argument("--max-sentence-length", type=int_range(MIN_SENTENCE_BYTES, 1 << 30), default=4192,
                         help="longest sentence in bytes; longer lines are cut at sentence punctuation (default "
                              f"4192, at least {MIN_SENTENCE_BYTES})")
     add_max_line_argument(parser, "line (a document) of the input")
-    parser.add_argument("--threads", type=int, default=None, help="training threads (default: all cores)")
-    parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    parser.add_argument("--threads", type=int_range(1, 1024),
+                        default=None, help="training threads (default: all cores)")
+    parser.add_argument("--seed", type=SEED, default=42, help="sampling seed (default 42)")
     parser.add_argument("--jieba", action="store_true",
                         help="pre-segment Chinese with jieba so pieces never cross a word boundary")
     parser.add_argument("--text-field", default="text", help="the field of JSON lines holding the text (default text)")

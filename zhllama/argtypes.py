@@ -1,7 +1,8 @@
 """argparse `type=` functions for values every command checks the same way.
 
 A bad value is then an argparse error (usage line, one error line naming the option, exit 2) before
-any model is loaded or socket opened, instead of a traceback from deep inside.
+any model is loaded or socket opened, instead of a traceback from deep inside, a NaN that silently
+disables a check (`nan > 0` is False, `nan < 1` too) or a size that allocates until the machine stops.
 """
 
 import argparse
@@ -26,7 +27,7 @@ def int_range(low: int, high: int):
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a whole number ({low}..{high})") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+            raise argparse.ArgumentTypeError(f"{value}: expected a whole number at least {low} and at most {high}")
         return value
     return parse
 
@@ -45,3 +46,6 @@ def float_range(low: float, high: float, *, above_low: bool = False):
             raise argparse.ArgumentTypeError(f"{text}: expected a number {lower} and at most {high:g}")
         return value
     return parse
+
+
+SEED = int_range(0, 2 ** 32 - 1)  # numpy and torch both take it

@@ -1,33 +1,37 @@
-"""Reading text corpora: files, directories and globs of txt / jsonl / parquet, optionally .gz.
+"""Reading text corpora: files, directories and globs of txt / jsonl (optionally .gz) and parquet / arrow,
+and datasets saved with `save_to_disk` (their split's Arrow files).
 
-Shared by `vocab train`, `vocab report`, `data pack` and `eval`. Every problem names its file (and
+Shared by `vocab train`, `vocab report`, `data pack` and `eval`; `parse_weighted_spec` reads the
+`path:weight` form that SFT data and a pretraining mixture both take. Every problem names its file (and
 line): a missing path, a glob that matches nothing, a FIFO, device or broken link (`inputfile`), an
 empty or binary file, undecodable bytes, a line longer than `max_line` bytes, a JSON line that is not
 an object or lacks the text field. Bad lines are counted and skipped, or raise with `strict=True`; a
 line too long is always refused (reading it would cost memory without bound). A UTF-8 BOM at the start
-of a file is skipped.
+of a file is skipped. Columnar files (parquet, Arrow) are read by `columnar`, saved datasets and `hf://`
+Hub names resolved by `hfdatasets`.
 """
 
 import contextlib
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import InputError
+from . import columnar, hfdatasets
+from .errors import ConfigError, InputError
 from .inputfile import BOM, MAX_LINE_BYTES, check_input_entry, check_input_file, read_lines, too_long
 
 TEXT_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-PARQUET_SUFFIXES = (".parquet",)
-KNOWN_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+KNOWN_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + columnar.COLUMNAR_SUFFIXES
 _GLOB_CHARS = set("*?[")
 # A lone surrogate ("\ud800" in JSON) is not a character: no encoder (UTF-8, SentencePiece) takes it.
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -59,32 +63,72 @@ class CorpusStats:
 
 
 def data_format(path) -> str:
-    """'text', 'jsonl' or 'parquet' from the file name (a trailing .gz is looked through)."""
+    """'text', 'jsonl', 'parquet' or 'arrow' from the file name (a trailing .gz is looked through)."""
     name = str(path).lower()
     if name.endswith(".gz"):
         name = name[:-3]
-    for suffixes, kind in ((JSON_SUFFIXES, "jsonl"), (PARQUET_SUFFIXES, "parquet")):
-        if name.endswith(suffixes):
-            return kind
-    return "text"
+    if name.endswith(JSON_SUFFIXES):
+        return "jsonl"
+    return columnar.kind(name) or "text"
 
 
-def expand_inputs(specs) -> List[Path]:
-    """Files named directly, the known-format files under directories (recursively, sorted), and
-    glob matches (sorted). Order is deterministic; duplicates are dropped."""
+def parse_weighted_spec(spec) -> Tuple[str, Optional[float]]:
+    """"path:weight" -> (path, weight); a plain path (or one whose tail after ':' is no number) -> (path, None)."""
+    spec = str(spec)
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return spec, None
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"data spec '{spec}': weight must be a number >= 0")
+        return head, weight
+    return spec, None
+
+
+def is_columnar(path) -> bool:
+    """A parquet or Arrow file: read by rows (`columnar`), not by lines."""
+    return data_format(path) in ("parquet", "arrow")
+
+
+def expand_inputs(specs, split: str = "train") -> List[Path]:
+    """Files named directly, the known-format files under directories (recursively, sorted), glob
+    matches (sorted), and the Arrow files of a dataset saved with `save_to_disk` (of its split `split`
+    if it is a DatasetDict). Order is deterministic; duplicates are dropped. A `hf://` Hub name is
+    refused: only `expand_sources` keeps it."""
+    return _expand(specs, split, hub=False)
+
+
+def expand_sources(specs, split: str = "train") -> list:
+    """`expand_inputs`, with each `hf://` Hub name kept in its place as an (unresolved)
+    `hfdatasets.HubDataset` of split `split`: the inputs of `data pack` and SFT data."""
+    return _expand(specs, split, hub=True)
+
+
+def _expand(specs, split: str, hub: bool) -> list:
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     out, seen = [], set()
 
-    def add(p: Path):
-        key = os.path.realpath(p)
+    def add(p):
+        key = p.key if isinstance(p, hfdatasets.HubDataset) else os.path.realpath(p)
         if key not in seen:
             seen.add(key)
             out.append(p)
 
     for spec in specs:
+        if hfdatasets.is_hub_spec(spec):
+            if not hub:
+                raise InputError(spec, "a Hub dataset is read by `data pack` and SFT data only; save it "
+                                       "(load_dataset(...).save_to_disk(DIR)) and give DIR here")
+            add(hfdatasets.parse_hub_spec(spec, split))
+            continue
         spec = str(spec)
-        if _GLOB_CHARS & set(spec):
+        if hfdatasets.is_saved_dataset(spec):
+            for f in hfdatasets.saved_dataset_files(spec, split):
+                add(check_input_file(f))
+        elif _GLOB_CHARS & set(spec):
             matches = sorted(glob.glob(spec, recursive=True))
             for m in matches:
                 check_input_entry(m)
@@ -97,6 +141,7 @@ def expand_inputs(specs) -> List[Path]:
             files = sorted(
                 Path(root) / name
                 for root, _, names in os.walk(spec)
+                if not _saved_dataset_inside(root)
                 for name in names
                 if not name.startswith(".")
                 and name.lower().removesuffix(".gz").endswith(KNOWN_SUFFIXES))
@@ -111,6 +156,15 @@ def expand_inputs(specs) -> List[Path]:
         else:
             raise InputError(spec, "no such file or directory")
     return out
+
+
+def _saved_dataset_inside(folder) -> bool:
+    """Refuse a saved dataset met while walking a folder: its state.json is no corpus, and a
+    DatasetDict's splits would all be read."""
+    if hfdatasets.is_saved_dataset(folder):
+        raise InputError(folder, "is a dataset saved with save_to_disk, inside a folder given as input; "
+                                 "give it as an input of its own (its split is chosen with --split)")
+    return False
 
 
 def _open_binary(path: Path):
@@ -129,19 +183,24 @@ def gzip_errors(path):
                                "re-download or re-compress the file") from None
 
 
-def check_readable(path: Path) -> None:
+def check_readable(path: Path, text_field: Optional[str] = None) -> None:
     """Refuse what is not a regular readable file, and empty and binary files, up front, with the
-    file's name."""
+    file's name; and a parquet/Arrow file without a `text_field` column of strings."""
     check_input_file(path)
     if os.path.getsize(path) == 0:
         raise InputError(path, "file is empty")
+    if is_columnar(path):
+        if str(path).lower().endswith(".gz"):
+            raise InputError(path, "a compressed parquet/Arrow file is not read (the format compresses "
+                                   "itself); decompress it")
+        if text_field is not None:
+            columnar.ColumnarFile(path).check_text_column(text_field)
+        return
     try:
         with gzip_errors(path), _open_binary(path) as f:
             head = f.read(8192)
     except OSError as e:
         raise InputError(path, f"cannot read: {e}") from None
-    if data_format(path) == "parquet":
-        return
     if not head.removeprefix(BOM).strip():
         raise InputError(path, "file holds no text")
     nul = head.find(b"\x00")
@@ -180,17 +239,17 @@ def iter_documents(path, *, text_field="text", doc_sep="line", strict=False,
     """Documents of one file.
 
     text: one document per line (`doc_sep="line"`) or blank-line separated paragraphs
-    (`doc_sep="blank"`); jsonl: the `text_field` of each JSON object; parquet: the `text_field` column.
-    Empty documents are counted and skipped. A line, or a paragraph, longer than `max_line` bytes is
-    refused.
+    (`doc_sep="blank"`); jsonl: the `text_field` of each JSON object; parquet, Arrow: the `text_field`
+    column (`columnar.iter_texts`). Empty documents are counted and skipped. A line, a paragraph or a
+    cell longer than `max_line` bytes is refused.
     """
     path = Path(path)
     stats = stats if stats is not None else CorpusStats()
     check_readable(path)
     stats.files += 1
     kind = data_format(path)
-    if kind == "parquet":
-        yield from _iter_parquet(path, text_field, strict, stats)
+    if is_columnar(path):
+        yield from columnar.iter_texts(path, text_field, strict=strict, stats=stats, max_line=max_line)
         return
     docs_before, bad_before = stats.documents, stats.bad_utf8
     yield from _split_documents(iter_lines(path, strict, stats, max_line), path, kind, text_field,
@@ -285,7 +344,7 @@ def iter_documents_range(path, start: int, end: int, first_line: int = 1, *, tex
     path = Path(path)
     stats = stats if stats is not None else CorpusStats()
     kind = data_format(path)
-    if kind == "parquet" or str(path).lower().endswith(".gz"):
+    if is_columnar(path) or str(path).lower().endswith(".gz"):
         raise ValueError(f"{path}: byte ranges need an uncompressed text or JSON-lines file")
     lines = iter_lines_range(path, start, end, first_line, strict, stats, max_line=max_line)
     yield from _split_documents(lines, path, kind, text_field, doc_sep, strict, stats, max_line)
@@ -364,29 +423,6 @@ def _json_text(line, path, lineno, text_field, strict, stats) -> Optional[str]:
     setattr(stats, counter, getattr(stats, counter) + 1)
     stats.note(f"{path}:{lineno}: {problem}")
     return None
-
-
-def _iter_parquet(path, text_field, strict, stats):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise InputError(path, "reading parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a bad file
-        raise InputError(path, f"not a readable parquet file: {e}") from None
-    if text_field not in pf.schema_arrow.names:
-        raise InputError(path, f"parquet file has no column '{text_field}' "
-                               f"(columns: {', '.join(pf.schema_arrow.names)}; use --text-field)")
-    for rg in range(pf.num_row_groups):
-        column = pf.read_row_group(rg, columns=[text_field]).column(0)
-        for text in column.to_pylist():
-            if not isinstance(text, str) or not text.strip():
-                stats.empty += 1
-                continue
-            stats.bytes += len(text.encode("utf-8"))
-            stats.documents += 1
-            yield text
 
 
 def iter_corpus(specs, **kwargs) -> Iterator[str]:

@@ -7,9 +7,11 @@ The result is a directory of uint16/uint32 token shards, an index and a manifest
 fingerprint, block size, sources with sizes and sha256, counts) that `zhllama train` memory-maps.
 
 How it stays fast, bounded and safe:
-  * Inputs are cut into work units (--unit-mb of text, on document boundaries; a .gz or parquet file is
-    one unit) and units into ~1 MB slices that worker processes tokenize with SentencePiece. Memory
-    is bounded by the slices in flight, whatever the corpus size.
+  * Inputs are cut into work units (--unit-mb of text, on document boundaries; a .gz file is one unit;
+    a parquet/Arrow file, or a dataset saved with save_to_disk, is cut into row ranges on its row groups /
+    record batches; a hf:// Hub dataset into its stream's shards) and text units into ~1 MB slices that
+    worker processes tokenize with SentencePiece. Memory is bounded by the slices in flight, whatever
+    the corpus size. The same documents as JSON lines or as a dataset give the same shards.
   * Each unit becomes one shard, written to a temp name, renamed when complete, and recorded in
     progress.jsonl. An interrupted pack resumes with the units that are not recorded.
   * The tokens after a unit's last full block go, in unit order, into one tail shard per split, so the
@@ -27,6 +29,8 @@ examples:
   zhllama data pack --tokenizer out/merged --input corpus/ --block-size 512 --out data/packed
   zhllama data pack --tokenizer out/merged --input 'web/*.jsonl.gz' --text-field content \\
       --out data/web --workers 16 --validation-ratio 0.001
+  zhllama data pack --tokenizer out/merged --input data/wiki_saved/ --split train --out data/wiki
+  zhllama data pack --tokenizer out/merged --input hf://Salesforce/wikitext/wikitext-2-raw-v1 --out data/wt2
 """
 
 # The package, one job a module: `plan` (input files -> units -> slices; the validation split),

@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 
-from zhllama import corpus
+from zhllama import corpus, hfdatasets
 from zhllama.errors import UserError
 from zhllama.fsutil import output_target, swap_in
 from zhllama.inputfile import add_max_line_argument, max_line_bytes
@@ -28,8 +28,11 @@ def add_arguments(parser) -> None:
                              "with one and no tokenizer.model: LLaMA-3, SmolLM2), BOS/EOS from its "
                              "tokenizer_config.json")
     parser.add_argument("--input", required=True, nargs="+", metavar="F",
-                        help="text inputs: files, directories, globs; .txt (one document per line, or "
-                             "see --doc-sep), .jsonl (see --text-field), .parquet, optionally .gz")
+                        help="inputs, packed in the order given: files, directories, globs; .txt (one "
+                             "document per line, or see --doc-sep), .jsonl (see --text-field), optionally "
+                             ".gz; .parquet and .arrow (the --text-field column); a folder written by "
+                             "datasets' save_to_disk (see --split); a Hub dataset, streamed: "
+                             "hf://OWNER/NAME[@REVISION][/CONFIG] (needs the network)")
     parser.add_argument("--out", required=True, help="output directory for shards, index and manifest")
     parser.add_argument("--block-size", type=int, default=512, help="tokens per block (default 512)")
     parser.add_argument("--workers", type=int, default=default_workers(),
@@ -38,7 +41,11 @@ def add_arguments(parser) -> None:
                         help="share of documents in the validation split, chosen by a hash of the "
                              "document's text (default 0.001; 0 for none)")
     parser.add_argument("--text-field", default="text",
-                        help="field holding the text in JSON lines / column in parquet (default text)")
+                        help="field holding the text in JSON lines, column in parquet/Arrow files and "
+                             "datasets (default text)")
+    parser.add_argument("--split", default="train",
+                        help="the split read from a saved DatasetDict or a Hub dataset (default train); "
+                             "a saved Dataset without splits is read whole")
     parser.add_argument("--doc-sep", choices=("line", "blank"), default="line",
                         help="text files: one document per line (default) or blank-line separated "
                              "paragraphs")
@@ -66,6 +73,19 @@ def default_workers() -> int:
 
 
 
+def _inputs(args) -> list:
+    """The inputs in order: files (a saved dataset's Arrow files in its place) and Hub datasets pinned to
+    a commit. Every input problem surfaces here, before any work is done."""
+    paths = []
+    for p in corpus.expand_sources(args.input, args.split):
+        if isinstance(p, hfdatasets.HubDataset):
+            p = hfdatasets.resolve(p)
+        else:
+            corpus.check_readable(p, args.text_field)
+        paths.append(p)
+    return paths
+
+
 def check_args(args) -> None:
     if args.block_size < 2:
         raise UserError(f"--block-size must be at least 2, not {args.block_size}")
@@ -91,9 +111,7 @@ def _pack(args) -> int:
     way an interrupted pack resumes where it stopped when the same command runs again."""
     t0 = time.perf_counter()
     tok = load_tokenizer(args.tokenizer)
-    paths = corpus.expand_inputs(args.input)
-    for p in paths:                       # every input problem surfaces before any work is done
-        corpus.check_readable(p)
+    paths = _inputs(args)
     settings = make_settings(args, tok)
     out = output_target(args.out)    # through a symbolic link: the directory it points to
     manifest = prepare_out_dir(out, settings, args.overwrite)
@@ -101,8 +119,8 @@ def _pack(args) -> int:
     if manifest is None or manifest_is_current(out, manifest, settings, sources):
         shutil.rmtree(staging_dir(out), ignore_errors=True)   # a rebuild nobody needs any more
     if manifest is not None and manifest_is_current(out, manifest, settings, sources):
-        msg = (f"{out} is up to date: same tokenizer, options and {len(paths)} unchanged input "
-               f"file(s); nothing to do")
+        msg = (f"{out} is up to date: same tokenizer, options and {len(paths)} unchanged input(s); "
+               "nothing to do")
         log.info(msg)
         print(msg)
         return 0

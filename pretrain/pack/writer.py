@@ -12,6 +12,7 @@ import numpy as np
 
 from zhllama.errors import UserError
 from zhllama.fsutil import make_dirs, write_array
+from zhllama.hfdatasets import HubDataset
 from zhllama.log import get_logger
 
 from .. import shards as fmt
@@ -32,6 +33,7 @@ class UnitWriter:
         self.files = None
         self.tokens = {s: 0 for s in fmt.SPLITS}
         self.documents = {s: 0 for s in fmt.SPLITS}
+        self.characters = {s: 0 for s in fmt.SPLITS}
         self.stats: Optional[dict] = None
 
     def temp_paths(self) -> Dict[str, str]:
@@ -41,6 +43,7 @@ class UnitWriter:
         for s in fmt.SPLITS:
             self.tokens[s] += result["tokens"][s]
             self.documents[s] += result["documents"][s]
+            self.characters[s] += result["characters"][s]
         if result["arrays"] is None:          # the worker wrote the temp files itself
             return
         if self.files is None:
@@ -61,14 +64,15 @@ class UnitWriter:
             n = self.tokens[s]
             if n == 0:
                 unlink(self.temp[s])
-                splits[s] = {"file": None, "tokens": 0, "blocks": 0, "tail": 0, "documents": 0}
+                splits[s] = {"file": None, "tokens": 0, "blocks": 0, "tail": 0, "documents": 0, "characters": 0}
                 continue
             if not self.temp[s].exists() and n:
                 raise RuntimeError(f"{self.temp[s]} vanished before it was finished")
             os.replace(self.temp[s], self.final[s])
             blocks = n // block_size
             splits[s] = {"file": self.final[s].name, "tokens": n, "blocks": blocks,
-                         "tail": n - blocks * block_size, "documents": self.documents[s]}
+                         "tail": n - blocks * block_size, "documents": self.documents[s],
+                         "characters": self.characters[s]}
         return splits
 
     def abort(self) -> None:
@@ -150,8 +154,12 @@ def write_tail(shard_dir: Path, split: str, records: List[dict], block_size: int
 
 
 def source_stats(paths) -> List[dict]:
+    """What tells an input changed: a file's size and mtime; a Hub dataset's commit and shard count."""
     out = []
     for p in paths:
+        if isinstance(p, HubDataset):
+            out.append({"path": p.key, "revision": p.revision, "shards": p.shards})
+            continue
         st = os.stat(p)
         out.append({"path": os.path.realpath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
@@ -160,7 +168,7 @@ def source_stats(paths) -> List[dict]:
 def manifest_is_current(out: Path, manifest: dict, settings: dict, sources: List[dict]) -> bool:
     if manifest.get("settings") != settings or not manifest.get("complete"):
         return False
-    old = [{k: s[k] for k in ("path", "size", "mtime_ns")} for s in manifest.get("sources", [])]
+    old = [{k: v for k, v in s.items() if k not in ("sha256", "given_as")} for s in manifest.get("sources", [])]
     if old != sources:
         return False
     try:

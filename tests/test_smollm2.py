@@ -73,3 +73,25 @@ def test_an_answer_loops_when_a_stretch_of_four_characters_comes_three_times():
     assert repeated_span("abcabcabc") == "abc" and not loops("abcabcabc")   # 3 characters: not a loop
     assert not loops("在一个表栋中，在一个表栋中，")   # twice is not a loop
     assert repeated_span("") == ""
+
+
+@pytest.mark.slow   # two `zhllama generate` subprocesses
+def test_answers_are_sampled_with_seed_0_set_before_each_one(tmp_path, tiny_model_dir, capsys):
+    """The demo's three answers: `zhllama generate`'s sampling (not greedy), seed 0 set before each answer,
+    so a rerun gives the same answers and each equals that instruction asked alone with --seed 0."""
+    from zhllama.app.demo.settings import ZH_INSTRUCTIONS
+    from zhllama.app.demo.steps import Demo
+
+    demo = Demo(tmp_path / "demo", {"sft": {"template": "chinese-alpaca"}, "generate": {"max_new_tokens": 12}})
+    first = demo.answers(tiny_model_dir, tmp_path / "first.jsonl")
+    assert len(first) == 3 and all(first)
+    assert demo.answers(tiny_model_dir, tmp_path / "again.jsonl") == first
+
+    def alone(question, *options):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(tiny_model_dir), "--template", "chinese-alpaca", "--json",
+                     "--max-new-tokens", "12", "--prompt", question, *options]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["response"].strip()
+
+    assert alone(ZH_INSTRUCTIONS[2], "--seed", "0") == first[2]   # seeded before the third, not once per batch
+    assert alone(ZH_INSTRUCTIONS[2], "--seed", "1") != first[2]   # sampled: another seed, another answer

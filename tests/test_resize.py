@@ -118,6 +118,70 @@ def test_mean_and_random_init():
     assert abs(big[10:].float().std().item() - 0.02) < 0.002
 
 
+def _correlated_rows(n, dim, seed=0):
+    """Rows with a non-zero mean and correlated dimensions, like a trained embedding matrix."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(dim) + 0.6 * torch.tril(torch.randn(dim, dim, generator=g), -1)
+    return (torch.randn(n, dim, generator=g) @ mix.T * 0.05 + torch.linspace(-0.1, 0.1, dim)).float()
+
+
+def _check_hf_mean_rows(old, new_rows):
+    """The plain reference of mean_resizing, in float64 numpy: new rows = mean + sqrt(1e-9) x noise whose
+    mean is 0 and whose covariance is the old rows' covariance."""
+    import numpy as np
+    x = old.double().numpy()
+    mu = x.mean(0)
+    cov = (x - mu).T @ (x - mu) / len(x)
+    noise = (new_rows.double().numpy() - mu) / np.sqrt(1e-9)
+    n = len(noise)
+    sd = np.sqrt(np.diag(cov))
+    assert (np.abs(noise.mean(0)) < 5 * sd / np.sqrt(n)).all()
+    np.testing.assert_allclose(np.cov(noise.T, bias=True), cov, rtol=0, atol=0.06 * sd.max() ** 2)
+
+
+def test_hf_mean_init_is_transformers_mean_resizing():
+    from transformers import LlamaForCausalLM
+    old_n, dim, n = 3000, 8, 20000
+    old = _correlated_rows(old_n, dim)
+    m = resize.build_matrix(old, old_n, old_n + n + 3, [None] * n, "hf-mean", seed=3)
+    assert torch.equal(m[:old_n], old)
+    _check_hf_mean_rows(old, m[old_n:old_n + n])
+    assert len(torch.unique(m[old_n:old_n + n], dim=0)) == n          # a sample, not one repeated row
+    torch.testing.assert_close(m[old_n + n:].double(), old.double().mean(0).expand(3, -1), rtol=0, atol=1e-7)
+    again = resize.build_matrix(old, old_n, old_n + 10, [None] * 10, "hf-mean", seed=3)
+    other = resize.build_matrix(old, old_n, old_n + 10, [None] * 10, "hf-mean", seed=4)
+    assert torch.equal(again[old_n:], m[old_n:old_n + 10]) and not torch.equal(other[old_n:], again[old_n:])
+    # the same reference holds for transformers' own resize, so it describes what transformers does
+    hf = LlamaForCausalLM(tiny.tiny_llama_config(old_n, hidden_size=dim, num_heads=2, intermediate_size=16,
+                                                 tie_word_embeddings=True))
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(old)
+    torch.manual_seed(0)
+    hf.resize_token_embeddings(old_n + n, mean_resizing=True)
+    _check_hf_mean_rows(old, hf.model.embed_tokens.weight.detach()[old_n:])
+    # fewer old rows than dimensions: no positive-definite covariance, so the mean row (as transformers)
+    few = old[:4]
+    f = resize.build_matrix(few, 4, 7, [None] * 3, "hf-mean")
+    torch.testing.assert_close(f[4:].double(), few.double().mean(0).expand(3, -1), rtol=0, atol=1e-7)
+
+
+def test_hf_mean_resize_of_a_tied_checkpoint(env, tmp_path):
+    from transformers import LlamaForCausalLM
+    cfg = tiny.tiny_llama_config(BASE_SIZE, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tied = modelio.save_pretrained_atomic(LlamaForCausalLM(cfg), env["base"], tmp_path / "tied")
+    report = resize.resize_checkpoint(tied, env["ext"], tmp_path / "out", init="hf-mean", seed=1)
+    assert (report["init"], report["lm_head_init"]) == ("hf-mean", "hf-mean")
+    old, new = _state(tied)[resize.EMBED], _state(tmp_path / "out")[resize.EMBED]
+    assert resize.LM_HEAD not in _state(tmp_path / "out")
+    assert torch.equal(new[:BASE_SIZE], old)
+    mu = old.double().mean(0)
+    # every new row within a few 1e-9-covariance standard deviations of the mean, none equal to it
+    sd = old.double().std(0).max().item()
+    gap = (new[BASE_SIZE:].double() - mu).abs().max().item()
+    assert 0 < gap < 6 * sd * 1e-9 ** 0.5
+
+
 def test_roundtrip_and_loads_from_dir_alone(env, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import sentencepiece as spm

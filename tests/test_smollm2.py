@@ -61,3 +61,37 @@ def test_gguf_dequantized_into_a_tied_llama(tmp_path):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert float(loss) < 6.0   # a trained model, far below ln(49152) = 10.8 of a random one
+
+
+def test_an_answer_loops_when_a_stretch_of_four_characters_comes_three_times():
+    from zhllama.app.demo.report import loops, repeated_span
+    # the final model's answer of the 2026-11-30 run, and the base's
+    assert repeated_span("这是一个示例，我们可以在一个表栋中，在一个表栋中，在一个表栋中，") == "在一个表栋中，"
+    assert repeated_span("春天的诗：\n\n春天的诗：\n\n春天的诗：") == "春天的诗："   # whitespace does not count
+    assert loops("春天的诗：\n\n春天的诗：\n\n春天的诗：")
+    assert not loops("北京是中国的首都，也是一座历史悠久的城市，每年都有很多游客。")
+    assert repeated_span("abcabcabc") == "abc" and not loops("abcabcabc")   # 3 characters: not a loop
+    assert not loops("在一个表栋中，在一个表栋中，")   # twice is not a loop
+    assert repeated_span("") == ""
+
+
+@pytest.mark.slow   # two `zhllama generate` subprocesses
+def test_answers_are_sampled_with_seed_0_set_before_each_one(tmp_path, tiny_model_dir, capsys):
+    """The demo's three answers: `zhllama generate`'s sampling (not greedy), seed 0 set before each answer,
+    so a rerun gives the same answers and each equals that instruction asked alone with --seed 0."""
+    from zhllama.app.demo.settings import ZH_INSTRUCTIONS
+    from zhllama.app.demo.steps import Demo
+
+    demo = Demo(tmp_path / "demo", {"sft": {"template": "chinese-alpaca"}, "generate": {"max_new_tokens": 12}})
+    first = demo.answers(tiny_model_dir, tmp_path / "first.jsonl")
+    assert len(first) == 3 and all(first)
+    assert demo.answers(tiny_model_dir, tmp_path / "again.jsonl") == first
+
+    def alone(question, *options):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(tiny_model_dir), "--template", "chinese-alpaca", "--json",
+                     "--max-new-tokens", "12", "--prompt", question, *options]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["response"].strip()
+
+    assert alone(ZH_INSTRUCTIONS[2], "--seed", "0") == first[2]   # seeded before the third, not once per batch
+    assert alone(ZH_INSTRUCTIONS[2], "--seed", "1") != first[2]   # sampled: another seed, another answer

@@ -8,6 +8,12 @@ on base-vocabulary input. The new rows are initialised by one of:
                           token starts where the model already "reads" that text
   mean                    every new row is the mean of the old rows (Stanford Alpaca)
   random                  N(0, initializer_range), as a freshly constructed model would have
+                          (what transformers <= 4.45 `resize_token_embeddings` gave, e.g. 4.31, which
+                          Chinese-LLaMA-Alpaca-2 pinned)
+  hf-mean                 transformers' default resize today (`resize_token_embeddings(...,
+                          mean_resizing=True)`, 4.46+): a sample of a multivariate normal with the old
+                          rows' mean and 1e-9 x their covariance, i.e. the mean row plus a tiny noise
+                          (`--recipe cla2` of the demo reproduces it)
 
 `--init` sets embed_tokens; `--lm-head-init` sets the new lm_head rows. Its default follows --init,
 except that with subword-mean the new lm_head rows start at zero. Why: an output row that is the mean
@@ -69,7 +75,10 @@ log = get_logger(__name__)
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
-INITS = ("subword-mean", "mean", "random")
+INITS = ("subword-mean", "mean", "random", "hf-mean")
+# transformers scales the old rows' covariance by this before sampling (modeling_utils,
+# `_init_added_embeddings_weights_with_mean`), so the new rows sit next to the mean row.
+HF_MEAN_EPSILON = 1e-9
 LM_HEAD_INITS = INITS + ("zero",)
 REPORT_NAME = "resize_report.json"
 
@@ -192,6 +201,8 @@ def build_matrix(old, old_size, rows, sources, init, seed=0, std=0.02):
         new[old_size:old_size + n_new] = mean.to(old.dtype)
     elif init == "zero":
         new[old_size:old_size + n_new] = 0
+    elif init == "hf-mean":
+        new[old_size:old_size + n_new] = hf_mean_rows(old[:old_size], n_new, seed).to(old.dtype)
     else:  # random
         g = torch.Generator().manual_seed(seed)
         for s in range(0, n_new, chunk):
@@ -223,6 +234,35 @@ def output_tensors(shards, tied, old_rows, rows):
                     shape = (rows,) + tuple(shape[1:])
                 out.append((shard, name, shape, r.dtype(name)))
     return out
+
+
+def hf_mean_rows(old, n, seed=0, chunk=4096):
+    """`n` rows as transformers' `resize_token_embeddings(mean_resizing=True)` draws them: from a
+    multivariate normal with the old rows' mean and HF_MEAN_EPSILON x their covariance, or the mean row
+    itself when that matrix is not positive definite (fewer old rows than dimensions, say), as there.
+
+    The mean and covariance are accumulated a chunk of rows at a time in float64 (no float32 copy of
+    the whole matrix); the positive-definite check and the sample are float32, as in transformers.
+    The noise comes from a generator seeded with `seed` (transformers draws from the global one).
+    """
+    import torch
+
+    rows, dim = old.shape
+    total = torch.zeros(dim, dtype=torch.float64)
+    for s in range(0, rows, chunk):
+        total += old[s:s + chunk].double().sum(0)
+    mean = total / rows
+    cov = torch.zeros(dim, dim, dtype=torch.float64)
+    for s in range(0, rows, chunk):
+        x = old[s:s + chunk].double() - mean
+        cov += x.T @ x
+    scaled = (HF_MEAN_EPSILON * cov / rows).float()
+    tril, info = torch.linalg.cholesky_ex(scaled)
+    if int(info) != 0:
+        log.info("hf-mean: the old rows' covariance is not positive definite; new rows are the mean row")
+        return mean.float().expand(n, dim).clone()
+    z = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    return mean.float() + z @ tril.T
 
 
 def default_lm_head_init(init: str) -> str:
@@ -416,7 +456,7 @@ def add_arguments(parser) -> None:
                              "rows are never produced by the tokenizer and marked in config.json")
     parser.add_argument("--base-tokenizer", default=None,
                         help="the tokenizer the model was trained with (default: the one in --model)")
-    parser.add_argument("--seed", type=SEED, default=0, help="seed of --init random (default 0)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of --init random and hf-mean (default 0)")
     parser.add_argument("--max-shard-size", default="2GB",
                         help="largest output shard, which bounds peak memory (default 2GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

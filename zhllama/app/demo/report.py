@@ -6,13 +6,29 @@ from pathlib import Path
 from zhllama.fsutil import atomic_write_json, atomic_write_text
 
 from .runner import say
-from .settings import TRAIN_STEPS, ZH_INSTRUCTIONS
+from .settings import ZH_INSTRUCTIONS
 
 
 def fmt_s(s) -> str:
     if s is None:
         return "-"
     return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {s % 60:02.0f} s"
+
+
+def repeated_span(text: str, times: int = 3) -> str:
+    """The longest stretch of `text` (whitespace removed, its first 400 characters) that occurs `times`
+    times without overlapping: how the demo tells an answer that loops ("在一个表栋中，在一个表栋中，...")
+    from one that does not. An answer loops when this is 4 characters or more."""
+    t = "".join(text.split())[:400]
+    for length in range(len(t) // times, 0, -1):
+        for i in range(len(t) - length + 1):
+            if t.count(t[i:i + length]) >= times:
+                return t[i:i + length]
+    return ""
+
+
+def loops(text: str) -> bool:
+    return len(repeated_span(text)) >= 4
 
 
 def format_table(rows: list) -> str:
@@ -98,7 +114,7 @@ def table_rows(demo) -> list:
         note=f"{demo.settings['resize']['init']} init, untrained")
     row("pack", wall=f["pack"]["wall_s"], note=f"{f['pack']['splits'].get('train', {}).get('blocks', '?')} "
         f"train blocks")
-    for step in TRAIN_STEPS:
+    for step in demo.train_steps:
         t = f[step]
         row(step, merge["merged_zh_tokens_per_char"], ev[step], t.get("trainable_pct"), t["tokens_per_s"],
             t["wall_s"], f"{t['steps']} steps, {t.get('world_size')} rank(s)")
@@ -147,10 +163,14 @@ def summarise(demo, total_s: float, reused: list) -> dict:
         lines += [f"zhllama generate: {gen['instruction']} -> {gen['generated'][:200] or '(nothing: it ended at once)'}",
                   "  (a tiny model after a few dozen steps: expect fragments of Chinese, not an answer)"
                   if demo.base is None else "  (a short run on 2 CPU cores: a first step, not a finished model)"]
+    if "answers" in gen:
+        lines.append("Three Chinese instructions, sampled (temperature 0.7, top-p 0.9, seed 0); [loops]: a stretch "
+                     "of 4+ characters occurs 3 times")
     for i, q in enumerate(ZH_INSTRUCTIONS if "answers" in gen else ()):
-        lines += [f"instruction {i + 1}: {q}"] + [
-            f"  {name:<5} {(gen['answers'][name][i] if i < len(gen['answers'][name]) else '')[:200]!r}"
-            for name in ("base", "final")]
+        lines += [f"instruction {i + 1}: {q}"]
+        for name in ("base", "final"):
+            answer = gen["answers"][name][i] if i < len(gen["answers"][name]) else ""
+            lines.append(f"  {name:<5} {'[loops] ' if loops(answer) else ''}{answer[:200]!r}")
     lines.append("")
     lines += ["Where everything is:",
               f"  base model          {demo.base_model()}",
@@ -158,7 +178,7 @@ def summarise(demo, total_s: float, reused: list) -> dict:
               f"  merged tokenizer    {demo.tokenizer()}",
               f"  resized model       {demo.resized()}",
               f"  packed data         {demo.figures['pack']['packed']}"]
-    for step in TRAIN_STEPS:
+    for step in demo.train_steps:
         lines.append(f"  {step:<7} run         {demo.figures[step]['run']}  (metrics.jsonl, final/, logs in "
                      f"{demo.dir(step) / 'logs'})")
     if demo.figures["merge"].get("model"):

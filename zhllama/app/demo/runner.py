@@ -108,12 +108,13 @@ def stream(cmd, env) -> int:
     return code
 
 
-def train_stage(step: str, d: Path, overrides: list, ranks: int) -> int:
-    """One training stage into d/run: its launcher with 2 ranks, or `zhllama train` in a plain process
-    (a world of one). Returns the world size it ran with."""
+def train_stage(stage: str, d: Path, overrides: list, ranks: int) -> int:
+    """One training step of the demo (its directory `d`) into d/run, on the preset `stage`: its launcher
+    with 2 ranks, or `zhllama train` in a plain process (a world of one). Returns the world size it ran with."""
+    step = d.name
     logs = d / "logs"
-    launcher = REPO / "launch" / LAUNCHERS[step]
-    config = config_file(step)
+    launcher = REPO / "launch" / LAUNCHERS[stage]
+    config = config_file(stage)
     py = sys.executable
     if ranks == 2 and not on_cpu() and torch.cuda.device_count() < 2:
         say("    one GPU: a world of one")

@@ -1,24 +1,42 @@
 """What the demo runs: its steps, where its inputs are, and the sizes of every step.
 
 `demo_settings` sizes the tiny English base's run (CPU, minutes); `smollm2_settings` the same steps on
-SmolLM2-135M (`--base smollm2-135m`). A step's settings are part of its fingerprint: change one and
-that step is redone with every step after it.
+SmolLM2-135M (`--base smollm2-135m`); `cla2_settings` turns either into the anchors' recipe
+(`--recipe cla2`). A step's settings are part of its fingerprint: change one and that step is redone
+with every step after it.
 """
 
+import copy
+import os
 from pathlib import Path
 
 import zhllama
+from zhllama.pretrain.presets import ATTENTION, MLP, STAGES
 
 # The package's sample data, and the checkout it sits in (launchers, ../shared), found from the core
 # package rather than from this file, which lives two folders down in zhllama/app/demo/.
 PACKAGE = Path(zhllama.__file__).resolve().parent
 REPO = PACKAGE.parent
 DATA = PACKAGE / "data"
+# The shared data next to the checkout (`../shared`, or $ZHLLAMA_SHARED as for the tests and benches):
+# optional, the demo runs without it.
+SHARED = Path(os.environ.get("ZHLLAMA_SHARED", REPO.parent / "shared"))
+SHARED_ZH = SHARED / "data" / "zh"
 # Chinese instructions with reference answers (question/std_answer), used by the SmolLM2 run when present.
-SHARED_SFT = REPO.parent / "shared" / "data" / "sft" / "belle_eval_set_zh.json"
+SHARED_SFT = SHARED / "data" / "sft" / "belle_eval_set_zh.json"
+# English Wikipedia paragraphs: the English replay of the SmolLM2 run when present (else standard-library
+# prose). Never the bundled English, whose held-out split is what the English column scores.
+SHARED_EN = SHARED / "data" / "en" / "wikitext2_en.txt"
 STEPS = ("data", "base", "vocab-train", "vocab-merge", "resize", "pack", "stage1", "stage2", "sft",
          "merge", "generate", "eval")
 TRAIN_STEPS = ("stage1", "stage2", "sft")
+# The anchors' recipe: one pretraining stage instead of stages 1 and 2.
+CLA2_STEPS = ("data", "base", "vocab-train", "vocab-merge", "resize", "pack", "pretrain", "sft",
+              "merge", "generate", "eval")
+RECIPES = {"ours": STEPS, "cla2": CLA2_STEPS}
+ALL_STEPS = tuple(dict.fromkeys(STEPS + CLA2_STEPS))
+# The stage preset (configs/<stage>.yaml, launch/...) each training step runs.
+STAGE_OF = {"stage1": "stage1", "stage2": "stage2", "pretrain": "stage2", "sft": "sft"}
 LAUNCHERS = {"stage1": "pretrain_stage1.sh", "stage2": "pretrain_stage2.sh", "sft": "sft.sh"}
 
 
@@ -66,7 +84,8 @@ def smollm2_settings(quick: bool) -> dict:
     if SHARED_SFT.is_file():
         s["data"]["sft_source"] = {"path": str(SHARED_SFT), "field_map": "instruction=question,output=std_answer"}
     s["vocab-train"] = {"vocab_size": 1500 if quick else 6000}
-    s["pack"] = {"block_size": 128, "english_share": 0.1}
+    s["pack"] = {"block_size": 128, "english_share": 0.1,
+                 "english_source": str(SHARED_EN) if SHARED_EN.is_file() else "stdlib"}
     steps = {"stage1": 2 if quick else 50, "stage2": 2 if quick else 190, "sft": 2 if quick else 40}
     for step, lr, seed in (("stage1", 2e-3, 42), ("stage2", 2e-3, 43), ("sft", 3e-4, 44)):
         # a checkpoint of a 135M model + Adam state costs seconds on a busy disk: few of them.
@@ -76,3 +95,38 @@ def smollm2_settings(quick: bool) -> dict:
     s["sft"].update(block_size=256, template="chinese-alpaca")
     s["generate"] = {"max_new_tokens": 16 if quick else 64}
     return s
+
+
+# Chinese-LLaMA-Alpaca-2's pretraining (scripts/training/run_pt.sh at ymcui/Chinese-LLaMA-Alpaca-2@f4edad3):
+# LoRA r=64, alpha=128, dropout 0.05 on the seven projections, embed_tokens and lm_head trained in full
+# (modules_to_save), lr 2e-4, 5% warmup then cosine, weight decay 0.01, one stage, Chinese text only.
+CLA2_LR = 2e-4
+CLA2_LORA = {"lora_r": 64, "lora_alpha": 128, "lora_dropout": 0.05, "lora_targets": list(ATTENTION + MLP),
+             "weight_decay": 0.01}
+CLA2_WARMUP = 0.05
+
+
+def cla2_settings(ours: dict) -> dict:
+    """Our recipe's settings turned into Chinese-LLaMA-Alpaca-2's (`--recipe cla2`), on the same budget.
+
+    New rows by transformers' default resize (`--init hf-mean`); no English; one stage of LoRA (CLA2_LORA)
+    plus full embeddings for as many steps as our stages 1 and 2 together, with the same global batch
+    and block size (so the same tokens); its lr is 2e-4 scaled as ours is: our stage-2 lr over the 7B
+    stage-2 preset's (1e-4), times 2e-4. The SFT, the data and the vocabulary are ours, unchanged.
+    """
+    s = copy.deepcopy(ours)
+    s["resize"] = {"init": "hf-mean"}
+    s["pack"] = {k: v for k, v in s["pack"].items() if k not in ("english_share", "english_source")}
+    s1, s2 = s.pop("stage1"), s.pop("stage2")
+    if (s1["global_batch"], s1.get("block_size")) != (s2["global_batch"], s2.get("block_size")):
+        raise ValueError("cla2_settings: stages 1 and 2 differ in batch shape; the one stage cannot match both")
+    scale = s2["lr"] / STAGES["stage2"].lr
+    s["pretrain"] = {**s2, "max_steps": s1["max_steps"] + s2["max_steps"], "lr": CLA2_LR * scale,
+                     "warmup_ratio": CLA2_WARMUP, "overrides": dict(CLA2_LORA), "recipe": "cla2"}
+    return s
+
+
+def recipe_settings(base_named: bool, quick: bool, recipe: str = "ours") -> dict:
+    """The demo's settings for a base (the tiny one, or SmolLM2 when `base_named`) and a recipe."""
+    ours = smollm2_settings(quick) if base_named else demo_settings(quick)
+    return cla2_settings(ours) if recipe == "cla2" else ours

@@ -29,7 +29,7 @@ from zhllama.vocab.report import stdlib_english_lines
 
 from .report import fmt_s, plot_curves, summarise
 from .runner import read_json, read_jsonl, say, train_stage, zhllama_command
-from .settings import DATA, SMOLLM2, STEPS, TRAIN_STEPS, ZH_INSTRUCTIONS
+from .settings import DATA, SMOLLM2, STAGE_OF, STEPS, ZH_INSTRUCTIONS
 
 # Tokens predicted per forward pass when scoring held-out text; a longer document continues in the
 # next window, which sees the one token before it (the demo's figures since its first version).
@@ -42,8 +42,10 @@ class Demo:
 
     steps = STEPS
 
-    def __init__(self, out: Path, settings: dict, *, base=None, ranks=2, zh_text=None):
+    def __init__(self, out: Path, settings: dict, *, base=None, ranks=2, zh_text=None, steps=None):
         self.out, self.settings, self.base, self.ranks, self.zh_text = out, settings, base, ranks, zh_text
+        self.steps = tuple(steps or type(self).steps)   # a recipe's steps (settings.RECIPES)
+        self.train_steps = tuple(s for s in self.steps if s in STAGE_OF)
         self.figures = {}  # step -> figures of its .done.json
 
     def dir(self, step: str) -> Path:
@@ -61,7 +63,7 @@ class Demo:
                                for p in map(Path, files)]
         if step == "base":
             inputs["base"] = str(self.base) if self.base else "tiny"
-        if step in TRAIN_STEPS:
+        if step in self.train_steps:
             inputs["ranks"] = self.ranks
         return inputs
 
@@ -134,7 +136,6 @@ class Demo:
         shutil.copyfile(DATA / "en_sample.txt", d / "en.txt")
         en = [x for x in (DATA / "en_sample.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
         atomic_write_text(d / "en_heldout.txt", "".join(x + "\n" for x in en if is_validation_doc(x, 0.1)))
-        atomic_write_text(d / "en_train.txt", "".join(x + "\n" for x in en if not is_validation_doc(x, 0.1)))
         sft = s.get("sft_source")
         if sft:   # other field names (BELLE's question/std_answer) read and written as Alpaca records
             records, _ = load_records([sft["path"]], field_map=sft["field_map"])
@@ -242,9 +243,11 @@ class Demo:
 
     def english_mix(self, out: Path, share: float):
         """English documents worth `share` of the pretraining tokens, so stages 1 and 2 keep seeing the
-        base's language: the bundled English training paragraphs, then paragraphs of English prose from
-        the Python standard library's docstrings (offline, ~2 MB). Never a held-out English document,
-        and none that the pack's hash split would put in validation (its split stays Chinese only)."""
+        base's language: English Wikipedia (`english_source`, ../shared/data/en/wikitext2_en.txt) when
+        present, else paragraphs of English prose from the Python standard library's docstrings (offline,
+        ~2 MB). Never the bundled English, whose held-out split the English column scores, so that
+        column is text of another source that no stage trained on; and none that the pack's hash split
+        would put in validation (its split stays Chinese only)."""
         tok = load_tokenizer(self.tokenizer())
 
         def token_counts(texts):
@@ -254,33 +257,41 @@ class Demo:
         zh = [x for x in (self.dir("data") / "zh_train.txt").read_text(encoding="utf-8").splitlines() if x]
         zh_tokens = sum(token_counts(zh))
         want = share / (1 - share) * zh_tokens
-        bundled = [x for x in (self.dir("data") / "en_train.txt").read_text(encoding="utf-8").splitlines() if x]
-        lines = stdlib_english_lines(60000)
-        prose = [" ".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
-        candidates = [x for x in bundled + prose if not is_validation_doc(x, ratio)]
+        source = self.settings["pack"].get("english_source", "stdlib")
+        if source == "stdlib":
+            lines = stdlib_english_lines(60000)
+            candidates = [" ".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
+            name = "standard-library prose"
+        else:
+            candidates = [x.strip() for x in Path(source).read_text(encoding="utf-8").splitlines() if x.strip()]
+            name = Path(source).name
+        candidates = [x for x in candidates if not is_validation_doc(x, ratio)]
         docs, have = [], 0
         for doc, n in zip(candidates, token_counts(candidates)):   # one batched tokenization
             if have >= want:
                 break
             docs.append(doc)
             have += n
-        n_bundled = len(set(docs) & set(bundled))
+        if have < want:
+            say(f"    English mix: {name} holds only {have:,} tokens of the {want:,.0f} wanted")
         atomic_write_text(out, "".join(x + "\n" for x in docs))
-        say(f"    English mix: {len(docs):,} documents, {have:,} tokens ({have / (have + zh_tokens):.1%} "
-            f"of the pretraining tokens; {n_bundled} bundled paragraphs, the rest standard-library prose)")
-        return out, {"documents": len(docs), "tokens": have, "share": share}
+        say(f"    English mix: {len(docs):,} documents of {name}, {have:,} tokens ({have / (have + zh_tokens):.1%} "
+            f"of the pretraining tokens)")
+        return out, {"documents": len(docs), "tokens": have, "share": share, "source": name}
 
     def _train(self, step: str, d: Path, overrides: list) -> dict:
         s = self.settings[step]
         run_dir = d / "run"
         common = [f"out={run_dir}", f"model={self.resized()}", f"max_steps={s['max_steps']}",
                   f"global_batch={s['global_batch']}", f"micro_batch={s['micro_batch']}", f"lr={s['lr']}",
-                  "warmup_ratio=0.1", "gradient_checkpointing=false", "tensorboard=false",
+                  f"warmup_ratio={s.get('warmup_ratio', 0.1)}", "gradient_checkpointing=false", "tensorboard=false",
                   f"save_every={s.get('save_every') or max(1, s['max_steps'] // 2)}", "keep_last=1", "eval_batches=4",
                   f"eval_every={s.get('eval_every') or max(1, s['max_steps'] // 4)}"]
         if "seed" in s:
             common.append(f"seed={s['seed']}")
-        world_size = train_stage(step, d, common + overrides, self.ranks)
+        # what else the recipe sets (LoRA shape, weight decay...), as `key=value` overrides of the preset
+        common += [f"{k}={json.dumps(v)}" for k, v in s.get("overrides", {}).items()]
+        world_size = train_stage(STAGE_OF[step], d, common + overrides, self.ranks)
         summary = read_json(run_dir / "summary.json")   # what `zhllama train` writes at the end
         if summary is None:
             raise UserError(f"step {step}: the training run ended without writing {run_dir / 'summary.json'}")
@@ -297,7 +308,7 @@ class Demo:
 
     def adapters_until(self, step: str) -> list:
         chain = []
-        for name in TRAIN_STEPS:
+        for name in self.train_steps:
             if name in self.figures:
                 chain.append(self.figures[name]["adapter"])
             if name == step:
@@ -316,15 +327,22 @@ class Demo:
         return self._train("stage2", d, [f"data={json.dumps(data)}", f"block_size={blk}",
                                          f"init_adapters={json.dumps(self.adapters_until('stage1'))}"])
 
+    def step_pretrain(self, d: Path) -> dict:
+        """the anchors' one pretraining stage (--recipe cla2) through launch/pretrain_stage2.sh: LoRA r=64
+        on all seven projections + embed_tokens and lm_head, from the resized model"""
+        blk = self.settings["pack"]["block_size"]
+        return self._train("pretrain", d, [f"data={json.dumps([self.figures['pack']['packed']])}",
+                                           f"block_size={blk}", "init_adapters=[]"])
+
     def step_sft(self, d: Path) -> dict:
-        """instruction SFT through launch/sft.sh: LoRA on all projections + embeddings, from stage 2"""
+        """instruction SFT through launch/sft.sh: LoRA on all projections + embeddings, from pretraining"""
         s = self.settings["sft"]
         return self._train("sft", d, [f"data=[\"{self.dir('data') / 'sft.jsonl'}\"]",
                                       f"block_size={s['block_size']}", f"template={s['template']}",
-                                      f"init_adapters={json.dumps(self.adapters_until('stage2'))}"])
+                                      f"init_adapters={json.dumps(self.adapters_until(self.train_steps[-2]))}"])
 
     def step_merge(self, d: Path) -> dict:
-        """zhllama merge: the three adapters folded into one HF checkpoint"""
+        """zhllama merge: the training steps' adapters folded into one HF checkpoint"""
         args = ["merge", "--base", self.resized()]
         for a in self.adapters_until("sft"):
             args += ["--adapter", a]
@@ -349,8 +367,10 @@ class Demo:
         return figures
 
     def answers(self, model, out: Path) -> list:
-        """zhllama generate --json on ZH_INSTRUCTIONS (greedy, the SFT template): the answers in order."""
-        args = ["generate", "--model", model, "--template", self.settings["sft"]["template"], "--greedy", "--json",
+        """zhllama generate --json on ZH_INSTRUCTIONS (the SFT template; `generate`'s sampling defaults,
+        temperature 0.7 and top-p 0.9, seeded with 0 before each answer, so a rerun gives the same answers):
+        the answers in order. Greedy decoding makes a model this small repeat itself."""
+        args = ["generate", "--model", model, "--template", self.settings["sft"]["template"], "--seed", 0, "--json",
                 "--max-new-tokens", self.settings["generate"]["max_new_tokens"]]
         for q in ZH_INSTRUCTIONS:
             args += ["--prompt", q]
@@ -377,7 +397,7 @@ class Demo:
                 atomic_write_text(en_heldout, "".join(x + "\n" for x in en_docs))
         models = {"base": (self.base_model(), self.base_model(), []),
                   "resize": (self.resized(), self.tokenizer(), [])}
-        for step in TRAIN_STEPS:
+        for step in self.train_steps:
             models[step] = (self.resized(), self.tokenizer(), self.adapters_until(step))
         per_stage = {}
         for name, (model, tok, adapters) in models.items():
@@ -412,7 +432,7 @@ class Demo:
         curves = {}
         if not self.figures["base"].get("external"):
             curves["base (English, full pretraining)"] = read_jsonl(self.dir("base") / "metrics.jsonl")
-        for step in TRAIN_STEPS:
+        for step in self.train_steps:
             curves[step] = read_jsonl(Path(self.figures[step]["run"]) / "metrics.jsonl")
         return curves
 

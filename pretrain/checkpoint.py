@@ -45,7 +45,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings whose change would silently alter the run on resume (the schedule, the data order, what is
 # trained, the base). max_steps and epochs may change: they only say how long the run goes on.
 RESUME_KEYS = ("stage", "model", "tokenizer", "init_adapters", "data", "template", "field_map", "pack_examples",
-               "new_rows_only", "seed", "min_lr_ratio", *OVERRIDE_KEYS, "precision", "ds_config")
+               "new_rows_only", "seed", "min_lr_ratio", *OVERRIDE_KEYS, "precision", "ds_config",
+               "rope_scaling", "context_length")
 
 
 # ----------------------------------------------------------------------------- RNG state, as JSON

@@ -18,6 +18,7 @@ import yaml
 from zhllama.errors import ConfigError
 
 from .presets import OVERRIDE_KEYS, get_stage
+from .rope import check_request
 
 
 @dataclass
@@ -52,6 +53,9 @@ class RunConfig:
     lora_dropout: Optional[float] = None
     lora_targets: Optional[List[str]] = None
     new_rows_only: bool = False  # stage1: train only rows of tokens added by the merge
+    # context extension (pretrain/rope.py): {type: linear|dynamic|yarn|llama3, factor: F} and/or the target length
+    rope_scaling: Optional[dict] = None
+    context_length: Optional[int] = None
     # engine
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     gradient_checkpointing: bool = False
@@ -220,6 +224,7 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ConfigError(f"config: key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio}")
     _check_ranges(cfg)
+    check_request(cfg.rope_scaling, cfg.context_length)
 
 
 _finite = math.isfinite

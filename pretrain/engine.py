@@ -31,7 +31,7 @@ from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
 from zhllama.schedule import lr_lambda
 
-from . import adapters, checkpoint
+from . import adapters, checkpoint, rope
 from .config import RunConfig, dump_config
 from .flops import flops_per_token, peak_flops
 from .hooks import TrainHooks
@@ -119,10 +119,13 @@ def build_ds_config(path: Path, *, global_batch, micro_batch, grad_accum, grad_c
 
 # ----------------------------------------------------------------------------- data
 
-def _run_record(cfg: RunConfig) -> dict:
+def _run_record(cfg: RunConfig, rope_change=None) -> dict:
     """The run config as recorded in the adapter; an SFT run adds its template's full definition
-    (`template_spec`), so `zhllama merge` can write the chat template even for a user template file."""
+    (`template_spec`), so `zhllama merge` can write the chat template even for a user template file,
+    and a run that trained with other RoPE settings than its base's records them (`rope`)."""
     record = cfg.to_dict()
+    if rope_change is not None:
+        record["rope"] = rope_change.record()
     stage_data = registered(cfg.stage, required=cfg.stage == "sft")
     if stage_data is not None and stage_data.run_record is not None:
         record.update(stage_data.run_record(cfg))
@@ -157,10 +160,11 @@ def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(cfg: RunConfig, preset, dtype):
+def build_model(cfg: RunConfig, preset, dtype, rope_change=None):
     tokenizer_path = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(tokenizer_path)
-    model = load_model(cfg.model, dtype=dtype, tokenizer_path=tokenizer_path)
+    model = load_model(cfg.model, dtype=dtype, tokenizer_path=tokenizer_path,
+                       config=rope.hf_config(cfg.model, rope_change))
     if cfg.init_adapters:  # earlier stages' final/ dirs, folded into the weights in order
         log.info("merging earlier stages' adapters: %s", ", ".join(cfg.init_adapters))
         model = adapters.merge_adapters(model, cfg.init_adapters)
@@ -302,7 +306,10 @@ class Trainer:
         if latest is not None:
             checkpoint.check_resume(latest, cfg, world, fingerprint, self.allow_config_change)
 
-        model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision))
+        self.rope_change = rope.for_run(cfg)   # read from config.json; a bad request fails before loading
+        if self.rope_change is not None and rank == 0:
+            log.info("positions: %s, from %s", self.rope_change.after.describe(), self.rope_change.before.describe())
+        model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision), self.rope_change)
         data = build_data(cfg, preset, tokenizer, tokenizer_path)
         trainable, total = adapters.count_trainable(model)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
@@ -460,7 +467,7 @@ class Trainer:
     def _save_final(self, engine, tokenizer_path):
         final = self.run_dir / "final"
         if self.rank == 0:
-            adapters.save_adapter(engine.module.model, final, tokenizer_dir=tokenizer_path, run_config=_run_record(self.cfg),
+            adapters.save_adapter(engine.module.model, final, tokenizer_dir=tokenizer_path, run_config=_run_record(self.cfg, self.rope_change),
                          overwrite=True)
             log.info("final adapter written to %s", final)
         barrier()

@@ -309,11 +309,12 @@ def _fix_special_ids(model, tokenizer) -> None:
             model.generation_config.pad_token_id = None
 
 
-def load_model(path, dtype=None, device="cpu", tokenizer_path=None):
+def load_model(path, dtype=None, device="cpu", tokenizer_path=None, config=None):
     """`AutoModelForCausalLM` from a local HF dir (never the hub), SDPA attention.
 
     With `tokenizer_path`, the tokenizer/vocab sizes are checked before any weight is read and the
-    model's bos/eos ids are aligned with the tokenizer's.
+    model's bos/eos ids are aligned with the tokenizer's. `config` (a transformers config) replaces the
+    checkpoint's config.json: a run that extends the context loads its weights with other RoPE settings.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -327,6 +328,8 @@ def load_model(path, dtype=None, device="cpu", tokenizer_path=None):
         check_vocab_match(p, tokenizer_path, cfg, len(tok))
     check_checkpoint(p)
     dtype_kw = {"dtype": dtype} if _transformers_major() >= 5 else {"torch_dtype": dtype}
+    if config is not None:
+        dtype_kw["config"] = config
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(p), local_files_only=True, attn_implementation="sdpa", **dtype_kw)

@@ -18,6 +18,7 @@ from zhllama.fsutil import atomic_write_json, atomic_write_text
 from zhllama.log import Progress, get_logger
 
 from .. import shards as fmt
+from .layout import add_histograms, summarize
 from .plan import Unit, plan_file
 from .settings import Tokenizer, mb_to_bytes, settings_key
 from .workers import InlineExecutor, init_worker, mp_context, pack_task
@@ -45,6 +46,7 @@ class Packer:
         self.progress_path = out / fmt.PROGRESS
         self.dtype = np.dtype(settings["dtype"])
         self.block_size = args.block_size
+        self.keep_documents = settings.get("layout") == "documents-whole"
         self.units: List[Unit] = []
         self.file_sha: Dict[str, str] = {}
         self.records: Dict[str, dict] = {}
@@ -133,7 +135,7 @@ class Packer:
                              extra=f"{self.tokens_done:,} tokens ({self.tokens_done / elapsed:,.0f}/s)")
         writer.stats = _add_stats(writer.stats, st)
         if j == len(unit.slices) - 1:
-            splits = writer.finish(self.block_size)
+            splits = writer.finish(self.block_size, keep_documents=self.keep_documents)
             del writers[unit.uid]
             rec = {"uid": unit.uid, "settings": self.settings, "source": os.path.realpath(unit.path),
                    "source_sha256": unit.sha256, "start": unit.start, "end": unit.end,
@@ -166,7 +168,8 @@ class Packer:
             blocks = sum(e["blocks"] for e in shards)
             counts[s] = {"documents": sum(r["splits"][s]["documents"] for r in records),
                          "tokens": sum(r["splits"][s]["tokens"] for r in records),
-                         "blocks": blocks, "dropped_tokens": tail["dropped_tokens"]}
+                         "blocks": blocks, "dropped_tokens": tail["dropped_tokens"],
+                         **_documents(records, s)}
             splits_index[s] = {"blocks": blocks, "shards": shards}
         t = self.totals
         if counts["train"]["blocks"] == 0:
@@ -209,6 +212,23 @@ class Packer:
             if p.name not in keep:
                 unlink(p)
         return manifest
+
+
+def _documents(records: List[dict], split: str) -> dict:
+    """The split's document length distribution and, with --keep-documents, how many stayed whole: summed
+    over the units' records (a record from before lengths were recorded leaves the distribution out)."""
+    entries = [r["splits"][split] for r in records]
+    if not all("lengths" in e for e in entries):
+        return {}
+    hist = {"documents": [], "tokens": [], "max": 0, "longer_than_block": [0, 0]}
+    for e in entries:
+        hist = add_histograms(hist, e["lengths"])
+    out = {"document_lengths": summarize(hist)}
+    if entries and all("layout" in e for e in entries):
+        kept = {k: sum(e["layout"][k] for e in entries) for k in ("fit", "kept_whole", "cut_to_fill", "in_tail",
+                                                                  "longer")}
+        out["documents_kept_whole"] = {**kept, "longest_cut": max(e["layout"]["longest_cut"] for e in entries)}
+    return out
 
 
 def _add_stats(acc: Optional[dict], st: dict) -> dict:

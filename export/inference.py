@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from zhllama.modelio import load_for_inference
+from zhllama.pretrain.rope import context_length
 from zhllama.sft.examples import encode_chat_prompt
 from zhllama.sft.templates import get_template
 from zhllama.textenc import encode_text
@@ -41,7 +42,7 @@ class InferenceModel:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.name = name
         self.max_new_tokens = max_new_tokens
-        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.max_positions = context_length(model.config)   # x factor for linear/dynamic RoPE scaling
         self.max_prompt_chars = (self.max_positions * longest_piece_chars(tokenizer)
                                  if self.max_positions else None)
         self.lock = threading.Lock()

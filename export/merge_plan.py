@@ -17,7 +17,7 @@ from zhllama.errors import InputError, UserError
 from zhllama.log import get_logger
 from zhllama.modelio import PADDED_VOCAB_KEY, SP_MODEL_NAME, load_tokenizer, read_model_config
 from zhllama.pretrain.adapter_files import guess_stage, read_adapter_dir, read_adapter_shapes
-from zhllama.pretrain.rope import RopeChange, read_rope, recorded_change
+from zhllama.pretrain.rope import RopeChange, adapters_change
 from zhllama.sft.templates import Template, get_template
 from zhllama.st_files import input_shards
 from zhllama.st_stream import Reader
@@ -359,27 +359,6 @@ def fit_adapters(ads: List[Adapter], base: Path, shapes: Dict[str, tuple], tied:
     return cur_shapes, rows, tok_src
 
 
-def merged_rope(ads: List[Adapter], cfg: dict, base: Path) -> Optional[RopeChange]:
-    """The RoPE settings the merged model needs: the last adapter's that records a change (a long-context
-    stage, or a stage trained on top of one). Each recording adapter must have started from this base's
-    positions; an adapter without a record after one with it was trained with other positions (a warning)."""
-    before = read_rope(cfg, f"{base}/config.json")
-    change, source = None, None
-    for ad in ads:
-        rec = recorded_change(ad.meta)
-        if rec is None:
-            if change is not None and (ad.meta or {}).get("run_config"):
-                log.warning("%s records no RoPE change but follows %s, which extended the context to %s: it was "
-                            "trained with the base's positions (%s); the merged model keeps the extended ones",
-                            ad.path, source, f"{change.after.context_length:,}", before.describe())
-            continue
-        if rec.before != before:
-            raise UserError(f"{ad.path}: trained from a base whose positions were {rec.before.describe()}, but "
-                            f"{base}/config.json says {before.describe()}; {_hint(ad)}")
-        change, source = rec, ad.path
-    return change
-
-
 def plan_merge(base: Path, adapters, *, dtype=None, tokenizer=None, template=None,
                ollama_modelfile=None) -> MergePlan:
     """Read the base and every adapter and check that they fit together, writing nothing."""
@@ -394,4 +373,5 @@ def plan_merge(base: Path, adapters, *, dtype=None, tokenizer=None, template=Non
     return MergePlan(base=base, cfg=cfg, shards=shards, order=order, st_dtypes=st_dtypes, shapes=cur_shapes,
                      adapters=ads, rows0=shapes[EMBED][0], rows=rows, tok_src=tok_src,
                      n_tok=_tokenizer_len(tok_src), dtype_name=dtype or short_name(st_dtypes[EMBED]),
-                     chat=chat, chat_source=chat_source, rope=merged_rope(ads, cfg, base))
+                     chat=chat, chat_source=chat_source, rope=adapters_change(cfg, [(ad.path, ad.meta) for ad in ads],
+                                                                    f"{base}/config.json"))

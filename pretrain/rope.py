@@ -34,9 +34,12 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from zhllama.errors import ConfigError, UserError
+from zhllama.log import get_logger
 from zhllama.modelio import read_model_config
 
 from .adapter_files import read_adapter_dir
+
+log = get_logger(__name__)
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 DEFAULT_THETA = 10000.0          # transformers' LLaMA default when a config names none
@@ -134,9 +137,20 @@ def config_dict(config) -> dict:
     return config if isinstance(config, dict) else config.to_dict()
 
 
-def context_length(config) -> int:
-    """The context a model config (a dict or a transformers config) is meant for."""
-    return read_rope(config_dict(config)).context_length
+def context_length(config) -> Optional[int]:
+    """The context a model config (a dict or a transformers config) is meant for: max_position_embeddings
+    x factor for linear and dynamic scaling, max_position_embeddings otherwise (None when it has none).
+    Lenient where `read_rope` is strict: serving a model of another RoPE type must not fail here."""
+    d = config_dict(config)
+    max_pos = d.get("max_position_embeddings")
+    if not isinstance(max_pos, int):
+        return None
+    scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if scaling and scaling.get("rope_type", scaling.get("type")) in ("linear", "dynamic") and \
+            isinstance(factor, (int, float)) and factor >= 1:
+        return int(round(max_pos * factor))
+    return max_pos
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -260,6 +274,35 @@ def recorded_change(meta: Optional[dict]) -> Optional[RopeChange]:
     return RopeChange.from_record(rec) if rec else None
 
 
+def adapters_change(base_config: dict, adapters, where="config.json") -> Optional[RopeChange]:
+    """The positions a chain of adapters (`(path, zhllama_adapter.json dict or None)`, in merge order) needs
+    on this base: the last recorded change. Each one recorded must have started from this base's
+    positions; an adapter recording none after one that did was trained with the base's (a warning)."""
+    if not any(recorded_change(meta) for _, meta in adapters):
+        return None                     # nothing changed: the base's config is not even read
+    before = read_rope(base_config, where)
+    change, source = None, None
+    for path, meta in adapters:
+        rec = recorded_change(meta)
+        if rec is None:
+            if change is not None and (meta or {}).get("run_config"):
+                log.warning("%s records no RoPE change but follows %s, which extended the context to %s: it was "
+                            "trained with the base's positions (%s); the extended ones are kept", path, source,
+                            f"{change.after.context_length:,}", before.describe())
+            continue
+        if rec.before != before:
+            raise UserError(f"{path} was trained from a base whose positions were {rec.before.describe()}, but "
+                            f"{where} says {before.describe()}: the adapter belongs to another base")
+        change, source = rec, path
+    return change
+
+
+def adapter_dirs_change(model_dir, adapter_dirs) -> Optional[RopeChange]:
+    """`adapters_change` for adapter directories on disk, on the checkpoint `model_dir`."""
+    metas = [(d, read_adapter_dir(Path(d))[2]) for d in adapter_dirs]
+    return adapters_change(read_model_config(model_dir), metas, Path(model_dir) / "config.json")
+
+
 def run_change(base_config: dict, inherited: Optional[RopeChange], rope_scaling, target,
                where="config.json") -> Optional[RopeChange]:
     """The positions a run trains with: the base's, as changed by the earlier stages it merges
@@ -277,11 +320,10 @@ def run_change(base_config: dict, inherited: Optional[RopeChange], rope_scaling,
 def for_run(cfg) -> Optional[RopeChange]:
     """The RoPE change of a run config (None: the base's positions), from the base's config.json and the
     records of its `init_adapters`; read before the model is loaded, so a bad request fails first."""
+    if cfg.rope_scaling is None and not cfg.init_adapters:
+        return None
     where = Path(cfg.model) / "config.json"
-    inherited = None
-    for d in cfg.init_adapters:
-        _, _, meta = read_adapter_dir(Path(d))
-        inherited = recorded_change(meta) or inherited
+    inherited = adapter_dirs_change(cfg.model, cfg.init_adapters)
     change = run_change(read_model_config(cfg.model), inherited, cfg.rope_scaling, cfg.context_length, where)
     block = cfg.preset().block_size
     if change is not None and cfg.rope_scaling is not None and block > change.after.context_length:

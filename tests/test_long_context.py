@@ -179,3 +179,19 @@ def test_llama3_style_base_is_extended_from_its_own_settings(tmp_path, llama3_ba
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, want, rtol=1e-6, atol=0)
     # the base's own factor 2 gives other frequencies: the composition is what is checked
     assert not torch.allclose(_llama3_inv_freq(head_dim, 10000.0, 2.0, 1.0, 4.0, 16), want)
+
+
+def test_eval_scores_the_trained_adapters_as_the_merged_model(tmp_path, short_base, linear_run, linear_merged):
+    """`zhllama eval --positions`, the same command for the base, the base + the run's adapter (loaded with
+    the RoPE settings the run recorded) and the merged model: the last two agree, the base does not."""
+    figures = {}
+    for name, extra in (("base", []), ("adapter", ["--adapter", linear_run / "final"]), ("merged", None)):
+        out = tmp_path / f"{name}.json"
+        model = linear_merged if extra is None else short_base
+        assert main(["eval", "--model", model, *(extra or []), "--text", REPO / "zhllama" / "data" / "zh_sample.txt",
+                     "--positions", "--max-length", 64, "--buckets", "32,64", "--out", out]) == 0
+        (result,) = json.loads(out.read_text())["results"]
+        figures[name] = [b["perplexity"] for b in result["positions"]["buckets"]]
+        assert result["context_length"] == (32 if name == "base" else 64)
+    assert figures["adapter"] == pytest.approx(figures["merged"], rel=1e-5)
+    assert figures["base"][1] != pytest.approx(figures["merged"][1], rel=1e-3)

@@ -374,11 +374,12 @@ def save_pretrained_atomic(model, tokenizer_dir_or_obj, out_dir, overwrite=False
     return out_dir
 
 
-def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="auto"):
+def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="auto", config=None):
     """(model in eval mode, tokenizer) for generate / eval / serve.
 
     device "auto": CUDA when present, else CPU; dtype "auto": bf16 on GPUs that have it, fp16 on other
     GPUs, fp32 on CPU. The tokenizer (default: the model's own) is checked against the model's vocab.
+    `config` replaces the checkpoint's config.json (see `load_model`).
     """
     import torch
 
@@ -392,7 +393,8 @@ def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="aut
         raise UserError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16")
     tok_path = tokenizer_path or model_dir
     tokenizer = load_tokenizer(tok_path)
-    model = load_model(model_dir, dtype=torch_dtype(dtype), device=device, tokenizer_path=tok_path).eval()
+    model = load_model(model_dir, dtype=torch_dtype(dtype), device=device, tokenizer_path=tok_path,
+                       config=config).eval()
     return model, tokenizer
 
 

@@ -4,9 +4,11 @@
 Steps, each the real command where zhllama has one (a step whose output exists is reused; --fresh
 redoes all):
 
-  data      WikiText-2 paragraphs (../shared/data/en/wikitext2_en.txt), grouped in order into documents of
-            about 9,000 characters (~2,500 tokens); the last 30 are held out. Passkey documents (the
-            prompt of `zhllama eval --passkey` with its answer) of 120-250 tokens are mixed in (10%).
+  data      WikiText-2 paragraphs (../shared/data/en/wikitext2_en.txt), grouped in order into documents:
+            the last 30 of ~9,000 characters (~3,000 tokens) held out; the paragraphs before them, and
+            documents of ~5,000 characters of them (~1,800 tokens: a 2,048 block holds one whole), for
+            training. Passkey documents (the prompt of `zhllama eval
+            --passkey` with its answer) of 120-250 tokens are mixed in (--passkey-share).
   base      a tokenizer (SentencePiece BPE, 2,000 pieces) and a tiny LLaMA (4 layers x 128,
             max_position_embeddings 256) pretrained at 256 tokens: `zhllama.tiny.pretrain_tiny`, as the
             demo's base is made
@@ -44,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BASE_CTX, TARGET = 256, 2048
 BATCH = 8                  # sequences per step of the base
-DOC_CHARS, HELD_OUT = 9000, 30
+HELD_CHARS, TRAIN_CHARS, HELD_OUT = 9000, 5000, 30     # characters per held-out / training document
 BUCKETS = "256,512,1024,2048"
 PASSKEY_LENGTHS = "256,512,1024,2048"
 RUNS = {"linear": "{type: linear, factor: 8}", "yarn": "{type: yarn, factor: 8}"}
@@ -65,23 +67,32 @@ def zhllama(*args) -> None:
         print("    " + line)
 
 
-def make_data(out: Path) -> dict:
-    """Long documents (held out and for training) and the training paragraphs, as text files."""
-    paragraphs = [p for p in need("data/en/wikitext2_en.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
+def group(paragraphs, chars: int):
+    """Consecutive paragraphs joined into documents of at least `chars` characters (a shorter rest is
+    left out), and the index of each document's first paragraph."""
     docs, starts, cur = [], [], []
     for k, p in enumerate(paragraphs):
         if not cur:
             starts.append(k)
         cur.append(p)
-        if sum(map(len, cur)) >= DOC_CHARS:
+        if sum(map(len, cur)) >= chars:
             docs.append(" ".join(cur))
             cur = []
-    train, held = docs[:-HELD_OUT], docs[-HELD_OUT:]
+    return docs, starts[:len(docs)]
+
+
+def make_data(out: Path) -> dict:
+    """Held-out long documents (the last 30 of ~9,000 characters, ~3,000 tokens), and from the paragraphs
+    before them training documents that fit a 2,048-token block (~5,000 characters) and the paragraphs
+    themselves, as text files."""
+    paragraphs = [p for p in need("data/en/wikitext2_en.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
+    docs, starts = group(paragraphs, HELD_CHARS)
+    held, train_paragraphs = docs[-HELD_OUT:], paragraphs[:starts[-HELD_OUT]]
+    train = group(train_paragraphs, TRAIN_CHARS)[0]
     (out / "heldout_long.txt").write_text("\n".join(held) + "\n", encoding="utf-8")
     (out / "train_long.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
-    # the base learns English on the paragraphs before the held-out documents only
-    (out / "train_paragraphs.txt").write_text("\n".join(paragraphs[:starts[-HELD_OUT]]) + "\n", encoding="utf-8")
-    return {"documents": len(docs), "train": len(train), "held_out": len(held)}
+    (out / "train_paragraphs.txt").write_text("\n".join(train_paragraphs) + "\n", encoding="utf-8")
+    return {"held_out": len(held), "train_documents": len(train), "train_paragraphs": len(train_paragraphs)}
 
 
 def passkey_lines(tok, n: int, seed: int) -> list:
@@ -91,14 +102,14 @@ def passkey_lines(tok, n: int, seed: int) -> list:
             for _ in range(n)]
 
 
-def make_base(out: Path, steps: int) -> Path:
+def make_base(out: Path, steps: int, passkey_share: float) -> Path:
     tok_dir, base = out / "tokenizer", out / "base"
     text = (out / "train_paragraphs.txt").read_text(encoding="utf-8")
     make_tiny_sp(tok_dir / "tokenizer.model", text=text, vocab_size=2000, seed_lines=1)
     save_tokenizer(load_tokenizer(tok_dir / "tokenizer.model"), tok_dir)
     tok = load_tokenizer(tok_dir)
     lines = text.splitlines()
-    mixed = lines + passkey_lines(tok, len(lines) // 9, seed=1)
+    mixed = lines + passkey_lines(tok, int(len(lines) * passkey_share / (1 - passkey_share)), seed=1)
     random.Random(0).shuffle(mixed)
     (out / "base_text.txt").write_text("\n".join(mixed) + "\n", encoding="utf-8")
     make_tiny_llama(tok_dir / "tokenizer.model", out / "init", hidden_size=128, num_layers=4, num_heads=4,
@@ -118,6 +129,8 @@ def main():
     ap.add_argument("--out", default="/tmp/zhllama-long", help="work directory (reused between runs)")
     ap.add_argument("--base-steps", type=int, default=1200, help="pretraining steps of the base at 256 tokens")
     ap.add_argument("--steps", type=int, default=300, help="extension steps at 2,048 tokens")
+    ap.add_argument("--passkey-share", type=float, default=0.25,
+                    help="share of passkey documents among the base's (and the extension's short) documents")
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--trials", type=int, default=10, help="passkey keys per length and depth")
@@ -134,7 +147,7 @@ def main():
         say(f"data: {make_data(out)}")
     base = out / "base"
     if not (base / "config.json").exists():
-        make_base(out, args.base_steps)
+        make_base(out, args.base_steps, args.passkey_share)
     tok = load_tokenizer(out / "tokenizer")
     if not (out / "packed" / "manifest.json").exists():
         long_docs = (out / "train_long.txt").read_text(encoding="utf-8").splitlines()

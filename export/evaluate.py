@@ -210,7 +210,8 @@ def run(args) -> int:
         raise UserError("--text is required (or --benchmark cmmlu|ceval with --data)")
     for flag in ("data", "subjects", "out"):
         if getattr(args, flag):
-            raise UserError(f"--{flag} applies to --benchmark only")
+            raise UserError(f"--{flag} applies to --benchmark only" + (", --positions and --passkey" if flag == "out"
+                                                                       else ""))
     if args.tokenizer and len(args.model) > 1:
         raise UserError("--tokenizer applies to one --model; each of several models uses its own tokenizer")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):

@@ -366,9 +366,9 @@ def format_plan(p) -> str:
             f"    {label:<30}{g['weights']:>8.1f}{g['gradients']:>7.1f}"
             f"{g['buckets']:>8.1f}{g['optimizer']:>7.1f}{g['activations']:>7.1f}{g['overhead'] + g['grad_transient']:>7.1f}"
             f"{m['total_gib']:>8.1f}  {verdict}{accum}")
-    if not any(m["fits"] for m in p["memory"].values()):
-        lines.append("  no micro batch fits: use ds_configs/zero2_offload.json, more GPUs, or a shorter sequence")
     lc = p["long_context"]
+    if not any(m["fits"] for m in p["memory"].values()) and not lc["needs_sequence_parallelism"]:
+        lines.append("  no micro batch fits: use ds_configs/zero2_offload.json, more GPUs, or a shorter sequence")
     lines += [f"  time           {p['seconds_per_sequence']:,.1f} s per sequence of {p['seq_len']:,} tokens per GPU, "
               f"{p['seconds_per_step']:,.1f} s per step of {p['global_batch']} sequences on {p['gpus']} GPUs",
               f"  attention      {lc['attention']}",

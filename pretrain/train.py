@@ -22,6 +22,7 @@ from zhllama.modelio import check_checkpoint, meta_model
 
 from .config import dump_config, load_config
 from .hooks import hooks_from_env
+from . import rope
 from .presets import OVERRIDE_KEYS, grad_accumulation
 
 
@@ -54,6 +55,9 @@ def run(args):
         sys.stdout.write(dump_config(cfg))
         print(f"# world {world} x micro {cfg.micro_batch} x accumulation {accum} = global batch "
               f"{preset.global_batch} sequences of {preset.block_size} tokens")
+        change = rope.for_run(cfg) if (Path(cfg.model) / "config.json").is_file() else None
+        if change is not None:
+            print(f"# positions: {change.after.describe()}, from the base's {change.before.describe()}")
         return 0
     from .engine import Trainer   # torch, DeepSpeed: only when training, so `zhllama train --help` stays light
     # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from conftest import REPO, subprocess_env
-from test_deploy_files import _converter, _tf4_python
+from test_deploy_files import _tf4_python, convert_and_read
 from zhllama.app.cli import main
 from zhllama.export.merge import REPORT, merge_checkpoint
 from zhllama.pretrain.rope import Rope, with_rope
@@ -208,24 +208,17 @@ def test_eval_scores_the_trained_adapters_as_the_merged_model(tmp_path, short_ba
 def test_gguf_conversion_keeps_the_rope_scaling(tmp_path, linear_merged, rope):
     """llama.cpp's converter, on a merged checkpoint whose config.json zhllama wrote for each RoPE type, writes
     the GGUF keys (or, for llama3, the rope_freqs tensor) that carry the same scaling."""
-    root, env = _converter()
     model = tmp_path / "model"
     shutil.copytree(linear_merged, model)
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps(with_rope(cfg, rope)))
-    out = tmp_path / "model.gguf"
-    res = subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(model), "--outfile", str(out),
-                          "--outtype", "f32"], capture_output=True, text=True, timeout=600, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
     read = ("import json, sys\nfrom gguf import GGUFReader\nr = GGUFReader(sys.argv[1])\n"
             "f = lambda k: r.fields[k].contents() if k in r.fields else None\n"
             "keys = ('llama.context_length', 'llama.rope.freq_base', 'llama.rope.scaling.type', "
             "'llama.rope.scaling.factor', 'llama.rope.scaling.original_context_length')\n"
             "freqs = [t.data.tolist() for t in r.tensors if t.name == 'rope_freqs.weight']\n"
             "print(json.dumps({k: f(k) for k in keys} | {'rope_freqs': freqs[0] if freqs else None}))\n")
-    res = subprocess.run([sys.executable, "-c", read, str(out)], capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout)
+    got = convert_and_read(model, tmp_path / "model.gguf", read)
     assert got["llama.context_length"] == rope.max_position_embeddings and got["llama.rope.freq_base"] == 10000.0
     if rope.type in ("linear", "yarn"):
         assert (got["llama.rope.scaling.type"], got["llama.rope.scaling.factor"]) == (rope.type, 2.0)

@@ -10,8 +10,9 @@ redoes all):
             training. Passkey documents (the prompt of `zhllama eval
             --passkey` with its answer) of 120-250 tokens are mixed in (--passkey-share).
   base      a tokenizer (SentencePiece BPE, 2,000 pieces) and a tiny LLaMA (4 layers x 128,
-            max_position_embeddings 256) pretrained at 256 tokens: `zhllama.tiny.pretrain_tiny`, as the
-            demo's base is made
+            max_position_embeddings 256) pretrained at 256 tokens with `zhllama.tiny.pretrain_tiny`, as the
+            demo's base is made: English with a quarter passkey documents, then a half (the base must
+            retrieve a key within 256 tokens for the passkey figures at 2,048 to be about length)
   pack      `zhllama data pack --block-size 2048 --keep-documents` of the training documents
   train     `zhllama train stage=stage2 block_size=2048 rope_scaling={type: linear|yarn, factor: 8}` for
             --steps steps (LoRA on q,k,v,o + embed_tokens + lm_head), then `zhllama merge`
@@ -102,32 +103,50 @@ def passkey_lines(tok, n: int, seed: int) -> list:
             for _ in range(n)]
 
 
-def make_base(out: Path, steps: int, passkey_share: float) -> Path:
-    tok_dir, base = out / "tokenizer", out / "base"
+def make_base(out: Path, steps: int, passkey_steps: int, passkey_share: float) -> Path:
+    """The tiny base, pretrained at 256 tokens in two runs of `pretrain_tiny`: English with a share of
+    passkey documents, then as many English paragraphs as passkey documents, so that the base retrieves
+    a key within its own context and the passkey figures at 2,048 are about length, not the task."""
+    tok_dir, base, phase1 = out / "tokenizer", out / "base", out / "base_phase1"
     text = (out / "train_paragraphs.txt").read_text(encoding="utf-8")
-    make_tiny_sp(tok_dir / "tokenizer.model", text=text, vocab_size=2000, seed_lines=1)
-    save_tokenizer(load_tokenizer(tok_dir / "tokenizer.model"), tok_dir)
+    if not (tok_dir / "tokenizer.json").exists():
+        make_tiny_sp(tok_dir / "tokenizer.model", text=text, vocab_size=2000, seed_lines=1)
+        save_tokenizer(load_tokenizer(tok_dir / "tokenizer.model"), tok_dir)
     tok = load_tokenizer(tok_dir)
     lines = text.splitlines()
-    mixed = lines + passkey_lines(tok, int(len(lines) * passkey_share / (1 - passkey_share)), seed=1)
-    random.Random(0).shuffle(mixed)
-    (out / "base_text.txt").write_text("\n".join(mixed) + "\n", encoding="utf-8")
-    make_tiny_llama(tok_dir / "tokenizer.model", out / "init", hidden_size=128, num_layers=4, num_heads=4,
-                    intermediate_size=344, max_position_embeddings=BASE_CTX, seed=0, overwrite=True)
-    model = load_model(out / "init")
-    say(f"base: pretraining {steps} steps of {BATCH} x {BASE_CTX} tokens (zhllama.tiny.pretrain_tiny)")
-    records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text.txt", steps=steps, batch=BATCH,
-                            block_size=BASE_CTX, lr=3e-3, seed=0, metrics_path=out / "base_metrics.jsonl")
+    if not (phase1 / "config.json").exists():
+        mixed = lines + passkey_lines(tok, int(len(lines) * passkey_share / (1 - passkey_share)), seed=1)
+        random.Random(0).shuffle(mixed)
+        (out / "base_text.txt").write_text("\n".join(mixed) + "\n", encoding="utf-8")
+        make_tiny_llama(tok_dir / "tokenizer.model", out / "init", hidden_size=128, num_layers=4, num_heads=4,
+                        intermediate_size=344, max_position_embeddings=BASE_CTX, seed=0, overwrite=True)
+        model = load_model(out / "init")
+        say(f"base: pretraining {steps} steps of {BATCH} x {BASE_CTX} tokens (zhllama.tiny.pretrain_tiny)")
+        records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text.txt", steps=steps,
+                                batch=BATCH, block_size=BASE_CTX, lr=3e-3, seed=0,
+                                metrics_path=out / "base_metrics.jsonl")
+        say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
+        save_pretrained_atomic(model, tok_dir, phase1, overwrite=True)
+        shutil.rmtree(out / "init")
+    keys = passkey_lines(tok, len(lines), seed=3)
+    mixed = [x for pair in zip(lines, keys) for x in pair]
+    random.Random(4).shuffle(mixed)
+    (out / "base_text2.txt").write_text("\n".join(mixed) + "\n", encoding="utf-8")
+    model = load_model(phase1)
+    say(f"base: {passkey_steps} more steps, half the documents passkey ones")
+    records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text2.txt", steps=passkey_steps,
+                            batch=BATCH, block_size=BASE_CTX, lr=2e-3, seed=1, metrics_path=out / "base_metrics2.jsonl")
     say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
     save_pretrained_atomic(model, tok_dir, base, overwrite=True)
-    shutil.rmtree(out / "init")
     return base
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/zhllama-long", help="work directory (reused between runs)")
-    ap.add_argument("--base-steps", type=int, default=1200, help="pretraining steps of the base at 256 tokens")
+    ap.add_argument("--base-steps", type=int, default=1000, help="pretraining steps of the base at 256 tokens")
+    ap.add_argument("--base-passkey-steps", type=int, default=400,
+                    help="then steps on as many English paragraphs as passkey documents")
     ap.add_argument("--steps", type=int, default=300, help="extension steps at 2,048 tokens")
     ap.add_argument("--passkey-share", type=float, default=0.25,
                     help="share of passkey documents among the base's (and the extension's short) documents")
@@ -147,7 +166,7 @@ def main():
         say(f"data: {make_data(out)}")
     base = out / "base"
     if not (base / "config.json").exists():
-        make_base(out, args.base_steps, args.passkey_share)
+        make_base(out, args.base_steps, args.base_passkey_steps, args.passkey_share)
     tok = load_tokenizer(out / "tokenizer")
     if not (out / "packed" / "manifest.json").exists():
         long_docs = (out / "train_long.txt").read_text(encoding="utf-8").splitlines()

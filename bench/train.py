@@ -137,7 +137,7 @@ def main():
     tokens_per_step = args.global_batch * args.block
     cfg = LlamaConfig(**read_model_config(model_dir))
     fpt = flops_per_token(cfg, args.block)
-    peak = peak_flops(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    peak, _ = peak_flops(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     w = args.warmup_steps
 
     def summary(times):

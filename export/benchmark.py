@@ -25,6 +25,7 @@ of the subjects' accuracies (the official figure); also the question-weighted me
 
 import csv
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
+from zhllama.inputfile import check_input_file
 from zhllama.log import get_logger
 from zhllama.modelio import load_for_inference
 from zhllama.textenc import encode_text
@@ -116,8 +118,9 @@ CMMLU, CEVAL = FORMATS["cmmlu"], FORMATS["ceval"]
 def read_questions(path: Path, fmt: Format) -> List[Question]:
     """Rows of a CMMLU/C-Eval CSV, fields exactly as written; a bad row is an InputError naming it."""
     cols = (fmt.question_col, *LETTERS, fmt.answer_col)
+    check_input_file(path, "benchmark CSV")
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:   # utf-8-sig: a BOM is not the header
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -165,7 +168,7 @@ def load_subjects(data_dir, fmt: Format, shots: int, only: Optional[Sequence[str
         test_file = split_dir / fmt.file_name(name, fmt.eval_split)
         if name not in fmt.subjects:
             raise UserError(f"{test_file}: unknown {fmt.name} subject {name!r}")
-        if not test_file.is_file():
+        if not os.path.lexists(test_file):      # anything else there (a FIFO, a broken link) is named below
             raise UserError(f"--subjects {name}: no {test_file}")
         questions = read_questions(test_file, fmt)
         if not questions:
@@ -173,7 +176,7 @@ def load_subjects(data_dir, fmt: Format, shots: int, only: Optional[Sequence[str
         dev = []
         if shots > 0:
             dev_file = data_dir / "dev" / fmt.file_name(name, "dev")
-            if not dev_file.is_file():
+            if not os.path.lexists(dev_file):
                 raise InputError(dev_file, f"missing: subject {name} needs its dev examples for --shots {shots}")
             dev = read_questions(dev_file, fmt)
             if len(dev) < shots:

@@ -32,15 +32,17 @@ passkey retrieval by length and depth, a table per model, JSON with --out FILE:
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
 import torch
 
+from zhllama.argtypes import int_range
 from zhllama.corpus import expand_inputs, iter_documents
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_write_json
+from zhllama.heldout import Window, bits_per_char, longest_first, pad_id, window_batch, windows
+from zhllama.inputfile import MAX_LINE_BYTES, add_max_line_argument, max_line_bytes
 from zhllama.log import get_logger
 from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 from zhllama.modelio import load_for_inference
@@ -54,62 +56,29 @@ from .benchmark import run_benchmark
 log = get_logger("zhllama.eval")
 
 
-@dataclass
-class Window:
-    ids: List[int]
-    first: int          # positions >= first are scored (each predicted from the positions before it)
-    start: int = 0      # where the window begins in its document
-
-
-def windows(ids: List[int], max_length: int, stride: int) -> List[Window]:
-    """Sliding windows over one document that score every position 1..len-1 exactly once."""
-    if len(ids) < 2:
-        return []
-    out, begin, scored_to = [], 0, 1
-    while True:
-        end = min(begin + max_length, len(ids))
-        out.append(Window(ids[begin:end], scored_to - begin, begin))
-        scored_to = end
-        if end == len(ids):
-            return out
-        begin += stride      # stride < max_length: the next window overlaps, scoring only new tokens
-
-
-def _batches(items: List[Window], batch_size: int):
-    # Longest first: padding stays small and the first batch shows the peak memory. Deterministic order.
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i].ids), i))
-    for k in range(0, len(order), batch_size):
-        yield [items[i] for i in order[k:k + batch_size]]
-
-
-def score(model, windows_: List[Window], batch_size: int = 4, pad_id: int = 0):
+def score(model, windows_: List[Window], batch_size: int = 4, pad: int = 0):
     """(total NLL in nats, scored tokens, forward seconds) of the windows, by the training loss
     (zhllama/loss.py: the full-vocabulary logits are never held for a whole batch)."""
     nll, count, seconds = 0.0, 0, 0.0
     device = next(model.parameters()).device
     loss_sum = CausalLMTokenLoss(model)
-    for batch in _batches(windows_, batch_size):
-        width = max(len(w.ids) for w in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        for row, w in enumerate(batch):
-            n = len(w.ids)
-            ids[row, :n] = torch.tensor(w.ids)
-            mask[row, :n] = 1
-            labels[row, w.first:n] = ids[row, w.first:n]
+    ordered = longest_first(windows_)
+    for k in range(0, len(ordered), batch_size):
+        batch = window_batch(ordered[k:k + batch_size], pad)
+        labels = batch["labels"]
         t0 = time.perf_counter()
         with torch.no_grad():
-            loss = loss_sum(ids.to(device), labels.to(device), attention_mask=mask.to(device))
+            loss = loss_sum(batch["input_ids"].to(device), labels.to(device),
+                            attention_mask=batch["attention_mask"].to(device))
         seconds += time.perf_counter() - t0
         nll += float(loss)
         count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     return nll, count, seconds
 
 
-def read_documents(path, text_field="text", doc_sep="line", limit=None) -> List[str]:
+def read_documents(path, text_field="text", doc_sep="line", limit=None, max_line=MAX_LINE_BYTES) -> List[str]:
     docs = []
-    for doc in iter_documents(path, text_field=text_field, doc_sep=doc_sep):
+    for doc in iter_documents(path, text_field=text_field, doc_sep=doc_sep, max_line=max_line):
         docs.append(doc)
         if limit is not None and len(docs) >= limit:
             break
@@ -128,14 +97,13 @@ def evaluate_docs(model, tokenizer, docs: List[str], max_length: int, stride: in
         tokens += len(ids) - len(head)
         chars += len(doc)
         wins.extend(windows(ids, max_length, stride))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    nll, scored, seconds = score(model, wins, batch_size, pad)
+    nll, scored, seconds = score(model, wins, batch_size, pad_id(tokenizer))
     if scored == 0:
         raise UserError("no token to score: every document is empty after tokenization")
     return {
         "documents": len(docs), "characters": chars, "tokens": tokens, "scored_tokens": scored,
         "windows": len(wins), "nll": nll, "loss": nll / scored, "perplexity": math.exp(min(nll / scored, 700.0)),
-        "bits_per_char": nll / math.log(2) / chars, "tokens_per_char": tokens / chars,
+        "bits_per_char": bits_per_char(nll, chars), "tokens_per_char": tokens / chars,
         "forward_seconds": round(seconds, 3), "tokens_per_s": round(scored / seconds, 1) if seconds > 0 else None,
         "max_length": max_length, "stride": stride, "first_token_scored": bos is not None,
     }
@@ -160,15 +128,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", nargs="+",
                         help="held-out text: .txt (a document per line), .jsonl, .parquet, .gz, dirs or globs")
     parser.add_argument("--text-field", default="text", help="JSON/parquet field holding the text (default text)")
+    add_max_line_argument(parser, "line (a document) of --text")
     parser.add_argument("--doc-sep", choices=("line", "blank"), default="line",
                         help=".txt documents: one per line (default) or blank-line separated paragraphs")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--max-length", type=int_range(2, 1 << 24), default=None,
                         help="tokens per window (default: the model's context, at most 2048; benchmarks: 2048)")
-    parser.add_argument("--stride", type=int, default=None,
+    parser.add_argument("--stride", type=int_range(1, 1 << 24), default=None,
                         help="new tokens scored per window for long documents (default: half of --max-length)")
-    parser.add_argument("--batch-size", type=int, default=4,
+    parser.add_argument("--batch-size", type=int_range(1, 1 << 16), default=4,
                         help="windows (benchmarks: questions) per forward pass (default 4)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=int_range(1, 10 ** 12), default=None,
                         help="evaluate at most N documents per file (benchmarks: the first N questions per subject)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), float32, ...")
@@ -193,8 +162,8 @@ def add_arguments(parser) -> None:
     long.add_argument("--lengths", default=None,
                       help="passkey prompt lengths in tokens (default: 1/4, 1/2 and all of --max-length)")
     long.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key is hidden (0: start, 1: end)")
-    long.add_argument("--trials", type=int, default=5, help="keys per length and depth (default 5)")
-    long.add_argument("--seed", type=int, default=0, help="passkey keys' seed (default 0)")
+    long.add_argument("--trials", type=int_range(1, 10 ** 6), default=5, help="keys per length and depth (default 5)")
+    long.add_argument("--seed", type=int_range(0, 2 ** 32 - 1), default=0, help="passkey keys' seed (default 0)")
 
 
 def run(args) -> int:
@@ -217,7 +186,8 @@ def run(args) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive")
     files = expand_inputs(args.text)
-    texts = {str(f): read_documents(f, args.text_field, args.doc_sep, args.limit) for f in files}
+    texts = {str(f): read_documents(f, args.text_field, args.doc_sep, args.limit, max_line_bytes(args))
+             for f in files}
     results = []
     for model_dir in args.model:
         if not Path(model_dir).is_dir():
@@ -259,7 +229,8 @@ def run_long(args) -> int:
         raise UserError(f"--depths {args.depths}: each in [0, 1]")
     texts = {}
     if args.positions:
-        texts = {str(f): read_documents(f, args.text_field, args.doc_sep, args.limit) for f in expand_inputs(args.text)}
+        texts = {str(f): read_documents(f, args.text_field, args.doc_sep, args.limit, max_line_bytes(args))
+                 for f in expand_inputs(args.text)}
     results = []
     for model_dir in args.model:
         if not Path(model_dir).is_dir():

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from zhllama.argtypes import SEED, float_range, int_range
 from zhllama.errors import UserError
 from zhllama.export.inference import load_inference_model
 from zhllama.log import get_logger
@@ -130,11 +131,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     parser.add_argument("--input", default="", help="the template's input field for every prompt (Alpaca 'input')")
     parser.add_argument("--system", default=None, help="system prompt (templates with a {system} slot)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default 256)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    parser.add_argument("--max-new-tokens", type=int_range(1, 1 << 20),
+                        default=256, help="most tokens per answer (default 256)")
+    parser.add_argument("--temperature", type=float_range(0, 5),
+                        default=0.7, help="sampling temperature (default 0.7)")
+    parser.add_argument("--top-p", type=float_range(0, 1, above_low=True),
+                        default=0.9, help="nucleus sampling mass (default 0.9)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (deterministic; ignores temperature)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling, set before each answer")
+    parser.add_argument("--seed", type=SEED, default=None, help="seed for sampling, set before each answer")
     parser.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")

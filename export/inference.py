@@ -10,11 +10,25 @@ between threads but generations run one at a time.
 import threading
 from pathlib import Path
 
+from zhllama.errors import ConfigError
 from zhllama.modelio import load_for_inference
 from zhllama.pretrain.rope import context_length
 from zhllama.sft.examples import encode_chat_prompt
 from zhllama.sft.templates import get_template
 from zhllama.textenc import encode_text
+
+
+# The longest context a model may claim: twice the 1M-token models of 2025. A config saying more (or 0,
+# or nothing usable) would leave the prompt unbounded: the server refuses it and asks for --max-context.
+MAX_CONTEXT = 1 << 21
+
+
+def usable_context(value, where: str) -> int:
+    """`value` as a context length in tokens (1..MAX_CONTEXT), or a ConfigError (one line, exit 2) naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONTEXT:
+        raise ConfigError(f"{where} is {value!r}, not a context length (1..{MAX_CONTEXT} tokens): the server "
+                          f"bounds every prompt by it; pass --max-context N (the tokens a request may use)")
+    return value
 
 
 class RequestError(Exception):
@@ -38,11 +52,13 @@ def longest_piece_chars(tokenizer) -> int:
 class InferenceModel:
     """A model, its tokenizer and template; `generate` runs one request at a time (a lock)."""
 
-    def __init__(self, model, tokenizer, template, name: str, max_new_tokens: int = 512):
+    def __init__(self, model, tokenizer, template, name: str, max_new_tokens: int = 512, max_context=None):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.name = name
         self.max_new_tokens = max_new_tokens
-        self.max_positions = context_length(model.config)   # x factor for linear/dynamic RoPE scaling
+        # The tokens a request may use, prompt and completion together (default: the model's context,
+        # max_position_embeddings x factor for linear/dynamic RoPE scaling).
+        self.max_positions = max_context if max_context is not None else context_length(model.config)
         self.max_prompt_chars = (self.max_positions * longest_piece_chars(tokenizer)
                                  if self.max_positions else None)
         self.lock = threading.Lock()
@@ -57,15 +73,30 @@ class InferenceModel:
                                f"{self.max_positions} tokens (at most {self.max_prompt_chars} characters "
                                f"with this tokenizer)", param=param, code="context_length_exceeded")
 
+    def chat_prompt_chars(self, messages) -> int:
+        """The characters the tokenizer would be given for `messages`: the prompt as the template
+        renders it (every turn with the template's own text, system messages in its system slot), plus
+        one per segment for the BOS/EOS tokens between turns. Counting the content alone would let
+        thousands of empty messages through as "nothing", each rendered into a full turn."""
+        system, turns = _split_system(messages)
+        try:
+            segments = self.template.segments(turns, system=system)
+        except (ValueError, ConfigError) as e:   # roles out of order; a template without a 'turn' format
+            raise RequestError(f"messages: {e}", param="messages")
+        return sum(len(text) + 1 for _, text in segments) + 1
+
+    def check_chat_prompt(self, messages) -> None:
+        """Refuse, before tokenizing, a conversation whose rendered prompt cannot fit the context."""
+        self.check_prompt_chars(self.chat_prompt_chars(messages), "messages")
+
     def chat_prompt_ids(self, messages) -> list:
         """The ids the SFT template puts before the assistant's next turn (system messages joined)."""
 
-        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
-        system = "\n".join(m["content"] for m in messages if m["role"] == "system") or None
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+        self.check_chat_prompt(messages)
+        system, turns = _split_system(messages)
         try:
             return encode_chat_prompt(self.tokenizer, self.template, turns, system=system)
-        except ValueError as e:
+        except (ValueError, ConfigError) as e:
             raise RequestError(f"messages: {e}", param="messages")
 
     def text_prompt_ids(self, prompt: str) -> list:
@@ -135,8 +166,11 @@ class InferenceModel:
             hold = max((len(s) for s in stops), default=1) - 1
             try:
                 for piece in streamer:
+                    # A stop string not found before must end in the new piece: search only from
+                    # `hold` characters back, so the scan stays linear in the text's length.
+                    start = max(0, len(text) - hold)
                     text += piece
-                    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                    cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
                     if cut >= 0:
                         text, hit = text[:cut], True
                         cancel.set()
@@ -158,10 +192,19 @@ class InferenceModel:
         return text, finish, n_prompt, n_out
 
 
+def _split_system(messages):
+    """(the system messages joined, or None; the other turns) of chat `messages`."""
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system") or None
+    return system, [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+
+
 def load_inference_model(model_dir, tokenizer=None, template="alpaca", name=None, device="auto",
-                         dtype="auto", max_new_tokens=512) -> InferenceModel:
-    """Load a merged checkpoint (and tokenizer, default: the same directory) for generation."""
+                         dtype="auto", max_new_tokens=512, max_context=None) -> InferenceModel:
+    """Load a merged checkpoint (and tokenizer, default: the same directory) for generation;
+    `max_context` caps the tokens of a request (default: the model's max_position_embeddings)."""
 
     template = get_template(template)
-    model, tok = load_for_inference(model_dir, tokenizer, device=device, dtype=dtype)
-    return InferenceModel(model, tok, template, name or Path(model_dir).resolve().name, max_new_tokens)
+    model, tok = load_for_inference(model_dir, tokenizer, device=device, dtype=dtype,
+                                    context_given=max_context is not None)
+    return InferenceModel(model, tok, template, name or Path(model_dir).resolve().name, max_new_tokens,
+                          max_context)

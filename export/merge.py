@@ -45,8 +45,10 @@ from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output_path, sha256_file
 from zhllama.hf_tokenizer import TOKENIZER_DIR_FILES, make_portable
 from zhllama.log import get_logger
+from zhllama.model_config import TRUST_REMOTE_CODE
 from zhllama.modelio import PADDED_VOCAB_KEY, save_tokenizer, write_resized_configs
 from zhllama.pretrain.rope import read_rope, with_rope
+from zhllama.outlock import output_lock
 from zhllama.sft.examples import encode_chat_prompt
 from zhllama.st_files import input_shards, parse_size, peak_rss_bytes
 from zhllama.st_stream import Reader, ShardWriter, plan_shards
@@ -74,7 +76,7 @@ def _apply(name: str, load, adapters: List[Adapter], handles, out_dtype):
     touched = [ad for ad in adapters if ad.touches(name)]
     if not touched:
         tensor = load()
-        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+        return _cast(name, tensor, out_dtype) if tensor.is_floating_point() else tensor
     w = None
     for ad in touched:
         f = handles[ad.path]
@@ -91,7 +93,21 @@ def _apply(name: str, load, adapters: List[Adapter], handles, out_dtype):
             w = w.index_copy(0, torch.tensor(idx, dtype=torch.long), f.get(key).float())
         if not _finite(w):
             raise UserError(f"{ad.weights}: merging it into {name} gives NaN or infinite values; the adapter is broken")
-    return w.to(out_dtype)
+    return _cast(name, w, out_dtype)
+
+
+def _cast(name: str, t, out_dtype):
+    """`t` cast to `out_dtype`, refused when a value does not fit: in fp16 (largest finite 65504) a larger
+    weight becomes inf, and a checkpoint holding it loads fine and then computes NaN."""
+    import torch
+
+    out = t.to(out_dtype)
+    if out.dtype != t.dtype and torch.finfo(out.dtype).max < torch.finfo(t.dtype).max and not _finite(out):
+        largest = float(t.float().abs().max())
+        raise UserError(f"{name} holds values up to {largest:.6g}, beyond the largest finite "
+                        f"{str(out_dtype).replace('torch.', '')} ({torch.finfo(out.dtype).max:g}) that --dtype asks "
+                        "for; merge with --dtype bf16 (or fp32)")
+    return out
 
 
 def _finite(t, chunk: int = 1 << 22) -> bool:
@@ -110,7 +126,7 @@ def _check_chat_template(out_dir: Path, template) -> None:
     from transformers import AutoTokenizer
 
 
-    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True, trust_remote_code=TRUST_REMOTE_CODE)
     msgs = [{"role": "user", "content": "用一句话介绍北京。"}, {"role": "assistant", "content": "北京是中国的首都。"},
             {"role": "user", "content": "Name three colors."}]
     if template.turn is None:
@@ -296,7 +312,7 @@ def verify_output(out_dir: Path, want_shapes: Dict[str, tuple], dtype_name: str,
                            f"expected {rows}")
     if rope is not None and read_rope(cfg) != rope:
         raise RuntimeError(f"{out_dir}/config.json: positions {read_rope(cfg).describe()}, expected {rope.describe()}")
-    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True, trust_remote_code=TRUST_REMOTE_CODE)
     n = len(tok)
     if n > rows or (n < rows and cfg.get(PADDED_VOCAB_KEY) != n):
         raise RuntimeError(f"{out_dir}: AutoTokenizer loads {n} tokens for {rows} embedding rows")
@@ -347,10 +363,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    report = merge_checkpoint(args.base, args.adapter, args.out, dtype=args.dtype,
-                              max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
-                              overwrite=args.overwrite, template=args.template,
-                              ollama_modelfile=args.ollama_modelfile)
+    with output_lock(args.out, "zhllama merge", "checkpoint"):   # one writer per --out, checked writable
+        report = merge_checkpoint(args.base, args.adapter, args.out, dtype=args.dtype,
+                                  max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
+                                  overwrite=args.overwrite, template=args.template,
+                                  ollama_modelfile=args.ollama_modelfile)
     chat = report["chat_template"]
     print("chat template: " + (f"{chat['name']} ({chat['source']}), in chat_template.jinja and tokenizer_config.json"
                                if chat else report["chat_template_note"] + "; none written"))

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 from zhllama.dtypes import short_name
 from zhllama.errors import InputError, UserError
 from zhllama.log import get_logger
-from zhllama.modelio import PADDED_VOCAB_KEY, SP_MODEL_NAME, load_tokenizer, read_model_config
+from zhllama.modelio import PADDED_VOCAB_KEY, SP_MODEL_NAME, check_checkpoint, load_tokenizer, read_model_config
 from zhllama.pretrain.adapter_files import guess_stage, read_adapter_dir, read_adapter_shapes
 from zhllama.pretrain.rope import RopeChange, adapters_change
 from zhllama.sft.templates import Template, get_template
@@ -314,6 +314,7 @@ def read_base(base: Path):
     cfg = read_model_config(base)
     if "vocab_size" not in cfg:
         raise UserError(f"{base}/config.json: missing key 'vocab_size'")
+    check_checkpoint(base)  # shards that do not hold what config.json describes: one line, before any output
     shards, shapes, st_dtypes, order = base_tensors(base)
     tied = bool(cfg.get("tie_word_embeddings", False))
     if EMBED not in shapes:

@@ -8,9 +8,11 @@ format). The official `openai` Python package works against it, and so does `zhl
 Built on uvicorn + Starlette, with pydantic models for request bodies. What a server open to a
 network needs: `--api-key` (or $ZHLLAMA_API_KEY) for Bearer auth on every endpoint but /health; a
 Content-Length checked before a byte of the body is read (missing: 411, too large: 413); deadlines
-for a request's head and body, so idle or trickling connections are closed; prompts longer than the
-context could ever hold refused before they are tokenized. The model is not thread-safe: one worker
-thread generates, at most --queue-size requests wait for it, and further ones get 429.
+for a request's head and body, so idle or trickling connections are closed; every request field
+range-checked (400 naming it); prompts, rendered with the template, longer than the context could
+ever hold refused before they are tokenized, and a context length required (the model's positions,
+or --max-context). The model is not thread-safe: one worker thread generates, at most --queue-size
+requests wait for it, and further ones get 429.
 
 This is for evaluating and using your own model on one machine, not for high-throughput serving.
 
@@ -31,8 +33,9 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Literal, Optional, Union
+from typing import Annotated, List, Literal, Optional, Union
 
+import pydantic_core
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
@@ -42,43 +45,77 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from zhllama.argtypes import port_number
+from zhllama.argtypes import float_range, int_range, port_number
 from zhllama.errors import UserError
 from zhllama.hosts import is_loopback_host
 from zhllama.log import get_logger
+from zhllama.modelio import read_model_config
+from zhllama.pretrain.rope import context_length
 
-from .inference import InferenceModel, RequestError, load_inference_model
+from .inference import MAX_CONTEXT, InferenceModel, RequestError, load_inference_model, usable_context
 
 log = get_logger(__name__)
 
 MAX_BODY = 8 << 20
+MAX_CONNECTIONS = 1000    # uvicorn's limit_concurrency: connections served at once (more get 503)
 API_KEY_ENV = "ZHLLAMA_API_KEY"
 PUBLIC_PATHS = ("/health", "/v1/health")
 
 
 # -- request bodies -----------------------------------------------------------------------------
+# What one request may ask for. Each is checked by pydantic when the body is read, so a value out of
+# range is a 400 naming the field before any work is done (never a 500 from deep in generation). The
+# body is parsed into Python objects first and then validated (`Service._parse`): so pydantic checks a
+# list's length before its items, and 230,000 messages are refused by their count in 0.2 s and 40 MB
+# (validated straight from JSON, all 230,000 were built first: 2 s and 180 MB).
 
-def _no_bool(value):
-    """JSON true is not a number here (pydantic's lax mode would read it as 1)."""
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
-    return value
+MAX_MESSAGES = 512        # chat messages per request
+MAX_PARTS = 256           # text parts of one message's content
+MAX_STOPS = 16            # stop strings (OpenAI takes 4)
+MAX_STOP_CHARS = 256      # characters of one stop string
+# Below this a sampling temperature divides the logits into overflow (1e-300 gave inf/nan and a 500);
+# 0 asks for greedy decoding, which is what a temperature near 0 means.
+MIN_TEMPERATURE = 1e-5
+INT64 = dict(ge=-(1 << 63), le=(1 << 63) - 1)
+
+
+def _finite(low, high, **kw):
+    """A JSON number in low..high: never a boolean, a string, NaN or infinity."""
+    return Field(None, ge=low, le=high, strict=True, allow_inf_nan=False, **kw)
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")   # OpenAI fields we do not use (user, penalties...)
+    model_config = ConfigDict(extra="ignore")   # OpenAI fields we do not use (user, logprobs...)
 
     model: Optional[str] = None
     stream: bool = Field(False, strict=True)
     n: int = Field(1, ge=1, le=1, strict=True)
+    best_of: Optional[int] = Field(None, ge=1, le=1, strict=True)
     max_tokens: Optional[int] = Field(None, ge=1, strict=True)
     max_completion_tokens: Optional[int] = Field(None, ge=1, strict=True)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = Field(None, strict=True)
+    temperature: Optional[float] = _finite(0.0, 2.0)
+    top_p: Optional[float] = _finite(0.0, 1.0)
+    stop: Optional[Union[str, Annotated[List[str], Field(max_length=MAX_STOPS)]]] = None
+    seed: Optional[int] = Field(None, strict=True, **INT64)
+    # Accepted in OpenAI's ranges and not applied (the model samples without them).
+    presence_penalty: Optional[float] = _finite(-2.0, 2.0)
+    frequency_penalty: Optional[float] = _finite(-2.0, 2.0)
 
-    _numbers = field_validator("temperature", "top_p", mode="before")(_no_bool)
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampling(cls, value):
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stops(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string of {longest} characters; at most {MAX_STOP_CHARS}")
+        return value
 
     def params(self) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -94,7 +131,7 @@ class _Part(BaseModel):
 
 class _Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: Union[str, List[_Part]]
+    content: Union[str, Annotated[List[_Part], Field(max_length=MAX_PARTS)]]
 
     def text(self) -> str:
         """A string, or the text parts of a list content ([{"type": "text", "text": ...}, ...])."""
@@ -104,18 +141,15 @@ class _Message(BaseModel):
 
 
 class ChatRequest(_Sampling):
-    messages: List[_Message] = Field(min_length=1)
+    messages: List[_Message] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, List[str]]
+    # a string, or a list of one string (a longer list is refused by its length, not item by item)
+    prompt: Union[str, Annotated[List[str], Field(min_length=1, max_length=1)]]
 
     def text(self) -> str:
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise RequestError("'prompt' must be a string (or a list of one string)", param="prompt")
-            return self.prompt[0]
-        return self.prompt
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
 
 
 # -- the one generation thread ------------------------------------------------------------------
@@ -174,11 +208,18 @@ def _request_error(e: RequestError) -> JSONResponse:
     return _error(e.status, str(e), e.param, e.code)
 
 
+def _is_union_branch(part) -> bool:
+    """pydantic names the branch of a Union field in an error's location ('str', 'list[_Part]')."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
 def _validation_message(e: ValidationError):
-    err = e.errors(include_url=False)[0]
-    loc = err.get("loc") or ()
-    if err["type"] == "json_invalid":
-        return f"the request body is not JSON: {err['msg']}", None
+    """The first error, as "'field.path': what is wrong", and the top-level field it is about. Of a
+    Union field's errors (one per branch), the first that is about the value, not its type, is told."""
+    errors = e.errors(include_url=False, include_input=False)
+    about_value = [x for x in errors if not (any(map(_is_union_branch, x["loc"])) and x["type"].endswith("_type"))]
+    err = (about_value or errors)[0]
+    loc = tuple(p for p in err.get("loc") or () if not _is_union_branch(p))
     if err["type"] == "model_type" and not loc:
         return "the request body must be a JSON object", None
     where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
@@ -193,6 +234,8 @@ class Service:
     """The HTTP endpoints over one InferenceModel."""
 
     def __init__(self, model: InferenceModel, queue_size: int = 16, body_timeout: float = 30.0):
+        # Without a context length nothing would bound a prompt's tokens: refuse to serve at all.
+        usable_context(model.max_positions, "the model's context (max_position_embeddings)")
         self.model = model
         self.queue = GenerationQueue(queue_size)
         self.body_timeout = body_timeout
@@ -211,7 +254,7 @@ class Service:
             return req
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:           # refused here, before it waits in the queue, when it cannot fit in any case
-            self.model.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+            self.model.check_chat_prompt(messages)
         except RequestError as e:
             return _request_error(e)
         return await self._answer("chat", lambda: self.model.chat_prompt_ids(messages), req)
@@ -220,9 +263,9 @@ class Service:
         req = await self._parse(request, CompletionRequest)
         if isinstance(req, JSONResponse):
             return req
+        prompt = req.text()
         try:
-            prompt = req.text()
-            self.model.check_prompt_chars(len(prompt), "prompt")
+            self.model.check_prompt_chars(len(prompt) + 1, "prompt")      # + BOS
         except RequestError as e:
             return _request_error(e)
         return await self._answer("text", lambda: self.model.text_prompt_ids(prompt), req)
@@ -233,8 +276,12 @@ class Service:
         except asyncio.TimeoutError:
             return _error(408, f"the request body did not arrive within {self.body_timeout:g}s",
                           headers={"Connection": "close"})
+        try:     # parsed first, then validated: list lengths are checked before their items (above)
+            data = pydantic_core.from_json(raw or b"null", allow_inf_nan=True)   # NaN: refused by its field
+        except ValueError as e:                   # not JSON, not UTF-8, nested too deep
+            return _error(400, f"the request body is not JSON: {e}")
         try:
-            req = schema.model_validate_json(raw or b"null")
+            req = schema.model_validate(data)
         except ValidationError as e:
             message, param = _validation_message(e)
             return _error(400, message, param)
@@ -472,7 +519,7 @@ class Server:
 
     def __init__(self, model: InferenceModel, host: str = "127.0.0.1", port: int = 8000,
                  api_key: Optional[str] = None, queue_size: int = 16, head_timeout: float = 10.0,
-                 body_timeout: float = 30.0, keep_alive: float = 5.0, max_connections: int = 1000,
+                 body_timeout: float = 30.0, keep_alive: float = 5.0, max_connections: int = MAX_CONNECTIONS,
                  max_body: int = MAX_BODY):
         self.model = model
         self.app = make_app(model, api_key, queue_size, body_timeout, max_body)
@@ -515,6 +562,9 @@ class Server:
 
 # -- the command --------------------------------------------------------------------------------
 
+MAX_TIMEOUT = 3600.0      # --timeout: an hour to send one request is already no deadline
+
+
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="merged HF checkpoint directory")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
@@ -528,13 +578,37 @@ def add_arguments(parser):
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on every endpoint but /health "
                              f"(default: ${API_KEY_ENV}; none: no auth)")
-    parser.add_argument("--queue-size", type=int, default=16,
-                        help="requests that may wait for the one generation thread; more get 429 (16)")
-    parser.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds a client has to send a request's head, and then its body (30)")
+    parser.add_argument("--queue-size", type=int_range(0, MAX_CONNECTIONS), default=16,
+                        help=f"requests that may wait for the one generation thread; more get 429 "
+                             f"(16; 0..{MAX_CONNECTIONS})")
+    parser.add_argument("--timeout", type=float_range(0, MAX_TIMEOUT, above_low=True), default=30.0,
+                        help=f"seconds a client has to send a request's head, and then its body (30; at most "
+                             f"{MAX_TIMEOUT:g})")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="cap on max_tokens per request (512)")
+    parser.add_argument("--max-new-tokens", type=int_range(1, MAX_CONTEXT), default=512,
+                        help="cap on max_tokens per request (512)")
+    parser.add_argument("--max-context", type=int_range(1, MAX_CONTEXT), default=None,
+                        help="tokens a request may use, prompt and completion together (default: the model's "
+                             "max_position_embeddings, x a linear/dynamic rope_scaling factor; needed when "
+                             "config.json has no usable one)")
+
+
+def serving_context(model_dir, max_context=None) -> int:
+    """The tokens a request may use: --max-context, else the model's context (max_position_embeddings,
+    x the factor of linear or dynamic RoPE scaling: pretrain/rope.context_length). A config without a
+    usable one (missing, 0, absurd) is refused unless --max-context is given; --max-context may lower the
+    model's context, not raise it."""
+    config = read_model_config(model_dir, context_given=True)    # the key is checked here, with the way out
+    raw = config.get("max_position_embeddings")
+    positions = context_length(config) if isinstance(raw, int) and not isinstance(raw, bool) else raw   # named as given
+    key = f"{Path(model_dir) / 'config.json'}: max_position_embeddings" + (
+        " x rope_scaling factor" if positions != config.get("max_position_embeddings") else "")
+    if max_context is None:
+        return usable_context(positions, key)
+    if isinstance(positions, int) and not isinstance(positions, bool) and 0 < positions < max_context:
+        raise UserError(f"--max-context {max_context} is more than {key} {positions}")
+    return max_context
 
 
 def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
@@ -548,19 +622,20 @@ def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
 def run(args):
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: not a directory")
-    if args.queue_size < 0 or args.timeout <= 0:
-        raise UserError("--queue-size must be >= 0 and --timeout > 0")
+    if args.name is not None and not args.name.strip():
+        raise UserError("--name: empty; give the model id clients send, or leave it out")
+    context = serving_context(args.model, args.max_context)      # before the weights are loaded
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    warning = exposure_warning(args.host, api_key)
-    if warning:
-        log.warning("%s", warning)
     model = load_inference_model(args.model, args.tokenizer, args.template, args.name, args.device, args.dtype,
-                                 args.max_new_tokens)
+                                 args.max_new_tokens, max_context=context)
     try:
         server = Server(model, args.host, args.port, api_key=api_key, queue_size=args.queue_size,
                         head_timeout=args.timeout, body_timeout=args.timeout)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    warning = exposure_warning(server.host, api_key)             # the address actually bound
+    if warning:
+        log.warning("%s", warning)
     # One line on stdout that scripts can wait for (the socket already listens: connections queue).
     print(f"serving '{model.name}' on {server.url} (template {model.template.name}, "
           f"{'API key required' if api_key else 'no API key'})", flush=True)

@@ -24,6 +24,12 @@
 #   DRY_RUN=1      print the command this node would run, and exit
 #   DS_ACCELERATOR=cpu   test mode without GPUs: CPU ranks, gloo backend
 #   PYTHON         the python that has zhllama installed (default: python on PATH)
+#   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_*, GLOO_SOCKET_IFNAME, UCX_*   the network the ranks use: taken
+#                  from this environment to every rank (each form's way is in docs/cluster.md) and
+#                  printed at start
+#
+# Written for bash 4.2 (CentOS 7 login nodes): a possibly empty array is expanded as
+# ${a[@]+"${a[@]}"}, because "${a[@]}" of an empty array is an unbound variable under set -u before 4.4.
 set -euo pipefail
 
 _launch_fail() { echo "launch: $*" >&2; return 2; }
@@ -45,10 +51,26 @@ _launch_local_ranks() {
   fi
 }
 
+# The network variables set here, as NAME=value words (empty when none is set).
+_launch_network_env() {
+  local v out=()
+  for v in $(compgen -e | LC_ALL=C sort); do
+    case $v in NCCL_*|GLOO_SOCKET_IFNAME|UCX_*|TP_SOCKET_IFNAME) out+=("$v=${!v}") ;; esac
+  done
+  echo ${out[@]+"${out[@]}"}
+}
+
+_launch_say_network() {
+  local net
+  net=$(_launch_network_env)
+  echo "launch: network settings for every rank: ${net:-none set (NCCL picks the interface itself)}" >&2
+}
+
 # Runs "$@" (or prints it under DRY_RUN=1), teeing its output to the node's log file.
 _launch_run() {
   local log_file=$1
   shift
+  _launch_say_network
   if [ "${DRY_RUN:-0}" = "1" ]; then
     printf '%q ' "$@"
     echo
@@ -83,6 +105,7 @@ zhllama_launch() {
     for v in WORLD_SIZE MASTER_ADDR MASTER_PORT; do
       [ -n "${!v:-}" ] || _launch_fail "RANK is set (an outer launcher started this rank) but $v is not; set it, or unset RANK to let this script start the ranks" || return
     done
+    [ "$LOCAL_RANK" != 0 ] || _launch_say_network  # once per node
     if [ "${DRY_RUN:-0}" = "1" ]; then
       printf '%q ' "$py" -m "${train[@]}"
       echo
@@ -100,7 +123,7 @@ zhllama_launch() {
     [ -f "$HOSTFILE" ] || _launch_fail "HOSTFILE $HOSTFILE not found" || return
     local cmd=("${ds[@]}" --hostfile "$HOSTFILE" --master_port "$master_port")
     [ -z "${MASTER_ADDR:-}" ] || cmd+=(--master_addr "$MASTER_ADDR")
-    _launch_run "$log_dir/${run_name}_node0.log" "${cmd[@]}" "${extra[@]}" --no_local_rank --module "${train[@]}"
+    _launch_run "$log_dir/${run_name}_node0.log" "${cmd[@]}" ${extra[@]+"${extra[@]}"} --no_local_rank --module "${train[@]}"
     return
   fi
 
@@ -115,7 +138,7 @@ zhllama_launch() {
     [ -n "${MASTER_ADDR:-}" ] || _launch_fail "NNODES=$nnodes needs MASTER_ADDR, the address of node 0" || return
     local cmd=("$py" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$NODE_RANK"
                --nproc_per_node "$gpus" --master_addr "$MASTER_ADDR" --master_port "$master_port")
-    _launch_run "$log_dir/${run_name}_node${NODE_RANK}.log" "${cmd[@]}" "${extra[@]}" --module "${train[@]}"
+    _launch_run "$log_dir/${run_name}_node${NODE_RANK}.log" "${cmd[@]}" ${extra[@]+"${extra[@]}"} --module "${train[@]}"
     return
   fi
 
@@ -132,5 +155,5 @@ zhllama_launch() {
   else
     cmd+=(--num_gpus "$gpus")
   fi
-  _launch_run "$log_dir/${run_name}_node0.log" "${cmd[@]}" "${extra[@]}" --no_local_rank --module "${train[@]}"
+  _launch_run "$log_dir/${run_name}_node0.log" "${cmd[@]}" ${extra[@]+"${extra[@]}"} --no_local_rank --module "${train[@]}"
 }

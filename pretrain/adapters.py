@@ -32,8 +32,10 @@ from zhllama.errors import ConfigError, InputError, UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
 from zhllama.hf_tokenizer import TOKENIZER_DIR_FILES
 from zhllama.log import get_logger
+from zhllama.model_config import TRUST_REMOTE_CODE
 
 from .adapter_files import FORMAT_VERSION, META, WEIGHTS, guess_stage, read_adapter_dir, read_adapter_shapes
+from .row_groups import RowSplitEmbedding, join_rows, split_rows
 
 log = get_logger(__name__)
 
@@ -133,11 +135,15 @@ def _retie(peft_model, tied: bool) -> None:
         base.get_output_embeddings().weight = emb.modules_to_save[ADAPTER].weight
 
 
-def apply_stage(model, preset, *, new_rows_from=None):
+def apply_stage(model, preset, *, new_rows_from=None, split_rows_at=None, train_base_rows=True):
     """Freeze `model` and wrap it so that exactly what `preset` trains is trainable; returns the PEFT model.
 
     `model` is a plain transformers causal LM whose embeddings already have the merged vocabulary. An
     earlier stage's adapter must be merged first (`merge_adapters`), so each stage has one adapter.
+
+    `split_rows_at` (the base vocab size `vocab resize` records) makes the rows below it and the rows from it
+    two parameters while training (pretrain/row_groups.py), each its own optimizer group;
+    `train_base_rows=False` freezes the rows below it (stage 1: TrainableTokens of the new rows only).
     """
     from peft import PeftModel, get_peft_model
 
@@ -149,6 +155,16 @@ def apply_stage(model, preset, *, new_rows_from=None):
     if tied and preset.trains_lm_head:
         log.info("the model ties lm_head to embed_tokens: %s trains the one shared matrix via embed_tokens",
                  preset.name)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if split_rows_at is not None and not 0 < int(split_rows_at) <= vocab:
+        raise ConfigError(f"the base vocab size {split_rows_at} must be in [1, {vocab}] for a vocabulary of "
+                          f"{vocab} rows")
+    if not train_base_rows:
+        if split_rows_at is None or int(split_rows_at) >= vocab:
+            raise ConfigError("freezing the base rows needs a vocabulary with rows beyond the base's "
+                              f"(base vocab size {split_rows_at}, {vocab} rows)")
+        if not preset.uses_lora:
+            new_rows_from = split_rows_at  # stage 1: the base rows are not parameters at all
     model.requires_grad_(False)
     with _quiet():
         peft_model = get_peft_model(model, _peft_config(preset, model, new_rows_from))
@@ -156,6 +172,11 @@ def apply_stage(model, preset, *, new_rows_from=None):
     peft_model.zhllama_stage = preset.name
     peft_model.zhllama_new_rows_from = new_rows_from
     _check_trainable_set(peft_model, preset)
+    peft_model.zhllama_split_rows_at = split_rows_at
+    peft_model.zhllama_row_split = None
+    if split_rows_at is not None and int(split_rows_at) < vocab:
+        peft_model.zhllama_row_split = split_rows(peft_model, int(split_rows_at), train_base=train_base_rows,
+                                                  tied=tied)
     return peft_model
 
 
@@ -182,9 +203,10 @@ def count_trainable(model):
     """(trainable, total) parameters, each parameter counted once.
 
     PEFT keeps a frozen copy of every module it trains in full (`modules_to_save`) and of every row it
-    trains (`TrainableTokens`); those copies are the same weights as the trainable ones, so they are not
-    counted again. LoRA matrices are new parameters and count in the total. This is the convention of the
-    published figures (LLaMA-7B with 49,953 rows: stage1 2.97%, stage2 6.06%, sft 6.22%).
+    trains (`TrainableTokens`), and stage 1's split rows keep the frozen embedding (`row_groups`); those
+    copies are the same weights as the trainable ones, so they are not counted again. LoRA matrices are
+    new parameters and count in the total. This is the convention of the published figures (LLaMA-7B
+    with 49,953 rows: stage1 2.97%, stage2 6.06%, sft 6.22%).
     """
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.utils.other import ModulesToSaveWrapper
@@ -199,7 +221,8 @@ def count_trainable(model):
         trainable += p.numel() if p.requires_grad else 0
     shadowed = 0
     for mod in model.modules():
-        if isinstance(mod, ModulesToSaveWrapper):
+        if isinstance(mod, ModulesToSaveWrapper) or (isinstance(mod, RowSplitEmbedding) and
+                                                      mod.original_module is not None):
             shadowed += sum(p.numel() for p in mod.original_module.parameters())
         elif isinstance(mod, TrainableTokensLayer) and mod.tied_adapter is None:
             shadowed += sum(p.numel() for p in mod.trainable_tokens_delta.values())
@@ -264,11 +287,13 @@ def save_adapter(model, out_dir, *, tokenizer_dir=None, run_config=None, base_mo
 
     Call it on one rank (rank 0). The written files are re-opened and checked against the live model
     before the directory is renamed into place. `require_trained` also rejects an all-zero LoRA B (an
-    adapter that was never updated). Returns the metadata dict.
+    adapter that was never updated). A model whose vocabulary rows are split for training gets them joined
+    back first (`row_groups.join_rows`), so save it when it is done training. Returns the metadata dict.
     """
     import peft
 
     model = _unwrap(model)
+    join_rows(model)  # the split vocabulary rows back into PEFT's own modules: the format on disk is PEFT's
     stage = getattr(model, "zhllama_stage", None)
     if stage is None or not hasattr(model, "peft_config"):
         raise UserError("save_adapter needs a model returned by apply_stage or load_adapter(is_trainable=True)")
@@ -441,7 +466,8 @@ def load_adapter(base_model, adapter_dir, is_trainable=False):
         raise UserError(f"{weights}: the adapter holds its own lm_head but the base model ties lm_head to "
                         "embed_tokens; zhllama trains a tied model's shared matrix via embed_tokens only")
     with _quiet():
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable,
+                                          trust_remote_code=TRUST_REMOTE_CODE)
     _retie(model, tied)
     model.zhllama_stage = (meta or {}).get("stage") or guess_stage(cfg)
     model.zhllama_new_rows_from = (meta or {}).get("new_rows_from")

@@ -16,7 +16,11 @@ from typing import List, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from zhllama.errors import ConfigError
+from zhllama.model_config import gb
+from zhllama.modelio import read_model_config
+from zhllama.yamlio import load_yaml, read_yaml_file
 
+from .budget import check_run_fits
 from .presets import OVERRIDE_KEYS, get_stage
 from .rope import check_request
 
@@ -52,14 +56,18 @@ class RunConfig:
     lora_alpha: Optional[int] = None
     lora_dropout: Optional[float] = None
     lora_targets: Optional[List[str]] = None
-    new_rows_only: bool = False  # stage1: train only rows of tokens added by the merge
+    new_rows_only: bool = False  # stage1: train only rows of tokens added by the merge (= embed_lr_base: 0)
+    # learning rates of the vocabulary rows, as multiples of the stage lr (pretrain/row_groups.py); they need
+    # the base vocab size `zhllama vocab resize` records. null: 1, or 0 with new_rows_only. 0 freezes them.
+    embed_lr_base: Optional[float] = None  # the base's own rows of embed_tokens (and of an untied lm_head)
+    embed_lr_new: float = 1.0  # the rows the merge added
     # context extension (pretrain/rope.py): {type: linear|dynamic|yarn|llama3, factor: F} and/or the target length
     rope_scaling: Optional[dict] = None
     context_length: Optional[int] = None
     # engine
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
-    ds_config: str = "zero2"  # a name in ds_configs/ or a JSON path
+    gradient_checkpointing: Union[bool, str] = "auto"  # auto: on when the plan's estimate does not fit the GPU
+    ds_config: Optional[str] = None  # a name in ds_configs/ or a JSON path; null: the stage's (ds_config.py)
     seed: int = 42
     # bookkeeping
     log_every: int = 1
@@ -80,6 +88,11 @@ class RunConfig:
             if value is not None:
                 changes[key] = tuple(value) if isinstance(value, list) else value
         return base.with_overrides(**changes)
+
+    def row_lr_scales(self) -> tuple:
+        """(base rows, new rows): the vocabulary rows' learning rates as multiples of the stage lr."""
+        base = self.embed_lr_base if self.embed_lr_base is not None else (0.0 if self.new_rows_only else 1.0)
+        return base, self.embed_lr_new
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,8 +121,17 @@ def _field_kind(key: str):
     return origin, (args[0] if origin is list and args else None), nullable
 
 
+AUTO_KEYS = ("gradient_checkpointing",)  # true, false or auto (decided when the run starts)
+
+
 def _coerce(key: str, value, where: str):
     """Check a value against the field's type; YAML already parsed numbers, lists and booleans."""
+    if key in AUTO_KEYS:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _BOOL_WORDS):
+            return _scalar(key, value, bool, where)
+        raise ConfigError(f"{where}: key '{key}' must be true, false or auto, got {value!r}")
     kind, item, nullable = _field_kind(key)
     if value is None:
         if nullable:
@@ -164,11 +186,7 @@ def parse_override(item: str):
         raise ConfigError(f"override '{item}' is not key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
-    return key, value
+    return key, (load_yaml(raw, f"override '{item}'", "YAML value") if raw != "" else "")
 
 
 def load_config(path=None, overrides=()) -> RunConfig:
@@ -178,15 +196,7 @@ def load_config(path=None, overrides=()) -> RunConfig:
     if path is not None:
         path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config "
-                              "as UTF-8") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        loaded = read_yaml_file(path, "run config file") or {}   # missing, a FIFO, a broken link: one line
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys to values")
         for key, value in loaded.items():
@@ -199,12 +209,22 @@ def load_config(path=None, overrides=()) -> RunConfig:
             raise _unknown_key(key, "command line")
         values[key] = _coerce(key, value, "command line")
     cfg = RunConfig(**values)
-    validate(cfg)
+    validate(cfg, _model_config(cfg))
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
-    """Checks that need no model or data: fail before any compute."""
+def _model_config(cfg: RunConfig) -> Optional[dict]:
+    """The model's config.json when there is one (checked: no code, dimensions in range), for the memory
+    estimate; None when the model is not there yet (`--dry-run` of a config written ahead)."""
+    if cfg.model and isinstance(cfg.model, str) and (Path(cfg.model) / "config.json").is_file():
+        return read_model_config(cfg.model)
+    return None
+
+
+def validate(cfg: RunConfig, model_config: Optional[dict] = None) -> None:
+    """Checks that need no data, before any compute: required keys, every value in its range (`RANGES`),
+    and, given the model's config.json (`model_config`), that the run's memory fits
+    (`pretrain/budget.py`: checked before the upper limits, so a huge value is refused with its estimate)."""
     cfg.preset()  # unknown stage -> ConfigError
     if not cfg.model:
         raise ConfigError("config: key 'model' is required (an HF checkpoint directory)")
@@ -215,64 +235,100 @@ def validate(cfg: RunConfig) -> None:
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"config: key 'precision' must be auto, bf16, fp16 or fp32, got '{cfg.precision}'")
     if cfg.new_rows_only and cfg.stage != "stage1":
-        raise ConfigError("config: key 'new_rows_only' applies to stage1 only")
-    for key in ("micro_batch", "save_every", "log_every", "keep_last", "max_nonfinite_steps"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"config: key '{key}' must be >= 1, got {getattr(cfg, key)}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ConfigError(f"config: key 'max_steps' must be >= 1, got {cfg.max_steps}")
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise ConfigError(f"config: key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio}")
-    _check_ranges(cfg)
+        raise ConfigError("config: key 'new_rows_only' applies to stage1 only (stage2 and sft: embed_lr_base: 0)")
+    if cfg.new_rows_only and cfg.embed_lr_base not in (None, 0):
+        raise ConfigError(f"config: keys 'new_rows_only' and 'embed_lr_base' disagree: new_rows_only freezes the base "
+                          f"rows, embed_lr_base is {cfg.embed_lr_base}; set one of them")
+    for key in ("data", "init_adapters"):
+        if not all(isinstance(x, str) and x for x in getattr(cfg, key)):
+            raise ConfigError(f"config: key '{key}' must be a list of paths, got {getattr(cfg, key)!r:.200}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.field_map.items()):
+        raise ConfigError(f"config: key 'field_map' must map field names to field names, got {cfg.field_map!r:.200}")
+    _check_ranges(cfg, upper=False)
     check_request(cfg.rope_scaling, cfg.context_length)
+    if model_config is not None:
+        check_run_fits(cfg, model_config, Path(cfg.model) / "config.json")
+    _check_ranges(cfg, upper=True)
 
 
 _finite = math.isfinite
-# The range each stage preset override must hold once resolved (the config's value, else the preset's),
-# keyed like OVERRIDE_KEYS; `betas` and `lora_targets` are checked for their shape below.
-PRESET_RANGES = {
-    "lr": (lambda v: _finite(v) and v > 0, "a number > 0"),
-    "global_batch": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "block_size": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
-    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1] (a fraction of the steps)"),
-    "weight_decay": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
-    "grad_clip": (lambda v: _finite(v) and v >= 0, "a number >= 0 (0: no clipping)"),
-    "lora_r": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "lora_alpha": (lambda v: _finite(v) and v > 0, "a number > 0"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+# key -> (lowest, highest, what it is) of every number of a run config. The highest values are far beyond
+# any real run (LLaMA: 2,048 sequences of 2,048 tokens per step; LoRA ranks in use: <= 256) and bound what
+# the engine allocates from them. The preset's keys (OVERRIDE_KEYS) are checked on the resolved value: the
+# config's, else the stage preset's.
+RANGES = {
+    "lr": (0.0, 10.0, "a learning rate > 0"),
+    "global_batch": (1, 1 << 20, "sequences per optimizer step"),
+    "block_size": (2, 1 << 20, "tokens per sequence"),
+    "micro_batch": (1, 1 << 16, "sequences per forward pass"),
+    "warmup_ratio": (0.0, 1.0, "a fraction of the steps"),
+    "min_lr_ratio": (0.0, 1.0, "a fraction of the peak lr"),
+    "weight_decay": (0.0, 10.0, "AdamW's decoupled weight decay"),
+    "grad_clip": (0.0, 1e6, "a gradient norm (0: no clipping)"),
+    "lora_r": (1, 1 << 16, "a LoRA rank"),
+    "lora_alpha": (0.0, 1e6, "LoRA's alpha > 0"),
+    "lora_dropout": (0.0, 1.0, "a dropout probability below 1"),
+    "max_steps": (1, 10 ** 9, "optimizer steps"),
+    "epochs": (0.0, 1e4, "passes over the data > 0"),
+    "eval_batches": (1, 10 ** 6, "validation micro batches per rank"),
+    "eval_every": (0, 10 ** 9, "steps (0: only at the end)"),
+    "save_every": (1, 10 ** 9, "steps"),
+    "log_every": (1, 10 ** 9, "steps"),
+    "keep_last": (1, 10 ** 4, "checkpoints kept"),
+    "max_nonfinite_steps": (1, 10 ** 6, "non-finite steps in a row"),
+    "seed": (0, 2 ** 32 - 1, "a seed"),
+    "embed_lr_base": (0.0, 1e4, "a multiple of the stage lr for the base's rows; 0 freezes them"),
+    "embed_lr_new": (0.0, 1e4, "a multiple of the stage lr for the rows the merge added, > 0"),
 }
+OPEN_BELOW = ("lr", "lora_alpha", "epochs", "embed_lr_new")  # must be > lowest
+OPEN_ABOVE = ("lora_dropout",)                              # must be < highest
 
 
-def _check_ranges(cfg: RunConfig) -> None:
-    """Value ranges of the resolved hyperparameters (the config's, else the stage preset's), so a
-    negative or NaN lr, an r of 0 or a dropout of 1.5 fails here, not after the model has loaded.
+def _size_note(key: str, value, p) -> str:
+    """What an out-of-range size would cost, for the message (no model needed)."""
+    if key == "global_batch":
+        return (f": {value * p.block_size:.3g} tokens per optimizer step, {gb(8 * value * p.block_size)} of token "
+                "ids gathered for each step")
+    if key == "micro_batch":
+        return f": {value * p.block_size:.3g} tokens in one forward pass"
+    if key == "block_size":
+        return f": {value:.3g} tokens per sequence, {gb(8 * value * p.global_batch)} of token ids per step"
+    if key == "lora_r":
+        return ": a rank wider than any layer; each adapted matrix would need 16 x r x (in + out) bytes"
+    return ""
+
+
+def _check_ranges(cfg: RunConfig, upper: bool) -> None:
+    """Every number of the config, resolved against the stage preset, within RANGES: a negative or NaN
+    lr, an r of 0 or a dropout of 1.5 fails here, not after the model has loaded. With `upper` False
+    only the types and lower limits, with True the upper limits too (with what the value would cost).
     Whether `lora_targets` name real modules is checked when the model is built."""
     p = cfg.preset()
-
-    def need(key, value, ok, what):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-            raise ConfigError(f"config: key '{key}' must be {what}, got {value!r}")
-
-    for key in OVERRIDE_KEYS:
+    for key, (lo, hi, what) in RANGES.items():
         if key.startswith("lora_") and not p.uses_lora:
             continue  # stage1: no LoRA, its lora_* values are unused
-        value = getattr(p, key)
-        if key == "betas":
-            betas = list(value)
-            if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                          for b in betas):
-                raise ConfigError(f"config: key 'betas' must be two numbers in [0, 1), e.g. [0.9, 0.95], "
-                                  f"got {betas}")
-        elif key == "lora_targets":
-            targets = list(value)
-            if not targets or not all(isinstance(t, str) and t for t in targets):
-                raise ConfigError(f"config: key 'lora_targets' must be a non-empty list of module names "
-                                  f"(e.g. [q_proj, v_proj]), got {targets}")
-        else:
-            need(key, value, *PRESET_RANGES[key])
-    need("epochs", cfg.epochs, lambda v: _finite(v) and v > 0, "a number > 0")
-    need("eval_batches", cfg.eval_batches, lambda v: v >= 1, "an integer >= 1")
-    need("eval_every", cfg.eval_every, lambda v: v >= 0, "an integer >= 0 (0: only at the end)")
+        value = getattr(p, key) if key in OVERRIDE_KEYS else getattr(cfg, key)
+        if key in ("max_steps", "embed_lr_base") and value is None:
+            continue  # null: one pass over the data; 1 (0 with new_rows_only)
+        integer = isinstance(lo, int)
+        ok_type = not isinstance(value, bool) and (isinstance(value, int) if integer else
+                                                   isinstance(value, (int, float)) and _finite(value))
+        low_ok = ok_type and (value > lo if key in OPEN_BELOW else value >= lo)
+        high_ok = low_ok and (value < hi if key in OPEN_ABOVE else value <= hi)
+        if not low_ok or (upper and not high_ok):
+            bounds = f"{'(' if key in OPEN_BELOW else '['}{lo:,}, {hi:,}{')' if key in OPEN_ABOVE else ']'}"
+            kind = "an integer" if integer else "a number"
+            note = _size_note(key, value, p) if low_ok else ""
+            raise ConfigError(f"config: key '{key}' must be {kind} in {bounds} ({what}), got {value!r}{note}")
+    betas = list(p.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise ConfigError(f"config: key 'betas' must be two numbers in [0, 1), e.g. [0.9, 0.95], got {betas}")
+    if p.uses_lora:
+        targets = list(p.lora_targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"config: key 'lora_targets' must be a non-empty list of module names "
+                              f"(e.g. [q_proj, v_proj]), got {targets}")
 
 
 def dump_config(cfg: RunConfig) -> str:

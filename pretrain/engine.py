@@ -9,7 +9,8 @@ three things must be exactly right and stay ours:
   batch), so 1 rank and 2 ranks compute the same update, and SFT examples of different lengths weigh
   by their tokens, not by their micro-batch;
 * the data position and the checkpoint: the sample order is a pure function of (seed, position), so
-  resuming at step k replays exactly what an uninterrupted run would have seen.
+  resuming at step k replays exactly what an uninterrupted run would have seen (several packs mixed by
+  weight included: pretrain/mixture.py).
 """
 
 import json
@@ -25,18 +26,25 @@ import torch
 from zhllama.dtypes import torch_dtype
 from zhllama.errors import ConfigError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
+from zhllama.heldout import pad_id
 from zhllama.hosts import free_port
 from zhllama.log import get_logger
 from zhllama.loss import IGNORE_INDEX, CausalLMTokenLoss
 from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
 from zhllama.schedule import lr_lambda
+from zhllama.versions import check_versions, versions_line, versions_record
 
-from . import adapters, checkpoint, rope
+from . import adapters, checkpoint, rope, row_groups
 from .config import RunConfig, dump_config
-from .flops import flops_per_token, peak_flops
+from .ds_config import build_ds_config, resolve_ds_config, stage_ds_config
+from .flops import MFUMeter, adapter_matmul_params, flops_per_token, peak_flops, trainable_matmul_params
 from .hooks import TrainHooks
+from .memory_fit import decide_gradient_checkpointing
+from .precision import assert_fp32_buffers, finite_or_none, json_safe
+from .mixture import Mixture, load_sources
 from .presets import grad_accumulation
-from .shards import BlockOrder, PackedBlocks, positions_for_rank
+from .shards import BlockOrder, positions_for_rank
+from .source_eval import SourceValidation, first_and_last
 from .stage_data import Data, registered
 
 log = get_logger("zhllama.train")
@@ -71,6 +79,31 @@ def all_reduce_(tensor, op=None):
     return tensor
 
 
+def broadcast_from_rank0(value: int, device) -> int:
+    """Global rank 0's `value` on every rank (an integer, through the engine's device for NCCL)."""
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(t, src=0)
+    return int(t.item())
+
+
+def first_message(message: Optional[str], device, width: int = 1024) -> Optional[str]:
+    """Every rank says something or None; every rank gets the lowest rank's message (None when all were
+    None). A collective, hence also a barrier. Text travels as bytes in a tensor: nothing is pickled."""
+    if not torch.distributed.is_initialized():
+        return message
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rows = torch.zeros(world, width, dtype=torch.int32, device=device)
+    if message:
+        data = message.encode("utf-8")[:width]
+        rows[rank, :len(data)] = torch.tensor(list(data), dtype=torch.int32, device=device)
+    all_reduce_(rows)
+    for row in rows.tolist():
+        if any(row):
+            return bytes(b for b in row if b).decode("utf-8", errors="replace")
+    return None
+
+
 def choose_precision(requested: str, device: torch.device) -> str:
     """bf16 on GPUs that compute it natively (compute capability >= 8.0: A100, H100, 4090...), fp16
     (dynamic loss scaling) on older GPUs such as V100, where bf16 is only emulated; fp32 on CPU."""
@@ -81,40 +114,6 @@ def choose_precision(requested: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
-
-
-# ----------------------------------------------------------------------------- DeepSpeed config
-
-def resolve_ds_config(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix == ".json" or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"config: ds_config '{name_or_path}' not found")
-        return p
-    from importlib import resources
-    candidate = resources.files("zhllama.ds_configs") / f"{name_or_path}.json"
-    if not candidate.is_file():
-        raise ConfigError(f"config: ds_config '{name_or_path}' is neither a JSON file nor one of "
-                          f"zero2, zero2_offload")
-    return Path(str(candidate))
-
-
-def build_ds_config(path: Path, *, global_batch, micro_batch, grad_accum, grad_clip, precision) -> dict:
-    """The DeepSpeed JSON with every 'auto' filled from the run config."""
-    cfg = json.loads(Path(path).read_text())
-    cfg.pop("_comment", None)
-    cfg["train_batch_size"] = global_batch
-    cfg["train_micro_batch_size_per_gpu"] = micro_batch
-    cfg["gradient_accumulation_steps"] = grad_accum
-    cfg["gradient_clipping"] = grad_clip
-    cfg.setdefault("bf16", {})["enabled"] = precision == "bf16"
-    cfg.setdefault("fp16", {})["enabled"] = precision == "fp16"
-    if precision != "fp16":
-        cfg.pop("fp16")
-    if not torch.cuda.is_available():
-        # overlap_comm needs CUDA streams; on CPU it only adds copies.
-        cfg.get("zero_optimization", {})["overlap_comm"] = False
-    return cfg
 
 
 # ----------------------------------------------------------------------------- data
@@ -138,29 +137,20 @@ def _collate_blocks(items):
 
 
 def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
+    """The stage's data: a registered reader's (sft), else packed shards, one pack or several mixed by
+    weight (`data: [packed/zh:0.85, packed/en:0.15]`, pretrain/mixture.py)."""
     stage_data = registered(cfg.stage, required=cfg.stage == "sft")
     if stage_data is not None:
         return stage_data.build(cfg, preset, tokenizer)
-    if len(cfg.data) != 1:
-        raise ConfigError("config: key 'data' must name exactly one `zhllama data pack` directory for "
-                          f"stage {cfg.stage}, got {len(cfg.data)}")
-    train = PackedBlocks(cfg.data[0], "train", expect_tokenizer=tokenizer_path,
-                         expect_block_size=preset.block_size)
-    if len(train) == 0:
-        raise UserError(f"{cfg.data[0]}: the training split holds no block")
-    try:
-        val = PackedBlocks(cfg.data[0], "validation", expect_tokenizer=tokenizer_path,
-                           expect_block_size=preset.block_size)
-        val = val if len(val) else None
-    except UserError:
-        val = None
-    return Data(train, val, _collate_blocks,
-                f"{len(train):,} blocks of {preset.block_size} tokens from {cfg.data[0]}")
+    mixture = Mixture(load_sources(cfg.data, tokenizer_path, preset.block_size), cfg.seed, preset.global_batch)
+    vals = tuple(s.validation for s in mixture.sources if s.validation is not None)
+    return Data(mixture.train, (vals[0] if len(vals) == 1 else vals) or None, _collate_blocks, mixture.describe(),
+                mixture=mixture)
 
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(cfg: RunConfig, preset, dtype, rope_change=None):
+def build_model(cfg: RunConfig, preset, dtype, checkpointing: bool = False, rope_change=None):
     tokenizer_path = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(tokenizer_path)
     model = load_model(cfg.model, dtype=dtype, tokenizer_path=tokenizer_path,
@@ -168,15 +158,16 @@ def build_model(cfg: RunConfig, preset, dtype, rope_change=None):
     if cfg.init_adapters:  # earlier stages' final/ dirs, folded into the weights in order
         log.info("merging earlier stages' adapters: %s", ", ".join(cfg.init_adapters))
         model = adapters.merge_adapters(model, cfg.init_adapters)
-    new_rows_from = None
-    if cfg.new_rows_only:
-        new_rows_from = getattr(model.config, BASE_VOCAB_KEY, None)
-        if not new_rows_from:
-            raise ConfigError(f"config: new_rows_only needs the base vocab size that `zhllama vocab resize` "
-                              f"records in {cfg.model}/config.json ({BASE_VOCAB_KEY}); this model was not "
-                              "resized by zhllama")
-    model = adapters.apply_stage(model, preset, new_rows_from=new_rows_from)
-    if cfg.gradient_checkpointing:
+    # The base's own rows and the merge's new rows are separate optimizer groups (pretrain/row_groups.py),
+    # split where `zhllama vocab resize` recorded the base vocab size.
+    base_vocab = getattr(model.config, BASE_VOCAB_KEY, None)
+    lr_base, lr_new = cfg.row_lr_scales()
+    if not base_vocab and (lr_base, lr_new) != (1.0, 1.0):
+        key = "new_rows_only" if cfg.new_rows_only else ("embed_lr_base" if lr_base != 1.0 else "embed_lr_new")
+        raise ConfigError(f"config: {key} needs the base vocab size that `zhllama vocab resize` records in "
+                          f"{cfg.model}/config.json ({BASE_VOCAB_KEY}); this model was not resized by zhllama")
+    model = adapters.apply_stage(model, preset, split_rows_at=base_vocab or None, train_base_rows=lr_base > 0)
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # always: a KV cache would let packed SFT examples attend across examples
     return model, tokenizer, tokenizer_path
@@ -207,8 +198,9 @@ class Metrics:
     def write(self, record: dict):
         if not self.enabled:
             return
+        record = json_safe(record)  # null, never Infinity or NaN: those are not JSON
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
@@ -226,7 +218,7 @@ class _Run:
     """What `Trainer._setup` builds and the step loop uses."""
     engine: object                  # the DeepSpeed engine around CausalLMTokenLoss(model)
     scheduler: object
-    order: BlockOrder
+    order: object                   # position -> block id: the mixture's order, or a BlockOrder (sft)
     metrics: Metrics
     precision: str
     grad_accum: int
@@ -234,18 +226,21 @@ class _Run:
     total_steps: int
     trainable: int
     total: int
+    groups: dict                    # trainable parameters per optimizer group (row_groups.GROUPS)
     ckpt_root: Path
     fingerprint: str
+    data_fingerprint: Optional[dict]  # recorded in checkpoints; a resume on other data is refused
     tokenizer_path: str             # cfg.tokenizer or cfg.model
-    flops_per_token: float
-    peak_flops: float
+    mfu: MFUMeter
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, allow_config_change: bool = False, hooks: Optional[TrainHooks] = None):
+    def __init__(self, cfg: RunConfig, allow_config_change: bool = False, hooks: Optional[TrainHooks] = None,
+                 allow_data_change: bool = False):
         self.cfg = cfg
         self.hooks = hooks or TrainHooks()  # tests' crash and NaN injection points (pretrain/hooks.py)
         self.allow_config_change = allow_config_change  # resume even if the config differs from the checkpoint's
+        self.allow_data_change = allow_data_change  # resume even if the data's fingerprint differs
         self.preset = cfg.preset()
         self.run_dir = Path(cfg.out)
 
@@ -254,7 +249,8 @@ class Trainer:
         cfg = self.cfg
         run = self._setup()
         summary = {"start_step": run.start_step, "total_steps": run.total_steps, "trainable": run.trainable,
-                   "total": run.total, "nonfinite_skipped": 0}
+                   "total": run.total, "nonfinite_skipped": 0, "versions": self.versions,
+                   "gradient_checkpointing": self.checkpointing, "mfu_peak": self.mfu_basis}
         nonfinite_in_row = 0
         last = {}
 
@@ -269,28 +265,46 @@ class Trainer:
             else:
                 nonfinite_in_row = 0
                 last = record
+            if self.hooks.poisons_weights(done, self.rank):
+                self._poison_weights()
             if done % cfg.save_every == 0 or done == run.total_steps:
-                checkpoint.save(run.engine, run.ckpt_root, done,
-                                checkpoint.run_state(cfg, done, self.world, run.fingerprint),
-                                rank=self.rank, barrier=barrier, keep_last=cfg.keep_last,
-                                crash_hook=lambda: self.hooks.call_in_checkpoint(done, self.rank))
+                self._save_checkpoint(run, done, last)
             self.hooks.call_after_step(done, self.rank)
 
         run.metrics.close()
-        summary.update({k: last.get(k) for k in ("loss", "val_loss", "tokens_per_s", "mfu")})
+        summary.update(json_safe({k: last.get(k) for k in ("loss", "val_loss", "tokens_per_s", "mfu")}))
+        summary.update(json_safe(self._mixture_summary(run)))
         self._save_final(run.engine, run.tokenizer_path)
         return summary
+
+    def _mixture_summary(self, run: "_Run") -> dict:
+        """summary.json's trainable groups, each source's share of the sequences and its first and last
+        validation figures (from metrics.jsonl, so a resumed run reports its whole history)."""
+        out = {"trainable_groups": run.groups}
+        mixture = self.data.mixture
+        if mixture is not None:
+            shares = mixture.shares(run.total_steps)
+            out["sources"] = {s.name: {"weight": float(s.weight), "share": shares.get(s.name, 0.0)}
+                              for s in mixture.sources}
+            if self.rank == 0:
+                for name, figures in first_and_last(run.metrics.path).items():
+                    out["sources"].setdefault(name, {})["validation"] = figures
+        return out
 
     # setup ---------------------------------------------------------------------------------------
     def _setup(self) -> "_Run":
         """Everything before the first step, ordered to fail early: config errors before any process
         group, a refused resume (it reads only the checkpoint's JSON) before the model is loaded."""
         cfg, preset = self.cfg, self.preset
-        # Config errors first, before any process group, model or data is touched.
+        # Library versions, then config errors, before any process group, model or data is touched.
+        check_versions()
+        self.versions = versions_record()
         grad_accumulation(preset.global_batch, cfg.micro_batch, int(os.environ.get("WORLD_SIZE", 1)))
-        ds_path = resolve_ds_config(cfg.ds_config)
+        ds_path = resolve_ds_config(stage_ds_config(cfg.stage, cfg.ds_config))
         rank, world, local_rank = init_distributed()
         self.rank, self.world = rank, world
+        if rank == 0:
+            log.info("versions: %s", versions_line(self.versions))
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         precision = choose_precision(cfg.precision, device)
         grad_accum = grad_accumulation(preset.global_batch, cfg.micro_batch, world)
@@ -298,44 +312,62 @@ class Trainer:
                                     grad_accum=grad_accum, grad_clip=preset.grad_clip, precision=precision)
         torch.manual_seed(cfg.seed)
 
-        # Resume checks read only the checkpoint's JSON: a changed world size or config is refused
-        # before the model is loaded.
+        # Resume checks read only the checkpoint's JSON and the data's manifests (or input files): a
+        # changed config or data set is refused before the model is loaded. Global rank 0 chooses the
+        # checkpoint; every rank takes its choice.
         ckpt_root = self.run_dir / "checkpoints"
-        latest = checkpoint.latest_checkpoint(ckpt_root) if cfg.resume else None
+        latest = checkpoint.choose_resume(ckpt_root, rank=rank, broadcast=lambda step: broadcast_from_rank0(
+            step, device)) if cfg.resume else None
         fingerprint = checkpoint.model_fingerprint(cfg.model)
+        data_fingerprint = None
         if latest is not None:
             checkpoint.check_resume(latest, cfg, world, fingerprint, self.allow_config_change)
+            data_fingerprint = checkpoint.data_fingerprint(cfg)
+            if not (self.allow_config_change or self.allow_data_change):
+                checkpoint.check_data(latest, data_fingerprint)
 
         self.rope_change = rope.for_run(cfg)   # read from config.json; a bad request fails before loading
         if self.rope_change is not None and rank == 0:
             log.info("positions: %s, from %s", self.rope_change.after.describe(), self.rope_change.before.describe())
-        model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision), self.rope_change)
-        data = build_data(cfg, preset, tokenizer, tokenizer_path)
-        trainable, total = adapters.count_trainable(model)
-        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
+        self.checkpointing, why = decide_gradient_checkpointing(
+            cfg.gradient_checkpointing, cfg=cfg, preset=preset, world=world, device=device, ds_path=ds_path)
         if rank == 0:
-            self._start_run_dir(data, grad_accum, total_steps, precision, trainable, total, ds_path)
+            log.info("gradient checkpointing %s: %s", "on" if self.checkpointing else "off", why)
+        model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision), self.checkpointing,
+                                                        self.rope_change)
+        data = build_data(cfg, preset, tokenizer, tokenizer_path)
+        if data_fingerprint is None:
+            data_fingerprint = checkpoint.data_fingerprint(cfg)
+        trainable, total = adapters.count_trainable(model)
+        groups = row_groups.trainable_groups(model)
+        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / preset.global_batch))
+        self.source_validation = (
+            SourceValidation(data.mixture.sources, preset.block_size, rank, world, pad_id(tokenizer), cfg.micro_batch)
+            if data.mixture is not None else None)
+        if rank == 0:
+            self._start_run_dir(data, grad_accum, total_steps, precision, trainable, total, groups, ds_path)
 
         engine, scheduler = self._deepspeed_engine(model, ds_config, total_steps)
         start_step = 0
         if latest is not None:
-            state = checkpoint.load(engine, latest, rank=rank)
+            state = checkpoint.load(engine, latest, rank=rank, world=world)
             start_step = state["step"]
             if rank == 0:
                 log.info("resumed from %s (step %d of %d)", latest, start_step, total_steps)
 
-        order = BlockOrder(len(data.train), cfg.seed)
+        order = data.mixture.order if data.mixture is not None else BlockOrder(len(data.train), cfg.seed)
         metrics = Metrics(self.run_dir, rank == 0, cfg.tensorboard, start_step)
         hf_config = getattr(model, "get_base_model", lambda: model)().config
-        fpt = flops_per_token(hf_config, preset.block_size)
-        peak = peak_flops(device) * world
+        fpt = flops_per_token(hf_config, preset.block_size, trainable_matmul_params(model), adapter_matmul_params(model))
+        device_peak, self.mfu_basis = peak_flops(device)
+        meter = MFUMeter(fpt, device_peak, world, measured=device.type != "cuda")
         self.engine, self.data, self.device = engine, data, device
         return _Run(engine=engine, scheduler=scheduler, order=order, metrics=metrics, precision=precision,
                     grad_accum=grad_accum, start_step=start_step, total_steps=total_steps, trainable=trainable,
-                    total=total, ckpt_root=ckpt_root, fingerprint=fingerprint, tokenizer_path=tokenizer_path,
-                    flops_per_token=fpt, peak_flops=peak)
+                    total=total, groups=groups, ckpt_root=ckpt_root, fingerprint=fingerprint,
+                    data_fingerprint=data_fingerprint, tokenizer_path=tokenizer_path, mfu=meter)
 
-    def _start_run_dir(self, data, grad_accum, total_steps, precision, trainable, total, ds_path):
+    def _start_run_dir(self, data, grad_accum, total_steps, precision, trainable, total, groups, ds_path):
         """Rank 0: config.yaml and the stage's run files (sft: template.json), and the run's one-line plan."""
         cfg, preset = self.cfg, self.preset
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -344,9 +376,16 @@ class Trainer:
         for name, obj in (stage_data.run_files(cfg) if stage_data and stage_data.run_files else {}).items():
             atomic_write_json(self.run_dir / name, obj)  # sft: template.json, the template itself
         log.info("stage %s | %s | world %d x micro %d x accum %d = global batch %d | %d steps | "
-                 "precision %s | trainable %s of %s (%.2f%%) | ds config %s", cfg.stage, data.description,
+                 "precision %s | trainable %s of %s (%.2f%%: %s) | ds config %s", cfg.stage, data.description,
                  self.world, cfg.micro_batch, grad_accum, preset.global_batch, total_steps, precision,
-                 f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, ds_path.name)
+                 f"{trainable:,}", f"{total:,}", 100.0 * trainable / total, row_groups.describe_groups(groups),
+                 ds_path.name)
+        lr_base, lr_new = cfg.row_lr_scales()
+        if "base_rows" in groups or "new_rows" in groups or lr_base == 0:
+            log.info("vocabulary rows: base rows at %s x lr, new rows at %s x lr", "0 (frozen)" if lr_base == 0
+                     else f"{lr_base:g}", f"{lr_new:g}")
+        for line in self.source_validation.describe() if self.source_validation is not None else ():
+            log.info(line)
 
     def _deepspeed_engine(self, model, ds_config, total_steps):
         """(engine, scheduler): AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded) on the
@@ -354,7 +393,10 @@ class Trainer:
         import deepspeed
 
         preset = self.preset
-        params = [p for p in model.parameters() if p.requires_grad]
+        # One group per kind of trainable parameter (LoRA, the base's vocabulary rows, the new rows), each with
+        # its lr as a multiple of the stage lr (pretrain/row_groups.py); LambdaLR scales every group alike.
+        lr_base, lr_new = self.cfg.row_lr_scales()
+        params = row_groups.param_groups(model, preset.lr, base_scale=lr_base, new_scale=lr_new)
         if ds_config.get("zero_optimization", {}).get("offload_optimizer"):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             optimizer = DeepSpeedCPUAdam(params, lr=preset.lr, betas=preset.betas,
@@ -367,6 +409,9 @@ class Trainer:
         # DeepSpeed wraps the loss module: its forward returns the summed token loss (zhllama/loss.py).
         engine, _, _, _ = deepspeed.initialize(model=CausalLMTokenLoss(model), optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
+        checked = assert_fp32_buffers(engine.module)  # rotary inv_freq: an old DeepSpeed casts it to bf16
+        if self.rank == 0:
+            log.info("rotary buffers float32 after deepspeed.initialize: %d checked", checked)
         return engine, scheduler
 
     # one step and its record -----------------------------------------------------------------------
@@ -375,25 +420,28 @@ class Trainer:
         every eval_every steps and at the last one. Returns (record, non-finite micro-batches)."""
         cfg, engine = self.cfg, run.engine
         engine.train()
-        lr = run.scheduler.get_last_lr()[0]
+        lr = run.scheduler.get_last_lr()[0] / run.scheduler.optimizer.param_groups[0]["lr_scale"]  # the stage lr
         t0 = time.perf_counter()
         loss, tokens, nonfinite = self._train_step(step, run.order, run.grad_accum)
         dt = time.perf_counter() - t0
         done = step + 1
         record = {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr,
-                  "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": tokens / dt,
-                  "mfu": run.flops_per_token * tokens / dt / run.peak_flops, "step_time_s": dt, "tokens": tokens,
+                  "grad_norm": finite_or_none(engine.get_global_grad_norm()), "tokens_per_s": tokens / dt,
+                  "mfu": run.mfu(tokens, dt), "step_time_s": dt, "tokens": tokens,
                   "nonfinite_microbatches": nonfinite}
         if run.precision == "fp16":
-            record["loss_scale"] = _float(getattr(engine.optimizer, "cur_scale", None))
-        if cfg.eval_every and done % cfg.eval_every == 0 and self.data.validation is not None:
-            record.update(self.evaluate())
-        if done == run.total_steps and self.data.validation is not None and "val_loss" not in record:
+            record["loss_scale"] = finite_or_none(getattr(engine.optimizer, "cur_scale", None))
+        mixture = self.data.mixture
+        if mixture is not None and len(mixture.trained) > 1:   # the sequences each source got in this step
+            record.update({f"sequences/{name}": n for name, n in mixture.step_counts(step).items()})
+        validates = self.data.validation is not None or bool(self.source_validation)
+        if validates and ((cfg.eval_every and done % cfg.eval_every == 0) or done == run.total_steps):
             record.update(self.evaluate())
         if self.rank == 0:
             run.metrics.write(record)
             if done % cfg.log_every == 0 or done == run.total_steps or nonfinite:
-                log.info(_progress_line(record, run.total_steps))
+                shares = mixture.shares(done) if mixture is not None and len(mixture.trained) > 1 else None
+                log.info(_progress_line(record, run.total_steps, shares))
         return record, nonfinite
 
     # one optimizer step --------------------------------------------------------------------------
@@ -449,20 +497,60 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Token-weighted loss over the first eval_batches micro-batches per rank of the validation split."""
+        """`val_loss`: token-weighted loss over the first eval_batches micro-batches per rank of the validation
+        blocks (of each source of a mixture, pooled); and each source's validation documents scored on their own
+        (`val_loss/<source>`, `val_bits_per_char/<source>`: pretrain/source_eval.py)."""
         cfg, engine, val = self.cfg, self.engine, self.data.validation
+        sources = getattr(self, "source_validation", None) or ()
         engine.eval()
-        n = min(len(val), cfg.eval_batches * cfg.micro_batch * self.world)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for start in range(self.rank * cfg.micro_batch, n, cfg.micro_batch * self.world):
-            batch = self.data.collate([val[i] for i in range(start, min(start + cfg.micro_batch, n))])
-            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            sums += torch.stack([engine(**batch).double(), sums.new_tensor(float(tokens))])
-        loss_sum, tokens = self._reduce(sums)
+        # (loss sum, tokens) of the blocks, then of each source's documents: one all-reduce for all of them.
+        sums = torch.zeros(2 * (1 + len(sources)), dtype=torch.float64, device=self.device)
+        for split in (val if isinstance(val, tuple) else (val,)) if val is not None else ():
+            n = min(len(split), cfg.eval_batches * cfg.micro_batch * self.world)
+            for start in range(self.rank * cfg.micro_batch, n, cfg.micro_batch * self.world):
+                items = [split[i] for i in range(start, min(start + cfg.micro_batch, n))]
+                sums[0:2] += self._scored(self.data.collate(items))
+        for k, batch in sources.batches() if sources else ():
+            sums[2 * (k + 1):2 * (k + 2)] += self._scored(batch)
+        reduced = self._reduce(sums)
+        pairs = list(zip(reduced[0::2], reduced[1::2]))
         engine.train()
-        val_loss = loss_sum / max(tokens, 1.0)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        out = {}
+        if val is not None:
+            val_loss = pairs[0][0] / max(pairs[0][1], 1.0)
+            out.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        if sources:
+            out.update(sources.figures(pairs[1:]))
+        return out
+
+    def _scored(self, batch):
+        """(summed token loss, predicted tokens) of one batch, on the engine's device (no host read)."""
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # host-side labels: no device sync
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        loss = self.engine(**batch).double()
+        return torch.stack([loss, loss.new_tensor(float(tokens))])
+
+    def _save_checkpoint(self, run: "_Run", done: int, last: dict) -> None:
+        """checkpoint.save with this run's state; weights that are not finite on some rank stop the run
+        before anything is written (the last complete checkpoint stays the one to resume from)."""
+        try:
+            checkpoint.save(run.engine, run.ckpt_root, done,
+                            checkpoint.run_state(self.cfg, done, self.world, run.fingerprint, run.data_fingerprint),
+                            rank=self.rank, barrier=barrier, keep_last=self.cfg.keep_last,
+                            crash_hook=lambda: self.hooks.call_in_checkpoint(done, self.rank),
+                            agree=lambda message: first_message(message, self.device))
+        except checkpoint.NonFiniteWeights as e:
+            log.error("step %d: %s", done, e)
+            raise UserError(f"stopped at step {done}: {e}. Last finite record: {last or 'none'}. {_LIKELY_CAUSES}. "
+                            "A rerun resumes from the last complete checkpoint") from None
+
+    def _poison_weights(self):
+        """Test seam (ZHLLAMA_NAN_WEIGHTS): this rank's trainable weights become NaN, as after an update that
+        DeepSpeed's overflow check let through."""
+        with torch.no_grad():
+            for p in self.engine.module.parameters():
+                if p.requires_grad:
+                    p.fill_(float("nan"))
 
     def _save_final(self, engine, tokenizer_path):
         final = self.run_dir / "final"
@@ -475,30 +563,31 @@ class Trainer:
     def _nonfinite_diagnosis(self, step, n, last) -> str:
         return (f"stopped at step {step + 1}: the loss was non-finite in {n} steps in a row "
                 f"(max_nonfinite_steps={self.cfg.max_nonfinite_steps}). Last finite record: {last or 'none'}. "
-                "Likely causes: lr too high for this stage (try lr=5e-5), fp16 overflow (use bf16 on "
-                "A100/H100, or precision=fp32 to check), or corrupt data (re-run `zhllama data pack`). "
-                "The last complete checkpoint is intact; the run resumes from it.")
+                f"{_LIKELY_CAUSES}. The last complete checkpoint is intact; the run resumes from it.")
 
 
-def _float(x):
-    if x is None:
-        return None
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
+_LIKELY_CAUSES = ("Likely causes: lr too high for this stage (try lr=5e-5), fp16 overflow (use bf16 on A100/H100, "
+                  "or precision=fp32 to check), or corrupt data (re-run `zhllama data pack`)")
 
 
-def _progress_line(r: dict, total: int) -> str:
+def _progress_line(r: dict, total: int, shares: Optional[dict] = None) -> str:
     loss = f"loss {r['loss']:.4f}" if r["loss"] is not None else "loss non-finite (step skipped)"
     parts = [f"step {r['step']}/{total}", loss, f"lr {r['lr']:.2e}"]
     if r.get("grad_norm") is not None:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
-    parts += [f"{r['tokens_per_s']:,.0f} tok/s", f"MFU {100 * r['mfu']:.1f}%", f"{r['step_time_s']:.2f} s/step"]
+    mfu = f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "MFU unknown"
+    parts += [f"{r['tokens_per_s']:,.0f} tok/s", mfu, f"{r['step_time_s']:.2f} s/step"]
     if r.get("loss_scale") is not None:
         parts.append(f"scale {r['loss_scale']:g}")
     if "val_loss" in r:
         parts.append(f"val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f})")
+    for key in r:
+        if key.startswith("val_loss/"):
+            name = key[len("val_loss/"):]
+            bpc = r.get(f"val_bits_per_char/{name}")
+            parts.append(f"val {name} {r[key]:.4f}" + (f" ({bpc:.4f} bits/char)" if bpc is not None else ""))
+    if shares:
+        parts.append("mix " + " ".join(f"{name} {100 * share:.1f}%" for name, share in shares.items()))
     if r.get("nonfinite_microbatches"):
         parts.append(f"skipped {r['nonfinite_microbatches']} non-finite micro-batches")
     return " | ".join(parts)

@@ -7,6 +7,8 @@ environment variables into hooks, read once when `zhllama train` starts:
 
   ZHLLAMA_CRASH=after-step:K | in-checkpoint:K   SIGKILL rank 0 after step K / inside checkpoint K's write
   ZHLLAMA_NAN_STEPS=3,4                            a NaN loss on rank 0 at these (1-based) steps
+  ZHLLAMA_NAN_WEIGHTS=K                            rank 0's trainable weights become NaN after step K (as if
+                                                   a non-finite update had been applied), before its checkpoint
 """
 
 import os
@@ -16,6 +18,7 @@ from typing import Callable, Mapping, Optional
 
 CRASH_ENV = "ZHLLAMA_CRASH"
 NAN_STEPS_ENV = "ZHLLAMA_NAN_STEPS"
+NAN_WEIGHTS_ENV = "ZHLLAMA_NAN_WEIGHTS"
 
 StepHook = Callable[[int, int], None]  # (1-based step, rank)
 
@@ -25,6 +28,7 @@ class TrainHooks:
     after_step: Optional[StepHook] = None  # after step K's metrics and checkpoint
     in_checkpoint: Optional[StepHook] = None  # checkpoint K's files written, before it is made complete
     poison_loss: Optional[Callable[[int, int], bool]] = None  # True: this step's micro-batch losses become NaN
+    poison_weights: Optional[Callable[[int, int], bool]] = None  # True: the trainable weights become NaN after step K
 
     def call_after_step(self, step: int, rank: int) -> None:
         if self.after_step is not None:
@@ -37,6 +41,9 @@ class TrainHooks:
     def poisons(self, step: int, rank: int) -> bool:
         return self.poison_loss is not None and self.poison_loss(step, rank)
 
+    def poisons_weights(self, step: int, rank: int) -> bool:
+        return self.poison_weights is not None and self.poison_weights(step, rank)
+
 
 def _sigkill_rank0_at(step_wanted: int) -> StepHook:
     def hook(step: int, rank: int) -> None:
@@ -46,7 +53,7 @@ def _sigkill_rank0_at(step_wanted: int) -> StepHook:
 
 
 def hooks_from_env(environ: Mapping[str, str] = os.environ) -> TrainHooks:
-    """The test seam: ZHLLAMA_CRASH and ZHLLAMA_NAN_STEPS (see the module docstring) as hooks.
+    """The test seam: ZHLLAMA_CRASH, ZHLLAMA_NAN_STEPS and ZHLLAMA_NAN_WEIGHTS (see the module docstring) as hooks.
 
     A value that does not parse sets no hook: these variables are for the test suite, not for users."""
     hooks = {}
@@ -56,4 +63,7 @@ def hooks_from_env(environ: Mapping[str, str] = os.environ) -> TrainHooks:
     nan_steps = {int(s) for s in environ.get(NAN_STEPS_ENV, "").split(",") if s.strip().isdigit()}
     if nan_steps:
         hooks["poison_loss"] = lambda step, rank: rank == 0 and step in nan_steps
+    nan_weights = environ.get(NAN_WEIGHTS_ENV, "").strip()
+    if nan_weights.isdigit():
+        hooks["poison_weights"] = lambda step, rank: rank == 0 and step == int(nan_weights)
     return TrainHooks(**hooks)

@@ -2,12 +2,14 @@
 
 Trainable parameters are counted on the real module structure: the model is built with transformers on
 the meta device (no memory), its embeddings resized to the vocabulary, the stage applied with the same
-`apply_stage` the trainer uses, and the parameters counted. The planner and the trainer cannot disagree.
+`apply_stage` the trainer uses, and the parameters counted, per optimizer group (the base's own vocabulary
+rows, the rows the merge added, LoRA: pretrain/row_groups.py). The planner and the trainer cannot disagree.
 
-Memory per GPU under DeepSpeed ZeRO-2 (bytes; P = all parameters and buffers of the staged model,
+Memory per GPU under DeepSpeed ZeRO-1/2 (bytes; P = all parameters and buffers of the staged model,
 including PEFT's frozen copies, T = trainable parameters, N = GPUs, B = bucket elements):
   weights       2 P                    bf16/fp16, replicated on every GPU
-  gradients     2 T / N                16-bit gradient partition kept by ZeRO-2
+  gradients     2 T / N  (ZeRO-2)      16-bit gradient partition kept by ZeRO-2;
+                2 T      (ZeRO-1)      whole 16-bit gradients, accumulated on every rank
   buckets       2 x 2 min(T, B) x 4.5  reduce + allgather buckets (x4.5 with overlap_comm, DeepSpeed docs)
   optimizer     16 T / N               fp32 master weights, Adam m and v, fp32 gradient: partitioned
   activations   tokens x per-token     tokens = micro batch x sequence length, see `activation_bytes`;
@@ -16,8 +18,12 @@ including PEFT's frozen copies, T = trainable parameters, N = GPUs, B = bucket e
   grad_transient 2 x largest trainable a trained matrix's whole 16-bit gradient (lm_head, embed_tokens)
                                        exists before ZeRO copies it into a bucket and partitions it
   overhead      1 GiB                  CUDA context, NCCL buffers and cuBLAS workspaces
-FLOPs per token: model FLOPs 6 N_mm + 12 L d s (`zhllama.pretrain.flops`, the MFU convention of the
-training metrics). GPU-hours = tokens x model FLOPs / (MFU x datasheet peak) / 3600, plus a reserve for
+FLOPs per token: model FLOPs 4 N_mm + 2 T_mm + 12 L d s (`zhllama.pretrain.flops`, the MFU convention
+of the training metrics: frozen weights cost no weight gradient).
+Communication per GPU per optimizer step (bf16 gradients, ring collectives, each moving (N-1)/N of
+its buffer): ZeRO-2 reduce-scatters the trainable gradients after every micro batch (A times a step,
+A = gradient accumulation), ZeRO-1 once at the step's boundary; both all-gather the updated weights
+once. ZeRO-2: (A + 1) x 2 T (N-1)/N bytes; ZeRO-1: 2 x 2 T (N-1)/N, for 2 T (1 - 1/N) more memory. GPU-hours = tokens x model FLOPs / (MFU x datasheet peak) / 3600, plus a reserve for
 failures, restarts and evaluation. See docs/plan.md for the formulas and the LLaMA paper check.
 
   zhllama plan --model llama-7b --vocab-size 49953 --stage stage2 --tokens 20e9 --gpus 16 --gpu a100-80g
@@ -28,14 +34,18 @@ import math
 from pathlib import Path
 
 from zhllama import tiny
+from zhllama.argtypes import float_range, int_range
 from zhllama.errors import ConfigError, InputError, UserError
-from zhllama.fsutil import read_json
 from zhllama.loss import chunk_tokens
+from zhllama.model_config import DIMENSIONS, TRUST_REMOTE_CODE, check_model_config, read_config_json
+from zhllama.modelio import BASE_VOCAB_KEY
 
 from . import flops as flops_mod
 from .adapters import apply_stage, count_trainable
-from .engine import resolve_ds_config
+from .config import RANGES
+from .ds_config import resolve_ds_config, stage_ds_config
 from .presets import STAGES, grad_accumulation
+from .row_groups import describe_groups, largest_trained_matrix, trainable_groups
 
 GIB = 1024 ** 3
 DEFAULT_MFU = 0.40  # a well-tuned DeepSpeed ZeRO-2 run on A100s; the LLaMA paper's own stack implies 0.46-0.50
@@ -79,7 +89,9 @@ def _model_config(spec: str, vocab_size=None):
     if not path.is_file():
         raise UserError(f"--model {spec}: not a known shape ({', '.join(tiny.LLAMA_SHAPES)}, tiny) and no "
                         f"config.json at {path}")
-    data = read_json(path, required=("model_type",), hint=" (is this a transformers config.json?)")
+    data = check_model_config(read_config_json(path), path)  # no code, every dimension in range
+    if "model_type" not in data:
+        raise InputError(path, "missing key 'model_type' (is this a transformers config.json?)")
     from transformers import AutoConfig
     try:
         return AutoConfig.for_model(**data)
@@ -87,20 +99,29 @@ def _model_config(spec: str, vocab_size=None):
         raise InputError(path, f"transformers cannot build a config from it ({e})") from None
 
 
-def staged_meta_model(config, vocab_size, stage, new_rows_from=None):
-    """The model as training sees it, on the meta device: resized to `vocab_size`, stage applied."""
+def staged_meta_model(config, vocab_size, stage, new_rows_from=None, preset=None, train_base_rows=True):
+    """The model as training sees it, on the meta device: resized to `vocab_size`, stage applied
+    (`preset`: a run's preset with its overrides, default the stage's). A grown vocabulary is split at the
+    model's own size, as the trainer splits it at the base vocab size that `zhllama vocab resize` records
+    (the base rows and the new rows: two optimizer groups)."""
     import torch
     from transformers import AutoModelForCausalLM
 
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    if vocab_size and vocab_size != model.get_input_embeddings().weight.shape[0]:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=TRUST_REMOTE_CODE)
+    base_vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab_size and vocab_size != base_vocab:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)  # what `zhllama vocab resize` does
     if stage == "full":
         model.requires_grad_(True)
         return model
-    return apply_stage(model, STAGES[stage], new_rows_from=new_rows_from)
+    grown = vocab_size is not None and vocab_size > base_vocab and new_rows_from is None
+    if not train_base_rows and not grown:
+        raise ConfigError("--embed-lr-base 0 freezes the base's rows: give --vocab-size larger than the model's "
+                          f"own vocabulary ({base_vocab})")
+    return apply_stage(model, preset or STAGES[stage], new_rows_from=new_rows_from,
+                       split_rows_at=base_vocab if grown else None, train_base_rows=train_base_rows)
 
 
 def _weight_elements(model) -> int:
@@ -126,13 +147,6 @@ def activation_profile(model, full: bool) -> dict:
     head = model.get_output_embeddings()
     lm_head_trained = any(p.requires_grad for p in head.parameters()) if head is not None else False
     return {"full": full, "lora_bytes": lora_in + lora_r, "lm_head_trained": full or lm_head_trained}
-
-
-def _trainable_matmul(model) -> int:
-    """Trainable parameters that take part in matmuls (LoRA, lm_head): their weight gradients cost 2 FLOPs each."""
-    emb = model.get_input_embeddings()
-    emb_ids = {id(p) for p in emb.parameters()}
-    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in emb_ids)
 
 
 # ------------------------------------------------------------------------------------------- formulas
@@ -182,39 +196,43 @@ def loss_bytes(vocab: int, tokens: int) -> dict:
     return {"saved": 0, "peak": int(17.5 * vocab * chunk)}
 
 
-def executed_flops_per_token(config, seq_len, trainable_matmul, full_backward, checkpointing):
-    """FLOPs a step really executes per token (for comparison with the 6N model FLOPs).
+def recompute_flops_per_token(config, seq_len, checkpointing) -> float:
+    """FLOPs gradient checkpointing adds per token: the layers' forward again (not lm_head), 2 N_layers + 4 L d s.
+    Executed FLOPs = model FLOPs (`flops.flops_per_token`) + these."""
+    if not checkpointing:
+        return 0.0
+    n_layers = flops_mod.matmul_params(config) - config.hidden_size * config.vocab_size
+    return 2.0 * n_layers + 4.0 * config.num_hidden_layers * config.hidden_size * seq_len
 
-    Forward 2 N_mm + 4 L d s; backward to the activations 2 N_mm + 8 L d s, which flows through every
-    frozen layer down to the trained embeddings or LoRA; weight gradients 2 per trainable matmul parameter
-    (all of N_mm when everything is trained); recomputed forward of the layers with checkpointing.
-    """
-    n_mm = flops_mod.matmul_params(config)
-    attn = 4 * config.num_hidden_layers * config.hidden_size * seq_len
-    weight_grads = 2 * (n_mm if full_backward else trainable_matmul)
-    recompute = (2 * (n_mm - config.hidden_size * config.vocab_size) + attn) if checkpointing else 0
-    return 2 * n_mm + attn + 2 * n_mm + 2 * attn + weight_grads + recompute
+
+def communication_per_step(trainable, gpus, grad_accumulation) -> dict:
+    """Bytes each GPU sends per optimizer step under ZeRO-1 and ZeRO-2 (module docstring), and the
+    memory ZeRO-1 holds beyond ZeRO-2 (whole 16-bit gradients instead of a 1/N partition)."""
+    ring = 2.0 * trainable * (gpus - 1) / gpus  # one reduce-scatter or all-gather of the bf16 gradients
+    accum = grad_accumulation or 1
+    return {"zero2_bytes": (accum + 1) * ring, "zero1_bytes": 2 * ring, "grad_accumulation": accum,
+            "zero1_extra_memory_bytes": 2.0 * trainable * (1 - 1 / gpus)}
 
 
 def _ds_buckets(ds_config):
-    """(bucket elements, overlap factor, optimizer offloaded) from a DeepSpeed JSON (a path or a name
-    in ds_configs/, resolved as `zhllama train` does); DeepSpeed's defaults where unset."""
-    path = resolve_ds_config(ds_config or "zero2")
+    """(bucket elements, overlap factor, optimizer offloaded, ZeRO stage) from a DeepSpeed JSON (a path
+    or a name in ds_configs/, resolved as `zhllama train` does); DeepSpeed's defaults where unset."""
+    path = resolve_ds_config(ds_config)
     try:
         zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {})
     except (OSError, ValueError) as e:
         raise InputError(path, f"cannot read the DeepSpeed config ({e})") from None
     bucket = float(max(zero.get("reduce_bucket_size", 5e8), zero.get("allgather_bucket_size", 5e8)))
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    return bucket, (4.5 if zero.get("overlap_comm", False) else 1.0), offload
+    return bucket, (4.5 if zero.get("overlap_comm", False) else 1.0), offload, int(zero.get("stage", 0))
 
 
-def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap, offload=False, largest=0):
-    """ZeRO-2 memory per GPU by component, in bytes (see the module docstring). With the optimizer
+def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap, offload=False, largest=0, zero_stage=2):
+    """ZeRO-1/2 memory per GPU by component, in bytes (see the module docstring). With the optimizer
     offloaded, fp32 master weights and Adam moments live in host RAM, not on the GPU."""
     return {
         "weights": 2 * weights,
-        "gradients": 2 * trainable / gpus,
+        "gradients": 2 * trainable / (gpus if zero_stage >= 2 else 1),
         "buckets": 2 * 2 * min(trainable, bucket) * overlap,
         "optimizer": 0.0 if offload else 16 * trainable / gpus,
         "activations": act_bytes,
@@ -227,8 +245,8 @@ def memory_per_gpu(weights, trainable, gpus, act_bytes, bucket, overlap, offload
 
 def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16, gpu="a100-80g",
          mfu=DEFAULT_MFU, reserve=DEFAULT_RESERVE, micro_batch=None, seq_len=None, global_batch=None,
-         new_rows_from=None, ds_config=None, layers=None):
-    """Everything `zhllama plan` prints, as a dict."""
+         new_rows_from=None, ds_config=None, layers=None, preset=None, embed_lr_base=1.0):
+    """Everything `zhllama plan` prints, as a dict (`preset`: a run's preset with its overrides)."""
     if stage not in PLAN_STAGES:
         raise ConfigError(f"unknown stage '{stage}'; choose one of {', '.join(PLAN_STAGES)}")
     gpu_key = gpu.lower()
@@ -238,31 +256,39 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     if not 0 <= reserve < 10:
         raise ConfigError(f"--reserve must be a fraction >= 0 (0.3 = 30%), got {reserve}")
+    if not (math.isfinite(embed_lr_base) and embed_lr_base >= 0):
+        raise ConfigError(f"--embed-lr-base must be a number >= 0, got {embed_lr_base}")
     if not tokens > 0 or not gpus >= 1:
         raise ConfigError("--tokens and --gpus must be positive")
     mem_gib, has_bf16 = GPUS[gpu_key]
     peak = flops_mod.gpu_peak_flops(gpu_key)
-    preset = STAGES["stage2" if stage == "full" else stage]
+    preset = preset or STAGES["stage2" if stage == "full" else stage]
     seq = seq_len or preset.block_size
     gbatch = global_batch or preset.global_batch
 
     config = model_config(model, layers=layers)
-    staged = staged_meta_model(config, vocab_size, stage, new_rows_from)
+    staged = staged_meta_model(config, vocab_size, stage, new_rows_from, None if stage == "full" else preset,
+                               train_base_rows=embed_lr_base > 0)
     config = staged.config if stage == "full" else staged.get_base_model().config
     trainable, total = count_trainable(staged) if stage != "full" else (
         sum(p.numel() for p in staged.parameters()),) * 2
+    groups = trainable_groups(staged) if stage != "full" else {"other": trainable}
     weights = _weight_elements(staged)
     profile = activation_profile(staged, full=stage == "full")
-    t_mm = trainable if stage == "full" else _trainable_matmul(staged)
-    largest = max((p.numel() for p in staged.parameters() if p.requires_grad), default=0)
+    largest = largest_trained_matrix(staged)
 
-    model_fpt = flops_mod.flops_per_token(config, seq)
-    exec_fpt = {ck: executed_flops_per_token(config, seq, t_mm, stage == "full", ck) for ck in (False, True)}
+    if stage == "full":
+        model_fpt = flops_mod.flops_per_token(config, seq)
+    else:
+        model_fpt = flops_mod.flops_per_token(config, seq, flops_mod.trainable_matmul_params(staged),
+                                              flops_mod.adapter_matmul_params(staged))
+    exec_fpt = {ck: model_fpt + recompute_flops_per_token(config, seq, ck) for ck in (False, True)}
     seconds = tokens * model_fpt / (mfu * peak * gpus)
     gpu_hours = seconds * gpus / 3600
     budget_hours = gpu_hours * (1 + reserve)
 
-    bucket, overlap, offload = _ds_buckets(ds_config)
+    ds_name = stage_ds_config(stage, ds_config)
+    bucket, overlap, offload, zero_stage = _ds_buckets(ds_name)
     divisible = [m for m in range(1, gbatch // gpus + 1) if gbatch % (m * gpus) == 0] if gbatch % gpus == 0 else []
     if micro_batch is not None:
         grad_accumulation(gbatch, micro_batch, gpus)  # ConfigError with valid choices when impossible
@@ -275,7 +301,7 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
 
     def mem_tokens(tokens, ck):
         act = activation_bytes(config, tokens, ck, profile)["peak"]
-        return memory_per_gpu(weights, trainable, gpus, act, bucket, overlap, offload, largest)
+        return memory_per_gpu(weights, trainable, gpus, act, bucket, overlap, offload, largest, zero_stage)
 
     def mem(mb, ck):
         return mem_tokens(mb * seq, ck)
@@ -294,12 +320,15 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
         memory["with_checkpointing" if ck else "without_checkpointing"] = {
             "micro_batch": mb, "fits": sum(parts.values()) <= budget,
             "grad_accumulation": gbatch // (mb * gpus) if gbatch % (mb * gpus) == 0 else None,
-            "gib": {k: v / GIB for k, v in parts.items()}, "total_gib": sum(parts.values()) / GIB}
+            "gib": {k: v / GIB for k, v in parts.items()}, "total_gib": sum(parts.values()) / GIB,
+            "communication": communication_per_step(
+                trainable, gpus, gbatch // (mb * gpus) if gbatch % (mb * gpus) == 0 else None)}
 
     return {
         "model": model, "stage": stage, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers, "seq_len": seq, "global_batch": gbatch,
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
+        "trainable_groups": groups,
         "weight_elements": weights,
         "gpu": gpu_key, "gpus": gpus, "gpu_memory_gib": mem_gib, "precision": "bf16" if has_bf16 else "fp16",
         "peak_flops": peak, "mfu": mfu, "reserve": reserve, "tokens": tokens,
@@ -312,6 +341,8 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
         "days": budget_hours / gpus / 24, "days_without_reserve": gpu_hours / gpus / 24,
         "micro_batch": shown_mb, "memory": memory,
         "ds_buckets": {"elements": bucket, "overlap_factor": overlap},
+        "ds_config": ds_name, "zero_stage": zero_stage,
+
         "optimizer_offload": offload, "host_optimizer_gib": 16 * trainable / gpus / GIB if offload else 0.0,
         "seconds_per_sequence": seq * model_fpt / (mfu * peak), "seconds_per_step": gbatch * seq * model_fpt / (mfu * peak * gpus),
         "long_context": long_context(seq, lambda tokens: sum(mem_tokens(tokens, True).values()), budget),
@@ -335,6 +366,21 @@ def long_context(seq: int, total_bytes, budget: float) -> dict:
     return {"attention": ATTENTION, "longest_sequence_one_gpu": lo, "needs_sequence_parallelism": seq > lo}
 
 
+def memory_estimate(cfg, preset, gpus: int, ds_path) -> dict:
+    """GiB per GPU the planner expects for a training run's own settings (model, stage with its
+    overrides, micro batch, block size, DeepSpeed config), without and with gradient checkpointing:
+    {False: GiB, True: GiB}. What `gradient_checkpointing: auto` decides from."""
+    p = plan(model=cfg.model, stage=cfg.stage, tokens=1.0, gpus=gpus, micro_batch=cfg.micro_batch,
+             seq_len=preset.block_size, global_batch=preset.global_batch, ds_config=str(ds_path), preset=preset,
+             new_rows_from=_new_rows_from(cfg) if cfg.new_rows_only else None)
+    return {ck: p["memory"]["with_checkpointing" if ck else "without_checkpointing"]["total_gib"] for ck in (False, True)}
+
+
+def _new_rows_from(cfg):
+    """Stage 1 with new_rows_only: where `zhllama vocab resize` says the added rows start."""
+    return read_config_json(Path(cfg.model) / "config.json").get(BASE_VOCAB_KEY)
+
+
 def _fmt_params(n):
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
@@ -343,17 +389,18 @@ def format_plan(p) -> str:
     lines = [
         f"model {p['model']} (d={p['hidden_size']}, layers={p['layers']}, vocab={p['vocab_size']:,}), "
         f"stage {p['stage']}, {p['tokens']:.3g} tokens of {p['seq_len']}, global batch {p['global_batch']}",
-        f"  trainable      {p['trainable_params']:,} of {p['total_params']:,} = {p['trainable_pct']:.2f}%",
+        f"  trainable      {p['trainable_params']:,} of {p['total_params']:,} = {p['trainable_pct']:.2f}%"
+        + (f" ({describe_groups(p['trainable_groups'])})" if p["stage"] != "full" else ""),
         f"  GPUs           {p['gpus']} x {p['gpu']} ({p['gpu_memory_gib']:g} GiB, {p['precision']}, "
         f"peak {p['peak_flops'] / 1e12:g} TFLOP/s)",
-        f"  FLOPs/token    {p['model_flops_per_token'] / 1e9:.2f} GFLOP model (6N + 12·L·d·s); executed "
+        f"  FLOPs/token    {p['model_flops_per_token'] / 1e9:.2f} GFLOP model (4N + 2T + 12·L·d·s); executed "
         f"{p['executed_flops_per_token']['without_checkpointing'] / 1e9:.2f} "
         f"({p['executed_flops_per_token']['with_checkpointing'] / 1e9:.2f} with checkpointing)",
         f"  compute        {p['total_model_flops']:.3g} FLOPs, {p['steps']:,} steps, "
         f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU at MFU {p['mfu']:.0%}",
         f"  GPU-hours      {p['gpu_hours']:,.0f} ({p['days_without_reserve']:.1f} days); with "
         f"{p['reserve']:.0%} reserve {p['gpu_hours_with_reserve']:,.0f} GPU-hours = {p['days']:.1f} days",
-        "  memory per GPU (ZeRO-2, GiB):",
+        f"  memory per GPU (ZeRO-{p['zero_stage']}, ds_config {p['ds_config']}, GiB):",
         f"    {'':<30}{'weights':>8}{'grads':>7}{'buckets':>8}{'optim':>7}{'activ':>7}{'other':>7}{'total':>8}",
     ]
     for key, label in (("without_checkpointing", "no checkpointing"), ("with_checkpointing", "checkpointing")):
@@ -376,6 +423,13 @@ def format_plan(p) -> str:
               + (f": {p['seq_len']:,} needs sequence parallelism (DeepSpeed-Ulysses or ring attention across GPUs) "
                  "or activation offload; ZeRO-2 shards optimizer state and gradients, not a sequence"
                  if lc["needs_sequence_parallelism"] else "")]
+    lines.append("  communication per GPU per step (bf16 gradients; ZeRO-2 reduces them after every micro batch, "
+                 "ZeRO-1 once a step):")
+    for key, label in (("without_checkpointing", "no checkpointing"), ("with_checkpointing", "checkpointing")):
+        c = p["memory"][key]["communication"]
+        label = f"{label} (micro {p['memory'][key]['micro_batch']}, accum {c['grad_accumulation']})"
+        lines.append(f"    {label:<38}ZeRO-2 {c['zero2_bytes'] / 1e9:.2f} GB, ZeRO-1 {c['zero1_bytes'] / 1e9:.2f} GB; "
+                     f"ZeRO-1 holds {c['zero1_extra_memory_bytes'] / GIB:.2f} GiB more per GPU")
     return "\n".join(lines)
 
 
@@ -384,33 +438,40 @@ def format_plan(p) -> str:
 def add_arguments(parser):
     parser.add_argument("--model", default="llama-7b",
                         help="llama-7b, llama-13b, llama-33b, llama-65b, tiny, or an HF config.json (file or dir)")
-    parser.add_argument("--vocab-size", type=int, default=None,
+    parser.add_argument("--vocab-size", type=int_range(1, DIMENSIONS["vocab_size"]), default=None,
                         help="vocabulary after the merge, e.g. 49953 (default: the model's)")
     parser.add_argument("--stage", default="stage2", choices=PLAN_STAGES,
                         help="what is trained (presets of pretrain/presets.py; full: every parameter)")
-    parser.add_argument("--new-rows-from", type=int, default=None,
+    parser.add_argument("--new-rows-from", type=int_range(0, DIMENSIONS["vocab_size"]), default=None,
                         help="stage1 only: train only embedding rows >= this id (the base vocab size, e.g. 32000)")
-    parser.add_argument("--tokens", type=float, required=True, help="tokens to train on, e.g. 20e9")
-    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel world size)")
+    parser.add_argument("--embed-lr-base", type=float_range(0, RANGES["embed_lr_base"][1]), default=1.0,
+                        help="the base's own vocabulary rows' lr as a multiple of the stage lr, as in the run config; "
+                             "0 freezes them (no gradient, no optimizer state), needs --vocab-size above the "
+                             "model's own (default 1)")
+    parser.add_argument("--tokens", type=float_range(0, 1e16, above_low=True),
+                        required=True, help="tokens to train on, e.g. 20e9")
+    parser.add_argument("--gpus", type=int_range(1, 1 << 20),
+                        required=True, help="number of GPUs (data-parallel world size)")
     parser.add_argument("--gpu", default="a100-80g", help=f"GPU type: {', '.join(GPUS)}")
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+    parser.add_argument("--mfu", type=float_range(0, 1, above_low=True), default=DEFAULT_MFU,
                         help=f"model FLOPs utilisation (6N + attention convention, as in metrics.jsonl); "
                              f"default {DEFAULT_MFU}")
-    parser.add_argument("--reserve", type=float, default=DEFAULT_RESERVE,
+    parser.add_argument("--reserve", type=float_range(0, 10), default=DEFAULT_RESERVE,
                         help=f"extra fraction of compute for failures, restarts and evaluation; default "
                              f"{DEFAULT_RESERVE} (BloombergGPT's)")
-    parser.add_argument("--micro-batch", type=int, default=None,
+    parser.add_argument("--micro-batch", type=int_range(1, RANGES["micro_batch"][1]), default=None,
                         help="sequences per GPU per forward (default: the largest that fits and divides the "
                              "global batch)")
-    parser.add_argument("--seq-len", "--block-size", dest="seq_len", type=int, default=None,
-                        help="tokens per sequence, the run's block_size (default: the stage's, 512); e.g. 16384 for a "
-                             "long-context stage")
-    parser.add_argument("--global-batch", type=int, default=None,
+    parser.add_argument("--seq-len", "--block-size", dest="seq_len", type=int_range(2, RANGES["block_size"][1]),
+                        default=None, help="tokens per sequence, the run's block_size (default: the stage's, 512); "
+                                           "e.g. 16384 for a long-context stage")
+    parser.add_argument("--global-batch", type=int_range(1, RANGES["global_batch"][1]), default=None,
                         help="sequences per optimizer step (default: the stage's)")
     parser.add_argument("--ds-config", default=None,
-                        help="DeepSpeed config for bucket sizes and optimizer offload: a JSON path or a name in "
-                             "ds_configs/ (zero2, zero2_offload; default zero2)")
-    parser.add_argument("--layers", type=int, default=None,
+                        help="DeepSpeed config for the ZeRO stage, bucket sizes and optimizer offload: a JSON path or "
+                             "a name in ds_configs/ (zero1, zero2, zero2_offload; default: the stage's, as "
+                             "`zhllama train` uses: zero2 for every stage)")
+    parser.add_argument("--layers", type=int_range(1, DIMENSIONS["num_hidden_layers"]), default=None,
                         help="override the number of decoder layers (e.g. 2, to compare with bench/loss_memory.py)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -419,6 +480,6 @@ def run(args):
     p = plan(model=args.model, vocab_size=args.vocab_size, stage=args.stage, tokens=args.tokens, gpus=args.gpus,
              gpu=args.gpu, mfu=args.mfu, reserve=args.reserve, micro_batch=args.micro_batch, seq_len=args.seq_len,
              global_batch=args.global_batch, new_rows_from=args.new_rows_from, ds_config=args.ds_config,
-             layers=args.layers)
+             layers=args.layers, embed_lr_base=args.embed_lr_base)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0

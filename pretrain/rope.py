@@ -133,8 +133,10 @@ def read_rope(config: dict, where="config.json") -> Rope:
 
 
 def config_dict(config) -> dict:
-    """A transformers config object's dict (`to_dict`), or a dict as it is."""
-    return config if isinstance(config, dict) else config.to_dict()
+    """A transformers config object's dict (`to_dict`; another object's attributes), or a dict as it is."""
+    if isinstance(config, dict):
+        return config
+    return config.to_dict() if hasattr(config, "to_dict") else vars(config)
 
 
 def context_length(config) -> Optional[int]:
@@ -143,12 +145,14 @@ def context_length(config) -> Optional[int]:
     Lenient where `read_rope` is strict: serving a model of another RoPE type must not fail here."""
     d = config_dict(config)
     max_pos = d.get("max_position_embeddings")
-    if not isinstance(max_pos, int):
+    if not isinstance(max_pos, int) or isinstance(max_pos, bool):
         return None
     scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}
-    factor = scaling.get("factor") if isinstance(scaling, dict) else None
-    if scaling and scaling.get("rope_type", scaling.get("type")) in ("linear", "dynamic") and \
-            isinstance(factor, (int, float)) and factor >= 1:
+    if not isinstance(scaling, dict):
+        return max_pos
+    factor = scaling.get("factor")
+    if scaling.get("rope_type", scaling.get("type")) in ("linear", "dynamic") and not isinstance(factor, bool) \
+            and isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1:
         return int(round(max_pos * factor))
     return max_pos
 

@@ -23,7 +23,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -234,7 +234,8 @@ def positions_for_rank(step: int, global_batch: int, rank: int, world_size: int)
 
 
 def split_counts(manifest: dict) -> Dict[str, dict]:
-    """Per-split counts of a manifest (documents, tokens, blocks, dropped_tokens)."""
+    """Per-split counts of a manifest (documents, tokens, blocks, dropped_tokens, and characters in packs
+    made since zhllama counted them)."""
     return manifest["counts"]["splits"]
 
 
@@ -252,3 +253,20 @@ def iter_unit_streams(data_dir, split: str = "train"):
         if e.get("role") == "tail":
             continue
         yield e, np.memmap(d / SHARD_DIR / e["file"], dtype=dtype, mode="r", shape=(e["tokens"],))
+
+
+def split_documents(data_dir, split: str = "validation") -> List[np.ndarray]:
+    """Each document of a split as its ids without the closing EOS (BOS + text ids, or the text ids alone
+    for a tokenizer without BOS), in corpus order: what `zhllama eval` scores for the same text. `data pack`
+    writes every document as [BOS] ids EOS and text never encodes to BOS or EOS, so the documents are cut at
+    the EOS ids; where BOS and EOS are one id (GPT-2's `<|endoftext|>`), its occurrences alternate between
+    opening and closing a document."""
+    tok = read_manifest(data_dir)["tokenizer"]
+    eos = int(tok["eos_id"])
+    same = tok["bos_id"] is not None and int(tok["bos_id"]) == eos
+    docs = []
+    for _, stream in iter_unit_streams(data_dir, split):
+        marks = np.flatnonzero(np.asarray(stream) == eos)
+        starts, ends = (marks[0::2], marks[1::2]) if same else (np.concatenate([[0], marks[:-1] + 1]), marks)
+        docs.extend(np.array(stream[a:b], dtype=np.int64) for a, b in zip(starts, ends))
+    return docs

@@ -15,18 +15,24 @@ from zhllama.errors import ConfigError
 @dataclass
 class Data:
     train: object
-    validation: object
+    validation: object  # a dataset of blocks, a tuple of them (one per source of a mixture), or None
     collate: object  # list of dataset items -> dict of tensors with input_ids, labels (+ attention_mask)
     description: str
+    mixture: Optional[object] = None  # packed stages: pretrain/mixture.py's Mixture (order, sources, shares)
 
 
 @dataclass
 class StageData:
     """build(cfg, preset, tokenizer) -> Data; run_record(cfg) -> extra keys for the run record saved with
-    the adapter; run_files(cfg) -> {file name: JSON object} written into the run directory."""
+    the adapter; run_files(cfg) -> {file name: JSON object} written into the run directory;
+    fingerprint(cfg) -> a JSON object that changes when the data changes (checkpoints record it, and a
+    resume on other data is refused; see pretrain/checkpoint.py); check(cfg): the stage's own settings (a
+    template file), refused by `zhllama train` before any model or process group (also on --dry-run)."""
     build: Callable
     run_record: Optional[Callable] = None
     run_files: Optional[Callable] = None
+    fingerprint: Optional[Callable] = None
+    check: Optional[Callable] = None
 
 
 _REGISTRY: Dict[str, StageData] = {}

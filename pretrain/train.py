@@ -12,18 +12,23 @@ summary, also printed as one JSON line at the end).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from zhllama.fsutil import atomic_write_json, check_output_path
+from zhllama.model_config import check_tokenizer_dir
 from zhllama.modelio import check_checkpoint, meta_model
+from zhllama.outlock import output_lock
 
+from .adapter_files import read_adapter_dir, read_adapter_shapes
 from .config import dump_config, load_config
 from .hooks import hooks_from_env
 from . import rope
 from .presets import OVERRIDE_KEYS, grad_accumulation
+from .stage_data import registered
 
 
 def add_arguments(p):
@@ -35,7 +40,12 @@ def add_arguments(p):
                    help="validate the config, print the resolved config and batch plan, and exit")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume from OUT/checkpoints even though global batch, lr, stage, model or another "
-                        "setting differs from the checkpoint's (by default such a resume is refused)")
+                        "setting differs from the checkpoint's (by default such a resume is refused); implies "
+                        "--allow-data-change")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume from OUT/checkpoints even though the data changed since the checkpoint (a pack "
+                        "rebuilt from other text, edited SFT files): the run goes on at its step and data "
+                        "position over the new data (by default such a resume is refused, naming what changed)")
     # The deepspeed launcher passes --local_rank; the engine reads LOCAL_RANK from the environment.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -43,8 +53,14 @@ def add_arguments(p):
 def run(args):
     cfg = load_config(args.config, args.overrides)
     check_output_path(cfg.out, "run directory")
+    stage_data = registered(cfg.stage)
+    if stage_data is not None and stage_data.check is not None:
+        stage_data.check(cfg)
     if not args.dry_run:
         check_checkpoint(cfg.model)  # unreadable or misshapen weights: one line, before any process group
+        check_tokenizer_dir(cfg.tokenizer or cfg.model)  # code named in it, an unreadable tokenizer.json
+        for adapter in cfg.init_adapters:
+            read_adapter_shapes(read_adapter_dir(Path(adapter))[1])  # missing, damaged, naming code
     if cfg.preset().uses_lora and (Path(cfg.model) / "config.json").is_file():
         from .adapters import check_lora_targets   # torch: not for --help
         check_lora_targets(meta_model(cfg.model), cfg.preset().lora_targets)
@@ -60,9 +76,14 @@ def run(args):
             print(f"# positions: {change.after.describe()}, from the base's {change.before.describe()}")
         return 0
     from .engine import Trainer   # torch, DeepSpeed: only when training, so `zhllama train --help` stays light
-    # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.
-    summary = Trainer(cfg, allow_config_change=args.allow_config_change, hooks=hooks_from_env()).run()
-    if int(os.environ.get("RANK", 0)) == 0:
-        atomic_write_json(Path(cfg.out) / "summary.json", summary)  # what scripts read; the line is for people
-        print(json.dumps(summary))
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    # One run per run directory: rank 0 holds its lock, before any process group (a second launch's
+    # rank 0 is refused naming the first; its launcher then stops its other ranks).
+    with output_lock(cfg.out, "zhllama train", "run directory") if rank0 else contextlib.nullcontext():
+        # The test seam: ZHLLAMA_CRASH / ZHLLAMA_NAN_STEPS become hooks here, once, never inside the loop.
+        summary = Trainer(cfg, allow_config_change=args.allow_config_change,
+                          allow_data_change=args.allow_data_change, hooks=hooks_from_env()).run()
+        if rank0:
+            atomic_write_json(Path(cfg.out) / "summary.json", summary)  # what scripts read; the line is for people
+            print(json.dumps(summary))
     return 0

@@ -4,15 +4,27 @@ Self-instruct and translation send thousands of requests to a server that will a
 connections, time out, answer 429/5xx or return a page that is not JSON. Each of those is retried with
 exponential backoff (honouring `Retry-After`), counted by reason in `stats`, and only after the last
 attempt turned into an `APIError` that names the URL and the cause. Errors a retry cannot fix (401,
-404, 400: a bad key, URL or model name) fail at once. HTTP is httpx (connection pooling, timeouts).
+404, 400: a bad key, URL or model name) fail at once. HTTP is httpx (connection pooling).
 
-The API key. It goes only to --api-base: redirects are not followed. A key given with --api-key is
-sent as told (with a warning when that is plain http to another machine). A key taken from
-$OPENAI_API_KEY is sent only over https or to a loopback address: for plain http to another host the
-command stops with an error rather than sending it, in clear text, to wherever --api-base points
-(pass --api-key explicitly to send it anyway, or --api-key '' to send none).
+A deadline for the whole attempt. httpx's timeouts bound each connect, read and write, not their sum:
+a server that sends a byte a second never trips them and holds the client forever. So the requests
+run on one asyncio event loop (a daemon thread the client owns) and each attempt is cancelled as a
+whole `timeout` seconds after it started, wherever it is (connecting, sending, reading the head or the
+body). Callers stay synchronous: `chat`, `complete` and `map` block their own thread.
+
+The API key. It goes only to --api-base: redirects are not followed, and plain-http requests never go
+through a proxy from the environment ($HTTP_PROXY would receive the key in clear text). A key given
+with --api-key is sent as told (with a warning when that is plain http to another machine). A key
+taken from $OPENAI_API_KEY is sent only over https or to this machine: over plain http, the host must
+resolve to loopback addresses only (`zhllama.hosts`; a name such as `evil.localhost` counts only when
+it really resolves there), or the command stops with an error rather than sending it in clear text to
+wherever --api-base points (pass --api-key explicitly to send it anyway, or --api-key '' to send none).
+And whenever a key goes over plain http to a host judged to be this machine, each new connection is
+checked once it is made: if the address it reached is not a loopback address (the name resolved
+otherwise the second time), the connection is closed before the request, key included, is written.
 """
 
+import asyncio
 import json
 import os
 import random
@@ -27,6 +39,7 @@ from typing import Optional
 import httpx
 
 from zhllama.errors import UserError
+from zhllama.argtypes import float_range, int_range
 from zhllama.hosts import is_loopback_host
 from zhllama.log import get_logger
 
@@ -44,6 +57,10 @@ class APIError(UserError):
         super().__init__(message)
         self.reason = reason
         self.retryable = retryable
+
+
+class _NotLoopback(Exception):
+    """A connection meant for this machine reached another address."""
 
 
 class _Retry(Exception):
@@ -78,8 +95,28 @@ class RateLimiter:
             self.sleep(start - now)
 
 
+class _LoopThread:
+    """An asyncio event loop running on a daemon thread; `run(coro)` runs a coroutine there and waits
+    for its result from any thread (so a request can be cancelled as a whole at its deadline)."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="zhllama-api-client", daemon=True)
+        self._thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self.loop.close()
+
+
 class APIClient:
-    """`chat(messages)` / `complete(prompt)` against `api_base` (e.g. http://127.0.0.1:8000/v1)."""
+    """`chat(messages)` / `complete(prompt)` against `api_base` (e.g. http://127.0.0.1:8000/v1).
+    `timeout` is the deadline of one attempt, from connecting to the last byte of the answer."""
 
     def __init__(self, api_base: str, model: str, api_key: str = None, timeout: float = 120.0,
                  max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0,
@@ -88,8 +125,10 @@ class APIClient:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise UserError(f"--api-base {api_base!r}: expected an http(s) URL such as "
                             f"http://127.0.0.1:8000/v1")
-        if concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise UserError("--concurrency must be >= 1, --max-retries >= 0 and --timeout > 0")
+        if not (concurrency >= 1 and max_retries >= 0 and 0 < timeout < float("inf")):   # false for nan
+            raise UserError("--concurrency must be >= 1, --max-retries >= 0 and --timeout a number > 0")
+        # A key over plain http to this machine: each new connection must really reach a loopback address.
+        self._check_peer = bool(api_key) and parsed.scheme == "http" and key_travels_safely(api_base)
         if api_key and not key_travels_safely(api_base):
             log.warning("sending the API key unencrypted to %s (plain http to another machine)", parsed.hostname)
         self.api_base = api_base.rstrip("/")
@@ -104,12 +143,19 @@ class APIClient:
         self.stats = Counter()          # requests, ok, failed, retries, retry:<reason>
         self._lock = threading.Lock()
         self._jitter = random.Random(seed)
-        # Never follows redirects: the key goes to api_base and nowhere else.
-        self._http = httpx.Client(timeout=timeout, follow_redirects=False,
-                                  limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+        self._loop = _LoopThread()
+        self._http = self._loop.run(self._open_http())
+
+    async def _open_http(self) -> httpx.AsyncClient:
+        """Never follows redirects (the key goes to api_base and nowhere else); plain http goes direct,
+        never through a proxy named in the environment; https may use $HTTPS_PROXY (a tunnel)."""
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        return httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, limits=limits,
+                                 mounts={"http://": httpx.AsyncHTTPTransport(limits=limits)})
 
     def close(self) -> None:
-        self._http.close()
+        self._loop.run(self._http.aclose())
+        self._loop.close()
 
     # -- one request -------------------------------------------------------------------------
 
@@ -117,13 +163,34 @@ class APIClient:
         with self._lock:
             self.stats[key] += n
 
-    def _post_once(self, url: str, body: bytes) -> dict:
+    async def _post_once(self, url: str, body: bytes) -> dict:
+        """One attempt, cancelled as a whole `timeout` seconds after it started."""
+        try:
+            return await asyncio.wait_for(self._exchange(url, body), self.timeout)
+        except asyncio.TimeoutError:
+            raise _Retry("timeout", f"no answer within {self.timeout:g}s (the deadline of one attempt)") from None
+
+    async def _peer_is_loopback(self, event: str, info: dict) -> None:
+        """httpcore's trace hook: a new connection must have reached a loopback address."""
+        if event == "connection.connect_tcp.complete":
+            stream = info["return_value"]
+            peer = (stream.get_extra_info("server_addr") or ("",))[0]
+            if not is_loopback_host(str(peer), resolve=_no_resolving):
+                await stream.aclose()
+                raise _NotLoopback(str(peer))
+
+    async def _exchange(self, url: str, body: bytes) -> dict:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        extensions = {"trace": self._peer_is_loopback} if self._check_peer else None
         try:
-            with self._http.stream("POST", url, content=body, headers=headers) as resp:
-                raw = _read_capped(resp)
+            async with self._http.stream("POST", url, content=body, headers=headers, extensions=extensions) as resp:
+                raw = await _read_capped(resp)
+        except _NotLoopback as e:
+            raise APIError(f"{url}: the connection reached {e}, not this machine (the name resolved otherwise "
+                           f"than when it was checked): the API key was not sent", reason="not_loopback",
+                           retryable=False) from None
         except httpx.TimeoutException as e:
             raise _Retry("timeout", f"no answer within {self.timeout:g}s ({type(e).__name__})")
         except httpx.ConnectError as e:
@@ -164,7 +231,7 @@ class APIClient:
             self.limiter.wait()
             self._count("requests")
             try:
-                data = self._post_once(url, body)
+                data = self._loop.run(self._post_once(url, body))
                 try:
                     result = extract(data)
                 except (KeyError, IndexError, TypeError, ValueError, RecursionError) as e:
@@ -253,10 +320,14 @@ def _retry_after(headers):
     return value if value is not None and value >= 0 else None
 
 
-def _read_capped(resp) -> Optional[bytes]:
+def _no_resolving(host, *args):
+    raise OSError(f"{host}: not an address")          # a peer address is a literal; never look it up
+
+
+async def _read_capped(resp) -> Optional[bytes]:
     """The body, or None when it is over MAX_RESPONSE bytes (stops reading there)."""
     parts, size = [], 0
-    for part in resp.iter_bytes():
+    async for part in resp.aiter_bytes():
         size += len(part)
         if size > MAX_RESPONSE:
             return None
@@ -287,33 +358,37 @@ def add_client_arguments(parser) -> None:
     parser.add_argument("--api-key", default=None,
                         help=f"bearer token, sent as given (default: ${API_KEY_ENV}, which is sent only over "
                              f"https or to a loopback address; '' sends none)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (4)")
-    parser.add_argument("--rate-limit", type=float, default=0.0, help="max requests per minute (0 = none)")
-    parser.add_argument("--max-retries", type=int, default=5, help="retries per request (5)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
-    parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
+    parser.add_argument("--concurrency", type=int_range(1, 256), default=4, help="requests in flight at once (4)")
+    parser.add_argument("--rate-limit", type=float_range(0, 1e6), default=0.0,
+                        help="max requests per minute (0 = none)")
+    parser.add_argument("--max-retries", type=int_range(0, 100), default=5, help="retries per request (5)")
+    parser.add_argument("--timeout", type=float_range(0, 86400, above_low=True), default=120.0,
+                        help="seconds one attempt may take in all, from connecting to the answer's last byte (120)")
+    parser.add_argument("--backoff", type=float_range(0, 3600), default=1.0,
+                        help="first retry delay in seconds, doubled each retry")
 
 
 def key_travels_safely(api_base: str) -> bool:
-    """https, or plain http to this machine: nobody on the way reads the key."""
+    """https, or plain http to a host that resolves to loopback addresses only: nobody on the way reads
+    the key."""
     parsed = urllib.parse.urlparse(api_base)
     return parsed.scheme == "https" or is_loopback_host(parsed.hostname or "")
 
 
 def resolve_api_key(api_base: str, cli_key: Optional[str], env=None) -> Optional[str]:
     """The key to send to `api_base`: --api-key as given (an explicit choice; '' = none), else
-    $OPENAI_API_KEY when it travels safely. An environment key for plain http to another host is
-    refused with a UserError (exit 2) rather than sent: the variable is usually set for a real
-    provider, and `--api-base` may point anywhere."""
+    $OPENAI_API_KEY when it travels safely (`key_travels_safely`: the name is resolved). An environment
+    key for plain http to another host is refused with a UserError (exit 2) rather than sent: the
+    variable is usually set for a real provider, and `--api-base` may point anywhere."""
     if cli_key is not None:
         return cli_key or None
     key = (os.environ if env is None else env).get(API_KEY_ENV) or None
     parsed = urllib.parse.urlparse(api_base or "")
-    if key and parsed.scheme == "http" and not is_loopback_host(parsed.hostname or ""):
+    if key and parsed.scheme == "http" and not key_travels_safely(api_base):
         host = parsed.hostname
         raise UserError(f"refusing to send ${API_KEY_ENV} in clear text to {api_base} (plain http to {host}, "
-                        f"not this machine): use an https URL, pass the key explicitly with --api-key, or "
-                        f"--api-key '' to send none")
+                        f"which does not resolve to this machine's loopback addresses only): use an https "
+                        f"URL, pass the key explicitly with --api-key, or --api-key '' to send none")
     return key
 
 

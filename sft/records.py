@@ -1,7 +1,10 @@
 """Instruction records: read, validate and normalise SFT data files.
 
 Accepted files (.json, .jsonl, .ndjson, optionally .gz): a JSON array of objects (Stanford's
-alpaca_data.json) or JSON lines, told apart by the first non-blank character. Accepted records:
+alpaca_data.json) or JSON lines, told apart by the first non-blank character. Also tables, one record
+a row (`iter_table`): parquet and Arrow files, a dataset saved with `save_to_disk` (its `train` split;
+give a DatasetDict's split folder for another), and a Hub dataset `hf://OWNER/NAME[/CONFIG]`
+(streamed; needs the network). Accepted records:
 
 - Alpaca: `instruction`, optional `input`, `output` (and an optional `system`);
 - conversations (ShareGPT style): `conversations` (or `messages`), a list of `{from|role, value|content}`
@@ -12,8 +15,11 @@ alpaca_data.json) or JSON lines, told apart by the first non-blank character. Ac
 
 Every record becomes a `Record` (system, input, turns). A bad record (not UTF-8, not JSON, not an
 object, a missing or empty field, a wrong type, a broken conversation, an array cut short) is
-reported with its file and line: `strict=True` raises `InputError`, otherwise it is counted by
-reason and skipped, and the first few messages are kept in `RecordStats` (and logged).
+reported with its file and line (a table's row, from 0): `strict=True` raises `InputError`, otherwise it is counted by
+reason and skipped, and the first few messages are kept in `RecordStats` (and logged). A record
+larger than `max_record` bytes (2 MB by default: a 25 MB record took 3.6 GB to tokenize) is such a bad
+record ("too_large"): it is never parsed or tokenized. A FIFO, device or broken link is refused, and a
+UTF-8 BOM at the start of a file is skipped (`zhllama.inputfile`).
 """
 
 import bisect
@@ -26,10 +32,13 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-from zhllama.corpus import expand_inputs
+from zhllama.columnar import iter_rows
+from zhllama.corpus import expand_sources, is_columnar, parse_weighted_spec
 from zhllama.errors import ConfigError, InputError
+from zhllama.hfdatasets import HubDataset, iter_hub_rows, resolve
+from zhllama.inputfile import BOM, check_input_file
 from zhllama.log import get_logger
 
 log = get_logger("zhllama.sft.records")
@@ -40,6 +49,8 @@ USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bot", "model"}
 _SURROGATE = re.compile("[\udc80-\udcff]")  # undecodable bytes, kept by surrogateescape
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a "\ud800" escape in the JSON: not a character
+MAX_RECORD_MB = 2.0
+MAX_RECORD_BYTES = int(MAX_RECORD_MB * 1_000_000)
 
 
 @dataclass
@@ -306,6 +317,7 @@ def _check_strings(obj, path="") -> None:
 
 # -- reading files -------------------------------------------------------------------------------
 def _read_text(path: Path) -> str:
+    check_input_file(path, "SFT data file")
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -315,44 +327,73 @@ def _read_text(path: Path) -> str:
                                "re-download or re-compress the file") from None
     except OSError as e:
         raise InputError(path, f"cannot read: {e}") from None
+    raw = raw.removeprefix(BOM)
     if not raw.strip():
         raise InputError(path, "file is empty")
     # surrogateescape keeps undecodable bytes visible per record instead of failing the whole file
     return raw.decode("utf-8", errors="surrogateescape")
 
 
-def iter_file(path, field_map=None, strict=False, stats: Optional[RecordStats] = None):
+def iter_file(path, field_map=None, strict=False, stats: Optional[RecordStats] = None,
+              max_record: int = MAX_RECORD_BYTES):
     """Validated `Record`s of one file, in file order; bad ones raise (strict) or are counted."""
     path = Path(path)
     stats = stats if stats is not None else RecordStats()
     field_map = parse_field_map(field_map)
     text = _read_text(path)
     body = text.lstrip()
-    values = _iter_array(path, text) if body.startswith("[") else _iter_lines(path, text)
-    for lineno, value in values:
-        where = f"{path}:{lineno}"
-        if isinstance(value, BadRecord):
-            if strict:
-                raise InputError(path, str(value), lineno)
-            stats.note(value.reason, f"{where}: {value}")
-            continue
+    values = (_iter_array(path, text, max_record) if body.startswith("[")
+              else _iter_lines(path, text, max_record))
+    yield from _validated(path, values, field_map, strict, stats)
+
+
+def iter_table(source, field_map=None, strict=False, stats: Optional[RecordStats] = None,
+               max_record: int = MAX_RECORD_BYTES):
+    """Validated `Record`s of a parquet/Arrow file or a resolved Hub dataset, one a row, in row order,
+    each named `source:row N` (from 0). A null is an absent field; a row larger than `max_record` bytes
+    as JSON is a bad record ("too_large"), as a JSON line would be."""
+    stats = stats if stats is not None else RecordStats()
+    rows = iter_hub_rows(source) if isinstance(source, HubDataset) else iter_rows(source)
+    values = ((f"row {row}", _too_large(json.dumps(obj, ensure_ascii=False, default=str), max_record) or obj)
+              for row, obj in rows)
+    yield from _validated(source, values, parse_field_map(field_map), strict, stats)
+
+
+def _validated(source, values, field_map, strict, stats):
+    """Records of (where, JSON value or BadRecord) pairs, each named `source:where`; a bad one raises
+    (strict) or is counted."""
+    for where, value in values:
         try:
+            if isinstance(value, BadRecord):
+                raise value
             record = normalise(value, field_map)
         except BadRecord as e:
             if strict:
-                raise InputError(path, str(e), lineno) from None
-            stats.note(e.reason, f"{where}: {e}")
+                raise InputError(source, str(e), where) from None
+            stats.note(e.reason, f"{source}:{where}: {e}")
             continue
-        record.source = where
+        record.source = f"{source}:{where}"
         yield record
 
 
 _TOO_DEEP = "JSON nested too deeply to read"
 
 
-def _iter_lines(path, text):
+def _too_large(text: str, max_record: int) -> Optional[BadRecord]:
+    """A BadRecord when `text` (a record as written) is longer than `max_record` bytes in UTF-8."""
+    if len(text) * 4 <= max_record or len(text.encode("utf-8", "surrogateescape")) <= max_record:
+        return None
+    return BadRecord("too_large", f"record longer than {max_record / 1e6:g} MB; split it, or raise the "
+                                  "limit with --max-record-mb")
+
+
+def _iter_lines(path, text, max_record=MAX_RECORD_BYTES):
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
+            continue
+        big = _too_large(line, max_record)
+        if big is not None:
+            yield lineno, big
             continue
         try:
             yield lineno, json.loads(line)
@@ -362,7 +403,7 @@ def _iter_lines(path, text):
             yield lineno, BadRecord("bad_json", _TOO_DEEP)
 
 
-def _iter_array(path, text):
+def _iter_array(path, text, max_record=MAX_RECORD_BYTES):
     """Elements of a JSON array with the line each starts on. A syntax error or an array cut short
     ends the file there (the parser cannot resynchronise): one problem is reported at its line."""
     decoder = json.JSONDecoder()
@@ -390,7 +431,8 @@ def _iter_array(path, text):
                 yield e.lineno, BadRecord("bad_json", f"not valid JSON ({e.msg} at column {e.colno}); "
                                                       "the rest of the file is not read")
             return
-        yield line_at(pos), value
+        big = _too_large(text[pos:end], max_record)
+        yield line_at(pos), (value if big is None else big)
         pos = ws.match(text, end).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()
@@ -420,26 +462,12 @@ class _LineIndex:
 
 
 # -- several files with weights ---------------------------------------------------------------------
-def parse_spec(spec) -> Tuple[str, Optional[float]]:
-    """"path:weight" -> (path, weight); a plain path -> (path, None)."""
-    spec = str(spec)
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return spec, None
-        if not math.isfinite(weight) or weight < 0:
-            raise ConfigError(f"data spec '{spec}': weight must be a number >= 0")
-        return head, weight
-    return spec, None
-
-
-def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0):
+def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0,
+                 max_record: int = MAX_RECORD_BYTES):
     """Records of several files mixed with weights -> (records, stats).
 
-    `specs`: paths, directories or globs, each optionally "path:weight"; or pass `weights` (one per
-    spec). A weight w keeps every record floor(w) times plus a seeded random fraction w - floor(w)
+    `specs`: paths, directories, globs, saved datasets or `hf://` Hub datasets, each optionally
+    "path:weight"; or pass `weights` (one per spec). A weight w keeps every record floor(w) times plus a seeded random fraction w - floor(w)
     of them once more (0.5 = half the file, 2 = twice). Order: files in spec order, records in file
     order, extra copies after the file's records; the training sampler shuffles.
     """
@@ -455,18 +483,25 @@ def load_records(specs, *, field_map=None, strict=False, weights=None, seed=0):
     rng = random.Random(seed)
     records: List[Record] = []
     for i, spec in enumerate(specs):
-        path_spec, weight = parse_spec(spec)
+        path_spec, weight = parse_weighted_spec(spec)
         if weights is not None:
             if weight is not None:
                 raise ConfigError(f"data spec '{spec}' has a weight and weights= gives another")
             weight = float(weights[i])
         weight = 1.0 if weight is None else weight
-        for path in expand_inputs([path_spec]):
-            if not path.name.lower().removesuffix(".gz").endswith(RECORD_SUFFIXES):
-                raise InputError(path, f"not an SFT data file (expected {'/'.join(RECORD_SUFFIXES)})")
+        for path in expand_sources([path_spec]):
+            if isinstance(path, HubDataset):
+                path = resolve(path)
+                file_records = list(iter_table(path, field_map, strict, stats, max_record))
+            elif is_columnar(path):
+                file_records = list(iter_table(path, field_map, strict, stats, max_record))
+            elif path.name.lower().removesuffix(".gz").endswith(RECORD_SUFFIXES):
+                file_records = list(iter_file(path, field_map, strict, stats, max_record))
+            else:
+                raise InputError(path, f"not an SFT data file (expected {'/'.join(RECORD_SUFFIXES)}, "
+                                       ".parquet, .arrow or a saved dataset)")
             name = str(path)
             stats.files.append(name)
-            file_records = list(iter_file(path, field_map, strict, stats))
             stats.read[name] += len(file_records)
             chosen = _weighted(file_records, weight, rng)
             stats.sampled[name] += len(chosen)

@@ -29,11 +29,15 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
+from zhllama.argtypes import SEED, float_range, int_range
 from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import atomic_write_json, check_output_path, sha256_file
+from zhllama.fsutil import atomic_write_json, sha256_file
+from zhllama.inputfile import add_max_line_argument, max_line_bytes
 from zhllama.log import get_logger
+from zhllama.outlock import output_lock
 from zhllama.sft.api_client import add_client_arguments, client_from_args
+from zhllama.sft.records import MAX_RECORD_BYTES, MAX_RECORD_MB
 from zhllama.sft.rouge import SimilarityIndex
 
 log = get_logger(__name__)
@@ -53,6 +57,9 @@ _BLACKLIST_EN_RE = re.compile(r"\b(" + "|".join(re.escape(w) for w in BLACKLIST_
 # (whitespace excluded). The shortest BELLE seed instruction has 5 characters.
 LIMITS = {"en": (4, 150), "zh": (5, 300)}
 
+# A seed task is an example in every request: a field longer than this is a mistake, not an example.
+SEED_FIELD_CHARS = 20_000
+
 NO_INPUT = {"en": "<noinput>", "zh": "<无输入>"}
 FIELD_NAMES = {"en": ("Instruction", "Input", "Output"), "zh": ("指令", "输入", "输出")}
 _FIELD_OF = {"instruction": "instruction", "input": "input", "output": "output",
@@ -65,11 +72,12 @@ _SEPARATOR = re.compile(r"(?:^|\n)\s*#{2,}")   # "###" ends a task; what follows
 
 # -- seeds and prompts --------------------------------------------------------------------------
 
-def load_seed_tasks(path) -> list:
+def load_seed_tasks(path, max_record: int = MAX_RECORD_BYTES) -> list:
     """Seed tasks (JSON lines, or one JSON array) as [{"instruction", "input", "output"}], using
-    each task's first instance as Stanford does. A malformed line is an error naming file:line."""
+    each task's first instance as Stanford does. A malformed line, a record longer than `max_record`
+    bytes or a field longer than SEED_FIELD_CHARS is an error naming file:line."""
     path = Path(path)
-    items = read_json_records(path, "seed-task file")
+    items = read_json_records(path, "seed-task file", max_record)
     seeds = []
     for lineno, obj in items:
         if not isinstance(obj, dict):
@@ -86,6 +94,10 @@ def load_seed_tasks(path) -> list:
         inp, out = first.get("input", ""), first.get("output")
         if not isinstance(inp, str) or not isinstance(out, str):
             raise InputError(path, "instances[0] needs string 'input' and 'output'", lineno)
+        for name, value in (("instruction", inst), ("input", inp), ("output", out)):
+            if len(value) > SEED_FIELD_CHARS:
+                raise InputError(path, f"'{name}' has {len(value):,} characters; a seed task is shown in "
+                                       f"every request, so each field is limited to {SEED_FIELD_CHARS:,}", lineno)
         seeds.append({"instruction": inst, "input": inp, "output": out})
     if not seeds:
         raise InputError(path, "no seed tasks in the file")
@@ -363,31 +375,43 @@ def add_arguments(parser):
     parser.add_argument("--seed-tasks", required=True, help="seed tasks, JSON lines with 'instruction' "
                         "and 'instances' [{input, output}] (Stanford's / BELLE's seed_tasks format)")
     parser.add_argument("--out", required=True, help="output JSON lines; resumed when it exists")
+    add_max_line_argument(parser, "seed task (a JSON line or array element)", "--max-record-mb", MAX_RECORD_MB)
     add_client_arguments(parser)
-    parser.add_argument("--num", type=int, required=True, help="number of instructions to end with")
+    parser.add_argument("--num", type=int_range(1, 10 ** 7),
+                        required=True, help="number of instructions to end with")
     parser.add_argument("--lang", choices=["zh", "en"], default="zh", help="language of the tasks (default zh)")
-    parser.add_argument("--num-prompt-instructions", type=int, default=3, help="seed examples per request (3)")
-    parser.add_argument("--num-tasks", type=int, default=20, help="length of the list the model completes (20)")
-    parser.add_argument("--batch-size", type=int, default=5, help="requests per batch; a batch is written "
+    parser.add_argument("--num-prompt-instructions", type=int_range(1, 100),
+                        default=3, help="seed examples per request (3)")
+    parser.add_argument("--num-tasks", type=int_range(1, 1000),
+                        default=20, help="length of the list the model completes (20)")
+    parser.add_argument("--batch-size", type=int_range(1, 10 ** 4),
+                        default=5, help="requests per batch; a batch is written "
                         "at once, so a crash loses at most one batch (5)")
-    parser.add_argument("--threshold", type=float, default=0.7, help="drop instructions with ROUGE-L above this (0.7)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=3072)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the example sampling")
-    parser.add_argument("--max-requests", type=int, default=0, help="stop after this many requests (0 = no limit)")
-    parser.add_argument("--patience", type=int, default=20, help="stop after this many batches in a row "
+    parser.add_argument("--threshold", type=float_range(0, 1),
+                        default=0.7, help="drop instructions with ROUGE-L above this (0.7)")
+    parser.add_argument("--temperature", type=float_range(0, 2), default=1.0)
+    parser.add_argument("--top-p", type=float_range(0, 1, above_low=True), default=1.0)
+    parser.add_argument("--max-tokens", type=int_range(1, 1 << 20), default=3072)
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the example sampling")
+    parser.add_argument("--max-requests", type=int_range(0, 10 ** 9),
+                        default=0, help="stop after this many requests (0 = no limit)")
+    parser.add_argument("--patience", type=int_range(1, 10 ** 6),
+                        default=20, help="stop after this many batches in a row "
                         "keep nothing (0 = never)")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out")
 
 
 def run(args):
-    check_output_path(args.out, "output file")
+    with output_lock(args.out, "zhllama selfinstruct", "output file"):   # it appends: one writer only
+        return _run(args)
+
+
+def _run(args):
     if args.num < 1 or args.batch_size < 1 or args.num_prompt_instructions < 1:
         raise UserError("--num, --batch-size and --num-prompt-instructions must be >= 1")
     if args.num_tasks <= args.num_prompt_instructions:
         raise UserError("--num-tasks must be larger than --num-prompt-instructions")
-    seeds = load_seed_tasks(args.seed_tasks)
+    seeds = load_seed_tasks(args.seed_tasks, max_line_bytes(args, "max_record_mb"))
     client = client_from_args(args, seed=args.seed)
     kept, counts = generate(
         seeds, args.out, client, num=args.num, lang=args.lang, api=args.api,

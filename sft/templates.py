@@ -25,16 +25,18 @@ template text: values are never re-scanned, and any other braces in a template a
 """
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 from zhllama.errors import ConfigError, InputError
+from zhllama.inputfile import read_text
+from zhllama.yamlio import load_yaml
 
 SEAMS = ("continue", "standalone")
+TEMPLATE_MAX_BYTES = 1_000_000  # a prompt template is a few hundred bytes; a larger file is a mistake
 # {instruction}, {input}, {system} in a template's text (export/ollama.py rewrites them for Ollama).
 PLACEHOLDER = re.compile(r"\{(instruction|input|system)\}")
 
@@ -229,22 +231,14 @@ class Template:
         ("continue" or "standalone").
         """
         path = Path(path)
+        text = read_text(path, "template", max_bytes=TEMPLATE_MAX_BYTES)
+        if path.suffix.lower() != ".json":
+            return cls.from_dict(load_yaml(text, str(path), "template file"), source=str(path), default_name=path.stem)
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise InputError(path, f"cannot read template: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise InputError(path, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                data = yaml.safe_load(text)
-        except Exception as e:  # json and yaml raise different types; both are "bad file"
-            line = getattr(e, "lineno", None) or getattr(getattr(e, "problem_mark", None), "line", None)
-            if line is not None and not isinstance(e, json.JSONDecodeError):
-                line += 1  # yaml marks count from 0
-            raise InputError(path, f"not a valid template file: {str(e).splitlines()[0]}", line) from None
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InputError(path, f"not a valid template file: {str(e).splitlines()[0]}",
+                             getattr(e, "lineno", None)) from None
         return cls.from_dict(data, source=str(path), default_name=path.stem)
 
     @classmethod
@@ -338,9 +332,9 @@ def get_template(name_or_path) -> Template:
     if key in _BUILTIN:
         return _BUILTIN[key]
     path = Path(key)
-    if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
-        if not path.is_file():
+    if path.suffix.lower() in (".yaml", ".yml", ".json") or os.path.lexists(path):
+        if not os.path.lexists(path):
             raise InputError(path, "template file not found")
-        return Template.from_file(path)
+        return Template.from_file(path)     # a FIFO, a broken link, a directory: one line saying which
     raise ConfigError(f"unknown template '{key}' (built-in: {', '.join(list_templates())}; "
                       "or the path of a .yaml/.json template file)")

@@ -18,11 +18,15 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from zhllama.argtypes import float_range, int_range
 from zhllama.corpus import read_json_records
 from zhllama.errors import InputError, UserError
-from zhllama.fsutil import check_output_path, sha256_file
+from zhllama.fsutil import sha256_file
+from zhllama.inputfile import add_max_line_argument, max_line_bytes
 from zhllama.log import get_logger
+from zhllama.outlock import output_lock
 from zhllama.sft.api_client import APIError, add_client_arguments, client_from_args
+from zhllama.sft.records import MAX_RECORD_BYTES, MAX_RECORD_MB
 from zhllama.sft.selfinstruct import ResumableJsonl, load_prompt
 
 log = get_logger(__name__)
@@ -30,11 +34,12 @@ log = get_logger(__name__)
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.I)
 
 
-def load_records(path, fields) -> list:
+def load_records(path, fields, max_record: int = MAX_RECORD_BYTES) -> list:
     """Records from a JSON array (alpaca_data.json) or JSON lines; each must be an object whose
-    `fields`, when present, are strings. Errors name the line (JSON lines) or the record number."""
+    `fields`, when present, are strings, and at most `max_record` bytes long (a record is one request).
+    Errors name the line (JSON lines) or the record number."""
     path = Path(path)
-    items = read_json_records(path, "input file")
+    items = read_json_records(path, "input file", max_record)
     records = []
     for loc, obj in items:
         problem = None
@@ -133,26 +138,34 @@ def add_arguments(parser):
     parser.add_argument("--input", required=True, help="instruction data: a JSON array (alpaca_data.json) "
                         "or JSON lines of objects")
     parser.add_argument("--out", required=True, help="output JSON lines (same keys); resumed when it exists")
+    add_max_line_argument(parser, "record (a JSON line or array element)", "--max-record-mb", MAX_RECORD_MB)
     add_client_arguments(parser)
     parser.add_argument("--fields", default="instruction,input,output",
                         help="comma-separated fields to translate (default instruction,input,output)")
-    parser.add_argument("--batch-size", type=int, default=16, help="records per committed batch (16)")
-    parser.add_argument("--parse-retries", type=int, default=2, help="new answers asked for when an answer "
+    parser.add_argument("--batch-size", type=int_range(1, 10 ** 4),
+                        default=16, help="records per committed batch (16)")
+    parser.add_argument("--parse-retries", type=int_range(0, 100),
+                        default=2, help="new answers asked for when an answer "
                         "is not the expected JSON object (2)")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-tokens", type=int, default=2048)
-    parser.add_argument("--limit", type=int, default=0, help="translate only the first N records (0 = all)")
+    parser.add_argument("--temperature", type=float_range(0, 2), default=0.0)
+    parser.add_argument("--max-tokens", type=int_range(1, 1 << 20), default=2048)
+    parser.add_argument("--limit", type=int_range(0, 10 ** 12),
+                        default=0, help="translate only the first N records (0 = all)")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out")
 
 
 def run(args):
-    check_output_path(args.out, "output file")
+    with output_lock(args.out, "zhllama translate", "output file"):   # it appends: one writer only
+        return _run(args)
+
+
+def _run(args):
     fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
     if not fields:
         raise UserError("--fields is empty")
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    records = load_records(args.input, fields)
+    records = load_records(args.input, fields, max_line_bytes(args, "max_record_mb"))
     if args.limit:
         records = records[:args.limit]
     client = client_from_args(args)

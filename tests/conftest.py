@@ -52,12 +52,30 @@ def adamw_steps(model, x, steps: int, lr: float = 1e-2):
     return model.eval()
 
 
+def train_adapter(model, stage, out, tokenizer_dir, run_config=None, steps=2, seed=0, new_rows_from=None):
+    """A few AdamW steps of `stage` on 8 lines of the bundled Chinese text, then the engine's save_adapter."""
+    import torch
+
+    from zhllama.modelio import load_tokenizer
+    from zhllama.pretrain.adapters import apply_stage, save_adapter
+    from zhllama.pretrain.presets import STAGES
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = apply_stage(model, STAGES[stage], new_rows_from=new_rows_from)
+    lines = (SAMPLES / "zh_sample.txt").read_text(encoding="utf-8").splitlines()[seed:seed + 8]
+    x = torch.tensor([[tok.bos_token_id] + tok.encode(t, add_special_tokens=False)[:23] for t in lines
+                      if len(tok.encode(t, add_special_tokens=False)) >= 23])
+    adamw_steps(model, x, steps)
+    save_adapter(model, out, tokenizer_dir=tokenizer_dir, run_config=run_config, require_trained=stage != "stage1")
+    return out
+
+
 # ----------------------------------------------------------------------------- subprocesses
 # Variables a caller's shell may hold that would change what a launched run does: rank and world
 # variables (a run must start its own world), the launcher's knobs, and the engine's test seam.
 _LEAKY_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
               "GPUS_PER_NODE", "HOSTFILE", "CUDA_VISIBLE_DEVICES", "CONFIG", "DETACH", "DRY_RUN", "LAUNCHER_ARGS",
-              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS")
+              "ZHLLAMA_CRASH", "ZHLLAMA_NAN_STEPS", "ZHLLAMA_NAN_WEIGHTS")
 
 
 def subprocess_env(**extra) -> dict:
@@ -121,15 +139,64 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return out
 
 
+def _pack_sample(tmp_path_factory, tokenizer_dir, sample: str, name: str) -> Path:
+    """A bundled sample packed into 32-token blocks (5% validation) with the tiny tokenizer."""
+    from zhllama.app.cli import main
+
+    out = tmp_path_factory.mktemp(f"tiny_{name}") / name
+    assert main(["data", "pack", "--tokenizer", tokenizer_dir, "--input", str(SAMPLES / sample),
+                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_packed(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """The bundled Chinese sample packed into 32-token blocks (5% validation) with the tiny tokenizer."""
-    from zhllama.app.cli import main
+    return _pack_sample(tmp_path_factory, tiny_tokenizer_dir, "zh_sample.txt", "packed")
 
-    out = tmp_path_factory.mktemp("tiny_packed") / "packed"
-    assert main(["data", "pack", "--tokenizer", tiny_tokenizer_dir, "--input", str(SAMPLES / "zh_sample.txt"),
-                 "--block-size", "32", "--out", str(out), "--validation-ratio", "0.05", "--workers", "1"]) == 0
+@pytest.fixture(scope="session")
+def tiny_packed_en(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """The bundled English sample packed like `tiny_packed`: the second source of a mixture."""
+    return _pack_sample(tmp_path_factory, tiny_tokenizer_dir, "en_sample.txt", "en")
+
+
+TINY_NEW_ROWS = 500  # rows of the tiny vocabulary `tiny_model_base_vocab` calls added by a merge
+
+
+@pytest.fixture(scope="session")
+def tiny_model_base_vocab(tmp_path_factory, tiny_model_dir) -> Path:
+    """`tiny_model_dir` whose config.json records, as `zhllama vocab resize` does, that its last 500 rows were
+    added by a merge (zhllama_base_vocab_size = vocab - 500): the rarest pieces of the tiny tokenizer, which
+    occur in the Chinese sample and not in the English one. The engine splits the rows there."""
+    import json
+    import shutil
+
+    from zhllama.modelio import BASE_VOCAB_KEY
+
+    out = tmp_path_factory.mktemp("tiny_base_vocab") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config[BASE_VOCAB_KEY] = config["vocab_size"] - TINY_NEW_ROWS
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+GROWN_PIECES = ["自然语言处理", "人工智能", "机器学习", "大模型"]
+
+
+def grow_tiny(root: Path, tiny_model_dir: Path, tiny_tokenizer_dir: Path):
+    """(tokenizer dir, resized model dir): the tiny tokenizer extended by GROWN_PIECES (as a merge would) and
+    the tiny model resized to it (new rows: the mean)."""
+    from zhllama.modelio import load_tokenizer, save_tokenizer
+    from zhllama.tiny import extend_sp_model
+    from zhllama.vocab.resize import resize_checkpoint
+
+    big = root / "tok"
+    big.mkdir()
+    extend_sp_model(tiny_tokenizer_dir / "tokenizer.model", GROWN_PIECES, big / "tokenizer.model")
+    save_tokenizer(load_tokenizer(big / "tokenizer.model"), big)
+    resize_checkpoint(tiny_model_dir, big, root / "resized", init="mean")
+    return big, root / "resized"
+
 
 # ----------------------------------------------------------------------------- tiny SentencePiece pair
 # Text made here and a small English "base" plus a small Chinese model trained on it: the vocab
@@ -177,6 +244,21 @@ def train_sp_pair(d: Path, english, en_vocab: int, chinese, zh_vocab: int):
     vtrain.train([write_lines(d / "en.txt", english)], d / "base", vocab_size=en_vocab, threads=2)
     vtrain.train([write_lines(d / "zh.txt", chinese)], d / "zh", vocab_size=zh_vocab, threads=2)
     return d / "base" / "zh_sp.model", d / "zh" / "zh_sp.model"
+
+
+def unreachable_by_sentencepiece(model_bytes: bytes, ids) -> list:
+    """The ids among `ids` whose text, encoded alone by sentencepiece (no dummy prefix, "\u2581" as a space),
+    is not exactly that piece: written here from sentencepiece's own API, independent of zhllama.spm."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_bytes)
+    proto.normalizer_spec.add_dummy_prefix = False
+    plain = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    ids = list(ids)
+    texts = [proto.pieces[i].piece.replace("\u2581", " ") for i in ids]
+    return [i for i, enc in zip(ids, plain.encode(texts)) if enc != [i]]
 
 
 def cli_error(capsys, *args) -> str:

@@ -8,6 +8,7 @@ reply (labels -100), on a tiny tokenizer and on the real LLaMA / Chinese-LLaMA-2
 ../shared has them.
 """
 
+import jinja2
 import pytest
 
 from conftest import shared_path
@@ -136,5 +137,5 @@ def test_template_round_trips_through_its_recorded_definition():
 
 def test_bad_message_order_is_refused(tiny):
     tiny.chat_template = get_template("alpaca").chat_template()
-    with pytest.raises(Exception, match="alternate"):
+    with pytest.raises(jinja2.exceptions.TemplateError, match="alternate"):
         tiny.apply_chat_template([user("a"), user("b")], add_generation_prompt=True, tokenize=False)

@@ -103,7 +103,6 @@ def test_second_run_reuses_every_finished_step(quick_demo):
         assert f"] {step}: done earlier, reused" in out, out[:3000]
     assert "nothing to do" in out
     assert quick_demo["done_after"] == quick_demo["done_before"]  # no marker rewritten
-    assert quick_demo["second_s"] < 30
 
 
 # ----------------------------------------------------------------------------------- the bookkeeping

@@ -6,6 +6,7 @@ import json
 import math
 import socket
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +14,6 @@ from zhllama.app.demo import heldout_figures
 from zhllama.export.evaluate import evaluate_docs
 from zhllama.hosts import free_port
 from zhllama.modelio import load_model, load_tokenizer
-from zhllama.schedule import lr_lambda
 from zhllama.tiny import pretrain_tiny
 
 from conftest import SAMPLES
@@ -23,10 +23,11 @@ def test_pretrain_tiny_follows_the_shared_schedule_and_learns(tmp_path, tiny_tok
     model = load_model(tiny_model_dir)
     records = pretrain_tiny(model, tiny_tokenizer_dir / "tokenizer.model", SAMPLES / "en_sample.txt", steps=10,
                             batch=4, block_size=32, lr=3e-3, seed=0, metrics_path=tmp_path / "metrics.jsonl")
-    f = lr_lambda(10, 0.1, 0.0)
-    # the lr after each step is the schedule's at the next step: warmup of 1, cosine down to 0 at the end
-    assert [r["lr"] for r in records] == [3e-3 * f(s) for s in range(1, 11)]
-    assert records[-1]["lr"] == 0.0
+    # The lr after step s is the one step s + 1 uses. 10 steps, 10% warmup = 1 step at the peak, then cosine
+    # to 0 over the other 9: after step k + 1 it is 3e-3 x (1 + cos(pi k / 9)) / 2, written out here.
+    lrs = [r["lr"] for r in records]
+    assert lrs == pytest.approx([3e-3 * (1 + math.cos(math.pi * k / 9)) / 2 for k in range(10)], rel=1e-12)
+    assert (lrs[0], lrs[3], lrs[6], lrs[-1]) == pytest.approx((3e-3, 2.25e-3, 7.5e-4, 0.0), abs=1e-15)  # cos 0, pi/3, 2pi/3, pi
     assert records[-1]["loss"] < records[0]["loss"] - 0.5, records
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records
     # step 1's loss is the untrained model's mean next-token loss: about ln(vocab) nats
@@ -66,5 +67,7 @@ def test_heldout_figures_are_the_demo_windows_of_512_scored_by_the_evaluator(tin
 
 def test_free_port_can_be_bound():
     port = free_port()
+    assert 1024 <= port <= 65535      # a real port, not 0 ("any"), which would bind whatever free_port returned
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+        assert s.getsockname() == ("127.0.0.1", port)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_path, train_adapter
 from test_chat_template import CONVERSATIONS, USER_CONTINUE, _split
-from test_merge import _train_adapter
 from zhllama.errors import UserError
 from zhllama.export.merge import REPORT, check_manifest, merge_checkpoint
 from zhllama.modelio import load_model, load_tokenizer
@@ -36,7 +36,7 @@ def sft_adapter(tmp_path_factory, tiny_model_dir, tiny_tokenizer_dir):
     """An SFT adapter whose run recorded a user template (as `zhllama train stage=sft` records it)."""
     out = tmp_path_factory.mktemp("deploy_sft") / "final"
     spec = Template.from_dict(USER_CONTINUE).to_dict()
-    return _train_adapter(load_model(tiny_model_dir), "sft", out, tiny_tokenizer_dir, seed=5,
+    return train_adapter(load_model(tiny_model_dir), "sft", out, tiny_tokenizer_dir, seed=5,
                           run_config={"stage": "sft", "template": "my-chat.yaml", "template_spec": spec})
 
 
@@ -82,7 +82,7 @@ def test_adapter_recording_only_a_builtin_name(tmp_path, tiny_model_dir, sft_ada
 
 
 def test_pretraining_only_merge_writes_no_template_and_says_so(tmp_path, tiny_model_dir, tiny_tokenizer_dir):
-    stage2 = _train_adapter(load_model(tiny_model_dir), "stage2", tmp_path / "s2", tiny_tokenizer_dir,
+    stage2 = train_adapter(load_model(tiny_model_dir), "stage2", tmp_path / "s2", tiny_tokenizer_dir,
                             run_config={"stage": "stage2"})
     with pytest.raises(UserError, match="--ollama-modelfile needs an SFT template"):
         merge_checkpoint(tiny_model_dir, [stage2], tmp_path / "x", ollama_modelfile=".")
@@ -109,8 +109,8 @@ def _tf4_python():
     return py
 
 
-def _tf4_check(tok_dir, chat_file=None) -> dict:
-    args = [str(_tf4_python()), str(TF4_SCRIPT), str(tok_dir), str(ZH_LINES), "200"]
+def _tf4_check(tok_dir, chat_file=None, lines=ZH_LINES) -> dict:
+    args = [str(_tf4_python()), str(TF4_SCRIPT), str(tok_dir), str(lines), "200"]
     if chat_file is not None:
         args.append(str(chat_file))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -131,6 +131,21 @@ def test_transformers4_loads_vocab_merge_output(tmp_path, tiny_tokenizer_dir):
     add = make_tiny_sp(tmp_path / "zh" / "zh.model", text=text, vocab_size=2600, seed_lines=1)
     merge_tokenizers(tiny_tokenizer_dir / "tokenizer.model", add, tmp_path / "merged_tok")
     _assert_like_sentencepiece(_tf4_check(tmp_path / "merged_tok"))
+
+
+def test_transformers4_loads_a_llama_merge_like_sentencepiece_on_heldout_news(tmp_path):
+    """What docs/deploy.md states: LLaMA + the Chinese pieces `zhllama vocab merge` keeps of Chinese-LLaMA's
+    20,000-piece model (16,917), loaded by transformers 4.40, encodes the last 200 news lines of ../shared
+    exactly like sentencepiece."""
+    news = shared_path("data/zh/news_train.txt")
+    report = merge_tokenizers(shared_path("data/llama/tokenizer.model"),
+                              shared_path("data/anchors/chinese_llama_sp.model"), tmp_path / "tok")
+    assert report["counts"]["added"] == 16917 and report["final_size"] == 32000 + 16917
+    lines = tmp_path / "heldout.txt"
+    lines.write_text("\n".join(news.read_text(encoding="utf-8").splitlines()[-200:]) + "\n", encoding="utf-8")
+    got = _tf4_check(tmp_path / "tok", lines=lines)
+    _assert_like_sentencepiece(got)
+    assert got["len"] == 48917
 
 
 def test_transformers4_loads_merged_model_tokenizer_and_chat_template(tmp_path, merged):

@@ -5,19 +5,25 @@ Runs (module-scoped, each a real `zhllama train` process):
   one_rank   the same config in a plain process (a world of one)
   baseline   1 rank with LoRA dropout 0.05 (RNG matters), uninterrupted
   crashes    the baseline config SIGKILLed after a step / inside a checkpoint write, then restarted
+  resumes    copies of these runs cut back to an earlier checkpoint and resumed on another world size, with
+             a longer max_steps, under a file-size limit, or with weights made NaN
+  stage1     stage 1 (TrainableTokens) on 1 rank, and the same run resumed 1 -> 2 -> 1 ranks
 """
 
 import json
+import math
 import os
+import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import free_port, subprocess_env
+from runs import assert_same_run, cut_back, final_weights, metrics, train, train_two_ranks
 from zhllama.app.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,16 +33,16 @@ COMMON = [f"max_steps={STEPS}", "global_batch=8", "micro_batch=2", "block_size=3
 
 
 def _train(args, **env):
-    cmd = [sys.executable, "-m", "zhllama.app.cli", "train", *map(str, args)]
-    return subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=600)
+    return train(args, timeout=600, **env)
 
 
-def _final_weights(run: Path) -> dict:
-    return load_file(str(run / "final" / "adapter_model.safetensors"))
+def _train_two_ranks(args, run: Path):
+    return train_two_ranks(args, run, timeout=600)
 
 
-def _metrics(run: Path):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def _module_weights(ckpt: Path) -> dict:
+    from zhllama.pretrain.safe_load import safe_torch_load
+    return safe_torch_load(ckpt / "engine" / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +79,7 @@ def baseline(tmp_path_factory, base_args):
 
 @pytest.mark.slow
 def test_two_rank_zero2_run_trains_checkpoints_and_writes_final(two_rank, tiny_model_dir):
-    records = _metrics(two_rank)
+    records = metrics(two_rank)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert records[-1]["loss"] < records[0]["loss"] - 0.1, [r["loss"] for r in records]
     assert all(r["grad_norm"] is not None and r["tokens_per_s"] > 0 for r in records)
@@ -105,12 +111,12 @@ def test_one_rank_and_two_ranks_give_the_same_weights(two_rank, one_rank):
     rounding grows over steps. After 8 steps at lr 0.01 (each weight moves up to ~0.01 a step) we allow
     1e-4 absolute, i.e. ~1% of a single step's update; a wrong batch split or loss scaling (e.g. a
     missing 1/world or a per-micro-batch mean) moves weights by whole updates."""
-    a, b = _final_weights(one_rank), _final_weights(two_rank)
+    a, b = final_weights(one_rank), final_weights(two_rank)
     assert a.keys() == b.keys() and len(a) > 0
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst
-    la = [r["loss"] for r in _metrics(one_rank)]
-    lb = [r["loss"] for r in _metrics(two_rank)]
+    la = [r["loss"] for r in metrics(one_rank)]
+    lb = [r["loss"] for r in metrics(two_rank)]
     assert la == pytest.approx(lb, rel=1e-5)
 
 
@@ -130,12 +136,139 @@ def test_sigkill_then_resume_ends_with_the_same_weights(crash, tmp_path, base_ar
     resumed = _train(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / expected_resume}" in resumed.stderr
-    a, b = _final_weights(baseline), _final_weights(run)
+    a, b = final_weights(baseline), final_weights(run)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["step"] for r in _metrics(run)] == list(range(1, STEPS + 1))
-    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(baseline)]
+    assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(baseline)]
+
+
+@pytest.mark.slow
+def test_resume_two_ranks_to_one_equals_the_uninterrupted_runs(tmp_path, base_args, two_rank, one_rank):
+    """A 2-rank checkpoint resumed on 1 rank: the ZeRO-2 optimizer state of 2 partitions becomes 1, by name."""
+    run = cut_back(two_rank, tmp_path / "run", 6)
+    res = _train([*base_args, "lora_dropout=0.0", f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "written by 2 ranks; its optimizer state is redistributed over 1" in res.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step-6'}" in res.stderr
+    assert_same_run(run, two_rank)
+    assert_same_run(run, one_rank)
+
+
+@pytest.mark.slow
+def test_resume_one_rank_to_two_equals_the_uninterrupted_runs(tmp_path, base_args, two_rank, one_rank):
+    run = cut_back(one_rank, tmp_path / "run", 6)
+    res = _train_two_ranks([*base_args, "lora_dropout=0.0", f"out={run}"], run)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (run.parent / "logs" / "pretrain_stage2_node0.log").read_text()
+    assert "written by 1 ranks; its optimizer state is redistributed over 2" in log
+    assert_same_run(run, one_rank)
+    assert_same_run(run, two_rank)
+
+
+@pytest.fixture(scope="module")
+def stage1_args(tiny_model_dir, tiny_packed):
+    return ["stage=stage1", f"model={tiny_model_dir}", f"data=[{tiny_packed}]", "init_adapters=[]", *COMMON,
+            "keep_last=4"]
+
+
+@pytest.mark.slow
+def test_stage1_resumed_one_to_two_to_one_ranks_equals_the_uninterrupted_run(tmp_path_factory, stage1_args):
+    """Stage 1 trains one TrainableTokens matrix, which ZeRO-2 cuts across the 2 ranks' partitions: steps 1-4
+    on 1 rank, 5-6 on 2 ranks, 7-8 on 1 rank against 1-8 on 1 rank."""
+    root = tmp_path_factory.mktemp("stage1")
+    reference = root / "reference"
+    res = _train([*stage1_args, f"out={reference}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(final_weights(reference)) == 1  # the one trainable_tokens_delta
+
+    run = cut_back(reference, root / "one_two", 4)
+    res = _train_two_ranks([*stage1_args, f"out={run}"], run)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = json.loads((run / "checkpoints" / "step-6" / "zhllama_state.json").read_text())
+    assert state["world_size"] == 2
+    assert_same_run(run, reference)
+
+    run = cut_back(run, root / "one_two_one", 6)
+    res = _train([*stage1_args, f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "written by 2 ranks; its optimizer state is redistributed over 1" in res.stderr
+    assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_a_longer_max_steps_continues_the_schedule_without_a_step_at_lr_0(tmp_path, base_args, baseline):
+    """8 steps done (the schedule ended at lr 0), resumed with max_steps=10: the schedule is laid over 10
+    steps and step 9 takes its lr at step index 8. Warmup round(10 x 0.05) = 0 -> 1 step, so cosine over
+    9 steps: lr(i) = 0.01 x 0.5 x (1 + cos(pi (i - 1) / 9))."""
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    assert metrics(baseline)[-1]["step"] == 8
+    res = _train([*base_args, f"out={run}", "max_steps=10", "save_every=1", "keep_last=3"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert records[8]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(7 * math.pi / 9)), rel=1e-12)  # 1.1698e-3
+    assert records[9]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(8 * math.pi / 9)), rel=1e-12)  # 3.0154e-4
+    assert records[8]["lr"] == pytest.approx(1.16978e-3, rel=1e-5)
+    # The lr was applied, not only logged: step 9 moved every trainable tensor.
+    before, after = _module_weights(run / "checkpoints" / "step-8"), _module_weights(run / "checkpoints" / "step-9")
+    assert before.keys() == after.keys() and len(before) > 0
+    assert all(not torch.equal(before[k], after[k]) for k in before), [k for k in before if torch.equal(before[k], after[k])]
+
+
+def _limit_file_size(limit: int):
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_the_rerun_resumes(tmp_path, base_args, baseline):
+    """A file-size limit (RLIMIT_FSIZE, as a full disk) between the model-states file and the optimizer shard
+    of checkpoint 8: one line naming the shard, step-6 untouched, nothing half-written left; the rerun
+    resumes from step-6 and ends exactly as the uninterrupted run."""
+    run = cut_back(baseline, tmp_path / "run", 6)
+    engine_files = {p.name: p.stat().st_size for p in (run / "checkpoints" / "step-6" / "engine").iterdir()}
+    shard, model_states = "zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"
+    limit = (engine_files[shard] + engine_files[model_states]) // 2
+    assert engine_files[model_states] < limit < engine_files[shard], engine_files
+    before = {p.relative_to(run): p.read_bytes() for p in (run / "checkpoints" / "step-6").rglob("*") if p.is_file()}
+
+    cmd = [sys.executable, "-m", "zhllama.app.cli", "train", *base_args, f"out={run}"]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+                         preexec_fn=_limit_file_size(limit))
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert str(run / "checkpoints" / ".tmp-step-8" / "engine" / shard) in errors[0]
+    assert f"the last complete checkpoint {run / 'checkpoints' / 'step-6'} is intact" in errors[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-6"]
+    after = {p.relative_to(run): p.read_bytes() for p in (run / "checkpoints" / "step-6").rglob("*") if p.is_file()}
+    assert after == before
+
+    res = _train([*base_args, f"out={run}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-6'}" in res.stderr
+    a, b = final_weights(baseline), final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(baseline)]
+
+
+@pytest.mark.slow
+def test_no_checkpoint_is_written_from_nonfinite_weights(tmp_path, base_args, baseline):
+    """Weights made NaN after step 8 (ZHLLAMA_NAN_WEIGHTS, as after a NaN update DeepSpeed let through): the
+    run stops before checkpoint 8 is written, saying so, and step-6 stays the one to resume from."""
+    run = cut_back(baseline, tmp_path / "run", 6)
+    res = _train([*base_args, f"out={run}"], ZHLLAMA_NAN_WEIGHTS="8")
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "stopped at step 8: the trainable weights are not finite (" in errors[0] and "on rank 0)" in errors[0]
+    assert f"the last complete checkpoint {run / 'checkpoints' / 'step-6'} is kept" in errors[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-6"]
+    assert not (run / "final").exists()
 
 
 def test_config_errors_before_any_compute(tmp_path, tiny_model_dir, tiny_packed, capsys):
@@ -173,7 +306,7 @@ def test_gradient_checkpointing_with_frozen_base_and_lora_gives_the_same_losses(
     run = tmp_path / "gc"
     res = _train([*base_args, "lora_dropout=0.0", "gradient_checkpointing=true", f"out={run}"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert [r["loss"] for r in _metrics(run)] == pytest.approx([r["loss"] for r in _metrics(one_rank)], rel=1e-5)
+    assert [r["loss"] for r in metrics(run)] == pytest.approx([r["loss"] for r in metrics(one_rank)], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -182,10 +315,10 @@ def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, base_
     run = tmp_path / "nan"
     res = _train([*base_args, f"out={run}", "max_steps=4"], ZHLLAMA_NAN_STEPS="2")
     assert res.returncode == 0, res.stderr[-3000:]
-    records = _metrics(run)
+    records = metrics(run)
     assert records[1]["loss"] is None and records[1]["nonfinite_microbatches"] == 4  # 8 / micro 2
     assert all(r["loss"] is not None and r["nonfinite_microbatches"] == 0 for i, r in enumerate(records) if i != 1)
-    assert all(torch.isfinite(t).all() for t in _final_weights(run).values())
+    assert all(torch.isfinite(t).all() for t in final_weights(run).values())
     # Two in a row with max_nonfinite_steps=2: a clear stop, no final/, the last checkpoint intact.
     run = tmp_path / "nan_streak"
     res = _train([*base_args, f"out={run}", "max_steps=6", "max_nonfinite_steps=2"], ZHLLAMA_NAN_STEPS="3,4")
@@ -241,7 +374,7 @@ def test_checkpoint_holds_trainable_weights_and_optimizer_state_only(baseline, t
     from zhllama.pretrain.checkpoint import dir_bytes
     state = json.loads((baseline / "checkpoints" / f"step-{STEPS}" / "zhllama_state.json").read_text())
     assert state["world_size"] == 1 and state["settings"]["lr"] == 0.01 and state["model_fingerprint"]
-    trainable = sum(t.numel() for t in _final_weights(baseline).values())  # the adapter holds the trained tensors
+    trainable = sum(t.numel() for t in final_weights(baseline).values())  # the adapter holds the trained tensors
     engine_bytes = dir_bytes(baseline / "checkpoints" / f"step-{STEPS}" / "engine")
     assert abs(engine_bytes / (16 * trainable) - 1) < 0.05, (engine_bytes, trainable)
     model_bytes = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))

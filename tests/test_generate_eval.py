@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from zhllama.app.cli import main
-from zhllama.export.evaluate import evaluate_docs, windows
+from zhllama.export.evaluate import evaluate_docs
+from zhllama.heldout import windows
 from zhllama.modelio import load_model, load_tokenizer
 from zhllama.sft.examples import encode_chat_prompt, encode_prompt
 
@@ -127,16 +128,22 @@ def _docs(n_zh=6, n_en=4):
     return zh + en
 
 
-def test_perplexity_and_bits_per_char_equal_a_direct_forward(model_tok):
-    model, tok = model_tok
-    docs = _docs()
-    r = evaluate_docs(model, tok, docs, max_length=1024, stride=512, batch_size=3)
+def _direct_nll(model, tok, docs):
+    """(total NLL in nats, scored tokens) by one plain forward per document: BOS + tokens, every token after BOS."""
     nll, n = 0.0, 0
     with torch.no_grad():
         for d in docs:
             ids = torch.tensor([[tok.bos_token_id] + tok.encode(d, add_special_tokens=False)])
             nll += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
             n += ids.shape[1] - 1
+    return nll, n
+
+
+def test_perplexity_and_bits_per_char_equal_a_direct_forward(model_tok):
+    model, tok = model_tok
+    docs = _docs()
+    r = evaluate_docs(model, tok, docs, max_length=1024, stride=512, batch_size=3)
+    nll, n = _direct_nll(model, tok, docs)
     assert r["scored_tokens"] == n == r["tokens"]
     assert r["nll"] == pytest.approx(nll, rel=1e-5)
     assert r["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
@@ -162,18 +169,22 @@ def other_model(tmp_path_factory):
 
 
 def test_eval_cli_json_compares_models_with_different_tokenizers(tmp_path, capsys, tiny_model_dir, other_model):
+    docs = _docs(4, 2)
     text = tmp_path / "held.txt"
-    text.write_text("\n".join(_docs(4, 2)) + "\n", encoding="utf-8")
+    text.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    # --max-length 1024 holds every document in one window: the figures must equal a plain forward
     assert main(["eval", "--model", tiny_model_dir, "--model", other_model, "--text", text, "--json",
-                 "--max-length", "64"]) == 0
+                 "--max-length", "1024"]) == 0
     res = json.loads(capsys.readouterr().out)["results"]
     assert [r["model"] for r in res] == [str(tiny_model_dir), str(other_model)]
-    a, b = res
-    assert a["characters"] == b["characters"] == sum(len(d) for d in _docs(4, 2))
-    assert a["tokens"] != b["tokens"]                        # different tokenizers ...
-    for r in res:                                            # ... one denominator for bits per character
-        assert r["bits_per_char"] == pytest.approx(r["nll"] / math.log(2) / r["characters"])
-        assert r["perplexity"] == pytest.approx(math.exp(r["nll"] / r["scored_tokens"]))
+    chars = sum(len(d) for d in docs)
+    want = [_direct_nll(load_model(d).eval(), load_tokenizer(d), docs) for d in (tiny_model_dir, other_model)]
+    assert want[0][1] != want[1][1]                          # different tokenizers ...
+    for r, (nll, n) in zip(res, want):                       # ... one denominator for bits per character
+        assert (r["characters"], r["scored_tokens"]) == (chars, n)
+        assert r["nll"] == pytest.approx(nll, rel=1e-5)
+        assert r["bits_per_char"] == pytest.approx(nll / math.log(2) / chars, rel=1e-5)
+        assert r["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
     assert main(["eval", "--model", tiny_model_dir, "--text", text, "--limit", "2"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert "bits/char" in table[0] and len(table) == 2

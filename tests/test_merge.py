@@ -15,14 +15,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import adamw_steps, subprocess_env
+from conftest import grow_tiny, subprocess_env, train_adapter
 
 from zhllama.app.cli import main
 from zhllama.errors import UserError
 from zhllama.export.merge import MANIFEST, REPORT, check_manifest, merge_checkpoint
-from zhllama.modelio import load_model, load_tokenizer, save_tokenizer
-from zhllama.pretrain.adapters import apply_stage, load_adapter, merge_adapters, save_adapter
-from zhllama.pretrain.presets import STAGES
+from zhllama.modelio import load_model, load_tokenizer
+from zhllama.pretrain.adapters import load_adapter, merge_adapters
 
 REPO = Path(__file__).resolve().parent.parent
 ZH = "北京是中国的首都，经济持续稳定发展。我们学习自然语言处理。"
@@ -47,18 +46,6 @@ def _weights(d: Path) -> dict:
     for f in sorted(d.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
-def _train_adapter(model, stage, out, tokenizer_dir, run_config=None, steps=2, seed=0, new_rows_from=None):
-    """A few AdamW steps on the bundled Chinese text, then the engine's save_adapter."""
-    tok = load_tokenizer(tokenizer_dir)
-    model = apply_stage(model, STAGES[stage], new_rows_from=new_rows_from)
-    lines = (REPO / "zhllama" / "data" / "zh_sample.txt").read_text(encoding="utf-8").splitlines()[seed:seed + 8]
-    x = torch.tensor([[tok.bos_token_id] + tok.encode(t, add_special_tokens=False)[:23] for t in lines
-                      if len(tok.encode(t, add_special_tokens=False)) >= 23])
-    adamw_steps(model, x, steps)
-    save_adapter(model, out, tokenizer_dir=tokenizer_dir, run_config=run_config, require_trained=stage != "stage1")
     return out
 
 
@@ -88,7 +75,7 @@ def sft(tmp_path_factory, tiny_model_dir, tiny_tokenizer_dir, stage2):
     """An SFT adapter trained on base + stage2 merged (as `init_adapters` does)."""
     out = tmp_path_factory.mktemp("merge_sft") / "final"
     base = merge_adapters(load_model(tiny_model_dir), [stage2])
-    return _train_adapter(base, "sft", out, tiny_tokenizer_dir, seed=3,
+    return train_adapter(base, "sft", out, tiny_tokenizer_dir, seed=3,
                           run_config={"stage": "sft", "init_adapters": [str(stage2)], "data": ["sft_zh.jsonl"],
                                       "lr": 1e-2, "template": "alpaca"})
 
@@ -190,21 +177,12 @@ def test_dtype_option_and_bf16_output(tmp_path, tiny_model_dir, stage2):
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory, tiny_model_dir, tiny_tokenizer_dir):
     """A tokenizer extended with new pieces, the tiny model resized to it, and adapters trained on that."""
-    from zhllama.tiny import extend_sp_model
-    from zhllama.vocab.resize import resize_checkpoint
-
     root = tmp_path_factory.mktemp("grown")
-    big = root / "tok"
-    big.mkdir()
-    extend_sp_model(tiny_tokenizer_dir / "tokenizer.model", ["自然语言处理", "人工智能", "机器学习", "大模型"],
-                    big / "tokenizer.model")
-    save_tokenizer(load_tokenizer(big / "tokenizer.model"), big)
-    resized = root / "resized"
-    resize_checkpoint(tiny_model_dir, big, resized, init="mean")
+    big, resized = grow_tiny(root, tiny_model_dir, tiny_tokenizer_dir)
     n_base = len(load_tokenizer(tiny_tokenizer_dir))
-    s1 = _train_adapter(load_model(resized), "stage1", root / "s1", big, new_rows_from=n_base,
+    s1 = train_adapter(load_model(resized), "stage1", root / "s1", big, new_rows_from=n_base,
                         run_config={"stage": "stage1"})
-    s2 = _train_adapter(merge_adapters(load_model(resized), [s1]), "stage2", root / "s2", big, seed=5,
+    s2 = train_adapter(merge_adapters(load_model(resized), [s1]), "stage2", root / "s2", big, seed=5,
                         run_config={"stage": "stage2", "init_adapters": [str(s1)]})
     return {"tok": big, "resized": resized, "s1": s1, "s2": s2, "rows": len(load_tokenizer(big)), "base_rows": n_base}
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_cli
 from zhllama.pretrain import flops
-from zhllama.pretrain.plan import activation_bytes, activation_profile, executed_flops_per_token, plan
+from zhllama.pretrain.plan import activation_bytes, activation_profile, plan, recompute_flops_per_token
 
 # LLaMA paper (Touvron et al. 2023): Table 15 GPU-hours on A100-80GB, §2.4 throughput of the 65B run.
 LLAMA_7B_GPU_HOURS, LLAMA_7B_TOKENS = 82_432, 1.0e12
@@ -42,22 +42,42 @@ def test_cli_json(capsys):
     p = json.loads(capsys.readouterr().out)
     assert abs(p["trainable_pct"] - 6.06) <= 0.01 and p["vocab_size"] == 49953
     assert p["gpu_hours_with_reserve"] == pytest.approx(1.3 * p["gpu_hours"])
-    assert p["gpu_hours"] == pytest.approx(20e9 * p["model_flops_per_token"] / (0.4 * 312e12) / 3600)
+    # 7B at 49,953 rows, s = 512, by hand: N_mm = 32 (4·4096² + 3·4096·11008) + 4096·49953 = 6,680,612,864;
+    # LoRA r=8 on q,k,v,o: A = 32 · 4 · (4096·8 + 8·4096) = 8,388,608, trained with lm_head (4096·49953):
+    # T_mm = 212,996,096. Model FLOPs 4 (N_mm + A) + 2 T_mm + 12·32·4096·512 = 27,987,304,448 a token
+    # (frozen weights: forward and backward to the activations; trained ones also their gradient);
+    # 20e9 of them at 0.4 x 312 TFLOP/s = 1,245.87 GPU-hours
+    assert p["model_flops_per_token"] == 27_987_304_448
+    assert p["gpu_hours"] == pytest.approx(1245.8736, rel=1e-6)
     assert p["days"] == pytest.approx(p["gpu_hours_with_reserve"] / 16 / 24)
     assert p["steps"] == -(-int(20e9) // (1024 * 512))
 
 
+def test_flops_per_token_of_llama7b_and_65b_by_hand():
+    """6 N_mm + 12 L d s with N_mm = L (4 d² + 3 d i) + d V (q, k, v, o; gate, up, down; lm_head), at s = 2048."""
+    from zhllama.tiny import llama_config
+    n7 = 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008) + 4096 * 32000
+    assert n7 == 6_607_077_376
+    assert flops.matmul_params(llama_config("llama-7b")) == n7
+    assert flops.flops_per_token(llama_config("llama-7b"), LLAMA_SEQ) == 6 * n7 + 12 * 32 * 4096 * 2048 == 42_863_689_728
+    n65 = 80 * (4 * 8192 ** 2 + 3 * 8192 * 22016) + 8192 * 32000
+    assert flops.flops_per_token(llama_config("llama-65b"), LLAMA_SEQ) == 6 * n65 + 12 * 80 * 8192 * 2048 \
+        == 406_239_313_920
+
+
 def test_llama7b_gpu_hours_at_the_mfu_its_throughput_implies():
-    mfu = implied_mfu("llama-7b", LLAMA_7B_TOKENS_PER_S)
-    assert 0.44 < mfu < 0.47  # ~45% model FLOPs utilisation
-    hours = llama_plan("llama-7b", LLAMA_7B_TOKENS, mfu)["gpu_hours"]
+    """The implied MFU from the hand FLOPs above (3,300 x 42.86 GFLOP / 312 TFLOP/s = 45.34%); the GPU-hours
+    at a stated MFU of 0.45 by hand: 1e12 x 42,863,689,728 / (0.45 x 312e12) / 3600 = 84,804.7 (paper 82,432)."""
+    assert implied_mfu("llama-7b", LLAMA_7B_TOKENS_PER_S) == pytest.approx(0.453366, abs=1e-6)
+    hours = llama_plan("llama-7b", LLAMA_7B_TOKENS, 0.45)["gpu_hours"]
+    assert hours == pytest.approx(84_804.70, rel=1e-6)
     assert abs(hours / LLAMA_7B_GPU_HOURS - 1) <= 0.15, hours
 
 
 def test_llama7b_gpu_hours_from_the_65b_runs_mfu():
     """Not circular: the 65B run's stated 380 tokens/s/GPU, carried to 7B through the FLOPs formula."""
     mfu = implied_mfu("llama-65b", LLAMA_65B_TOKENS_PER_S)
-    assert 0.48 < mfu < 0.51
+    assert mfu == pytest.approx(380 * 406_239_313_920 / 312e12, rel=1e-12)  # 49.48%, from the hand FLOPs above
     hours = llama_plan("llama-7b", LLAMA_7B_TOKENS, mfu)["gpu_hours"]
     assert abs(hours / LLAMA_7B_GPU_HOURS - 1) <= 0.15, hours
     hours65 = llama_plan("llama-65b", LLAMA_65B_TOKENS, implied_mfu("llama-7b", LLAMA_7B_TOKENS_PER_S))["gpu_hours"]
@@ -99,14 +119,16 @@ def test_micro_batch_choice_and_errors(capsys):
     assert "no/such/config.json" in capsys.readouterr().err
 
 
-def test_executed_flops_match_model_flops_for_full_training():
+def test_executed_flops_are_model_flops_plus_the_recomputed_layers():
     from zhllama.tiny import llama_config
     cfg = llama_config("llama-7b")
-    model = flops.flops_per_token(cfg, 512)
-    assert executed_flops_per_token(cfg, 512, flops.matmul_params(cfg), True, False) == pytest.approx(model)
-    # frozen layers: no weight gradients, but the backward still runs through them (> 4N of the 6N)
-    frozen = executed_flops_per_token(cfg, 512, 0, False, False)
-    assert 0.6 * model < frozen < 0.7 * model
+    p = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, micro_batch=8)
+    executed = p["executed_flops_per_token"]
+    assert executed["without_checkpointing"] == p["model_flops_per_token"]
+    # checkpointing recomputes the 32 layers' forward: 2 x 6.48e9 layer matmul parameters + 4 L d s
+    layers_mm = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert executed["with_checkpointing"] - executed["without_checkpointing"] == pytest.approx(
+        2 * layers_mm + 4 * 32 * 4096 * 512) == recompute_flops_per_token(cfg, 512, True)
 
 
 def test_plan_from_an_hf_config_matches_a_real_model(tmp_path):

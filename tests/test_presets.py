@@ -1,5 +1,7 @@
 """Stage presets (docs/training.md, Stage presets) and the gradient-accumulation rule."""
 
+import dataclasses
+
 import pytest
 
 from zhllama.errors import ConfigError
@@ -22,7 +24,7 @@ def test_presets_follow_the_design_table():
 
 
 def test_presets_are_frozen_and_overrides_are_checked():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         STAGES["stage2"].lr = 1.0
     assert STAGES["stage2"].with_overrides(lora_r=16).lora_r == 16
     assert STAGES["stage2"].lora_r == 8

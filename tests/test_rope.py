@@ -172,3 +172,27 @@ def test_transformers440_reads_linear_and_dynamic_as_written(tmp_path):
         res = subprocess.run([str(py), "-c", code, str(d)], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]
         assert json.loads(res.stdout.strip().splitlines()[-1]) == [{"type": rtype, "factor": 8.0}, 10000.0, 256]
+
+
+def test_serve_takes_its_context_from_the_scaling(tmp_path):
+    """`zhllama serve` bounds requests by the extended context: 1024 positions x linear factor 4 = 4096
+    tokens, YaRN's 8192 written as max_position_embeddings; --max-context may lower it, not raise it;
+    an odd scaling entry falls back to max_position_embeddings."""
+    from zhllama.export.serve import serving_context
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 100}
+    cases = {"linear": ({**base, "max_position_embeddings": 1024, "rope_scaling": {"type": "linear", "factor": 4.0}},
+                        4096),
+             "yarn": ({**base, "max_position_embeddings": 8192,
+                       "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 1024}},
+                      8192),
+             "odd": ({**base, "max_position_embeddings": 1024, "rope_scaling": "linear"}, 1024)}
+    for name, (config, want) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+        assert serving_context(d) == want, name
+        assert serving_context(d, 1000) == 1000
+    with pytest.raises(UserError, match=r"--max-context 5000 is more than .*max_position_embeddings x rope_scaling "
+                                         r"factor 4096"):
+        serving_context(tmp_path / "linear", 5000)

@@ -105,6 +105,7 @@ def test_index_equals_brute_force(threshold):
     index = SimilarityIndex("en", threshold=threshold)
     for toks in pool:
         index.add_tokens(toks)
+    branches = {"above": 0, "below": 0}
     for _ in range(300):
         q = edited(rng, rng.choice(pool), alphabet, rng.randint(0, 6)) if rng.random() < 0.7 \
             else _random_seq(rng, alphabet + ["unseen"], 0, 25)
@@ -118,6 +119,8 @@ def test_index_equals_brute_force(threshold):
             assert scores[first_id] == first_score > threshold
         else:
             assert (doc_id, score) == (None, 0.0)
+        branches["above" if best > threshold else "below"] += 1
+    assert min(branches.values()) >= 20, branches     # both outcomes checked, many times
     assert index.lcs_computed < 300 * len(pool) / 4  # the bound prunes most pairs
 
 

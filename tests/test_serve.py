@@ -6,62 +6,15 @@ import json
 import socket
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import psutil
 import pytest
 from conftest import run_cli
+from serve_helpers import KEY
+from serve_helpers import call as _call
 
-from zhllama.sft import selfinstruct as si
-
-# Text for the tiny tokenizer: the self-instruct prompts and some Chinese, so prompts tokenize to a
-# few hundred pieces, not thousands of byte-fallback bytes.
-_TOKENIZER_TEXT = "\n".join([
-    si.load_prompt("selfinstruct_zh.txt"), si.load_prompt("selfinstruct_en.txt"),
-    "给出三条保持健康的建议。多运动、均衡饮食、保证睡眠。解释一下什么是光合作用。植物利用光能合成有机物。",
-    "推荐几本适合初学者的理财书籍。把这句话翻译成英文：你好。Hello. 指令 输入 输出 <无输入> ###",
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction: ### Response: ### Input:",
-])
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A tiny random LLaMA with a tiny SentencePiece tokenizer (byte fallback), built once."""
-    from zhllama.tiny import TINY_TEXT, make_tiny_llama, make_tiny_sp
-    root = tmp_path_factory.mktemp("serve_model")
-    sp = make_tiny_sp(root / "sp" / "tokenizer.model", text=TINY_TEXT + _TOKENIZER_TEXT, vocab_size=800)
-    return make_tiny_llama(sp, root / "tiny-zh", max_position_embeddings=4096, seed=0)
-
-
-KEY = "test-key-0123"
-
-
-@pytest.fixture(scope="session")
-def tiny_server(tiny_model):
-    """`zhllama serve`'s server on 127.0.0.1, an ephemeral port, an API key, a queue of 2 and short
-    deadlines (1 s for a request's head or body), shut down after the session."""
-    from zhllama.export.inference import load_inference_model
-    from zhllama.export.serve import Server
-    model = load_inference_model(tiny_model, template="alpaca", device="cpu", max_new_tokens=64)
-    server = Server(model, "127.0.0.1", 0, api_key=KEY, queue_size=2, head_timeout=1.0, body_timeout=1.0)
-    server.start()
-    yield server
-    server.stop()
-
-
-def _call(server, path, body=None, raw=None, timeout=60, key=KEY):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(server.url + path, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read().decode("utf-8"), resp.headers
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8"), e.headers
+pytest_plugins = ["serve_fixtures"]      # serve_model, tiny_server: one server for the serve tests
 
 
 def _events(text):
@@ -76,25 +29,50 @@ def test_models_endpoint(tiny_server):
     assert [m["id"] for m in json.loads(body)["data"]] == ["tiny-zh"]
 
 
-def test_chat_uses_the_template_and_matches_hf_generate(tiny_server):
+def _greedy_reference(served, ids, n):
+    """The ids and text plain HF `generate` makes greedily after `ids`: the expectation the server's
+    answers are checked against (its own loop, streamer and stop handling are not used)."""
     import torch
+    with torch.no_grad():
+        out = served.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=n, do_sample=False, eos_token_id=served.tokenizer.eos_token_id,
+                                    pad_token_id=served.tokenizer.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    return new, served.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _printable(text: str) -> str:
+    """`text` without U+FFFD and control characters. With byte-fallback tokens, a byte the stream already
+    sent as a character (0x0B) is decoded as part of an invalid sequence (U+FFFD) when the whole
+    sequence is decoded at once: the two texts agree on everything else."""
+    return "".join(ch for ch in text if ch != "\ufffd" and (ch.isprintable() or ch in "\n "))
+
+
+def test_chat_uses_the_template_and_matches_hf_generate(tiny_server, monkeypatch):
+    import dataclasses
 
     from zhllama.sft.examples import encode_chat_prompt
     served = tiny_server.model
     messages = [{"role": "user", "content": "解释一下什么是光合作用"}]
-    status, body, _ = _call(tiny_server, "/chat/completions", {
-        "model": "tiny-zh", "messages": messages, "max_tokens": 8, "temperature": 0})
+    request = {"model": "tiny-zh", "messages": messages, "max_tokens": 8, "temperature": 0}
+    status, body, _ = _call(tiny_server, "/chat/completions", request)
     assert status == 200, body
     out = json.loads(body)
     assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
-    # The same ids the SFT training put before a response, then greedy decoding: identical text.
+    # The same ids the SFT training put before a response, then greedy decoding: the reference's text,
+    # ended (by hand, here) before the template's next "### Instruction:" if the model wrote one.
     ids = encode_chat_prompt(served.tokenizer, served.template, messages)
     assert out["usage"]["prompt_tokens"] == len(ids)
-    with torch.no_grad():
-        ref = served.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
-    ref_text = served.tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True)
-    if "### Instruction:" not in ref_text:
-        assert out["choices"][0]["message"]["content"] == ref_text
+    _, ref_text = _greedy_reference(served, ids, 8)
+    assert out["choices"][0]["message"]["content"] == ref_text.split("### Instruction:", 1)[0]
+
+    # The template's stop strings end a chat answer: give the template one the reference does write.
+    assert len(ref_text) >= 4, f"the tiny model wrote too little to stop on: {ref_text!r}"
+    stop = ref_text[2:4]
+    monkeypatch.setattr(served, "template", dataclasses.replace(served.template, stop=(stop,)))
+    status, body, _ = _call(tiny_server, "/chat/completions", request)
+    choice = json.loads(body)["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (ref_text[:ref_text.find(stop)], "stop")
 
 
 def test_streaming_equals_non_streaming(tiny_server):
@@ -114,17 +92,32 @@ def test_streaming_equals_non_streaming(tiny_server):
 
 
 def test_completions_stop_strings_and_length(tiny_server):
+    from zhllama.textenc import encode_text
+    served = tiny_server.model
     prompt = "给出三条保持健康的建议。"
     status, body, _ = _call(tiny_server, "/completions", {"prompt": prompt, "max_tokens": 16, "temperature": 0})
     assert status == 200, body
-    choice = json.loads(body)["choices"][0]
-    full = choice["text"]
-    assert choice["finish_reason"] in ("length", "stop")
-    if choice["finish_reason"] == "length":
-        assert json.loads(body)["usage"]["completion_tokens"] == 16
-    stop = next((full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].strip()), None)
-    if stop is None:
-        pytest.skip("the tiny model produced no text to stop on")
+    out = json.loads(body)
+    # Against plain HF generate from BOS + the prompt as text: the same text, token count and reason
+    # (EOS ends it: "stop"; 16 tokens without EOS: "length").
+    ids = [served.tokenizer.bos_token_id] + encode_text(served.tokenizer, prompt)
+    ref_ids, ref_text = _greedy_reference(served, ids, 16)
+    assert _printable(out["choices"][0]["text"]) == _printable(ref_text)
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref_ids),
+                            "total_tokens": len(ids) + len(ref_ids)}
+    assert out["choices"][0]["finish_reason"] == ("stop" if ref_ids[-1] == served.tokenizer.eos_token_id
+                                                  else "length")
+
+    # A stop string split across two streamed pieces (the last character of one, the first of the next):
+    # the answer ends before its first occurrence, plain and streaming alike.
+    status, body, _ = _call(tiny_server, "/completions", {"prompt": prompt, "max_tokens": 16, "temperature": 0,
+                                                          "stream": True})
+    pieces = [c["choices"][0]["text"] for c in _events(body)]
+    full = "".join(pieces)
+    assert full == out["choices"][0]["text"]
+    pieces = [p for p in pieces if p]
+    assert len(pieces) >= 3, f"the tiny model streamed too few pieces to split a stop string: {pieces}"
+    stop = pieces[1][-1] + pieces[2][0]
     for stream in (False, True):
         status, body, _ = _call(tiny_server, "/completions", {"prompt": prompt, "max_tokens": 16, "temperature": 0,
                                                               "stop": [stop], "stream": stream})
@@ -134,7 +127,7 @@ def test_completions_stop_strings_and_length(tiny_server):
             finish = chunks[-1]["choices"][0]["finish_reason"]
         else:
             text, finish = json.loads(body)["choices"][0]["text"], json.loads(body)["choices"][0]["finish_reason"]
-        assert text == full[:full.find(stop)] and finish == "stop"
+        assert (text, finish) == (full[:full.find(stop)], "stop"), (stream, stop)
 
 
 def test_bad_requests_get_clear_errors(tiny_server):
@@ -267,58 +260,52 @@ def test_content_length_missing_negative_or_too_large_is_refused_before_reading(
 
 
 def test_a_50mb_body_with_negative_length_is_refused_without_growing_memory(tiny_server):
+    """The answer (400) comes from the head alone, before a byte of the body is sent; the server then
+    hangs up, so the 50 MB that follow cannot be taken in (sending them fails), and memory stays put."""
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     sock = _raw(tiny_server, _head(length=-1))
+    assert _status(sock) == 400                     # read first: a server waiting for the body times out here
     chunk = b"x" * (1 << 20)
-    try:
-        for _ in range(50):                         # 50 MB; the server closes the connection early
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        for _ in range(50):                         # 50 MB into a connection the server has closed
             sock.sendall(chunk)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    try:
-        status = _status(sock)
-    except OSError:                                 # reset before we read the answer: refused all the same
-        status = 400
     sock.close()
-    assert status == 400
     grown = (proc.memory_info().rss - rss0) / 2**20
     assert grown < 20, f"RSS grew {grown:.0f} MiB"
     assert _call(tiny_server, "/models")[0] == 200      # and it still serves
 
 
 def test_stalled_connections_do_not_block_and_are_closed(tiny_server):
+    """Speed is bench/serve.py's business (a completion among stalled connections vs. on an idle
+    server); here: a request is answered while 50 connections stall, and each stalled one is closed by
+    the server (the socket timeouts only keep a broken server from hanging the test)."""
     idle = [socket.create_connection(("127.0.0.1", tiny_server.port), timeout=10) for _ in range(40)]
     partial = [_raw(tiny_server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n") for _ in range(5)]
     slow_body = [_raw(tiny_server, _head(length=100), b'{"prompt": ') for _ in range(5)]
-    t0 = time.monotonic()
     status, body, _ = _call(tiny_server, "/completions", {"prompt": "你好", "max_tokens": 2}, timeout=20)
     assert status == 200, body
-    assert time.monotonic() - t0 < 10
     for s in slow_body:                               # the body deadline (1 s): 408, then closed
         assert _status(s) == 408
+        while s.recv(65536):                          # the rest of the answer, then EOF (a socket timeout
+            pass                                      # here, 10 s, would mean the server kept it open)
     for s in idle + partial:                          # the head deadline (1 s): closed by the server
         assert s.recv(1) == b""
-    assert time.monotonic() - t0 < 15
     for s in idle + partial + slow_body:
         s.close()
 
 
-def test_prompt_too_long_for_any_context_is_refused_before_tokenizing(tiny_server, monkeypatch):
-    from zhllama.export import inference
-    calls = []
-    monkeypatch.setattr(inference, "encode_text", lambda tok, text: calls.append(len(text)) or [])
+def test_prompt_too_long_for_any_context_is_refused_before_tokenizing(tiny_server, tokenizer_calls):
     limit = tiny_server.model.max_prompt_chars
     assert 4096 <= limit < 4096 * 64
-    t0 = time.monotonic()
-    for path, body in (("/completions", {"prompt": "好" * (limit + 1)}),
+    for path, body in (("/completions", {"prompt": "好" * limit}),              # + BOS: one over
                        ("/completions", {"prompt": "a" * (7 << 20)}),
-                       ("/chat/completions", {"messages": [{"role": "user", "content": "好" * (limit // 2 + 1)}] * 2})):
+                       ("/chat/completions", {"messages": [{"role": role, "content": "好" * (limit // 3 + 1)}
+                                                           for role in ("user", "assistant", "user")]})):
         status, text, _ = _call(tiny_server, path, body)
         assert status == 400 and "characters" in text and "at most 4096 tokens" in text, text[:300]
         assert json.loads(text)["error"]["code"] == "context_length_exceeded"
-    assert calls == [] and time.monotonic() - t0 < 20
+    assert tokenizer_calls == []
 
 
 def test_a_full_queue_answers_429(tiny_server, monkeypatch):

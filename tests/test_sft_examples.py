@@ -24,6 +24,10 @@ from zhllama.sft.templates import get_template
 from zhllama.tiny import TINY_TEXT, make_tiny_sp
 
 TEMPLATES = ["alpaca", "chinese-alpaca", "llama2-chat"]
+# Of the 175 Stanford seed tasks, those where no token of the LLaMA tokenizer spans the prompt/response seam
+# in whole-text tokenization (counted once from ../shared/data/sft/seed_tasks_alpaca_en.jsonl; a property of
+# the data and the tokenizer, not of zhllama)
+SEAMLESS_SEED_TASKS = 162
 SFT_TEXT = TINY_TEXT + """Below is an instruction that describes a task. Write a response that appropriately completes the request.
 ### Instruction: ### Input: ### Response: [INST] <<SYS>> <</SYS>> [/INST] You are a helpful assistant.
 你是一个乐于助人的助手。请把下面的句子翻译成英文。列出三种颜色：红色、黄色、蓝色。
@@ -296,15 +300,18 @@ def test_real_llama_tokenizer_stanford_seam_and_belle_smoke(llama):
         whole = [sp.bos_id()] + tok.encode(prompt + out, add_special_tokens=False) + [sp.eos_id()]
         assert ids[:len(p)] == p
         assert sp.decode(ids[1:-1]) == prompt + out
-        if whole[:len(p)] == p:  # no token spans the seam in Stanford's whole-text tokenization
-            assert ids == whole
-            same += 1
-    assert same > 0
+        # Where no token spans the seam in Stanford's whole-text tokenization, the ids are Stanford's;
+        # where one does, they differ (the response is tokenized on its own, as training must).
+        seamless = whole[:len(p)] == p
+        assert (ids == whole) == seamless, ins
+        same += seamless
+    assert same == SEAMLESS_SEED_TASKS
 
     belle = shared_path("data/sft/belle_eval_set_zh.json")
     ds = SFTDataset([str(belle)], tok, "chinese-alpaca", field_map="instruction=question,output=std_answer")
     rows = [json.loads(ln) for ln in belle.read_text(encoding="utf-8").splitlines() if ln.strip()]
     answered = [r for r in rows if r["std_answer"].strip()]
+    assert (len(rows), len(answered)) == (1000, 631)     # what README.md says of the set
     too_long = sum(len(encode_prompt(tok, "chinese-alpaca", r["question"])) >= 512 for r in answered)
     assert len(ds) == len(answered) - too_long
     assert sum(ds.stats.dropped.values()) == too_long

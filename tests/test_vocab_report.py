@@ -89,19 +89,39 @@ def test_english_sample_is_prose_without_cjk():
 
 
 def test_report_on_anchors(tmp_path, capsys):
-    """The shared anchors: v1 changes English lines and has ~1.9% unreachable pieces; Chinese-LLaMA-2
-    changes no CJK-free line."""
-    from conftest import shared_path
+    """The shared anchors, every figure against plain sentencepiece: LLaMA, the v1 merge (reproduced with
+    --compat v1) and Chinese-LLaMA-2. v1 tokenizes CJK-free lines differently and leaves 345 of its 17,953
+    added pieces unreachable (docs/benchmarks.md); Chinese-LLaMA-2 changes no CJK-free line."""
+    import sentencepiece
+    from conftest import shared_path, unreachable_by_sentencepiece
     llama = shared_path("data/llama/tokenizer.model")
     v2 = shared_path("data/anchors/chinese_llama2_tokenizer.model")
     zh = shared_path("data/zh/news_train.txt")
-    text = tmp_path / "zh.txt"
-    text.write_text("\n".join(zh.read_text(encoding="utf-8").splitlines()[:500]) + "\n", encoding="utf-8")
-    rc = main(["vocab", "report", "-t", str(llama), "-t", str(v2), "--reference", str(llama),
+    merge_tokenizers(llama, shared_path("data/anchors/chinese_llama_sp.model"), tmp_path / "v1", compat="v1")
+    v1 = tmp_path / "v1" / "tokenizer.model"
+    zh_lines = zh.read_text(encoding="utf-8").splitlines()[:500]
+    text = write_lines(tmp_path / "zh.txt", zh_lines)
+    rc = main(["vocab", "report", "-t", str(llama), "-t", str(v1), "-t", str(v2), "--reference", str(llama),
                "--text", str(text), "--english-sample", "3000", "--json", "--no-parity"])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
-    r_llama, r_v2 = rep["tokenizers"]
-    assert 1.3 < r_llama["zh_tokens_per_char"] < 1.7
-    assert 0.6 < r_v2["zh_tokens_per_char"] < 0.8
-    assert r_v2["ref_differ_cjk_free"] == 0 and r_v2["unreachable_scope"] == "added"
+    assert [r["tokenizer"] for r in rep["tokenizers"]] == [str(llama), str(v1), str(v2)]
+
+    lines = zh_lines + stdlib_english_lines(3000)
+    assert all(lines)
+    cjk = [zspm.has_cjk(t) for t in lines]
+    assert sum(cjk) == 500
+    ids = {p: sentencepiece.SentencePieceProcessor(model_file=str(p)).encode(lines) for p in (llama, v1, v2)}
+    zh_chars = sum(len(t) for t, c in zip(lines, cjk) if c)
+    for r, p in zip(rep["tokenizers"], (llama, v1, v2)):
+        zh_tokens = sum(len(e) for e, c in zip(ids[p], cjk) if c)
+        assert r["zh_tokens_per_char"] == pytest.approx(zh_tokens / zh_chars, rel=1e-12), p
+        differ = sum(a != b for a, b, c in zip(ids[p], ids[llama], cjk) if not c)
+        assert r["ref_differ_cjk_free"] == differ, p
+    r_llama, r_v1, r_v2 = rep["tokenizers"]
+    assert r_v2["ref_differ_cjk_free"] == 0 < r_v1["ref_differ_cjk_free"]
+    assert r_v2["zh_tokens_per_char"] < 0.6 * r_llama["zh_tokens_per_char"]
+    added = range(32000, 49953)
+    assert r_v1["unreachable_scope"] == r_v2["unreachable_scope"] == "added"
+    assert (r_v1["unreachable"], r_v1["unreachable_checked"]) == (345, 17953)
+    assert len(unreachable_by_sentencepiece(v1.read_bytes(), added)) == 345

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from zhllama import bpe
+from zhllama.model_config import TRUST_REMOTE_CODE
 from zhllama.textenc import encode_text
 from zhllama.vocab.bpe_merge import unreachable_tokens
 from zhllama.vocab.report import reference_figures, token_figures
@@ -56,7 +57,7 @@ def measure(path, lines: List[str], *, reference: Optional[str] = None, ref_ids=
         p = Path(path)
         if p.is_dir():
             from transformers import AutoTokenizer
-            hf = AutoTokenizer.from_pretrained(str(p))
+            hf = AutoTokenizer.from_pretrained(str(p), trust_remote_code=TRUST_REMOTE_CODE)
             differ = [t for t, e in zip(lines, ids) if encode_text(hf, t) != e]
             r["parity_differ"] = len(differ)
             r["parity_bos_ok"] = None

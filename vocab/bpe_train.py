@@ -17,6 +17,7 @@ from pathlib import Path
 from zhllama import bpe
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
+from zhllama.inputfile import MAX_LINE_BYTES
 from zhllama.log import get_logger
 from zhllama.vocab.train import read_sample
 
@@ -34,7 +35,8 @@ def new_tokenizer_like(base_data: dict):
 
 
 def train(inputs, out_dir, *, base, vocab_size=20000, max_sentences=2_000_000, max_sentence_length=4192,
-          seed=42, text_field="text", strict=True, overwrite=False, min_frequency=2) -> dict:
+          seed=42, text_field="text", strict=True, overwrite=False, min_frequency=2,
+          max_line=MAX_LINE_BYTES) -> dict:
     """Train `out_dir/tokenizer.json` on `inputs` for the byte-level BPE `base`; returns its config."""
     from tokenizers import pre_tokenizers, trainers
 
@@ -48,7 +50,7 @@ def train(inputs, out_dir, *, base, vocab_size=20000, max_sentences=2_000_000, m
         raise UserError(f"{out_dir}: output exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     sentences, info, _ = read_sample(inputs, max_sentences=max_sentences, max_sentence_length=max_sentence_length,
-                                     seed=seed, text_field=text_field, strict=strict)
+                                     seed=seed, text_field=text_field, strict=strict, max_line=max_line)
     t_read = time.perf_counter() - t0
     tok = new_tokenizer_like(base_data)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,

@@ -37,11 +37,14 @@ from typing import Optional
 import numpy as np
 
 from zhllama import spm as _spm
+from zhllama.argtypes import int_range
 from zhllama.bpe import is_bpe_json_base, read_tokenizer_json, tokenizer_json_path
 from zhllama.errors import UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path, sha256_file
+from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
 from zhllama.hf_tokenizer import save_hf_tokenizer
 from zhllama.log import get_logger
+from zhllama.model_config import check_no_remote_code
+from zhllama.outlock import output_lock
 
 log = get_logger("zhllama.vocab.merge")
 
@@ -60,12 +63,12 @@ def add_arguments(parser):
     parser.add_argument("--compat", choices=COMPAT_MODES, default=None,
                         help="v1: reproduce Chinese-LLaMA-Alpaca's merge exactly (append every new piece with "
                              "score 0); default: the CJK-only, reachability-checked merge")
-    parser.add_argument("--max-vocab", type=int, default=None,
+    parser.add_argument("--max-vocab", type=int_range(1, 1 << 24), default=None,
                         help="cap the merged vocabulary at this many pieces (the added model's lowest-priority "
                              "pieces are left out first)")
     parser.add_argument("--keep-unreachable", action="store_true",
                         help="keep added pieces that no input can produce (default: drop them)")
-    parser.add_argument("--model-max-length", type=int, default=None,
+    parser.add_argument("--model-max-length", type=int_range(1, 1 << 30), default=None,
                         help="model_max_length written to tokenizer_config.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
@@ -94,7 +97,13 @@ def _is_tokenizers_file(path) -> bool:
 
 
 def run(args) -> int:
-    check_output_path(args.out)
+    with output_lock(args.out, "zhllama vocab merge", "tokenizer"):   # checks --out first
+        return _run(args)
+
+
+def _run(args) -> int:
+    for folder in (args.base, args.add):
+        check_no_remote_code(folder, classes=False)  # its tokenizer_config.json would be shipped on
     if is_bpe_json_base(args.base) and tokenizer_json_path(args.add) is not None:
         return _run_bpe(args)
     if is_bpe_json_base(args.base) and _is_tokenizers_file(args.base):

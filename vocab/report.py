@@ -35,9 +35,12 @@ from pathlib import Path
 from typing import List
 
 from zhllama import bpe, corpus, hf_tokenizer as hft, spm as _spm
+from zhllama.argtypes import int_range
 from zhllama.bpe import is_bpe_json_base, load_tokenizer as load_bpe
 from zhllama.errors import UserError
 from zhllama.hf_tokenizer import parity as _parity
+from zhllama.inputfile import MAX_LINE_BYTES, add_max_line_argument, max_line_bytes
+from zhllama.model_config import TRUST_REMOTE_CODE, check_tokenizer_dir
 
 HF_LOADERS = ("auto", "llama")
 
@@ -49,11 +52,12 @@ def add_arguments(parser):
                         help="text files (txt/jsonl/gz), directories or globs to measure on")
     parser.add_argument("--reference", default=None,
                         help="count lines tokenized differently from this tokenizer (e.g. the base LLaMA one)")
-    parser.add_argument("--english-sample", type=int, default=0,
+    parser.add_argument("--english-sample", type=int_range(0, 10 ** 7), default=0,
                         help="add this many lines of built-in English prose (Python docstrings)")
-    parser.add_argument("--max-lines", type=int, default=200_000,
+    parser.add_argument("--max-lines", type=int_range(1, 10 ** 9), default=200_000,
                         help="use at most this many lines per input file, from its start (default 200000)")
     parser.add_argument("--text-field", default="text", help="JSON-lines text field (default text)")
+    add_max_line_argument(parser)
     parser.add_argument("--hf-loader", choices=HF_LOADERS, default="auto",
                         help="how to load the HF side of the slow/fast parity check (default auto)")
     parser.add_argument("--no-parity", action="store_true", help="skip the slow/fast parity check")
@@ -102,11 +106,11 @@ def stdlib_english_lines(n: int) -> List[str]:
     return list(_stdlib_english(int(n)))
 
 
-def read_lines(specs, *, max_lines: int, text_field: str = "text") -> List[str]:
+def read_lines(specs, *, max_lines: int, text_field: str = "text", max_line: int = MAX_LINE_BYTES) -> List[str]:
     lines: List[str] = []
     for path in corpus.expand_inputs(specs):
         n = 0
-        for doc in corpus.iter_documents(path, text_field=text_field):
+        for doc in corpus.iter_documents(path, text_field=text_field, max_line=max_line):
             lines.append(doc)
             n += 1
             if n >= max_lines:
@@ -123,11 +127,14 @@ def _hf_tokenizer(path, proto, loader: str):
     if loader == "llama":
         from transformers import LlamaTokenizer
         if p.is_dir():
-            return LlamaTokenizer.from_pretrained(str(p)), "LlamaTokenizer.from_pretrained(dir)"
+            check_tokenizer_dir(p)
+            return (LlamaTokenizer.from_pretrained(str(p), trust_remote_code=TRUST_REMOTE_CODE),
+                    "LlamaTokenizer.from_pretrained(dir)")
         tmp = tempfile.mkdtemp(prefix="zhllama-report-")
         try:
             shutil.copy(p, Path(tmp) / "tokenizer.model")
-            return LlamaTokenizer.from_pretrained(tmp), "LlamaTokenizer (transformers conversion of tokenizer.model)"
+            return (LlamaTokenizer.from_pretrained(tmp, trust_remote_code=TRUST_REMOTE_CODE),
+                    "LlamaTokenizer (transformers conversion of tokenizer.model)")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
@@ -280,7 +287,8 @@ def run(args) -> int:
             bpe.check_byte_level_bpe(bpe.read_tokenizer_json(t), bpe.tokenizer_json_path(t))
         else:
             _spm.load_proto(t)  # every bad tokenizer fails before any work, naming its file
-    lines = read_lines(args.text, max_lines=args.max_lines, text_field=args.text_field) if args.text else []
+    lines = (read_lines(args.text, max_lines=args.max_lines, text_field=args.text_field,
+                        max_line=max_line_bytes(args)) if args.text else [])
     if args.english_sample > 0:
         lines += stdlib_english_lines(args.english_sample)
     if not lines:

@@ -52,10 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zhllama import bpe
+from zhllama.argtypes import SEED, int_range
 from zhllama.bpe import is_bpe_json_base
 from zhllama.errors import UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path
+from zhllama.fsutil import atomic_dir, atomic_write_json
+from zhllama.hf_tokenizer import HF_TOKENIZER_FILES
 from zhllama.log import get_logger
+from zhllama.outlock import output_lock
 from zhllama.modelio import (PADDED_VOCAB_KEY, check_checkpoint, load_tokenizer, read_model_config,
                              save_tokenizer, write_resized_configs)
 from zhllama.spm import find_sp_model
@@ -299,6 +302,9 @@ def plan_resize(model_dir: Path, tokenizer_path, base_tok_path: Path, init: str,
     shards = input_shards(model_dir)
     max_bytes = parse_size(max_shard_size)
 
+    if base_tok_path == model_dir and not any((model_dir / f).is_file() for f in HF_TOKENIZER_FILES):
+        raise UserError(f"{model_dir} holds no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model); "
+                        "pass the one the model was trained with as --base-tokenizer")
     base_tokens, _, _ = token_strings(base_tok_path)
     if len(base_tokens) != old_size:
         raise UserError(f"the model {model_dir} has {old_size} vocabulary rows but its tokenizer "
@@ -405,23 +411,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lm-head-init", choices=LM_HEAD_INITS, default=None,
                         help="initialisation of the new lm_head rows (default: zero with "
                              "--init subword-mean, else the same as --init); see above for why")
-    parser.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
+    parser.add_argument("--pad-to-multiple-of", type=int_range(1, 1 << 16), default=None, metavar="N",
                         help="pad the rows to a multiple of N (e.g. 64) for faster matmuls; padding "
                              "rows are never produced by the tokenizer and marked in config.json")
     parser.add_argument("--base-tokenizer", default=None,
                         help="the tokenizer the model was trained with (default: the one in --model)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of --init random (default 0)")
     parser.add_argument("--max-shard-size", default="2GB",
                         help="largest output shard, which bounds peak memory (default 2GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def run(args) -> int:
-    check_output_path(args.out)
-    report = resize_checkpoint(args.model, args.tokenizer, args.out, init=args.init,
-                               lm_head_init=args.lm_head_init,
-                               pad_to_multiple_of=args.pad_to_multiple_of,
-                               base_tokenizer=args.base_tokenizer, seed=args.seed,
-                               max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    with output_lock(args.out, "zhllama vocab resize", "checkpoint"):   # checks --out first
+        report = resize_checkpoint(args.model, args.tokenizer, args.out, init=args.init,
+                                   lm_head_init=args.lm_head_init,
+                                   pad_to_multiple_of=args.pad_to_multiple_of,
+                                   base_tokenizer=args.base_tokenizer, seed=args.seed,
+                                   max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(json.dumps(report, ensure_ascii=False))
     return 0

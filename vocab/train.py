@@ -31,10 +31,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 from zhllama import corpus
-from zhllama.errors import InputError, UserError
-from zhllama.fsutil import atomic_dir, atomic_write_json, check_output_path, sha256_file
-from zhllama.log import Progress, get_logger
 from zhllama import spm as _spm
+from zhllama.argtypes import SEED, float_range, int_range
+from zhllama.errors import InputError, UserError
+from zhllama.fsutil import atomic_dir, atomic_write_json, sha256_file
+from zhllama.inputfile import MAX_LINE_BYTES, add_max_line_argument, max_line_bytes
+from zhllama.log import Progress, get_logger
+from zhllama.outlock import output_lock
 
 log = get_logger("zhllama.vocab.train")
 
@@ -60,23 +63,28 @@ LLAMA_SETTINGS = dict(
 )
 
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
+MIN_SENTENCE_BYTES = 4  # one UTF-8 character at most: a hard cut always makes progress
 
 
 def add_arguments(parser):
     parser.add_argument("--input", "-i", nargs="+", required=True,
                         help="text files, JSON-lines files (.jsonl/.json), .gz, directories or globs")
     parser.add_argument("--out", "-o", required=True, help="output directory (zh_sp.model, zh_sp.vocab, train_config.json)")
-    parser.add_argument("--vocab-size", type=int, default=20000, help="pieces in the model (default 20000)")
+    parser.add_argument("--vocab-size", type=int_range(1, 1 << 22),
+                        default=20000, help="pieces in the model (default 20000)")
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
                         help="bpe (default, like LLaMA; what `vocab merge` expects) or unigram")
-    parser.add_argument("--character-coverage", type=float, default=0.9995,
+    parser.add_argument("--character-coverage", type=float_range(0, 1, above_low=True), default=0.9995,
                         help="share of characters covered by pieces; the rest falls back to bytes (default 0.9995)")
-    parser.add_argument("--max-sentences", type=int, default=2_000_000,
+    parser.add_argument("--max-sentences", type=int_range(1, 10 ** 10), default=2_000_000,
                         help="train on a uniform sample of at most this many sentences (default 2,000,000)")
-    parser.add_argument("--max-sentence-length", type=int, default=4192,
-                        help="longest sentence in bytes; longer lines are cut at sentence punctuation (default 4192)")
-    parser.add_argument("--threads", type=int, default=None, help="training threads (default: all cores)")
-    parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    parser.add_argument("--max-sentence-length", type=int_range(MIN_SENTENCE_BYTES, 1 << 30), default=4192,
+                        help="longest sentence in bytes; longer lines are cut at sentence punctuation (default "
+                             f"4192, at least {MIN_SENTENCE_BYTES})")
+    add_max_line_argument(parser, "line (a document) of the input")
+    parser.add_argument("--threads", type=int_range(1, 1024),
+                        default=None, help="training threads (default: all cores)")
+    parser.add_argument("--seed", type=SEED, default=42, help="sampling seed (default 42)")
     parser.add_argument("--jieba", action="store_true",
                         help="pre-segment Chinese with jieba so pieces never cross a word boundary")
     parser.add_argument("--text-field", default="text", help="the field of JSON lines holding the text (default text)")
@@ -91,28 +99,47 @@ def add_arguments(parser):
 
 def split_sentences(text: str, max_bytes: int):
     """Lines of `text`; a line longer than `max_bytes` (UTF-8) is cut at sentence punctuation, then
-    hard-cut if a sentence is still too long."""
+    hard-cut (on a character boundary) if a sentence is still too long. Linear in the text's length:
+    each sentence is encoded once and the sentences gathered into a piece are joined once."""
+    if max_bytes < MIN_SENTENCE_BYTES:
+        raise ValueError(f"max_bytes must be at least {MIN_SENTENCE_BYTES}, not {max_bytes}")
     for line in text.split("\n"):
         line = line.rstrip("\r")
         if not line.strip():
             continue
-        if len(line.encode("utf-8")) <= max_bytes:
+        if len(line) * 4 <= max_bytes or len(line.encode("utf-8")) <= max_bytes:
             yield line
             continue
-        buf = ""
+        buf, size = [], 0            # sentences of the piece being gathered, and its size in bytes
         for part in _SENTENCE_END.split(line):
-            if len((buf + part).encode("utf-8")) <= max_bytes:
-                buf += part
+            raw = part.encode("utf-8")
+            if size + len(raw) <= max_bytes:
+                buf.append(part)
+                size += len(raw)
                 continue
-            if buf.strip():
-                yield buf
-            buf = part
-            while len(buf.encode("utf-8")) > max_bytes:
-                cut = buf.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
-                yield cut
-                buf = buf[len(cut):]
-        if buf.strip():
-            yield buf
+            piece = "".join(buf)
+            if piece.strip():
+                yield piece
+            cuts = _hard_cut(raw, max_bytes)
+            yield from cuts[:-1]
+            buf, size = [cuts[-1]], len(cuts[-1].encode("utf-8"))
+        piece = "".join(buf)
+        if piece.strip():
+            yield piece
+
+
+def _hard_cut(raw: bytes, max_bytes: int) -> list:
+    """`raw` (UTF-8) cut into pieces of at most `max_bytes`, each cut on a character boundary; the
+    last piece is what is left (it may be short)."""
+    out, start = [], 0
+    while len(raw) - start > max_bytes:
+        end = start + max_bytes
+        while raw[end] & 0xC0 == 0x80:     # a continuation byte: back up to the character's start
+            end -= 1
+        out.append(raw[start:end].decode("utf-8"))
+        start = end
+    out.append(raw[start:].decode("utf-8"))
+    return out
 
 
 class Reservoir:
@@ -179,8 +206,11 @@ def jieba_segment(sentences, processes: int = 1, chunk: int = 2000):
 
 
 def read_sample(inputs, *, max_sentences: int, max_sentence_length: int, seed: int, text_field: str,
-                strict: bool):
+                strict: bool, max_line: int = MAX_LINE_BYTES):
     """Stream every input and keep a reservoir sample of sentences. Returns (sentences, info)."""
+    if max_sentence_length < MIN_SENTENCE_BYTES:
+        raise UserError(f"--max-sentence-length must be at least {MIN_SENTENCE_BYTES} bytes (one character), "
+                        f"not {max_sentence_length}")
     paths = corpus.expand_inputs(inputs)
     stats = corpus.CorpusStats()
     res = Reservoir(max_sentences, seed)
@@ -190,7 +220,8 @@ def read_sample(inputs, *, max_sentences: int, max_sentence_length: int, seed: i
     per_file = []
     for path in paths:
         before = (stats.documents, res.seen, stats.bytes)
-        for doc in corpus.iter_documents(path, text_field=text_field, strict=strict, stats=stats):
+        for doc in corpus.iter_documents(path, text_field=text_field, strict=strict, stats=stats,
+                                         max_line=max_line):
             for sent in split_sentences(doc, max_sentence_length):
                 res.add(sent)
                 chars += len(sent)
@@ -227,7 +258,7 @@ def _trainer_error(e: Exception, vocab_size: int, paths) -> UserError:
 
 def train(inputs, out_dir, *, vocab_size=20000, model_type="bpe", character_coverage=0.9995,
           max_sentences=2_000_000, max_sentence_length=4192, threads=None, seed=42, use_jieba=False,
-          text_field="text", strict=True, overwrite=False) -> dict:
+          text_field="text", strict=True, overwrite=False, max_line=MAX_LINE_BYTES) -> dict:
     """Train `out_dir/zh_sp.model` on `inputs`; returns the training config that is written next to it."""
     import sentencepiece as spm
 
@@ -242,7 +273,7 @@ def train(inputs, out_dir, *, vocab_size=20000, model_type="bpe", character_cove
     t0 = time.perf_counter()
     sentences, info, paths = read_sample(inputs, max_sentences=max_sentences,
                                          max_sentence_length=max_sentence_length, seed=seed,
-                                         text_field=text_field, strict=strict)
+                                         text_field=text_field, strict=strict, max_line=max_line)
     t_read = time.perf_counter() - t0
     log.info("%d sentences read, %d kept for training (%.1fs)", info["sentences_seen"],
              info["sentences_sampled"], t_read)
@@ -309,10 +340,15 @@ def _versions() -> dict:
 
 
 def run(args) -> int:
-    check_output_path(args.out)  # before reading the corpus and training
+    # One writer per --out, and --out checked writable before the corpus is read and trained on.
+    with output_lock(args.out, "zhllama vocab train", "tokenizer"):
+        return _run(args)
+
+
+def _run(args) -> int:
     common = dict(vocab_size=args.vocab_size, max_sentences=args.max_sentences,
                   max_sentence_length=args.max_sentence_length, seed=args.seed, text_field=args.text_field,
-                  strict=not args.skip_bad_lines, overwrite=args.overwrite)
+                  strict=not args.skip_bad_lines, overwrite=args.overwrite, max_line=max_line_bytes(args))
     if getattr(args, "base", None):
         from zhllama.vocab import bpe_train  # here, not at the top: bpe_train imports this module
 

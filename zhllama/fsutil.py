@@ -1,11 +1,14 @@
-"""Files: atomic output (write to a temporary sibling, fsync, rename), checked JSON input.
+"""Files: atomic output (write to a temporary sibling, fsync, swap in), checked JSON input.
 
-A crash mid-write leaves either the previous complete file/directory or nothing, never a
-half-written one that looks complete.
+A crash or a full disk mid-write leaves either the previous complete file/directory or nothing, never
+a half-written one that looks complete: the new output is written beside the old one and swapped in
+only when complete (a directory by one atomic exchange where the kernel has it, `renameat2`).
 """
 
 import contextlib
-import glob
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import json
 import os
@@ -15,15 +18,26 @@ import socket
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from .errors import InputError, UserError
 from .log import get_logger
 
 log = get_logger(__name__)
 
-# A temporary output dir is named `.<out>.partial-<host>-<pid>-<random>.tmp`: the name says it is a
-# partial output of ours and which process writes it, so a later run can remove one whose process is
-# gone (SIGKILL, OOM, a lost node) without a marker file that would show up among the outputs.
+# A temporary output (file or dir) is named `.<out>.partial-<host>-<pid>-<random>.tmp`, and an old
+# output moved aside during a swap `.<out>.old-<host>-<pid>-<random>.tmp`: the name says it is ours
+# and which process writes it, so a later run of any command in that folder can remove one whose
+# process is gone (SIGKILL, OOM, a lost node), or put back an old output that was moved aside and
+# never replaced, without a marker file that would show up among the outputs.
 PARTIAL_TAG = "partial"
+OLD_TAG = "old"
+_TEMP_NAME = re.compile(rf"\.(?P<out>.+)\.(?P<tag>{PARTIAL_TAG}|{OLD_TAG})-(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp")
+
+
+def temp_prefix(path, tag: str = PARTIAL_TAG) -> str:
+    """The name prefix of a temporary sibling of `path` written by this process."""
+    return f".{Path(path).name}.{tag}-{socket.gethostname()}-{os.getpid()}-"
 
 
 def fsync_dir(path: Path) -> None:
@@ -60,19 +74,24 @@ def make_dirs(path) -> Path:
 
 
 def check_output_path(path, what: str = "output") -> None:
-    """Fail before any work when `path` cannot be created because an ancestor is a regular file."""
+    """Fail before any work when `path` cannot be created because an ancestor is a regular file, or
+    cannot be written because the folder it goes in (or `path` itself, a directory) is not writable."""
     path = Path(path)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{path}: cannot create this {what}: {parent} is a file, not a directory")
-            return
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"{path}: cannot create this {what}: {parent} is not writable")
+            break
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write this {what}: the directory is not writable")
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -104,30 +123,85 @@ def atomic_dir(path, overwrite: bool = False):
     With `overwrite`, an existing `path` is replaced (moved aside first, removed after the rename);
     without it, an existing non-empty `path` is an error raised before any work is done.
     """
-    path = Path(path)
+    path = output_target(path)
     check_output_path(path)
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{path}: output exists; pass --overwrite to replace it")
     make_dirs(path.parent)
     remove_stale_partials(path)
-    prefix = f".{path.name}.{PARTIAL_TAG}-{socket.gethostname()}-{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=str(path.parent)))
+    tmp = make_temp_dir(path)
     try:
-        # mkdtemp creates 0700; give the dir the mode `mkdir` would, so that others on a shared
-        # cluster can read published checkpoints (files inside are written with open(): umask too).
-        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def output_target(path) -> Path:
+    """Where an output named `path` is written: the directory a symbolic link points to (a data dir
+    linked to another disk stays on that disk, and the link stays a link), else `path` itself."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def make_temp_dir(path) -> Path:
+    """A new empty temporary sibling of `path`, named as ours (see `_TEMP_NAME`)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=str(path.parent)))
+    # mkdtemp creates 0700; give the dir the mode `mkdir` would, so that others on a shared
+    # cluster can read published checkpoints (files inside are written with open(): umask too).
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def swap_in(new, path) -> None:
+    """Make the complete directory `new` (a sibling) be `path`, replacing what is there, and remove
+    the old one. With renameat2(RENAME_EXCHANGE) `path` is never missing; without it (another OS, a
+    filesystem that lacks it) the old output is first moved to an `.old-` sibling, which the next run
+    in this folder puts back should we be killed before `new` is in place."""
+    new, path = Path(new), Path(path)
+    if not path.exists():
+        os.replace(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)       # `new` now holds the old output
+    else:
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(path, OLD_TAG), suffix=".tmp", dir=str(path.parent)))
+        os.replace(path, old)   # a dir onto an empty dir: allowed
+        os.replace(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(path.parent)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_libc = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2). False where unavailable; other errors raise."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            _libc.renameat2  # glibc >= 2.28
+        except (OSError, AttributeError, TypeError):
+            _libc = False
+    if not _libc:
+        return False
+    rc = _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def write_array(f, arr) -> None:
+    """Write a numpy array's bytes to an open binary file. (`ndarray.tofile` reports a short write on
+    a full disk as "N requested and M written", without the errno that names it as a full disk.)"""
+    f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
 
 def _owner_is_gone(host: str, pid: int) -> bool:
@@ -146,19 +220,34 @@ def _owner_is_gone(host: str, pid: int) -> bool:
 
 
 def remove_stale_partials(path) -> list:
-    """Remove temporary dirs of `path` left by our own runs that were killed (SIGKILL, OOM): only
-    dirs named by `atomic_dir` whose process is gone. Returns the removed dirs."""
-    path = Path(path)
+    """Clean the folder `path` is written in of what our killed runs left there (SIGKILL, OOM): the
+    temporary files and dirs of any output in that folder whose process is gone are removed, and an old
+    output moved aside by `swap_in` whose replacement never came is put back. Only names made by this
+    module, only dead processes of this host. Returns the paths removed."""
+    parent = Path(path).parent
     removed = []
-    if not path.parent.is_dir():
+    try:
+        names = [e.name for e in os.scandir(parent) if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
         return removed
-    ours = re.compile(rf"\.{re.escape(path.name)}\.{PARTIAL_TAG}-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+\.tmp")
-    for cand in sorted(path.parent.glob(f".{glob.escape(path.name)}.{PARTIAL_TAG}-*.tmp")):
-        m = ours.fullmatch(cand.name)
-        if m and cand.is_dir() and not cand.is_symlink() and _owner_is_gone(m["host"], int(m["pid"])):
+    for name in sorted(names):
+        m = _TEMP_NAME.fullmatch(name)
+        cand = parent / name
+        if not m or cand.is_symlink() or not _owner_is_gone(m["host"], int(m["pid"])):
+            continue
+        target = parent / m["out"]
+        if m["tag"] == OLD_TAG and not os.path.lexists(target) and cand.is_dir() and any(cand.iterdir()):
+            os.replace(cand, target)
+            log.warning("restored %s: it was moved aside by a run that was killed before its new "
+                        "output was in place", target)
+            continue
+        if cand.is_dir():
             shutil.rmtree(cand, ignore_errors=True)
-            log.warning("removed %s: a partial output left by an earlier run that was killed", cand)
-            removed.append(cand)
+        else:
+            with contextlib.suppress(OSError):
+                cand.unlink()
+        log.warning("removed %s: a partial output left by an earlier run that was killed", cand)
+        removed.append(cand)
     return removed
 
 
@@ -172,9 +261,9 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 def read_json(path, required=(), hint: str = ""):
     """The JSON object in `path`; an InputError naming the file when it cannot be read, is not JSON, or
-    lacks one of the `required` keys (`hint` is added to that message)."""
+    lacks one of the `required` keys (`hint` is added to that message). A UTF-8 BOM is skipped."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except OSError as e:
         raise InputError(path, f"cannot be read ({e.strerror or e})") from None
     except ValueError as e:  # also UnicodeDecodeError

@@ -44,6 +44,7 @@ from typing import Iterable, List, Optional
 
 from zhllama import spm as _spm
 from zhllama.errors import UserError
+from zhllama.model_config import TRUST_REMOTE_CODE, check_tokenizer_dir
 
 # The four files `save_hf_tokenizer` writes for a SentencePiece model (what `vocab merge` reports).
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -250,7 +251,8 @@ def load_hf_tokenizer(path, **kwargs):
     if p.is_file():
         return hf_tokenizer_from_proto(p)
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(p), **kwargs)
+    check_tokenizer_dir(p)
+    return AutoTokenizer.from_pretrained(str(p), trust_remote_code=TRUST_REMOTE_CODE, **kwargs)
 
 
 def parity(sp_model, hf_tokenizer, texts: Iterable[str], *, examples: int = 3) -> dict:

@@ -19,17 +19,19 @@ the tokenizer, so a model with more rows than the tokenizer is accepted only whe
 import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
-from .dtypes import SAFETENSORS, TORCH_NAMES, torch_dtype
+from . import spm as _spm
+from .dtypes import TORCH_NAMES, torch_dtype
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_json
-from .log import get_logger
-from . import spm as _spm
 from .hf_tokenizer import hf_tokenizer_from_proto, make_portable
+from .log import get_logger
+from .model_config import (TRUST_REMOTE_CODE, check_model_config, check_no_remote_code, check_tokenizer_dir,
+                           check_weights_fit, read_config_json)
 from .spm import SP_MODEL_NAME, sp_model_path
+from .st_stream import read_header
 
 log = get_logger(__name__)
 
@@ -85,7 +87,8 @@ def _llama_tokenizer_from_sp(sp_file: Path, **kwargs):
         except OSError:
             shutil.copyfile(sp_file, link)
         try:
-            tok = LlamaTokenizerFast.from_pretrained(tmp, local_files_only=True, **kwargs)
+            tok = LlamaTokenizerFast.from_pretrained(tmp, local_files_only=True,
+                                                     trust_remote_code=TRUST_REMOTE_CODE, **kwargs)
         except Exception as e:  # a corrupt .model surfaces as various library errors
             raise UserError(f"{sp_file}: cannot load as a SentencePiece tokenizer: {e}") from e
     # Loaded from a temp dir: remember the real file so save_pretrained_atomic can copy it along.
@@ -98,7 +101,8 @@ def load_tokenizer(path):
 
     `tokenizer.json` is preferred when present (it is what the merge writes and what users ship).
     A decapoda-era `LLaMATokenizer` config is repaired: the real LLaMA class, with unk/bos/eos taken
-    from the SentencePiece model instead of the empty strings those configs carry.
+    from the SentencePiece model instead of the empty strings those configs carry. A directory that names
+    code (`auto_map`, a class transformers does not ship) is refused before transformers sees it.
     """
     p = Path(path)
     if not p.exists():
@@ -108,8 +112,9 @@ def load_tokenizer(path):
             raise UserError(f"{p}: pass the tokenizer directory, not one of its JSON files")
         return _llama_tokenizer_from_sp(p)
 
+    check_tokenizer_dir(p)
     cfg_file = p / "tokenizer_config.json"
-    cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+    cfg = read_config_json(cfg_file) if cfg_file.is_file() else {}
     if cfg.get("tokenizer_class") == "LLaMATokenizer":
         log.warning("%s: tokenizer_class 'LLaMATokenizer' is from an early LLaMA conversion; "
                     "loading it as LlamaTokenizer with special tokens from %s", cfg_file, SP_MODEL_NAME)
@@ -117,9 +122,9 @@ def load_tokenizer(path):
     if (p / "tokenizer.json").is_file() or cfg_file.is_file():
         from transformers import AutoTokenizer
         try:
-            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{p}: cannot load the tokenizer: {e}") from e
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=TRUST_REMOTE_CODE)
+        except Exception as e:  # transformers raises KeyError, TypeError, AttributeError... on odd files
+            raise UserError(f"{p}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:300]})") from None
         if (p / SP_MODEL_NAME).is_file():
             tok.init_kwargs.setdefault("zhllama_sp_model", str((p / SP_MODEL_NAME).resolve()))
         return tok
@@ -141,13 +146,16 @@ def tokenizer_size(path) -> int:
     return len(load_tokenizer(p))
 
 
-def read_model_config(path) -> dict:
-    """The raw `config.json` of a checkpoint dir (no weights read)."""
+def read_model_config(path, *, context_given: bool = False) -> dict:
+    """The raw `config.json` of a checkpoint dir (no weights read), checked before anything is built
+    from it: no code named anywhere in the directory, every dimension in range (`zhllama.model_config`;
+    `context_given`: see check_model_config)."""
     p = Path(path)
     cfg = p / "config.json"
     if not cfg.is_file():
         raise UserError(f"{p}: not a model checkpoint directory (no config.json)")
-    return _read_json(cfg)
+    check_no_remote_code(p)
+    return check_model_config(read_config_json(cfg), cfg, context_given=context_given)
 
 
 def check_vocab_match(model_path, tokenizer_path, model_config=None, tok_size=None) -> None:
@@ -173,12 +181,9 @@ def check_vocab_match(model_path, tokenizer_path, model_config=None, tok_size=No
 # flipped header byte or a tensor of the wrong shape is one line naming the shard, not a library
 # traceback (or, worse for a wrong shape, a silently re-initialised tensor).
 
-_ST_MAX_HEADER = 100 << 20
-
-
 def checkpoint_shards(model_dir) -> list:
-    """The safetensors files of a checkpoint dir, in index order (every listed shard must exist);
-    [] for a checkpoint with only legacy pytorch_model*.bin weights."""
+    """The safetensors files of a checkpoint dir, in index order (every listed shard must exist). A
+    checkpoint with only pickled pytorch_model*.bin weights is refused: loading a pickle can run code."""
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     if index.is_file():
@@ -194,80 +199,65 @@ def checkpoint_shards(model_dir) -> list:
     if (d / "model.safetensors").is_file():
         return [d / "model.safetensors"]
     if list(d.glob("pytorch_model*.bin")):
-        return []  # legacy pickled weights: transformers reads them itself; nothing to check here
+        raise UserError(f"{d}: only pickled pytorch_model*.bin weights, which zhllama does not load (unpickling "
+                        "can run code); convert them to safetensors where you trust the files (transformers: "
+                        "from_pretrained, then save_pretrained) and pass that directory")
     raise UserError(f"{d}: no weights (no model.safetensors, model.safetensors.index.json or "
                     "pytorch_model*.bin)")
 
 
 def safetensors_header(path) -> dict:
-    """name -> (dtype, shape) of a safetensors file, after checking that the header parses and that
-    every tensor's bytes lie inside the file (a truncated copy fails here, not mid-load)."""
+    """name -> (dtype, shape) of a safetensors file, after checking that the header parses and that the
+    tensors' bytes tile the file (`st_stream.read_header`: a truncated copy or overlapping offsets fail
+    here, not mid-load)."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
         raise UserError(f"{path}: safetensors file is empty (0 bytes)")
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise UserError(f"{path}: not a safetensors file ({size} bytes, shorter than its header length)")
-        n = struct.unpack("<Q", raw)[0]
-        if n > min(_ST_MAX_HEADER, size - 8):
-            raise UserError(f"{path}: corrupt safetensors header (header length {n} does not fit a file of "
-                            f"{size} bytes: truncated or damaged)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise UserError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    out, data_end = {}, 0
-    for name, e in header.items():
-        try:
-            dtype, shape, (begin, end) = e["dtype"], [int(x) for x in e["shape"]], e["data_offsets"]
-            nbytes = SAFETENSORS[dtype][1]
-            for x in shape:
-                nbytes *= x
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: corrupt safetensors header (entry '{name}' needs a known dtype, "
-                            "a shape and data_offsets)") from None
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and end - begin == nbytes):
-            raise UserError(f"{path}: corrupt safetensors header (tensor '{name}': offsets {begin}..{end} do not "
-                            f"hold {dtype} {shape})")
-        out[name] = (dtype, tuple(shape))
-        data_end = max(data_end, end)
-    if 8 + n + data_end > size:
-        raise UserError(f"{path}: truncated safetensors file ({size} bytes, the header needs "
-                        f"{8 + n + data_end})")
-    return out
+    try:
+        with open(path, "rb") as f:
+            entries, _, _ = read_header(f, size)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    return {name: (dtype, shape) for name, (dtype, shape, _, _) in entries.items()}
 
 
-def meta_model(model_dir):
+def meta_model(model_dir, *, context_given: bool = False):
     """The model a checkpoint's `config.json` describes, on the meta device (no memory, no weights):
     for checking shapes and module names before anything is loaded."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    read_model_config(model_dir)  # a missing or unreadable config.json: one line
+    read_model_config(model_dir, context_given=context_given)  # missing, unreadable, naming code or out of range
     try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=TRUST_REMOTE_CODE)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=TRUST_REMOTE_CODE)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{Path(model_dir) / 'config.json'}: cannot build the model it describes: {e}") from None
 
 
-def check_checkpoint(model_dir) -> None:
-    """Refuse a checkpoint whose weight files are unreadable or whose tensors do not have the shapes
-    its config.json implies, naming the shard and tensor; reads headers only."""
+def check_checkpoint(model_dir, *, context_given: bool = False) -> None:
+    """Refuse a checkpoint whose weight files are unreadable, whose tensors do not have the shapes its
+    config.json implies, or that lacks a tensor the config implies (transformers would fill it with random
+    values: a config of 1000 layers over shards of 2), naming the shard and tensor; reads headers only."""
     d = Path(model_dir)
-    expected = {k: tuple(v.shape) for k, v in meta_model(d).state_dict().items()}
+    model = meta_model(d, context_given=context_given)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    found = set()
     for shard in checkpoint_shards(d):
         for name, (_, shape) in safetensors_header(shard).items():
             want = expected.get(name)
             if want is not None and tuple(want) != shape:
                 raise UserError(f"{shard}: tensor '{name}' has shape {list(shape)} but {d / 'config.json'} "
                                 f"implies {list(want)}")
+            found.add(name)
+    missing = [k for k in expected if k not in found]
+    if missing:
+        more = f" and {len(missing) - 1:,} more" if len(missing) > 1 else ""
+        raise UserError(f"{d}: no tensor '{missing[0]}'{more} in the weights, but {d / 'config.json'} implies "
+                        f"{len(expected):,} tensors (a config that does not belong to these weights?)")
 
 
 def check_device(device: str) -> str:
@@ -309,30 +299,33 @@ def _fix_special_ids(model, tokenizer) -> None:
             model.generation_config.pad_token_id = None
 
 
-def load_model(path, dtype=None, device="cpu", tokenizer_path=None, config=None):
+def load_model(path, dtype=None, device="cpu", tokenizer_path=None, config=None, *, context_given: bool = False):
     """`AutoModelForCausalLM` from a local HF dir (never the hub), SDPA attention.
 
     With `tokenizer_path`, the tokenizer/vocab sizes are checked before any weight is read and the
     model's bos/eos ids are aligned with the tokenizer's. `config` (a transformers config) replaces the
     checkpoint's config.json: a run that extends the context loads its weights with other RoPE settings.
+    `context_given`: see check_model_config.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if dtype is None else dtype
     p = Path(path)
-    cfg = read_model_config(p)
+    cfg = read_model_config(p, context_given=context_given)
+    check_weights_fit(cfg, p / "config.json", dtype.itemsize, str(dtype).replace("torch.", ""))
     tok = None
     if tokenizer_path is not None:
         tok = load_tokenizer(tokenizer_path)
         check_vocab_match(p, tokenizer_path, cfg, len(tok))
-    check_checkpoint(p)
+    check_checkpoint(p, context_given=context_given)
     dtype_kw = {"dtype": dtype} if _transformers_major() >= 5 else {"torch_dtype": dtype}
     if config is not None:
         dtype_kw["config"] = config
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(p), local_files_only=True, attn_implementation="sdpa", **dtype_kw)
+            str(p), local_files_only=True, attn_implementation="sdpa", trust_remote_code=TRUST_REMOTE_CODE,
+            use_safetensors=True, **dtype_kw)
     except (OSError, ValueError) as e:
         raise UserError(f"{p}: cannot load the model: {e}") from e
     if tok is not None:
@@ -374,13 +367,16 @@ def save_pretrained_atomic(model, tokenizer_dir_or_obj, out_dir, overwrite=False
     return out_dir
 
 
-def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="auto", config=None):
+def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="auto", config=None, *,
+                       context_given: bool = False):
     """(model in eval mode, tokenizer) for generate / eval / serve.
 
     device "auto": CUDA when present, else CPU; dtype "auto": bf16 on GPUs that have it, fp16 on other
     GPUs, fp32 on CPU. The tokenizer (default: the model's own) is checked against the model's vocab.
-    `config` replaces the checkpoint's config.json (see `load_model`).
+    `config` replaces the checkpoint's config.json (see `load_model`); `context_given`: the caller bounds
+    the context (see check_model_config).
     """
+    read_model_config(model_dir, context_given=context_given)  # code, dimensions: refused before torch or a tokenizer
     import torch
 
     if device == "auto":
@@ -394,7 +390,7 @@ def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="aut
     tok_path = tokenizer_path or model_dir
     tokenizer = load_tokenizer(tok_path)
     model = load_model(model_dir, dtype=torch_dtype(dtype), device=device, tokenizer_path=tok_path,
-                       config=config).eval()
+                       config=config, context_given=context_given).eval()
     return model, tokenizer
 
 

@@ -14,22 +14,19 @@ from zhllama.modelio import checkpoint_shards
 
 
 def input_shards(model_dir):
-    """The safetensors files of a checkpoint, in index order (`modelio.checkpoint_shards`); resize and
-    merge stream safetensors, so a checkpoint with only pytorch_model*.bin weights is refused here."""
-    shards = checkpoint_shards(model_dir)
-    if not shards:
-        raise UserError(f"{model_dir}: only pytorch_model*.bin weights; convert to safetensors first "
-                        f"(load with transformers and save_pretrained)")
-    return shards
+    """The safetensors files of a checkpoint, in index order (`modelio.checkpoint_shards`, which refuses
+    pickled pytorch_model*.bin weights); what resize and merge stream."""
+    return checkpoint_shards(model_dir)
 
 
 def parse_size(text) -> int:
     """Bytes in a size such as 2GB, 500MB or 1.5GiB (K, M, G, T are powers of 1024 here)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise UserError(f"--max-shard-size: cannot read '{text}' (examples: 2GB, 500MB)")
-    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()] if m else 0
+    size = int(float(m.group(1)) * mult) if m else 0
+    if not 1 <= size <= 1 << 50:
+        raise UserError(f"--max-shard-size: cannot read '{text}' as a size from 1 byte to 1 PiB (examples: 2GB, 500MB)")
+    return size
 
 
 def peak_rss_bytes() -> int:

@@ -23,28 +23,73 @@ from zhllama.fsutil import atomic_write_json
 MAX_HEADER = 100 << 20
 
 
+class HeaderError(ValueError):
+    """A safetensors file whose header does not describe its bytes (the message says how)."""
+
+
+def read_header(fh, size: int) -> Tuple[Dict[str, Tuple[str, tuple, int, int]], dict, int]:
+    """({name: (dtype, shape, begin, end)}, metadata, data start) of the safetensors file open as `fh`
+    (`size` bytes), after the checks the safetensors library makes: the header is a JSON object, every
+    tensor has a known dtype, a shape of non-negative integers and offsets holding exactly its bytes,
+    and the tensors tile the data without gap or overlap up to the end of the file. A HeaderError
+    otherwise, so a damaged file is refused before any tensor is read."""
+    raw = fh.read(8)
+    if len(raw) < 8:
+        raise HeaderError(f"not a safetensors file ({size} bytes, shorter than its header length)")
+    n = struct.unpack("<Q", raw)[0]
+    if n > min(MAX_HEADER, size - 8):
+        raise HeaderError(f"corrupt safetensors header (header length {n} does not fit a file of {size} bytes: "
+                          "truncated or damaged)")
+    try:
+        header = json.loads(fh.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise HeaderError(f"corrupt safetensors header (not valid JSON: {str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise HeaderError("corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise HeaderError("corrupt safetensors header ('__metadata__' is not an object)")
+    entries = {}
+    for name, e in header.items():
+        try:
+            dtype, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
+            nbytes = SAFETENSORS[dtype][1]
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
+                raise TypeError
+            for x in shape:
+                nbytes *= x
+        except (KeyError, TypeError, ValueError):
+            raise HeaderError(f"corrupt safetensors header (entry '{name}' needs a known dtype, a shape of "
+                              "non-negative integers and data_offsets)") from None
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and end - begin == nbytes):
+            raise HeaderError(f"corrupt safetensors header (tensor '{name}': offsets {begin}..{end} do not hold "
+                              f"{dtype} {list(shape)})")
+        entries[name] = (dtype, tuple(shape), begin, end)
+    pos, prev = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != pos:
+            how = f"overlaps '{prev}'" if begin < pos else f"leaves a gap after {'%r' % prev if prev else 'the header'}"
+            raise HeaderError(f"corrupt safetensors header (tensor '{name}' at {begin}..{end} {how})")
+        pos, prev = end, name
+    if 8 + n + pos > size:
+        raise HeaderError(f"truncated safetensors file ({size} bytes, the header needs {8 + n + pos})")
+    if 8 + n + pos < size:
+        raise HeaderError(f"corrupt safetensors file ({size - 8 - n - pos} bytes after the last tensor)")
+    return entries, metadata, 8 + n
+
+
 class Reader:
-    """A safetensors file's header, and `get(name)` reading one tensor into its own memory."""
+    """A safetensors file's header (checked by `read_header`), and `get(name)` reading one tensor into
+    its own memory."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.fh = open(self.path, "rb")
-        size = self.path.stat().st_size
-        raw = self.fh.read(8)
-        if len(raw) < 8:
-            raise ValueError("shorter than a safetensors header")
-        n = struct.unpack("<Q", raw)[0]
-        if n > min(MAX_HEADER, size - 8):
-            raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-        header = json.loads(self.fh.read(n))
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.start = 8 + n
-        self.entries: Dict[str, Tuple[str, tuple, int, int]] = {}
-        for name, e in header.items():
-            begin, end = e["data_offsets"]
-            if e["dtype"] not in SAFETENSORS or self.start + end > size:
-                raise ValueError(f"{name}: bad dtype {e['dtype']!r} or data past the end of the file")
-            self.entries[name] = (e["dtype"], tuple(e["shape"]), begin, end)
+        try:
+            self.entries, self.metadata, self.start = read_header(self.fh, self.path.stat().st_size)
+        except BaseException:
+            self.fh.close()
+            raise
 
     def keys(self) -> List[str]:
         """Names in file order (sequential reads)."""

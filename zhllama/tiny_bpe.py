@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .model_config import TRUST_REMOTE_CODE
+
 # LLaMA-3's pre-tokenizer regex (tokenizer.json of Meta-Llama-3): contractions, letters, 1-3 digits,
 # punctuation runs, newlines, spaces.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -77,7 +79,7 @@ def make_tiny_llama3(tokenizer_dir, out_dir, *, hidden_size=64, num_layers=2, nu
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=TRUST_REMOTE_CODE)
     cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
                       num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                       intermediate_size=hidden_size * 3, max_position_embeddings=256, rope_theta=500000.0,

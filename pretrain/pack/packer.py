@@ -3,7 +3,6 @@ flight, so memory stays bounded), write each unit's shard as its slices come bac
 tail shards, the index and, last, the manifest."""
 
 import json
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -15,11 +14,12 @@ import numpy as np
 from zhllama import __version__, corpus
 from zhllama.errors import InputError, UserError
 from zhllama.fsutil import atomic_write_json, atomic_write_text
+from zhllama.inputfile import MAX_LINE_BYTES
 from zhllama.log import Progress, get_logger
 
 from .. import shards as fmt
 from .layout import add_histograms, summarize
-from .plan import Unit, plan_file
+from .plan import Unit, plan_source, source_key
 from .settings import Tokenizer, mb_to_bytes, settings_key
 from .workers import InlineExecutor, init_worker, mp_context, pack_task
 from .writer import UnitWriter, append_record, read_records, record_is_usable, unlink, write_tail
@@ -33,15 +33,16 @@ class Packer:
     # test hook: called with the unit after each unit is recorded (lets tests interrupt a pack)
     after_unit = None
 
-    def __init__(self, args, tok: Tokenizer, settings: dict, out: Path, paths: List[Path],
-                 sources: List[dict]):
+    def __init__(self, args, tok: Tokenizer, settings: dict, out: Path, paths: list,
+                 sources: List[dict], max_line: int = MAX_LINE_BYTES):
         self.args = args
         self.tok = tok
         self.settings = settings
         self.settings_key = settings_key(settings)
         self.out = out
-        self.paths = paths
+        self.paths = paths          # files, and resolved Hub datasets (hfdatasets.HubDataset)
         self.sources = sources      # stat taken before reading: a file changed meanwhile is redone next time
+        self.max_line = max_line    # longest line read (not a setting: it changes no output byte)
         self.shard_dir = out / fmt.SHARD_DIR
         self.progress_path = out / fmt.PROGRESS
         self.dtype = np.dtype(settings["dtype"])
@@ -58,10 +59,11 @@ class Packer:
         done = {r["uid"]: r for r in read_records(self.progress_path)
                 if r.get("settings") == self.settings
                 and record_is_usable(r, self.shard_dir, self.dtype.itemsize)}
-        total = corpus.total_size(self.paths)
+        total = corpus.total_size(p for p in self.paths if isinstance(p, Path))
         self.progress = Progress("data pack", total_bytes=total, logger=log)
         cfg = {k: self.settings[k] for k in ("text_field", "doc_sep", "strict", "validation_ratio", "dtype")}
-        cfg.update(tokenizer_kind=self.tok.kind, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id)
+        cfg.update(tokenizer_kind=self.tok.kind, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id,
+                   max_line=self.max_line)
         workers = self.args.workers
         if workers > 1:
             executor = ProcessPoolExecutor(workers, mp_context=mp_context(),
@@ -69,7 +71,7 @@ class Packer:
                                            initargs=(str(self.tok.model_file), cfg))
         else:
             executor = InlineExecutor(str(self.tok.model_file), cfg)
-        log.info("packing %d file(s), %.1f MB with %d worker(s) into %s", len(self.paths), total / 1e6,
+        log.info("packing %d input(s), %.1f MB with %d worker(s) into %s", len(self.paths), total / 1e6,
                  workers, self.out)
         reused = 0
         writers: Dict[str, UnitWriter] = {}
@@ -81,12 +83,13 @@ class Packer:
                 if rec is not None:
                     self.records[unit.uid] = rec
                     self._count(rec)
-                    self.progress.total_bytes -= unit.end - unit.start
+                    self.progress.total_bytes -= unit.size
                     reused += 1
                     continue
                 writer = writers[unit.uid] = UnitWriter(self.shard_dir, unit, self.dtype)
                 for j, sl in enumerate(unit.slices):
-                    task = {"path": str(unit.path), "whole": unit.whole, "start": sl.start,
+                    task = {"path": str(unit.path) if isinstance(unit.path, Path) else unit.path,
+                            "reader": unit.reader, "whole": unit.whole, "start": sl.start,
                             "end": sl.end, "first_line": sl.first_line,
                             "write_to": writer.temp_paths() if unit.whole else None}
                     inflight.append((unit, j, executor.submit(pack_task, task)))
@@ -110,11 +113,11 @@ class Packer:
         slice_bytes = mb_to_bytes(self.args.slice_mb)
         for path in self.paths:
             try:
-                units = plan_file(path, len(self.units), unit_bytes, slice_bytes,
-                                  self.settings["doc_sep"])
+                units = plan_source(path, len(self.units), unit_bytes, slice_bytes,
+                                    self.settings["doc_sep"], self.settings["text_field"])
             except OSError as e:
                 raise InputError(path, f"cannot read: {e}") from None
-            self.file_sha[os.path.realpath(path)] = units[0].sha256
+            self.file_sha[source_key(path)] = units[0].sha256
             self.units.extend(units)
             yield from units
 
@@ -131,13 +134,13 @@ class Packer:
         self.tokens_done += tokens
         sl = unit.slices[j]
         elapsed = max(time.perf_counter() - self.progress.start, 1e-9)
-        self.progress.update(st["documents"], sl.end - sl.start,
+        self.progress.update(st["documents"], sl.size,
                              extra=f"{self.tokens_done:,} tokens ({self.tokens_done / elapsed:,.0f}/s)")
         writer.stats = _add_stats(writer.stats, st)
         if j == len(unit.slices) - 1:
             splits = writer.finish(self.block_size, keep_documents=self.keep_documents)
             del writers[unit.uid]
-            rec = {"uid": unit.uid, "settings": self.settings, "source": os.path.realpath(unit.path),
+            rec = {"uid": unit.uid, "settings": self.settings, "source": source_key(unit.path),
                    "source_sha256": unit.sha256, "start": unit.start, "end": unit.end,
                    "splits": splits, "stats": writer.stats}
             append_record(self.progress_path, rec)
@@ -162,7 +165,8 @@ class Packer:
             for u, r in zip(self.units, records):
                 e = r["splits"][s]
                 if e["file"] is not None:
-                    shards.append({**e, "source": str(u.path), "start": u.start, "end": u.end})
+                    shards.append({**e, "source": str(u.path), "start": u.start, "end": u.end,
+                                   **_RANGE.get(u.reader, {})})
             if tail["blocks"]:
                 shards.append(tail)
             blocks = sum(e["blocks"] for e in shards)
@@ -170,6 +174,10 @@ class Packer:
                          "tokens": sum(r["splits"][s]["tokens"] for r in records),
                          "blocks": blocks, "dropped_tokens": tail["dropped_tokens"],
                          **_documents(records, s)}
+            # Characters of the split's documents (bits per character divide by them); units packed by a
+            # zhllama that did not count them leave the figure out rather than undercount it.
+            if all("characters" in r["splits"][s] for r in records):
+                counts[s]["characters"] = sum(r["splits"][s]["characters"] for r in records)
             splits_index[s] = {"blocks": blocks, "shards": shards}
         t = self.totals
         if counts["train"]["blocks"] == 0:
@@ -214,11 +222,14 @@ class Packer:
         return manifest
 
 
+_RANGE = {"rows": {"range": "rows"}, "hub": {"range": "stream shards"}}   # start/end are not bytes
+
+
 def _documents(records: List[dict], split: str) -> dict:
     """The split's document length distribution and, with --keep-documents, how many stayed whole: summed
     over the units' records (a record from before lengths were recorded leaves the distribution out)."""
-    entries = [r["splits"][split] for r in records]
-    if not all("lengths" in e for e in entries):
+    entries = [r["splits"][split] for r in records if r["splits"][split]["tokens"]]   # a unit's empty split: none
+    if not entries or not all("lengths" in e for e in entries):
         return {}
     hist = {"documents": [], "tokens": [], "max": 0, "longer_than_block": [0, 0]}
     for e in entries:

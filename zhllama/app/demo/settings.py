@@ -57,7 +57,8 @@ def smollm2_settings(quick: bool) -> dict:
     held-out loss after 20 steps; training only the new embedding rows in stage 1 learned far slower
     than the whole tied matrix). Stage 2 gets most of the steps: LoRA moves the held-out loss faster
     per token than embeddings alone. A tenth of the pretraining tokens is English (`english_share`)
-    to hold on to the base's English; SFT reads the 1,000 BELLE instructions of ../shared when present.
+    to hold on to the base's English; SFT reads BELLE's Chinese eval set of ../shared when present (631 of its 1,000 instructions have a
+    reference answer; the others are skipped as records without an output).
     """
     s = demo_settings(quick)
     s["data"] = {"validation_ratio": 0.1, "max_zh_docs": 400 if quick else 20000,

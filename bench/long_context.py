@@ -23,7 +23,7 @@ It prints a table and checks the issue's targets: perplexity at positions 1K-2K 
 the base's, perplexity at 0-256 within 5% of the base's, passkey accuracy at 2,048 above the base's.
 Figures in docs/benchmarks.md. Not a test: minutes of CPU.
 
-  python bench/long_context.py [--out /tmp/zhllama-long] [--steps 300] [--fresh]
+  python bench/long_context.py [--out /tmp/zhllama-long] [--steps 200] [--global-batch 2] [--fresh]
 """
 
 import argparse
@@ -147,10 +147,10 @@ def main():
     ap.add_argument("--base-steps", type=int, default=1000, help="pretraining steps of the base at 256 tokens")
     ap.add_argument("--base-passkey-steps", type=int, default=400,
                     help="then steps on as many English paragraphs as passkey documents")
-    ap.add_argument("--steps", type=int, default=300, help="extension steps at 2,048 tokens")
+    ap.add_argument("--steps", type=int, default=200, help="extension steps at 2,048 tokens")
     ap.add_argument("--passkey-share", type=float, default=0.25,
                     help="share of passkey documents among the base's (and the extension's short) documents")
-    ap.add_argument("--global-batch", type=int, default=4)
+    ap.add_argument("--global-batch", type=int, default=2, help="sequences of 2,048 tokens per extension step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--trials", type=int, default=10, help="passkey keys per length and depth")
     ap.add_argument("--fresh", action="store_true", help="redo every step")

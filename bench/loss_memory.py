@@ -13,7 +13,13 @@ gradient of the largest trained matrix (lm_head's, summed over the loss chunks) 
 from `zhllama.pretrain.plan.plan(..., layers=...)`. Each case runs in a fresh process with glibc's mmap
 threshold fixed at 64 KiB, so freed tensors go back to the system and RSS follows live memory.
 
+With --checkpointing the model runs with gradient checkpointing as `zhllama train
+gradient_checkpointing=true` enables it, and the prediction is the plan's "with checkpointing" row: the
+long-context check (issue 23) runs a narrow model on long sequences, e.g. --hidden 256 --layers 2
+--seq 16384 --checkpointing.
+
   python bench/loss_memory.py [--hidden 4096] [--layers 1] [--seq 1024] [--micro 1] [--stage stage2] [--chunk 0]
+                              [--checkpointing]
 """
 
 import argparse
@@ -59,14 +65,18 @@ def shape_config(hidden: int, layers: int):
     return config
 
 
-def measure(hidden: int, layers: int, seq: int, micro: int, stage: str, chunk: int) -> dict:
+def measure(hidden: int, layers: int, seq: int, micro: int, stage: str, chunk: int, checkpointing: bool) -> dict:
     """One micro-step in this process; returns bytes."""
     torch.manual_seed(0)
     config = shape_config(hidden, layers)
     torch.set_default_dtype(torch.bfloat16)
     model = AutoModelForCausalLM.from_config(config)
     torch.set_default_dtype(torch.float32)
-    model = apply_stage(model, STAGES[stage])
+    # LoRA weights in bf16 too, as DeepSpeed's bf16 mode casts the whole module on a GPU (PEFT makes them fp32,
+    # and fp32 LoRA layers keep fp32 copies of their inputs)
+    model = apply_stage(model, STAGES[stage]).to(torch.bfloat16)
+    if checkpointing:   # as the engine does (pretrain/engine.py build_model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     lm = CausalLMTokenLoss(model, chunk=chunk or None)
     x = torch.randint(0, VOCAB, (micro, seq))
@@ -95,12 +105,12 @@ def measure_loss_only(hidden: int, seq: int, chunk: int) -> dict:
     return {"measured_bytes": peak - 2 * head.weight.numel()}
 
 
-def predict(hidden: int, layers: int, seq: int, micro: int, stage: str) -> dict:
+def predict(hidden: int, layers: int, seq: int, micro: int, stage: str, checkpointing: bool) -> dict:
     with tempfile.TemporaryDirectory() as d:
         shape_config(hidden, layers).to_json_file(str(Path(d) / "config.json"))
         p = plan(model=d, vocab_size=VOCAB, stage=stage, tokens=1e6, gpus=1, micro_batch=micro,
                  seq_len=seq, global_batch=micro, layers=layers)
-    g = p["memory"]["without_checkpointing"]["gib"]
+    g = p["memory"]["with_checkpointing" if checkpointing else "without_checkpointing"]["gib"]
     return {"predicted_bytes": (g["activations"] + g["gradients"] + g["grad_transient"]) * GIB,
             "activations_bytes": g["activations"] * GIB, "gradient_bytes": g["gradients"] * GIB,
             "grad_transient_bytes": g["grad_transient"] * GIB}
@@ -113,13 +123,16 @@ def main():
     ap.add_argument("--chunk", type=int, default=0, help="loss chunk in positions (0: the engine's default)")
     ap.add_argument("--loss-only", action="store_true",
                     help="measure the token loss alone (one sequence of --seq positions) against plan.loss_bytes")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="gradient checkpointing, as zhllama train gradient_checkpointing=true (the plan's row with it)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         if args.loss_only:
             print(json.dumps(measure_loss_only(args.hidden, args.seq, args.chunk)))
         else:
-            print(json.dumps(measure(args.hidden, args.layers, args.seq, args.micro, args.stage, args.chunk)))
+            print(json.dumps(measure(args.hidden, args.layers, args.seq, args.micro, args.stage, args.chunk,
+                                     args.checkpointing)))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True,
@@ -132,11 +145,12 @@ def main():
             sys.exit("--loss-only compares the engine's default chunking with the plan; drop --chunk")
         predicted = {"predicted_bytes": loss_bytes(VOCAB, args.seq - 1)["peak"]}
     else:
-        predicted = predict(args.hidden, args.layers, args.seq, args.micro, args.stage)
+        predicted = predict(args.hidden, args.layers, args.seq, args.micro, args.stage, args.checkpointing)
     config = shape_config(args.hidden, args.layers)
     shape = (f"loss only, d {args.hidden}, vocab {VOCAB}, {args.seq} tokens" if args.loss_only else
              f"d {config.hidden_size}, MLP {config.intermediate_size}, vocab {VOCAB}, {args.layers} layer(s), "
-             f"{args.micro} x {args.seq} tokens, {args.stage}, bf16, loss chunk {args.chunk or 'default'}")
+             f"{args.micro} x {args.seq} tokens, {args.stage}, bf16, loss chunk {args.chunk or 'default'}"
+             + (", gradient checkpointing" if args.checkpointing else ""))
     out = {"shape": shape,
            **measured, **predicted, "ratio_predicted_over_measured": predicted["predicted_bytes"] / measured["measured_bytes"]}
     print(json.dumps(out, indent=2))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from zhllama.errors import ConfigError
 from zhllama.modelio import load_for_inference
+from zhllama.pretrain.rope import context_length
 from zhllama.sft.examples import encode_chat_prompt
 from zhllama.sft.templates import get_template
 from zhllama.textenc import encode_text
@@ -55,9 +56,9 @@ class InferenceModel:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.name = name
         self.max_new_tokens = max_new_tokens
-        # The tokens a request may use, prompt and completion together (default: the model's positions).
-        self.max_positions = (max_context if max_context is not None
-                              else getattr(model.config, "max_position_embeddings", None))
+        # The tokens a request may use, prompt and completion together (default: the model's context,
+        # max_position_embeddings x factor for linear/dynamic RoPE scaling).
+        self.max_positions = max_context if max_context is not None else context_length(model.config)
         self.max_prompt_chars = (self.max_positions * longest_piece_chars(tokenizer)
                                  if self.max_positions else None)
         self.lock = threading.Lock()

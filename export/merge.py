@@ -47,6 +47,7 @@ from zhllama.hf_tokenizer import TOKENIZER_DIR_FILES, make_portable
 from zhllama.log import get_logger
 from zhllama.model_config import TRUST_REMOTE_CODE
 from zhllama.modelio import PADDED_VOCAB_KEY, save_tokenizer, write_resized_configs
+from zhllama.pretrain.rope import read_rope, with_rope
 from zhllama.outlock import output_lock
 from zhllama.sft.examples import encode_chat_prompt
 from zhllama.st_files import input_shards, parse_size, peak_rss_bytes
@@ -172,7 +173,8 @@ def merge_checkpoint(base, adapters, out, *, dtype=None, max_shard_size="2GB", t
             # 3. Config, generation config, tokenizer.
             new_cfg = _write_model_files(plan, tmp, ollama_modelfile)
             # 4. Check what was written against the base before it becomes `out`.
-            verify_output(tmp, plan.shapes, plan.dtype_name, plan.rows, base)
+            verify_output(tmp, plan.shapes, plan.dtype_name, plan.rows, base,
+                          rope=plan.rope.after if plan.rope is not None else None)
             report = _report(plan, out, out_files, new_cfg, t0)
             atomic_write_json(tmp / REPORT, report)
             write_model_card(tmp, report, plan.adapters, base_dir=base,
@@ -217,7 +219,8 @@ def _write_model_files(plan: MergePlan, tmp: Path, ollama_modelfile) -> dict:
     """config.json and generation_config.json for the merged rows, the tokenizer, the SFT template as the
     chat template (checked to reproduce the training prompt ids) and the Modelfile; returns the config."""
     chat = plan.chat
-    new_cfg = _write_configs(plan.base, plan.cfg, tmp, plan.rows, plan.n_tok, plan.dtype_name, plan.tok_src)
+    cfg = with_rope(plan.cfg, plan.rope.after) if plan.rope is not None else plan.cfg   # a long-context stage
+    new_cfg = _write_configs(plan.base, cfg, tmp, plan.rows, plan.n_tok, plan.dtype_name, plan.tok_src)
     _write_tokenizer(plan.tok_src, tmp)
     make_portable(tmp, chat_template=chat.chat_template() if chat is not None else None)
     if chat is not None:
@@ -243,7 +246,8 @@ def _report(plan: MergePlan, out: Path, out_files: List[str], new_cfg: dict, t0:
         "largest_shard_in_bytes": max(s.stat().st_size for s in plan.shards),
         "peak_rss_bytes": _peak_rss(), "seconds": round(time.perf_counter() - t0, 2),
         "config": {k: new_cfg.get(k) for k in ("architectures", "hidden_size", "num_hidden_layers",
-                                               "vocab_size", "max_position_embeddings")},
+                                               "vocab_size", "max_position_embeddings", "rope_scaling")},
+        "rope": plan.rope.record() if plan.rope is not None else None,
     }
 
 
@@ -278,10 +282,11 @@ def _write_tokenizer(tok_src: Path, tmp: Path) -> None:
         save_tokenizer(tok_src, tmp)
 
 
-def verify_output(out_dir: Path, want_shapes: Dict[str, tuple], dtype_name: str, rows: int, base) -> None:
+def verify_output(out_dir: Path, want_shapes: Dict[str, tuple], dtype_name: str, rows: int, base, rope=None) -> None:
     """Re-open what was written: every base tensor with its (resized) shape and the output dtype, the index,
-    config vocab_size == embedding rows, and the tokenizer loadable by AutoTokenizer from `out_dir` alone
-    with no more tokens than rows. Raises RuntimeError (a bug, not a user error) on any difference."""
+    config vocab_size == embedding rows, the positions `rope` (when given), and the tokenizer loadable by
+    AutoTokenizer from `out_dir` alone with no more tokens than rows. Raises RuntimeError (a bug, not a
+    user error) on any difference."""
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -305,6 +310,8 @@ def verify_output(out_dir: Path, want_shapes: Dict[str, tuple], dtype_name: str,
     if cfg["vocab_size"] != rows or got[EMBED][0][0] != rows:
         raise RuntimeError(f"{out_dir}: config vocab_size {cfg['vocab_size']}, {EMBED} rows {got[EMBED][0][0]}, "
                            f"expected {rows}")
+    if rope is not None and read_rope(cfg) != rope:
+        raise RuntimeError(f"{out_dir}/config.json: positions {read_rope(cfg).describe()}, expected {rope.describe()}")
     tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True, trust_remote_code=TRUST_REMOTE_CODE)
     n = len(tok)
     if n > rows or (n < rows and cfg.get(PADDED_VOCAB_KEY) != n):

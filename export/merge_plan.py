@@ -17,6 +17,7 @@ from zhllama.errors import InputError, UserError
 from zhllama.log import get_logger
 from zhllama.modelio import PADDED_VOCAB_KEY, SP_MODEL_NAME, check_checkpoint, load_tokenizer, read_model_config
 from zhllama.pretrain.adapter_files import guess_stage, read_adapter_dir, read_adapter_shapes
+from zhllama.pretrain.rope import RopeChange, adapters_change
 from zhllama.sft.templates import Template, get_template
 from zhllama.st_files import input_shards
 from zhllama.st_stream import Reader
@@ -304,6 +305,7 @@ class MergePlan:
     dtype_name: str                             # the output's dtype (short name)
     chat: Optional[Template]                    # the SFT template, None for a pretraining-only merge
     chat_source: str
+    rope: Optional[RopeChange] = None           # the positions the adapters trained with, when not the base's
 
 
 def read_base(base: Path):
@@ -372,4 +374,5 @@ def plan_merge(base: Path, adapters, *, dtype=None, tokenizer=None, template=Non
     return MergePlan(base=base, cfg=cfg, shards=shards, order=order, st_dtypes=st_dtypes, shapes=cur_shapes,
                      adapters=ads, rows0=shapes[EMBED][0], rows=rows, tok_src=tok_src,
                      n_tok=_tokenizer_len(tok_src), dtype_name=dtype or short_name(st_dtypes[EMBED]),
-                     chat=chat, chat_source=chat_source)
+                     chat=chat, chat_source=chat_source, rope=adapters_change(cfg, [(ad.path, ad.meta) for ad in ads],
+                                                                    f"{base}/config.json"))

@@ -16,6 +16,7 @@ from zhllama.fsutil import atomic_write_text
 from zhllama.log import get_logger
 from zhllama.modelio import load_tokenizer
 from zhllama.pretrain.presets import OVERRIDE_KEYS, STAGES
+from zhllama.pretrain.rope import Rope
 from zhllama.textenc import encode_text
 
 log = get_logger("zhllama.merge")
@@ -41,7 +42,8 @@ def _hyperparameters(stage: str, run_config: dict) -> dict:
             value = f"{list(value) if isinstance(value, tuple) else value} (preset)"
         if value is not None:
             out[key] = list(value) if isinstance(value, tuple) else value
-    for key in ("max_steps", "epochs", "precision", "seed", "template", "new_rows_only"):
+    for key in ("max_steps", "epochs", "precision", "seed", "template", "new_rows_only", "rope_scaling",
+                "context_length"):
         if run_config.get(key) not in (None, False, {}):
             out[key] = run_config[key]
     return out
@@ -149,7 +151,7 @@ def render_model_card(report: dict, adapters, base_dir, base_tokenizer=None) -> 
     body += ["## Checkpoint", "",
              f"- weights: {report['dtype']}, {len(report['shards_out'])} safetensors shard(s); "
              f"{cfg.get('num_hidden_layers')} layers, hidden size {cfg.get('hidden_size')}, "
-             f"context {cfg.get('max_position_embeddings')}",
+             + (_context_line(report["rope"]) if report.get("rope") else f"context {cfg.get('max_position_embeddings')}"),
              "- `SHA256SUMS` lists every file; check a download with `sha256sum -c SHA256SUMS`",
              "- `zhllama_merge.json` records the merge (inputs, their sha256, the dtype, peak memory)", "",
              *_chat_section(report),
@@ -166,6 +168,13 @@ def render_model_card(report: dict, adapters, base_dir, base_tokenizer=None) -> 
              "of this merged checkpoint. The training data keep their own terms. zhllama's code is Apache-2.0; that "
              "does not change the licence of the weights. Check both before publishing.", ""]
     return "\n".join(front + body)
+
+
+def _context_line(rope: dict) -> str:
+    """The checkpoint's context when a long-context stage changed its RoPE settings (report["rope"])."""
+    before, after = Rope.from_dict(rope["from"]), Rope.from_dict(rope["to"])
+    return (f"context {after.describe()}, extended from the base's {before.describe()}; the scaling is in "
+            "config.json (`rope_scaling`, `rope_parameters`), read by transformers, vLLM and llama.cpp's converter")
 
 
 def _chat_section(report: dict) -> list:

@@ -50,6 +50,7 @@ from zhllama.errors import UserError
 from zhllama.hosts import is_loopback_host
 from zhllama.log import get_logger
 from zhllama.modelio import read_model_config
+from zhllama.pretrain.rope import context_length
 
 from .inference import MAX_CONTEXT, InferenceModel, RequestError, load_inference_model, usable_context
 
@@ -589,18 +590,22 @@ def add_arguments(parser):
                         help="cap on max_tokens per request (512)")
     parser.add_argument("--max-context", type=int_range(1, MAX_CONTEXT), default=None,
                         help="tokens a request may use, prompt and completion together (default: the model's "
-                             "max_position_embeddings; needed when config.json has no usable one)")
+                             "max_position_embeddings, x a linear/dynamic rope_scaling factor; needed when "
+                             "config.json has no usable one)")
 
 
 def serving_context(model_dir, max_context=None) -> int:
-    """The tokens a request may use: --max-context, else the model's max_position_embeddings. A config
-    without a usable one (missing, 0, absurd) is refused unless --max-context is given; --max-context
-    may lower the model's positions, not raise them."""
-    key = f"{Path(model_dir) / 'config.json'}: max_position_embeddings"
+    """The tokens a request may use: --max-context, else the model's context (max_position_embeddings,
+    x the factor of linear or dynamic RoPE scaling: pretrain/rope.context_length). A config without a
+    usable one (missing, 0, absurd) is refused unless --max-context is given; --max-context may lower the
+    model's context, not raise it."""
     config = read_model_config(model_dir, context_given=True)    # the key is checked here, with the way out
+    raw = config.get("max_position_embeddings")
+    positions = context_length(config) if isinstance(raw, int) and not isinstance(raw, bool) else raw   # named as given
+    key = f"{Path(model_dir) / 'config.json'}: max_position_embeddings" + (
+        " x rope_scaling factor" if positions != config.get("max_position_embeddings") else "")
     if max_context is None:
-        return usable_context(config.get("max_position_embeddings"), key)
-    positions = config.get("max_position_embeddings")
+        return usable_context(positions, key)
     if isinstance(positions, int) and not isinstance(positions, bool) and 0 < positions < max_context:
         raise UserError(f"--max-context {max_context} is more than {key} {positions}")
     return max_context

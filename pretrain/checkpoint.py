@@ -56,7 +56,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # trained, the base). max_steps and epochs may change: they only say how long the run goes on.
 RESUME_KEYS = ("stage", "model", "tokenizer", "init_adapters", "data", "template", "field_map", "pack_examples",
                "new_rows_only", "embed_lr_base", "embed_lr_new", "seed", "min_lr_ratio", *OVERRIDE_KEYS,
-               "precision", "ds_config")
+               "precision", "ds_config", "rope_scaling", "context_length")
 
 
 class NonFiniteWeights(UserError):

@@ -22,6 +22,7 @@ from zhllama.yamlio import load_yaml, read_yaml_file
 
 from .budget import check_run_fits
 from .presets import OVERRIDE_KEYS, get_stage
+from .rope import check_request
 
 
 @dataclass
@@ -60,6 +61,9 @@ class RunConfig:
     # the base vocab size `zhllama vocab resize` records. null: 1, or 0 with new_rows_only. 0 freezes them.
     embed_lr_base: Optional[float] = None  # the base's own rows of embed_tokens (and of an untied lm_head)
     embed_lr_new: float = 1.0  # the rows the merge added
+    # context extension (pretrain/rope.py): {type: linear|dynamic|yarn|llama3, factor: F} and/or the target length
+    rope_scaling: Optional[dict] = None
+    context_length: Optional[int] = None
     # engine
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     gradient_checkpointing: Union[bool, str] = "auto"  # auto: on when the plan's estimate does not fit the GPU
@@ -241,6 +245,7 @@ def validate(cfg: RunConfig, model_config: Optional[dict] = None) -> None:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.field_map.items()):
         raise ConfigError(f"config: key 'field_map' must map field names to field names, got {cfg.field_map!r:.200}")
     _check_ranges(cfg, upper=False)
+    check_request(cfg.rope_scaling, cfg.context_length)
     if model_config is not None:
         check_run_fits(cfg, model_config, Path(cfg.model) / "config.json")
     _check_ranges(cfg, upper=True)

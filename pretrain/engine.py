@@ -34,7 +34,7 @@ from zhllama.modelio import BASE_VOCAB_KEY, load_model, load_tokenizer
 from zhllama.schedule import lr_lambda
 from zhllama.versions import check_versions, versions_line, versions_record
 
-from . import adapters, checkpoint, row_groups
+from . import adapters, checkpoint, rope, row_groups
 from .config import RunConfig, dump_config
 from .ds_config import build_ds_config, resolve_ds_config, stage_ds_config
 from .flops import MFUMeter, adapter_matmul_params, flops_per_token, peak_flops, trainable_matmul_params
@@ -118,10 +118,13 @@ def choose_precision(requested: str, device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------- data
 
-def _run_record(cfg: RunConfig) -> dict:
+def _run_record(cfg: RunConfig, rope_change=None) -> dict:
     """The run config as recorded in the adapter; an SFT run adds its template's full definition
-    (`template_spec`), so `zhllama merge` can write the chat template even for a user template file."""
+    (`template_spec`), so `zhllama merge` can write the chat template even for a user template file,
+    and a run that trained with other RoPE settings than its base's records them (`rope`)."""
     record = cfg.to_dict()
+    if rope_change is not None:
+        record["rope"] = rope_change.record()
     stage_data = registered(cfg.stage, required=cfg.stage == "sft")
     if stage_data is not None and stage_data.run_record is not None:
         record.update(stage_data.run_record(cfg))
@@ -147,10 +150,11 @@ def build_data(cfg: RunConfig, preset, tokenizer, tokenizer_path) -> Data:
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(cfg: RunConfig, preset, dtype, checkpointing: bool = False):
+def build_model(cfg: RunConfig, preset, dtype, checkpointing: bool = False, rope_change=None):
     tokenizer_path = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(tokenizer_path)
-    model = load_model(cfg.model, dtype=dtype, tokenizer_path=tokenizer_path)
+    model = load_model(cfg.model, dtype=dtype, tokenizer_path=tokenizer_path,
+                       config=rope.hf_config(cfg.model, rope_change))
     if cfg.init_adapters:  # earlier stages' final/ dirs, folded into the weights in order
         log.info("merging earlier stages' adapters: %s", ", ".join(cfg.init_adapters))
         model = adapters.merge_adapters(model, cfg.init_adapters)
@@ -322,11 +326,15 @@ class Trainer:
             if not (self.allow_config_change or self.allow_data_change):
                 checkpoint.check_data(latest, data_fingerprint)
 
+        self.rope_change = rope.for_run(cfg)   # read from config.json; a bad request fails before loading
+        if self.rope_change is not None and rank == 0:
+            log.info("positions: %s, from %s", self.rope_change.after.describe(), self.rope_change.before.describe())
         self.checkpointing, why = decide_gradient_checkpointing(
             cfg.gradient_checkpointing, cfg=cfg, preset=preset, world=world, device=device, ds_path=ds_path)
         if rank == 0:
             log.info("gradient checkpointing %s: %s", "on" if self.checkpointing else "off", why)
-        model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision), self.checkpointing)
+        model, tokenizer, tokenizer_path = build_model(cfg, preset, torch_dtype(precision), self.checkpointing,
+                                                        self.rope_change)
         data = build_data(cfg, preset, tokenizer, tokenizer_path)
         if data_fingerprint is None:
             data_fingerprint = checkpoint.data_fingerprint(cfg)
@@ -547,7 +555,7 @@ class Trainer:
     def _save_final(self, engine, tokenizer_path):
         final = self.run_dir / "final"
         if self.rank == 0:
-            adapters.save_adapter(engine.module.model, final, tokenizer_dir=tokenizer_path, run_config=_run_record(self.cfg),
+            adapters.save_adapter(engine.module.model, final, tokenizer_dir=tokenizer_path, run_config=_run_record(self.cfg, self.rope_change),
                          overwrite=True)
             log.info("final adapter written to %s", final)
         barrier()

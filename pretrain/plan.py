@@ -163,6 +163,10 @@ def activation_bytes(config, tokens: int, checkpointing: bool, profile=None) -> 
     Head: the final RMSNorm's fp32 input (4h), lm_head's input (2h, kept by the loss), and the loss
     (`loss_bytes`). With gradient checkpointing a layer keeps only its input (2h) and one layer at a
     time is recomputed. `saved` is checked against the tensors autograd really saves (tests/test_plan.py).
+    The peak adds to what is saved the larger of two moments of the backward: the loss's (first), and a
+    layer's backward, which holds its recomputed activations (with checkpointing) and the MLP's gradients
+    (8i: of the down_proj input, of silu(gate), of the up and gate outputs, 2i each). The second grows
+    with the sequence and decides long-context runs (bench/loss_memory.py --checkpointing, issue 23).
     """
     profile = profile or {"full": True, "lora_bytes": 0, "lm_head_trained": True}
     h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
@@ -171,7 +175,7 @@ def activation_bytes(config, tokens: int, checkpointing: bool, profile=None) -> 
     head = 4 * h + 2 * h + (2 * h if profile["full"] else 0)
     loss = loss_bytes(V, tokens)
     saved = tokens * ((L * 2 * h if checkpointing else L * layer) + head)
-    peak = saved + tokens * (layer if checkpointing else 0) + loss["peak"]
+    peak = saved + max(loss["peak"], tokens * ((layer if checkpointing else 0) + 8 * i))
     return {"saved": int(saved + loss["saved"]), "peak": int(peak)}
 
 
@@ -295,9 +299,12 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
     else:
         candidates = divisible
 
-    def mem(mb, ck):
-        act = activation_bytes(config, mb * seq, ck, profile)["peak"]
+    def mem_tokens(tokens, ck):
+        act = activation_bytes(config, tokens, ck, profile)["peak"]
         return memory_per_gpu(weights, trainable, gpus, act, bucket, overlap, offload, largest, zero_stage)
+
+    def mem(mb, ck):
+        return mem_tokens(mb * seq, ck)
 
     budget = HEADROOM * mem_gib * GIB
     chosen = {}
@@ -337,7 +344,26 @@ def plan(model="llama-7b", vocab_size=None, stage="stage2", tokens=20e9, gpus=16
         "ds_config": ds_name, "zero_stage": zero_stage,
 
         "optimizer_offload": offload, "host_optimizer_gib": 16 * trainable / gpus / GIB if offload else 0.0,
+        "seconds_per_sequence": seq * model_fpt / (mfu * peak), "seconds_per_step": gbatch * seq * model_fpt / (mfu * peak * gpus),
+        "long_context": long_context(seq, lambda tokens: sum(mem_tokens(tokens, True).values()), budget),
     }
+
+
+ATTENTION = ("SDPA (torch scaled_dot_product_attention, as zhllama train loads models): FlashAttention-2 for "
+             "bf16 causal attention on A100/H100, memory linear in the sequence")
+
+
+def long_context(seq: int, total_bytes, budget: float) -> dict:
+    """What one GPU can hold of one sequence, with gradient checkpointing and a micro batch of one: the
+    longest sequence that fits (a multiple of 1,024 tokens, by bisection on the memory model), and whether
+    `seq` needs sequence parallelism. ZeRO shards optimizer state, gradients (and with stage 3 weights)
+    across GPUs, never one sequence's activations: past that length a sequence must be split across GPUs
+    (DeepSpeed-Ulysses, ring attention) or its activations offloaded."""
+    lo, hi = 0, 1 << 22                  # tokens: 0 fits by convention, 4M does not on any GPU listed
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        lo, hi = (mid, hi) if total_bytes(mid) <= budget else (lo, mid)
+    return {"attention": ATTENTION, "longest_sequence_one_gpu": lo, "needs_sequence_parallelism": seq > lo}
 
 
 def memory_estimate(cfg, preset, gpus: int, ds_path) -> dict:
@@ -387,8 +413,16 @@ def format_plan(p) -> str:
             f"    {label:<30}{g['weights']:>8.1f}{g['gradients']:>7.1f}"
             f"{g['buckets']:>8.1f}{g['optimizer']:>7.1f}{g['activations']:>7.1f}{g['overhead'] + g['grad_transient']:>7.1f}"
             f"{m['total_gib']:>8.1f}  {verdict}{accum}")
-    if not any(m["fits"] for m in p["memory"].values()):
+    lc = p["long_context"]
+    if not any(m["fits"] for m in p["memory"].values()) and not lc["needs_sequence_parallelism"]:
         lines.append("  no micro batch fits: use ds_configs/zero2_offload.json, more GPUs, or a shorter sequence")
+    lines += [f"  time           {p['seconds_per_sequence']:,.1f} s per sequence of {p['seq_len']:,} tokens per GPU, "
+              f"{p['seconds_per_step']:,.1f} s per step of {p['global_batch']} sequences on {p['gpus']} GPUs",
+              f"  attention      {lc['attention']}",
+              f"  one sequence   up to {lc['longest_sequence_one_gpu']:,} tokens fit one GPU (checkpointing, micro 1)"
+              + (f": {p['seq_len']:,} needs sequence parallelism (DeepSpeed-Ulysses or ring attention across GPUs) "
+                 "or activation offload; ZeRO-2 shards optimizer state and gradients, not a sequence"
+                 if lc["needs_sequence_parallelism"] else "")]
     lines.append("  communication per GPU per step (bf16 gradients; ZeRO-2 reduces them after every micro batch, "
                  "ZeRO-1 once a step):")
     for key, label in (("without_checkpointing", "no checkpointing"), ("with_checkpointing", "checkpointing")):
@@ -428,8 +462,9 @@ def add_arguments(parser):
     parser.add_argument("--micro-batch", type=int_range(1, RANGES["micro_batch"][1]), default=None,
                         help="sequences per GPU per forward (default: the largest that fits and divides the "
                              "global batch)")
-    parser.add_argument("--seq-len", type=int_range(2, RANGES["block_size"][1]),
-                        default=None, help="tokens per sequence (default: the stage's, 512)")
+    parser.add_argument("--seq-len", "--block-size", dest="seq_len", type=int_range(2, RANGES["block_size"][1]),
+                        default=None, help="tokens per sequence, the run's block_size (default: the stage's, 512); "
+                                           "e.g. 16384 for a long-context stage")
     parser.add_argument("--global-batch", type=int_range(1, RANGES["global_batch"][1]), default=None,
                         help="sequences per optimizer step (default: the stage's)")
     parser.add_argument("--ds-config", default=None,

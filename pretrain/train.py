@@ -26,6 +26,7 @@ from zhllama.outlock import output_lock
 from .adapter_files import read_adapter_dir, read_adapter_shapes
 from .config import dump_config, load_config
 from .hooks import hooks_from_env
+from . import rope
 from .presets import OVERRIDE_KEYS, grad_accumulation
 from .stage_data import registered
 
@@ -70,6 +71,9 @@ def run(args):
         sys.stdout.write(dump_config(cfg))
         print(f"# world {world} x micro {cfg.micro_batch} x accumulation {accum} = global batch "
               f"{preset.global_batch} sequences of {preset.block_size} tokens")
+        change = rope.for_run(cfg) if (Path(cfg.model) / "config.json").is_file() else None
+        if change is not None:
+            print(f"# positions: {change.after.describe()}, from the base's {change.before.describe()}")
         return 0
     from .engine import Trainer   # torch, DeepSpeed: only when training, so `zhllama train --help` stays light
     rank0 = int(os.environ.get("RANK", 0)) == 0

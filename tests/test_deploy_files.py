@@ -173,20 +173,25 @@ def _converter():
     return Path(root), env
 
 
-def test_gguf_conversion_keeps_vocab_specials_and_chat_template(tmp_path, merged):
+def convert_and_read(model_dir, out, read: str) -> dict:
+    """Convert `model_dir` to the f32 GGUF `out` with llama.cpp's converter, then run `read` (Python that
+    gets the GGUF's path as argv[1] and prints JSON) with its gguf-py; returns that JSON."""
     root, env = _converter()
-    out = tmp_path / "model-f32.gguf"
-    res = subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(merged), "--outfile", str(out),
+    res = subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
                           "--outtype", "f32"], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-c", read, str(out)], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+def test_gguf_conversion_keeps_vocab_specials_and_chat_template(tmp_path, merged):
     read = ("import json, sys\nfrom gguf import GGUFReader\nr = GGUFReader(sys.argv[1])\n"
             "f = lambda k: r.fields[k].contents() if k in r.fields else None\n"
             "print(json.dumps({k: f(k) for k in ('tokenizer.ggml.model', 'tokenizer.ggml.bos_token_id', "
             "'tokenizer.ggml.eos_token_id', 'tokenizer.ggml.unknown_token_id', 'tokenizer.ggml.add_bos_token', "
             "'tokenizer.chat_template')} | {'n_tokens': len(f('tokenizer.ggml.tokens'))}, ensure_ascii=False))\n")
-    res = subprocess.run([sys.executable, "-c", read, str(out)], capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout)
+    got = convert_and_read(merged, tmp_path / "model-f32.gguf", read)
     tok = load_tokenizer(merged)
     assert got["n_tokens"] == len(tok) == json.loads((merged / "config.json").read_text())["vocab_size"]
     assert got["tokenizer.ggml.model"] == "llama"

@@ -200,3 +200,33 @@ def test_loss_memory_term_matches_the_engine_loss_measured_peak(seq):
     # and the whole micro batch's logits are never held: the peak is far below 14 bytes x V x tokens
     if seq == 2048:
         assert out["measured_bytes"] < 0.3 * 14 * 49953 * seq
+
+
+def test_long_context_7b_activations_hand_worked(capsys):
+    """stage2 of 7B (h 4096, i 11008, 32 layers, LoRA r 8 with dropout on q,k,v,o) at 16,384 tokens with
+    gradient checkpointing, worked out by hand:
+      saved    16384 x (32 layers x 2h + head 6h) = 16384 x (262,144 + 24,576)             = 4,697,620,480
+      a layer's backward: its recomputed activations 16h + 6i = 65,536 + 66,048 = 131,584, LoRA
+               4 x (3 x 4096 + 2 x 8) = 49,216, and the MLP's gradients 8i = 88,064: 268,864 x 16384
+                                                                                          = 4,405,067,776
+      which is more than the loss (17.5 x 49,953 x 335 = 292,849,462): peak              = 9,102,688,256"""
+    p = plan(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, micro_batch=1,
+             seq_len=16384, global_batch=32)
+    assert p["memory"]["with_checkpointing"]["gib"]["activations"] * 2 ** 30 == pytest.approx(9_102_688_256)
+    # time per sequence: 16384 tokens x model FLOPs / (MFU x 312 TFLOP/s)
+    assert p["seconds_per_sequence"] == pytest.approx(16384 * p["model_flops_per_token"] / (0.4 * 312e12))
+    assert p["seconds_per_step"] == pytest.approx(2 * p["seconds_per_sequence"])     # 32 sequences on 16 GPUs
+    assert p["long_context"]["needs_sequence_parallelism"] is False
+    assert run_cli("plan", "--model", "llama-7b", "--vocab-size", 49953, "--tokens", "1e9", "--gpus", 16,
+                   "--block-size", 131072, "--global-batch", 16, "--micro-batch", 1) == 0
+    out = capsys.readouterr().out
+    assert "tokens of 131072" in out and "131,072 needs sequence parallelism" in out
+
+
+def test_longest_sequence_agrees_with_the_memory_table():
+    """The bisection's longest sequence for one GPU fits by the plan's own table, and 1,024 more do not."""
+    kw = dict(model="llama-7b", vocab_size=49953, stage="stage2", tokens=1e9, gpus=16, micro_batch=1, global_batch=16)
+    longest = plan(seq_len=16384, **kw)["long_context"]["longest_sequence_one_gpu"]
+    assert 65536 < longest < 131072
+    assert plan(seq_len=longest, **kw)["memory"]["with_checkpointing"]["fits"]
+    assert not plan(seq_len=longest + 1024, **kw)["memory"]["with_checkpointing"]["fits"]

@@ -299,11 +299,13 @@ def _fix_special_ids(model, tokenizer) -> None:
             model.generation_config.pad_token_id = None
 
 
-def load_model(path, dtype=None, device="cpu", tokenizer_path=None, *, context_given: bool = False):
+def load_model(path, dtype=None, device="cpu", tokenizer_path=None, config=None, *, context_given: bool = False):
     """`AutoModelForCausalLM` from a local HF dir (never the hub), SDPA attention.
 
     With `tokenizer_path`, the tokenizer/vocab sizes are checked before any weight is read and the
-    model's bos/eos ids are aligned with the tokenizer's. `context_given`: see check_model_config.
+    model's bos/eos ids are aligned with the tokenizer's. `config` (a transformers config) replaces the
+    checkpoint's config.json: a run that extends the context loads its weights with other RoPE settings.
+    `context_given`: see check_model_config.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -318,6 +320,8 @@ def load_model(path, dtype=None, device="cpu", tokenizer_path=None, *, context_g
         check_vocab_match(p, tokenizer_path, cfg, len(tok))
     check_checkpoint(p, context_given=context_given)
     dtype_kw = {"dtype": dtype} if _transformers_major() >= 5 else {"torch_dtype": dtype}
+    if config is not None:
+        dtype_kw["config"] = config
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(p), local_files_only=True, attn_implementation="sdpa", trust_remote_code=TRUST_REMOTE_CODE,
@@ -363,12 +367,14 @@ def save_pretrained_atomic(model, tokenizer_dir_or_obj, out_dir, overwrite=False
     return out_dir
 
 
-def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="auto", *, context_given: bool = False):
+def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="auto", config=None, *,
+                       context_given: bool = False):
     """(model in eval mode, tokenizer) for generate / eval / serve.
 
     device "auto": CUDA when present, else CPU; dtype "auto": bf16 on GPUs that have it, fp16 on other
     GPUs, fp32 on CPU. The tokenizer (default: the model's own) is checked against the model's vocab.
-    `context_given`: the caller bounds the context (see check_model_config).
+    `config` replaces the checkpoint's config.json (see `load_model`); `context_given`: the caller bounds
+    the context (see check_model_config).
     """
     read_model_config(model_dir, context_given=context_given)  # code, dimensions: refused before torch or a tokenizer
     import torch
@@ -384,7 +390,7 @@ def load_for_inference(model_dir, tokenizer_path=None, device="auto", dtype="aut
     tok_path = tokenizer_path or model_dir
     tokenizer = load_tokenizer(tok_path)
     model = load_model(model_dir, dtype=torch_dtype(dtype), device=device, tokenizer_path=tok_path,
-                       context_given=context_given).eval()
+                       config=config, context_given=context_given).eval()
     return model, tokenizer
 
 

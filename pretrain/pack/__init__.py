@@ -3,8 +3,10 @@
 Every document becomes BOS + ids + EOS (a tokenizer.json tokenizer: its own BOS/EOS from
 tokenizer_config.json, ids + EOS when it has no BOS); documents are concatenated and cut into blocks of exactly
 --block-size tokens (blocks span document boundaries, as the group_texts step of HF run_clm does).
-The result is a directory of uint16/uint32 token shards, an index and a manifest (tokenizer
-fingerprint, block size, sources with sizes and sha256, counts) that `zhllama train` memory-maps.
+With --keep-documents a document that fits a block is never cut: documents go whole into blocks, first
+fit (pack/layout.py), which a long-context stage wants (--block-size 16384). The result is a directory
+of uint16/uint32 token shards, an index and a manifest (tokenizer fingerprint, block size, sources with
+sizes and sha256, counts, the document length distribution) that `zhllama train` memory-maps.
 
 How it stays fast, bounded and safe:
   * Inputs are cut into work units (--unit-mb of text, on document boundaries; a .gz file is one unit;

@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
                              "hf://OWNER/NAME[@REVISION][/CONFIG] (needs the network)")
     parser.add_argument("--out", required=True, help="output directory for shards, index and manifest")
     parser.add_argument("--block-size", type=int, default=512, help="tokens per block (default 512)")
+    parser.add_argument("--keep-documents", action="store_true",
+                        help="never cut a document that fits a block: documents go whole into blocks, first fit "
+                             "(for long-context stages, e.g. --block-size 16384); longer ones are cut into blocks")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="tokenizer processes (default: the CPUs available, %(default)s here)")
     parser.add_argument("--validation-ratio", type=float, default=0.001,
@@ -147,4 +150,26 @@ def _pack(args) -> int:
           f"({tr['tokens'] + va['tokens']:,} tokens; dropped {tr['dropped_tokens'] + va['dropped_tokens']} "
           f"in final partial blocks; skipped {c['input']['skipped']} bad lines, {c['input']['empty']} "
           f"empty documents) in {elapsed:,.1f}s -> {out}")
+    for line in length_lines(tr, args.block_size):
+        print(line)
     return 0
+
+
+def length_lines(split: dict, block_size: int) -> list:
+    """The printed summary of a split's document lengths and, with --keep-documents, of what stayed whole."""
+    lengths = split.get("document_lengths")
+    if not lengths or not lengths["documents"]:
+        return []
+    n, t = lengths["documents"], lengths["tokens"]
+    shares = " ".join(f"<={b['up_to']:,}: {100 * b['documents'] / n:.0f}%" for b in lengths["buckets"])
+    longer = lengths["longer_than_block"]
+    lines = [f"document lengths in tokens (train, BOS/EOS included): mean {lengths['mean']:,.0f}, max "
+             f"{lengths['max']:,}; documents {shares}; {longer['documents']:,} longer than a block of "
+             f"{block_size:,} ({100 * longer['tokens'] / t:.1f}% of the tokens)"]
+    kept = split.get("documents_kept_whole")
+    if kept:
+        lines.append(f"--keep-documents: {kept['kept_whole']:,} of the {kept['fit']:,} documents that fit a block "
+                     f"are whole in one block; {kept['cut_to_fill']:,} were cut to fill a block's last gap (the "
+                     f"longest {kept['longest_cut']:,} tokens); {kept['in_tail']:,} went to the final partial "
+                     f"blocks; {kept['longer']:,} longer than a block were cut into blocks")
+    return lines

@@ -18,6 +18,7 @@ from zhllama.inputfile import MAX_LINE_BYTES
 from zhllama.log import Progress, get_logger
 
 from .. import shards as fmt
+from .layout import add_histograms, summarize
 from .plan import Unit, plan_source, source_key
 from .settings import Tokenizer, mb_to_bytes, settings_key
 from .workers import InlineExecutor, init_worker, mp_context, pack_task
@@ -46,6 +47,7 @@ class Packer:
         self.progress_path = out / fmt.PROGRESS
         self.dtype = np.dtype(settings["dtype"])
         self.block_size = args.block_size
+        self.keep_documents = settings.get("layout") == "documents-whole"
         self.units: List[Unit] = []
         self.file_sha: Dict[str, str] = {}
         self.records: Dict[str, dict] = {}
@@ -136,7 +138,7 @@ class Packer:
                              extra=f"{self.tokens_done:,} tokens ({self.tokens_done / elapsed:,.0f}/s)")
         writer.stats = _add_stats(writer.stats, st)
         if j == len(unit.slices) - 1:
-            splits = writer.finish(self.block_size)
+            splits = writer.finish(self.block_size, keep_documents=self.keep_documents)
             del writers[unit.uid]
             rec = {"uid": unit.uid, "settings": self.settings, "source": source_key(unit.path),
                    "source_sha256": unit.sha256, "start": unit.start, "end": unit.end,
@@ -170,7 +172,8 @@ class Packer:
             blocks = sum(e["blocks"] for e in shards)
             counts[s] = {"documents": sum(r["splits"][s]["documents"] for r in records),
                          "tokens": sum(r["splits"][s]["tokens"] for r in records),
-                         "blocks": blocks, "dropped_tokens": tail["dropped_tokens"]}
+                         "blocks": blocks, "dropped_tokens": tail["dropped_tokens"],
+                         **_documents(records, s)}
             # Characters of the split's documents (bits per character divide by them); units packed by a
             # zhllama that did not count them leave the figure out rather than undercount it.
             if all("characters" in r["splits"][s] for r in records):
@@ -220,6 +223,23 @@ class Packer:
 
 
 _RANGE = {"rows": {"range": "rows"}, "hub": {"range": "stream shards"}}   # start/end are not bytes
+
+
+def _documents(records: List[dict], split: str) -> dict:
+    """The split's document length distribution and, with --keep-documents, how many stayed whole: summed
+    over the units' records (a record from before lengths were recorded leaves the distribution out)."""
+    entries = [r["splits"][split] for r in records if r["splits"][split]["tokens"]]   # a unit's empty split: none
+    if not entries or not all("lengths" in e for e in entries):
+        return {}
+    hist = {"documents": [], "tokens": [], "max": 0, "longer_than_block": [0, 0]}
+    for e in entries:
+        hist = add_histograms(hist, e["lengths"])
+    out = {"document_lengths": summarize(hist)}
+    if entries and all("layout" in e for e in entries):
+        kept = {k: sum(e["layout"][k] for e in entries) for k in ("fit", "kept_whole", "cut_to_fill", "in_tail",
+                                                                  "longer")}
+        out["documents_kept_whole"] = {**kept, "longest_cut": max(e["layout"]["longest_cut"] for e in entries)}
+    return out
 
 
 def _add_stats(acc: Optional[dict], st: dict) -> dict:

@@ -76,7 +76,8 @@ def make_settings(args, tok: Tokenizer) -> dict:
         "validation_hash": "blake2b-64(utf8 text) < ratio * 2^64",
     } | ({} if tok.kind == "sentencepiece" else {   # SentencePiece packs keep their settings (resume keys)
         "tokenizer_kind": tok.kind, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-        "document": "bos+ids+eos" if tok.bos_id is not None else "ids+eos"})
+        "document": "bos+ids+eos" if tok.bos_id is not None else "ids+eos"}) | (
+        {"layout": "documents-whole"} if getattr(args, "keep_documents", False) else {})   # --keep-documents
 
 
 def mb_to_bytes(x: float) -> int:

@@ -62,6 +62,7 @@ class _Sink:
         self.arrays = {s: [] for s in fmt.SPLITS}
         self.tokens = {s: 0 for s in fmt.SPLITS}
         self.documents = {s: 0 for s in fmt.SPLITS}
+        self.lengths = {s: [] for s in fmt.SPLITS}     # tokens of each document, in stream order
         self.characters = {s: 0 for s in fmt.SPLITS}   # what bits per character divide by
         self.files = {s: open(p, "wb") for s, p in paths.items()} if paths else None
 
@@ -71,6 +72,7 @@ class _Sink:
         arr = _flatten(ids, self.dtype)
         self.tokens[split] += len(arr)
         self.documents[split] += len(ids)
+        self.lengths[split].extend(map(len, ids))
         self.characters[split] += characters
         if self.files is not None:
             write_array(self.files[split], arr)
@@ -147,6 +149,7 @@ def pack_task(task: dict) -> dict:
     if sink.files is None:
         arrays = {s: (np.concatenate(a) if a else np.empty(0, dtype)) for s, a in sink.arrays.items()}
     return {"error": None, "arrays": arrays, "tokens": sink.tokens, "documents": sink.documents,
+            "lengths": {s: np.asarray(v, dtype=np.int64) for s, v in sink.lengths.items()},
             "characters": sink.characters, "stats": stats.as_dict()}
 
 

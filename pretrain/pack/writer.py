@@ -16,6 +16,7 @@ from zhllama.hfdatasets import HubDataset
 from zhllama.log import get_logger
 
 from .. import shards as fmt
+from .layout import length_histogram, plan_layout, write_layout
 from .plan import Unit
 
 log = get_logger("zhllama.pack")
@@ -33,6 +34,7 @@ class UnitWriter:
         self.files = None
         self.tokens = {s: 0 for s in fmt.SPLITS}
         self.documents = {s: 0 for s in fmt.SPLITS}
+        self.lengths = {s: [] for s in fmt.SPLITS}
         self.characters = {s: 0 for s in fmt.SPLITS}
         self.stats: Optional[dict] = None
 
@@ -43,6 +45,7 @@ class UnitWriter:
         for s in fmt.SPLITS:
             self.tokens[s] += result["tokens"][s]
             self.documents[s] += result["documents"][s]
+            self.lengths[s].append(result["lengths"][s])
             self.characters[s] += result["characters"][s]
         if result["arrays"] is None:          # the worker wrote the temp files itself
             return
@@ -52,7 +55,8 @@ class UnitWriter:
             if len(arr):
                 write_array(self.files[s], arr)
 
-    def finish(self, block_size: int) -> dict:
+    def finish(self, block_size: int, keep_documents: bool = False) -> dict:
+        """Close the temp files, lay them out (--keep-documents) and rename them; the unit's split records."""
         if self.files is not None:
             for f in self.files.values():
                 f.flush()
@@ -68,12 +72,29 @@ class UnitWriter:
                 continue
             if not self.temp[s].exists() and n:
                 raise RuntimeError(f"{self.temp[s]} vanished before it was finished")
-            os.replace(self.temp[s], self.final[s])
+            lengths = np.concatenate(self.lengths[s])
+            extra = {"lengths": length_histogram(lengths, block_size)}
             blocks = n // block_size
+            if keep_documents:
+                blocks, extra["layout"] = self._lay_out(s, lengths, block_size)
+            os.replace(self.temp[s], self.final[s])
             splits[s] = {"file": self.final[s].name, "tokens": n, "blocks": blocks,
                          "tail": n - blocks * block_size, "documents": self.documents[s],
-                         "characters": self.characters[s]}
+                         "characters": self.characters[s], **extra}
         return splits
+
+    def _lay_out(self, split: str, lengths, block_size: int):
+        """Rewrite the split's temp file with its documents kept whole (layout.py); (full blocks, counts)."""
+        n = self.tokens[split]
+        if int(lengths.sum()) != n:
+            raise RuntimeError(f"{self.temp[split]}: {n} tokens but the documents add up to {int(lengths.sum())}")
+        segments, full_tokens, counts = plan_layout(lengths, block_size)
+        src = np.memmap(self.temp[split], dtype=self.dtype, mode="r", shape=(n,))
+        laid = self.shard_dir / f".{self.unit.name}.{split}.layout.tmp"
+        write_layout(src, segments, laid)
+        del src
+        os.replace(laid, self.temp[split])
+        return full_tokens // block_size, counts
 
     def abort(self) -> None:
         if self.files is not None:

@@ -6,6 +6,7 @@ Every expected config here is worked out by hand from the rules in pretrain/rope
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +197,22 @@ def test_serve_takes_its_context_from_the_scaling(tmp_path):
     with pytest.raises(UserError, match=r"--max-context 5000 is more than .*max_position_embeddings x rope_scaling "
                                          r"factor 4096"):
         serving_context(tmp_path / "linear", 5000)
+
+
+# ------------------------------------------------------------------------------------------ the shipped config
+
+def test_the_shipped_long16k_config_is_the_documented_4k_to_16k_recipe():
+    """configs/long16k.yaml holds every key line docs/training.md shows of it, and from a 4K base
+    (LLaMA-2) its scaling trains 16,384 positions: the block size the config asks for."""
+    repo = Path(__file__).resolve().parents[1]
+    shipped = (repo / "configs" / "long16k.yaml").read_text(encoding="utf-8").splitlines()
+    doc = (repo / "docs" / "training.md").read_text(encoding="utf-8")
+    block = doc[doc.index("# configs/long16k.yaml"):].split("```")[0].splitlines()[1:]
+    assert len(block) >= 10 and all(line in shipped for line in block if line.strip()), \
+        [line for line in block if line.strip() and line not in shipped]
+    cfg = load_config(str(repo / "configs" / "long16k.yaml"), [])
+    assert (cfg.stage, cfg.block_size, cfg.context_length, cfg.micro_batch) == ("stage2", 16384, 16384, 1)
+    assert cfg.rope_scaling == {"type": "linear", "factor": 4}
+    assert (cfg.preset().global_batch, cfg.preset().lr) == (32, 2e-5)
+    change = run_change(LLAMA2_TF5, None, cfg.rope_scaling, cfg.context_length)
+    assert change.after == Rope("linear", 4.0, 10000.0, 4096) and context_length(with_rope(LLAMA2_TF5, change.after)) == 16384

@@ -14,7 +14,8 @@ redoes all):
             demo's base is made: 1,000 steps of English with a quarter passkey documents, then 800 steps
             on blocks three in four of which start with a whole passkey document (the base must
             retrieve a key within 256 tokens for the passkey figures at 2,048 to be about length)
-  pack      `zhllama data pack --block-size 2048 --keep-documents` of the training documents
+  pack      `zhllama data pack --block-size 2048 --keep-documents` of the training documents and
+            --extension-passkey short passkey documents per long one
   train     `zhllama train stage=stage2 block_size=2048 rope_scaling={type: linear|yarn, factor: 8}` for
             --steps steps (LoRA on q,k,v,o + embed_tokens + lm_head), then `zhllama merge`
   eval      `zhllama eval --positions --buckets 256,512,1024,2048 --passkey` on the held-out documents for
@@ -24,7 +25,8 @@ It prints a table and checks the issue's targets: perplexity at positions 1K-2K 
 the base's, perplexity at 0-256 within 5% of the base's, passkey accuracy at 2,048 above the base's.
 Figures in docs/benchmarks.md. Not a test: minutes of CPU.
 
-  python bench/long_context.py [--out /tmp/zhllama-long] [--steps 200] [--global-batch 2] [--fresh]
+  python bench/long_context.py [--out /tmp/zhllama-long] [--steps 200] [--global-batch 2]
+      [--extension-passkey 1] [--fresh]
 """
 
 import argparse
@@ -191,6 +193,8 @@ def main():
     ap.add_argument("--steps", type=int, default=200, help="extension steps at 2,048 tokens")
     ap.add_argument("--passkey-share", type=float, default=0.25,
                     help="share of passkey documents among the base's (and the extension's short) documents")
+    ap.add_argument("--extension-passkey", type=int, default=1,
+                    help="short passkey documents per long document in the extension's data")
     ap.add_argument("--global-batch", type=int, default=2, help="sequences of 2,048 tokens per extension step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--trials", type=int, default=10, help="passkey keys per length and depth")
@@ -211,7 +215,7 @@ def main():
     tok = load_tokenizer(out / "tokenizer")
     if not (out / "packed" / "manifest.json").exists():
         long_docs = (out / "train_long.txt").read_text(encoding="utf-8").splitlines()
-        mix = long_docs + passkey_lines(tok, len(long_docs), seed=2)     # short passkey documents: the base's skill
+        mix = long_docs + passkey_lines(tok, args.extension_passkey * len(long_docs), seed=2)   # the base's skill
         random.Random(1).shuffle(mix)
         (out / "train_mix.txt").write_text("\n".join(mix) + "\n", encoding="utf-8")
         zhllama("data", "pack", "--tokenizer", out / "tokenizer", "--input", out / "train_mix.txt", "--block-size",

@@ -11,9 +11,11 @@ redoes all):
             --passkey` with its answer) of 120-250 tokens are mixed in (--passkey-share).
   base      a tokenizer (SentencePiece BPE, 2,000 pieces) and a tiny LLaMA (4 layers x 128,
             max_position_embeddings 256) pretrained at 256 tokens with `zhllama.tiny.pretrain_tiny`, as the
-            demo's base is made: English with a quarter passkey documents, then a half (the base must
+            demo's base is made: 1,000 steps of English with a quarter passkey documents, then 800 steps
+            on blocks three in four of which start with a whole passkey document (the base must
             retrieve a key within 256 tokens for the passkey figures at 2,048 to be about length)
-  pack      `zhllama data pack --block-size 2048 --keep-documents` of the training documents
+  pack      `zhllama data pack --block-size 2048 --keep-documents` of the training documents and
+            --extension-passkey short passkey documents per long one
   train     `zhllama train stage=stage2 block_size=2048 rope_scaling={type: linear|yarn, factor: 8}` for
             --steps steps (LoRA on q,k,v,o + embed_tokens + lm_head), then `zhllama merge`
   eval      `zhllama eval --positions --buckets 256,512,1024,2048 --passkey` on the held-out documents for
@@ -23,7 +25,8 @@ It prints a table and checks the issue's targets: perplexity at positions 1K-2K 
 the base's, perplexity at 0-256 within 5% of the base's, passkey accuracy at 2,048 above the base's.
 Figures in docs/benchmarks.md. Not a test: minutes of CPU.
 
-  python bench/long_context.py [--out /tmp/zhllama-long] [--steps 200] [--global-batch 2] [--fresh]
+  python bench/long_context.py [--out /tmp/zhllama-long] [--steps 200] [--global-batch 2]
+      [--extension-passkey 1] [--fresh]
 """
 
 import argparse
@@ -36,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+import sentencepiece as spm
 from shared_data import need  # bench/ is on sys.path when a bench runs as a script
 from zhllama.export.longeval import passkey_document
 from zhllama.modelio import load_model, load_tokenizer, save_pretrained_atomic, save_tokenizer
@@ -103,11 +107,49 @@ def passkey_lines(tok, n: int, seed: int) -> list:
             for _ in range(n)]
 
 
+def aligned_passkey_lines(tok, sp, paragraphs, n_blocks: int, share: float, seed: int) -> list:
+    """Lines that `pretrain_tiny` (BOS + ids + EOS of each line, concatenated, cut every BASE_CTX tokens)
+    turns into `n_blocks` blocks of which `share` start with a whole passkey document (110-240 tokens,
+    the key at a random depth) with English after it, the rest English alone: a passkey document cut
+    across two blocks (as most were when they were lines among the paragraphs) separates the needle from
+    the question. The English pieces are runs of words that `sp` makes exactly the tokens left."""
+    rng = random.Random(seed)
+    stream = " ".join(paragraphs).split(" ")
+
+    def tok_len(text):                               # pretrain_tiny's own count
+        return len(sp.encode(text))
+
+    def english(m):                                  # a text of exactly m tokens
+        while True:
+            a = rng.randrange(len(stream) - 4 * m)
+            lo, hi = 1, 2 * m                        # the most words of at most m tokens
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if tok_len(" ".join(stream[a:a + mid])) <= m else (lo, mid - 1)
+            text = " ".join(stream[a:a + lo]).strip()
+            if text and tok_len(text) == m:
+                return text
+
+    lines = []
+    for _ in range(n_blocks):
+        if rng.random() < share:
+            while True:
+                doc = passkey_document(tok, rng.randint(110, 240), rng.random(), rng.randint(10000, 99999)) + "."
+                n = tok_len(doc)
+                if n <= BASE_CTX - 8:
+                    break
+            lines += [doc, english(BASE_CTX - 4 - n)]
+        else:
+            lines.append(english(BASE_CTX - 2))
+    return lines
+
+
 def make_base(out: Path, steps: int, passkey_steps: int, passkey_share: float) -> Path:
     """The tiny base, pretrained at 256 tokens in two runs of `pretrain_tiny`: English with a share of
-    passkey documents, then as many English paragraphs as passkey documents, so that the base retrieves
-    a key within its own context and the passkey figures at 2,048 are about length, not the task."""
-    tok_dir, base, phase1 = out / "tokenizer", out / "base", out / "base_phase1"
+    passkey documents, then blocks three in four of which start with a whole passkey document
+    (`aligned_passkey_lines`), so that the base retrieves a key within its own context (the figures at
+    2,048 are then about length, not the task)."""
+    tok_dir, phase1 = out / "tokenizer", out / "base_phase1"
     text = (out / "train_paragraphs.txt").read_text(encoding="utf-8")
     if not (tok_dir / "tokenizer.json").exists():
         make_tiny_sp(tok_dir / "tokenizer.model", text=text, vocab_size=2000, seed_lines=1)
@@ -128,28 +170,31 @@ def make_base(out: Path, steps: int, passkey_steps: int, passkey_share: float) -
         say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
         save_pretrained_atomic(model, tok_dir, phase1, overwrite=True)
         shutil.rmtree(out / "init")
-    keys = passkey_lines(tok, len(lines), seed=3)
-    mixed = [x for pair in zip(lines, keys) for x in pair]
-    random.Random(4).shuffle(mixed)
-    (out / "base_text2.txt").write_text("\n".join(mixed) + "\n", encoding="utf-8")
-    model = load_model(phase1)
-    say(f"base: {passkey_steps} more steps, half the documents passkey ones")
-    records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text2.txt", steps=passkey_steps,
-                            batch=BATCH, block_size=BASE_CTX, lr=2e-3, seed=1, metrics_path=out / "base_metrics2.jsonl")
-    say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
-    save_pretrained_atomic(model, tok_dir, base, overwrite=True)
-    return base
+    if not (out / "base" / "config.json").exists():
+        sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+        blocks = aligned_passkey_lines(tok, sp, lines, passkey_steps * BATCH, 0.75, seed=3)
+        (out / "base_text2.txt").write_text("\n".join(blocks) + "\n", encoding="utf-8")
+        model = load_model(phase1)
+        say(f"base: {passkey_steps} more steps, three blocks in four led by a whole passkey document")
+        records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text2.txt", steps=passkey_steps,
+                                batch=BATCH, block_size=BASE_CTX, lr=3e-3, seed=1,
+                                metrics_path=out / "base_metrics2.jsonl")
+        say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
+        save_pretrained_atomic(model, tok_dir, out / "base", overwrite=True)
+    return out / "base"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/zhllama-long", help="work directory (reused between runs)")
     ap.add_argument("--base-steps", type=int, default=1000, help="pretraining steps of the base at 256 tokens")
-    ap.add_argument("--base-passkey-steps", type=int, default=400,
-                    help="then steps on as many English paragraphs as passkey documents")
+    ap.add_argument("--base-passkey-steps", type=int, default=800,
+                    help="then steps on blocks led by whole passkey documents")
     ap.add_argument("--steps", type=int, default=200, help="extension steps at 2,048 tokens")
     ap.add_argument("--passkey-share", type=float, default=0.25,
                     help="share of passkey documents among the base's (and the extension's short) documents")
+    ap.add_argument("--extension-passkey", type=int, default=1,
+                    help="short passkey documents per long document in the extension's data")
     ap.add_argument("--global-batch", type=int, default=2, help="sequences of 2,048 tokens per extension step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--trials", type=int, default=10, help="passkey keys per length and depth")
@@ -170,7 +215,7 @@ def main():
     tok = load_tokenizer(out / "tokenizer")
     if not (out / "packed" / "manifest.json").exists():
         long_docs = (out / "train_long.txt").read_text(encoding="utf-8").splitlines()
-        mix = long_docs + passkey_lines(tok, len(long_docs), seed=2)     # short passkey documents: the base's skill
+        mix = long_docs + passkey_lines(tok, args.extension_passkey * len(long_docs), seed=2)   # the base's skill
         random.Random(1).shuffle(mix)
         (out / "train_mix.txt").write_text("\n".join(mix) + "\n", encoding="utf-8")
         zhllama("data", "pack", "--tokenizer", out / "tokenizer", "--input", out / "train_mix.txt", "--block-size",

@@ -11,9 +11,11 @@ redoes all):
             --passkey` with its answer) of 120-250 tokens are mixed in (--passkey-share).
   base      a tokenizer (SentencePiece BPE, 2,000 pieces) and a tiny LLaMA (4 layers x 128,
             max_position_embeddings 256) pretrained at 256 tokens with `zhllama.tiny.pretrain_tiny`, as the
-            demo's base is made: 1,000 steps of English with a quarter passkey documents, then 800 steps
-            on blocks three in four of which start with a whole passkey document (the base must
-            retrieve a key within 256 tokens for the passkey figures at 2,048 to be about length)
+            demo's base is made: 1,000 steps of English with a quarter passkey documents, then 1,000
+            steps of "copy" lines alone (a run of 8-24 random words repeated 2-4 times: without this
+            phase the base found a key only next to the question, never at depths 0 and 0.5), then
+            800 steps on blocks three in four of which start with a whole passkey document (the base
+            must retrieve a key within 256 tokens for the passkey figures at 2,048 to be about length)
   pack      `zhllama data pack --block-size 2048 --keep-documents` of the training documents and
             --extension-passkey short passkey documents per long one
   train     `zhllama train stage=stage2 block_size=2048 rope_scaling={type: linear|yarn, factor: 8}` for
@@ -26,7 +28,7 @@ the base's, perplexity at 0-256 within 5% of the base's, passkey accuracy at 2,0
 Figures in docs/benchmarks.md. Not a test: minutes of CPU.
 
   python bench/long_context.py [--out /tmp/zhllama-long] [--steps 200] [--global-batch 2]
-      [--extension-passkey 1] [--fresh]
+      [--base-copy-steps 1000] [--extension-passkey 1] [--fresh]
 """
 
 import argparse
@@ -144,11 +146,23 @@ def aligned_passkey_lines(tok, sp, paragraphs, n_blocks: int, share: float, seed
     return lines
 
 
-def make_base(out: Path, steps: int, passkey_steps: int, passkey_share: float) -> Path:
-    """The tiny base, pretrained at 256 tokens in two runs of `pretrain_tiny`: English with a share of
-    passkey documents, then blocks three in four of which start with a whole passkey document
-    (`aligned_passkey_lines`), so that the base retrieves a key within its own context (the figures at
-    2,048 are then about length, not the task)."""
+def copy_lines(paragraphs, n: int, seed: int) -> list:
+    """`n` lines each a run of 8-24 words drawn at random from `paragraphs`, repeated 2-4 times: the
+    next word is predictable only by finding the run's earlier copy, the lookup a passkey needs."""
+    rng = random.Random(seed)
+    words = " ".join(paragraphs).split(" ")
+    lines = []
+    for _ in range(n):
+        run = " ".join(rng.choice(words) for _ in range(rng.randint(8, 24)))
+        lines.append(" ".join([run] * rng.randint(2, 4)))
+    return lines
+
+
+def make_base(out: Path, steps: int, copy_steps: int, passkey_steps: int, passkey_share: float) -> Path:
+    """The tiny base, pretrained at 256 tokens in three runs of `pretrain_tiny`: English with a share of
+    passkey documents; repeated random runs alone (`copy_lines`); then blocks three in four of which
+    start with a whole passkey document (`aligned_passkey_lines`), so that the base retrieves a key
+    anywhere within its own context (the figures at 2,048 are then about length, not the task)."""
     tok_dir, phase1 = out / "tokenizer", out / "base_phase1"
     text = (out / "train_paragraphs.txt").read_text(encoding="utf-8")
     if not (tok_dir / "tokenizer.json").exists():
@@ -170,11 +184,22 @@ def make_base(out: Path, steps: int, passkey_steps: int, passkey_share: float) -
         say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
         save_pretrained_atomic(model, tok_dir, phase1, overwrite=True)
         shutil.rmtree(out / "init")
+    copied = out / "base_copy"
+    if copy_steps and not (copied / "config.json").exists():
+        (out / "base_text_copy.txt").write_text("\n".join(copy_lines(lines, copy_steps * BATCH * 3, seed=11)) + "\n",
+                                                encoding="utf-8")
+        model = load_model(phase1)
+        say(f"base: {copy_steps} steps of repeated random runs alone")
+        records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text_copy.txt", steps=copy_steps,
+                                batch=BATCH, block_size=BASE_CTX, lr=3e-3, seed=2,
+                                metrics_path=out / "base_metrics_copy.jsonl")
+        say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
+        save_pretrained_atomic(model, tok_dir, copied, overwrite=True)
     if not (out / "base" / "config.json").exists():
         sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
         blocks = aligned_passkey_lines(tok, sp, lines, passkey_steps * BATCH, 0.75, seed=3)
         (out / "base_text2.txt").write_text("\n".join(blocks) + "\n", encoding="utf-8")
-        model = load_model(phase1)
+        model = load_model(copied if copy_steps else phase1)
         say(f"base: {passkey_steps} more steps, three blocks in four led by a whole passkey document")
         records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text2.txt", steps=passkey_steps,
                                 batch=BATCH, block_size=BASE_CTX, lr=3e-3, seed=1,
@@ -188,6 +213,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/zhllama-long", help="work directory (reused between runs)")
     ap.add_argument("--base-steps", type=int, default=1000, help="pretraining steps of the base at 256 tokens")
+    ap.add_argument("--base-copy-steps", type=int, default=1000,
+                    help="then steps of repeated random runs alone (0: none)")
     ap.add_argument("--base-passkey-steps", type=int, default=800,
                     help="then steps on blocks led by whole passkey documents")
     ap.add_argument("--steps", type=int, default=200, help="extension steps at 2,048 tokens")
@@ -211,7 +238,7 @@ def main():
         say(f"data: {make_data(out)}")
     base = out / "base"
     if not (base / "config.json").exists():
-        make_base(out, args.base_steps, args.base_passkey_steps, args.passkey_share)
+        make_base(out, args.base_steps, args.base_copy_steps, args.base_passkey_steps, args.passkey_share)
     tok = load_tokenizer(out / "tokenizer")
     if not (out / "packed" / "manifest.json").exists():
         long_docs = (out / "train_long.txt").read_text(encoding="utf-8").splitlines()

@@ -158,12 +158,25 @@ def copy_lines(paragraphs, n: int, seed: int) -> list:
     return lines
 
 
+def base_phase(tok_dir: Path, init: Path, lines: list, text_path: Path, steps: int, seed: int,
+               metrics_path: Path, dest: Path, what: str) -> None:
+    """One run of `pretrain_tiny` (lr 3e-3, BATCH x BASE_CTX tokens a step) from `init` on `lines`,
+    saved to `dest`."""
+    text_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    model = load_model(init)
+    say(f"base: {steps} steps, {what}")
+    records = pretrain_tiny(model, tok_dir / "tokenizer.model", text_path, steps=steps, batch=BATCH,
+                            block_size=BASE_CTX, lr=3e-3, seed=seed, metrics_path=metrics_path)
+    say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
+    save_pretrained_atomic(model, tok_dir, dest, overwrite=True)
+
+
 def make_base(out: Path, steps: int, copy_steps: int, passkey_steps: int, passkey_share: float) -> Path:
     """The tiny base, pretrained at 256 tokens in three runs of `pretrain_tiny`: English with a share of
     passkey documents; repeated random runs alone (`copy_lines`); then blocks three in four of which
     start with a whole passkey document (`aligned_passkey_lines`), so that the base retrieves a key
     anywhere within its own context (the figures at 2,048 are then about length, not the task)."""
-    tok_dir, phase1 = out / "tokenizer", out / "base_phase1"
+    tok_dir, phase1, copied = out / "tokenizer", out / "base_phase1", out / "base_copy"
     text = (out / "train_paragraphs.txt").read_text(encoding="utf-8")
     if not (tok_dir / "tokenizer.json").exists():
         make_tiny_sp(tok_dir / "tokenizer.model", text=text, vocab_size=2000, seed_lines=1)
@@ -173,39 +186,19 @@ def make_base(out: Path, steps: int, copy_steps: int, passkey_steps: int, passke
     if not (phase1 / "config.json").exists():
         mixed = lines + passkey_lines(tok, int(len(lines) * passkey_share / (1 - passkey_share)), seed=1)
         random.Random(0).shuffle(mixed)
-        (out / "base_text.txt").write_text("\n".join(mixed) + "\n", encoding="utf-8")
         make_tiny_llama(tok_dir / "tokenizer.model", out / "init", hidden_size=128, num_layers=4, num_heads=4,
                         intermediate_size=344, max_position_embeddings=BASE_CTX, seed=0, overwrite=True)
-        model = load_model(out / "init")
-        say(f"base: pretraining {steps} steps of {BATCH} x {BASE_CTX} tokens (zhllama.tiny.pretrain_tiny)")
-        records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text.txt", steps=steps,
-                                batch=BATCH, block_size=BASE_CTX, lr=3e-3, seed=0,
-                                metrics_path=out / "base_metrics.jsonl")
-        say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
-        save_pretrained_atomic(model, tok_dir, phase1, overwrite=True)
+        base_phase(tok_dir, out / "init", mixed, out / "base_text.txt", steps, 0, out / "base_metrics.jsonl",
+                   phase1, "English with passkey documents (zhllama.tiny.pretrain_tiny)")
         shutil.rmtree(out / "init")
-    copied = out / "base_copy"
     if copy_steps and not (copied / "config.json").exists():
-        (out / "base_text_copy.txt").write_text("\n".join(copy_lines(lines, copy_steps * BATCH * 3, seed=11)) + "\n",
-                                                encoding="utf-8")
-        model = load_model(phase1)
-        say(f"base: {copy_steps} steps of repeated random runs alone")
-        records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text_copy.txt", steps=copy_steps,
-                                batch=BATCH, block_size=BASE_CTX, lr=3e-3, seed=2,
-                                metrics_path=out / "base_metrics_copy.jsonl")
-        say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
-        save_pretrained_atomic(model, tok_dir, copied, overwrite=True)
+        base_phase(tok_dir, phase1, copy_lines(lines, copy_steps * BATCH * 3, seed=11), out / "base_text_copy.txt",
+                   copy_steps, 2, out / "base_metrics_copy.jsonl", copied, "repeated random runs alone")
     if not (out / "base" / "config.json").exists():
         sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
         blocks = aligned_passkey_lines(tok, sp, lines, passkey_steps * BATCH, 0.75, seed=3)
-        (out / "base_text2.txt").write_text("\n".join(blocks) + "\n", encoding="utf-8")
-        model = load_model(copied if copy_steps else phase1)
-        say(f"base: {passkey_steps} more steps, three blocks in four led by a whole passkey document")
-        records = pretrain_tiny(model, tok_dir / "tokenizer.model", out / "base_text2.txt", steps=passkey_steps,
-                                batch=BATCH, block_size=BASE_CTX, lr=3e-3, seed=1,
-                                metrics_path=out / "base_metrics2.jsonl")
-        say(f"base: loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
-        save_pretrained_atomic(model, tok_dir, out / "base", overwrite=True)
+        base_phase(tok_dir, copied if copy_steps else phase1, blocks, out / "base_text2.txt", passkey_steps, 1,
+                   out / "base_metrics2.jsonl", out / "base", "three blocks in four led by a whole passkey document")
     return out / "base"
 
 

@@ -34,6 +34,15 @@ def train_two_ranks(args, run: Path, launcher: str = "pretrain_stage2.sh", timeo
                           capture_output=True, text=True, timeout=timeout)
 
 
+def resume_on_one_rank(args, saved_world: int = 2, timeout: int = 900, **env):
+    """`train` on a world of one, resuming a checkpoint written by `saved_world` ranks: it must succeed and
+    say that it redistributed the optimizer state."""
+    res = train(args, timeout=timeout, **env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"written by {saved_world} ranks; its optimizer state is redistributed over 1" in res.stderr
+    return res
+
+
 def final_weights(run: Path) -> dict:
     return load_file(str(run / "final" / "adapter_model.safetensors"))
 

@@ -370,6 +370,7 @@ TEMPLATE_READERS = [  # in-process where the template is read before anything co
     ("generate", lambda x, b, t, m, o: _gen(m, "--template", x)),
     ("merge", lambda x, b, t, m, o: ["merge", "--base", m, "--adapter", b["adapter"], "--template", x, "--out", o]),
 ]
+CONFIG_READER = ("train --dry-run", lambda x, b, t, m, o: ["train", "--dry-run", "--config", x])  # a run config file
 # (family, bad input, its readers, what the line must name: the file under the input, and the key)
 HOSTILE_FILES = [
     ("11", "automap-tok", MODEL_READERS[:3] + TOKENIZER_READERS[2:] + [VOCAB_MERGE], "tokenizer_config.json",
@@ -398,11 +399,11 @@ HOSTILE_FILES = [
     ("13", "adapter-st-overlap", ADAPTER_READERS, "adapter_model.safetensors", ""),
     ("13", "st-overlap", WEIGHT_READERS, "model.safetensors", "overlaps"),
     ("13", "st-negative", WEIGHT_READERS, "model.safetensors", "offsets -8"),
-    ("12", "recursive.yaml", [("train --dry-run", lambda x, b, t, m, o: ["train", "--dry-run", "--config", x])]
+    ("12", "recursive.yaml", [CONFIG_READER]
      + TEMPLATE_READERS, "", "recursive"),
-    ("12", "deep.yaml", [("train --dry-run", lambda x, b, t, m, o: ["train", "--dry-run", "--config", x])]
+    ("12", "deep.yaml", [CONFIG_READER]
      + TEMPLATE_READERS, "", "nested"),
-    ("12", "bigint.yaml", [("train --dry-run", lambda x, b, t, m, o: ["train", "--dry-run", "--config", x])],
+    ("12", "bigint.yaml", [CONFIG_READER],
      "", "4300 digits"),
 ]
 # Every number of a run config, out of range (no model: the limits alone).

@@ -73,6 +73,15 @@ def barrier():
         torch.distributed.barrier()
 
 
+def shutdown_distributed():
+    """End the process group once every rank is done. gloo's worker threads must be stopped before the
+    interpreter exits: left to the interpreter's teardown, a rank can abort ("terminate called without an
+    active exception") after a run that succeeded, and the launcher then reports the whole job failed."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def all_reduce_(tensor, op=None):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)

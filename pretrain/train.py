@@ -75,7 +75,7 @@ def run(args):
         if change is not None:
             print(f"# positions: {change.after.describe()}, from the base's {change.before.describe()}")
         return 0
-    from .engine import Trainer   # torch, DeepSpeed: only when training, so `zhllama train --help` stays light
+    from .engine import Trainer, shutdown_distributed   # torch, DeepSpeed: only when training (--help stays light)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     # One run per run directory: rank 0 holds its lock, before any process group (a second launch's
     # rank 0 is refused naming the first; its launcher then stops its other ranks).
@@ -86,4 +86,5 @@ def run(args):
         if rank0:
             atomic_write_json(Path(cfg.out) / "summary.json", summary)  # what scripts read; the line is for people
             print(json.dumps(summary))
+    shutdown_distributed()  # a run that succeeded ends with every rank's exit code 0
     return 0

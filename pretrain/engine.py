@@ -62,10 +62,35 @@ def init_distributed():
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
+        if backend == "gloo":   # CPU ranks; on GPUs no barrier may run before set_device
+            release_cpu_allreduce_files()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def cpu_allreduce_file(rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce (its shm comm op) maps for `rank` of this job: named by
+    user, MASTER_ADDR, MASTER_PORT and global rank (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_cpu_allreduce_files():
+    """Unlink this rank's DeepSpeed CPU all-reduce file once every rank has mapped every rank's file.
+
+    DeepSpeed never unlinks them: each CPU run on local ranks left 69 MB a rank in /dev/shm, which is memory,
+    for good (a killed run too); a day of tests filled 16 GB and the next run was OOM-killed.
+    `deepspeed.init_distributed` returns on a rank after it has mapped every other rank's file, so after a
+    barrier the names can go: the mappings stay valid until the processes end, and nothing is left behind
+    however they end."""
+    path = cpu_allreduce_file(torch.distributed.get_rank())
+    torch.distributed.barrier()
+    if path.exists():
+        path.unlink(missing_ok=True)
+        if torch.distributed.get_rank() == 0:
+            log.info("DeepSpeed's CPU all-reduce files in /dev/shm unlinked once mapped (it leaves them behind)")
 
 
 def barrier():

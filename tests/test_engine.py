@@ -13,6 +13,7 @@ Runs (module-scoped, each a real `zhllama train` process):
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -59,6 +60,15 @@ def two_rank(tmp_path_factory, base_args):
         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run
+
+
+def test_a_cpu_run_on_two_ranks_leaves_nothing_in_dev_shm(two_rank):
+    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never unlinks it; the engine unlinks
+    each once every rank has mapped them, so a run (ended or killed) leaves none of its files behind."""
+    log = (two_rank.parent / "logs" / "pretrain_stage2_node0.log").read_text()
+    assert "all-reduce files in /dev/shm unlinked" in log
+    port = re.search(r"--master_port[ =](\d+)", log).group(1)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
 
 
 @pytest.fixture(scope="module")

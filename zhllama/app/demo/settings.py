@@ -74,12 +74,13 @@ def smollm2_settings(quick: bool) -> dict:
     `--quick` is a smoke run).
 
     The learning rates come from short runs on the same data (stage 2 at 2e-3 beat 5e-4 by 0.1 nats of
-    held-out loss after 20 steps; over 310 steps 2e-3 diverged, so stage 2 runs at 1e-3). Stage 2 gets most of the steps: LoRA moves the held-out loss faster
-    per token than embeddings alone. Two knobs hold on to the base's English, both chosen from the
-    short runs of docs/benchmarks.md (bench/smollm2_sweep.py): a tenth of the pretraining tokens is
-    English (`english_share`), and the base's own embedding rows learn at a tenth of each stage's lr
-    (`embed_lr_base` 0.1: English +1.9% after stage 2 against +16.0% with every row at the full lr, for
-    2.4 points of the Chinese gain). SFT reads BELLE's Chinese eval set of ../shared when present (631
+    held-out loss after 20 steps; over 310 steps 2e-3 diverged, so stage 2 runs at 1e-3). Stage 2 gets
+    most of the steps: LoRA moves the held-out loss faster per token than embeddings alone. Two knobs
+    hold on to the base's English, both chosen from the short runs of docs/benchmarks.md
+    (bench/smollm2_sweep.py): a tenth of the pretraining tokens is English (`english_share`), and the
+    base's own embedding rows learn at a tenth of each stage's lr (`embed_lr_base` 0.1: English +1.9%
+    after stage 2 against +16.0% with every row at the full lr, for 2.4 points of the Chinese gain; the
+    full run ends SFT at 0.997 x the base's English bits/char). SFT reads BELLE's Chinese eval set of ../shared when present (631
     of its 1,000 instructions have a reference answer; the others are skipped as records without an
     output).
     """

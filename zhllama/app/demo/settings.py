@@ -80,9 +80,9 @@ def smollm2_settings(quick: bool) -> dict:
     (bench/smollm2_sweep.py): a tenth of the pretraining tokens is English (`english_share`), and the
     base's own embedding rows learn at a tenth of each stage's lr (`embed_lr_base` 0.1: English +1.9%
     after stage 2 against +16.0% with every row at the full lr, for 2.4 points of the Chinese gain; the
-    full run ends SFT at 0.997 x the base's English bits/char). SFT reads BELLE's Chinese eval set of ../shared when present (631
-    of its 1,000 instructions have a reference answer; the others are skipped as records without an
-    output).
+    full run ends SFT at 0.997 x the base's English bits/char). SFT reads BELLE's Chinese eval set of
+    ../shared when present (631 of its 1,000 instructions have a reference answer; the others are
+    skipped as records without an output).
     """
     s = demo_settings(quick)
     s["data"] = {"validation_ratio": 0.1, "max_zh_docs": 400 if quick else 20000,

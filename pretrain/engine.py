@@ -85,11 +85,12 @@ def release_cpu_allreduce_files():
     `deepspeed.init_distributed` returns on a rank after it has mapped every other rank's file, so after a
     barrier the names can go: the mappings stay valid until the processes end, and nothing is left behind
     however they end."""
-    path = cpu_allreduce_file(torch.distributed.get_rank())
+    rank = torch.distributed.get_rank()
+    path = cpu_allreduce_file(rank)
     torch.distributed.barrier()
-    if path.exists():
-        path.unlink(missing_ok=True)
-        if torch.distributed.get_rank() == 0:
+    if path.exists():   # absent where DeepSpeed's shm op did not build, or the ranks span nodes
+        path.unlink()
+        if rank == 0:
             log.info("DeepSpeed's CPU all-reduce files in /dev/shm unlinked once mapped (it leaves them behind)")
 
 

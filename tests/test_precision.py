@@ -61,7 +61,8 @@ from zhllama.loss import CausalLMTokenLoss
 from zhllama.pretrain.ds_config import build_ds_config, resolve_ds_config
 from zhllama.pretrain.precision import wrong_dtype_buffers
 from zhllama.tiny import tiny_llama_config
-deepspeed.init_distributed(dist_backend="gloo")
+from zhllama.pretrain.engine import init_distributed
+init_distributed()   # gloo on CPU, and DeepSpeed's /dev/shm all-reduce file unlinked once mapped
 out = {}
 for check in (True, False):
     torch.manual_seed(0)

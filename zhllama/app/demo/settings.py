@@ -95,15 +95,14 @@ def smollm2_settings(quick: bool) -> dict:
     # Stage 1 with the base rows slowed moves held-out Chinese little (the short runs): most steps go to
     # stage 2. Each evaluation scores the pack's whole validation split (2,000+ news sentences, about 2
     # minutes here), so a stage evaluates two or three times, not every 25 steps.
-    steps = {"stage1": 2 if quick else 20, "stage2": 2 if quick else 310, "sft": 2 if quick else 40}
-    evals = {"stage1": 20, "stage2": 155, "sft": 20}
     # Stage 2 at 2e-3 (best over 20 steps) diverged in the 310-step run (gradient norm up to 220 at steps
     # 44-56, training loss 6.5 -> 8.8): 1e-3 for the long schedule.
-    for step, lr, seed in (("stage1", 2e-3, 42), ("stage2", 1e-3, 43), ("sft", 3e-4, 44)):
+    for step, max_steps, eval_every, lr, seed in (("stage1", 20, 20, 2e-3, 42), ("stage2", 310, 155, 1e-3, 43),
+                                                  ("sft", 40, 20, 3e-4, 44)):
         # a checkpoint of a 135M model + Adam state costs seconds on a busy disk: few of them.
         # Each stage draws its own block order (seed), so stage 2 does not replay stage 1's first blocks.
-        s[step] = {"max_steps": steps[step], "global_batch": 8, "micro_batch": 4, "lr": lr, "seed": seed,
-                   "save_every": 2 if quick else 50, "eval_every": 2 if quick else evals[step],
+        s[step] = {"max_steps": 2 if quick else max_steps, "global_batch": 8, "micro_batch": 4, "lr": lr,
+                   "seed": seed, "save_every": 2 if quick else 50, "eval_every": 2 if quick else eval_every,
                    "overrides": {"embed_lr_base": SMOLLM2_EMBED_LR_BASE}}
     s["sft"].update(block_size=256, template="chinese-alpaca")
     s["generate"] = {"max_new_tokens": 16 if quick else 64}

@@ -51,7 +51,7 @@ def test_slurm_job_binds_no_gpu_takes_whole_nodes_and_passes_the_network(tmp_pat
     assert srun[-2:] == [str(REPO / "launch" / "pretrain_stage2.sh"), "out=runs/x"]
     out = res.stdout.splitlines()
     assert out[0] == ("slurm.sbatch: stage2 on 2 tasks, master node1:29500, network: "
-                      "NCCL_IB_HCA=mlx5_0,mlx5_1 NCCL_SOCKET_IFNAME=ib0 ")
+                      "NCCL_IB_HCA=mlx5_0,mlx5_1 NCCL_SOCKET_IFNAME=ib0")
     # each task: the outer-launcher form (no launcher inside the job), with the job's config
     tasks = [line for line in out if "zhllama.app.cli train" in line]
     assert len(tasks) == 2 and all(f"--config {REPO}/launch/../configs/stage2.yaml out=runs/x" in t for t in tasks)

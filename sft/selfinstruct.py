@@ -231,13 +231,13 @@ class ResumableJsonl:
     def __init__(self, path):
         self.path = Path(path)
         self.state_path = self.path.with_name(self.path.name + ".state.json")
+        self.previous = self.path.with_name(self.path.name + ".previous")
+        self.previous_state = self.state_path.with_name(self.state_path.name + ".previous")
 
     def open(self, fingerprint: dict, overwrite: bool = False):
         """(records already committed, saved state). Refuses a file made with other settings."""
         if overwrite:
-            for p in (self.path, self.state_path):
-                if p.exists():
-                    p.unlink()
+            self._set_aside()
         if not self.path.exists():
             if self.state_path.exists():
                 self.state_path.unlink()
@@ -275,6 +275,31 @@ class ResumableJsonl:
         state["fingerprint"] = fingerprint
         state["bytes"] = committed
         return records, state
+
+    def _set_aside(self) -> None:
+        """--overwrite keeps the old output until the new run ends (API calls cost money): it moves to
+        OUT.previous with its state. A .previous already there was set aside by an --overwrite run that
+        did not finish; it stays, and that run's unfinished output is what goes."""
+        if self.previous.exists():
+            for p in (self.path, self.state_path):
+                p.unlink(missing_ok=True)
+            log.info("%s: keeping %s (set aside by an earlier --overwrite that did not finish)",
+                     self.path, self.previous.name)
+            return
+        if self.path.exists():
+            os.replace(self.path, self.previous)
+            log.info("%s: the old output is kept as %s until this run finishes", self.path, self.previous.name)
+        if self.state_path.exists():
+            os.replace(self.state_path, self.previous_state)
+
+    def finish(self) -> None:
+        """The run reached its end: the output --overwrite set aside is no longer needed."""
+        for p in (self.previous, self.previous_state):
+            p.unlink(missing_ok=True)
+
+    def kept_aside(self) -> str:
+        """For a failure message: where the output --overwrite replaced still is, if anywhere."""
+        return f" (the output --overwrite replaced is kept in {self.previous})" if self.previous.exists() else ""
 
     def commit(self, records, state: dict) -> None:
         """Append `records`, fsync, then record the new length (and `state`) atomically."""
@@ -362,12 +387,14 @@ def generate(seeds, out, client, *, num, lang="zh", api="chat", num_prompt_instr
         if len(errors) == n_req:
             first = errors[0]
             raise UserError(f"every request of batch {batches} failed; first error: {first}. "
-                            f"{len(kept)} instructions are safe in {out}; run the same command again to resume")
+                            f"{len(kept)} instructions are safe in {out}; run the same command again to resume"
+                            + writer.kept_aside())
         idle_batches = 0 if new else idle_batches + 1
         if patience and idle_batches >= patience:
             log.warning("stopping: the last %d batches kept nothing (%s); is the model following the "
                         "prompt format?", idle_batches, _summary(counts))
             break
+    writer.finish()
     return kept, counts
 
 
@@ -398,7 +425,8 @@ def add_arguments(parser):
     parser.add_argument("--patience", type=int_range(1, 10 ** 6),
                         default=20, help="stop after this many batches in a row "
                         "keep nothing (0 = never)")
-    parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out")
+    parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out (the "
+                        "old output is kept as OUT.previous until the new run finishes)")
 
 
 def run(args):

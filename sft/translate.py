@@ -118,7 +118,7 @@ def translate_records(records, out, client, *, fields=("instruction", "input", "
             # The endpoint is down or refuses us: stop before marking the batch done.
             raise UserError(f"every request for records {lo}..{lo + len(batch) - 1} failed; first error: "
                             f"{errors[0]}. Records before {lo} are done in {out}; run the same command "
-                            f"again to resume")
+                            f"again to resume" + writer.kept_aside())
         new = []
         for i, res in enumerate(results):
             if isinstance(res, Exception):
@@ -131,6 +131,7 @@ def translate_records(records, out, client, *, fields=("instruction", "input", "
         writer.commit(new, state)
         log.info("records %d/%d | translated %d, copied %d, failed %d | %s", lo + len(batch), len(records),
                  counts["translated"], counts["copied"], len(failed), client.stats_line())
+    writer.finish()
     return state
 
 
@@ -151,7 +152,8 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=int_range(1, 1 << 20), default=2048)
     parser.add_argument("--limit", type=int_range(0, 10 ** 12),
                         default=0, help="translate only the first N records (0 = all)")
-    parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out")
+    parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming --out (the "
+                        "old output is kept as OUT.previous until the new run finishes)")
 
 
 def run(args):

@@ -381,6 +381,30 @@ def test_generate_keeps_what_was_written_when_the_endpoint_fails(scripted_server
     assert state["counts"]["request_failed"] == 2 and state["counts"]["kept"] == 2
 
 
+def test_overwrite_keeps_the_old_output_until_the_new_run_finishes(scripted_server, tmp_path):
+    """--overwrite whose run fails costs nothing: the old output waits in OUT.previous, a second failed
+    --overwrite does not replace it with the first one's unfinished output, and a run that ends drops it."""
+    seeds = si.load_seed_tasks(_write_seeds(tmp_path))
+    answer = "4. 指令：解释什么是通货膨胀\n4. 输入：\n<无输入>\n4. 输出：\n物价持续上涨。"
+    client = _client(scripted_server, max_retries=1, concurrency=1)
+    orig = client.generate
+    client.generate = lambda prompt, **kw: _fixed(answer)
+    out, previous = tmp_path / "out.jsonl", tmp_path / "out.jsonl.previous"
+    si.generate(seeds, out, client, num=1, lang="zh", batch_size=1)
+    old = out.read_bytes()
+    client.generate = orig
+    for _ in range(2):
+        scripted_server.script = ["500"] * 4
+        with pytest.raises(UserError, match=r"every request of batch 1 failed.*kept in .*out\.jsonl\.previous"):
+            si.generate(seeds, out, client, num=1, lang="zh", batch_size=1, overwrite=True)
+        assert previous.read_bytes() == old and out.read_bytes() == b""
+        assert json.loads((tmp_path / "out.jsonl.state.json.previous").read_text("utf-8"))["counts"]["kept"] == 1
+    client.generate = lambda prompt, **kw: _fixed(answer)
+    kept, _ = si.generate(seeds, out, client, num=1, lang="zh", batch_size=1, overwrite=True)
+    assert len(kept) == 1 and out.read_bytes() == old
+    assert not previous.exists() and not (tmp_path / "out.jsonl.state.json.previous").exists()
+
+
 def _fixed(text):
     from zhllama.sft.api_client import Completion
     return Completion(text, "stop")

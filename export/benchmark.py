@@ -36,6 +36,7 @@ from zhllama.fsutil import atomic_write_json, atomic_write_text
 from zhllama.inputfile import check_input_file
 from zhllama.log import get_logger
 from zhllama.modelio import load_for_inference
+from zhllama.outlock import output_lock
 from zhllama.textenc import encode_text
 
 log = get_logger("zhllama.eval")
@@ -372,6 +373,13 @@ def run_benchmark(args) -> int:
         raise UserError("--tokenizer applies to one --model; each of several models uses its own tokenizer")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive")
+    if args.out:   # one writer per --out: two runs would leave one's predictions beside the other's summary
+        with output_lock(args.out, "zhllama eval --benchmark", "results folder"):
+            return _score_models(args, fmt)
+    return _score_models(args, fmt)
+
+
+def _score_models(args, fmt) -> int:
     max_length = args.max_length or 2048
     only = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     subjects = load_subjects(args.data, fmt, args.shots, only, args.limit)

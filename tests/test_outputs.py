@@ -266,6 +266,8 @@ WRITERS = {
     "sft.convert": lambda t, m, a, o: ["sft.convert", SFT_SAMPLE, "--out", o],
     "selfinstruct": lambda t, m, a, o: ["selfinstruct", "--seed-tasks", SFT_SAMPLE, "--out", o, "--num", "2", *API],
     "translate": lambda t, m, a, o: ["translate", "--input", SFT_SAMPLE, "--out", o, *API],
+    "eval --benchmark": lambda t, m, a, o: ["eval", "--benchmark", "ceval", "--data", o.parent / "ceval",
+                                            "--model", m, "--out", o],
 }
 
 

@@ -300,7 +300,8 @@ def report(results: dict, out: Path, t0: float, load) -> None:
         c = checks[name]
         rows.append(f"{name}: 1K-2K perplexity {100 * (1 - c['ppl_1K-2K_vs_base']):.1f}% lower than the base's "
                     f"({'ok' if c['ppl_1K-2K_vs_base'] <= 0.7 else 'MISSED'}: >= 30%); 0-256 "
-                    f"{100 * (c['ppl_0-256_vs_base'] - 1):+.1f}% ({short_context_verdict(c['ppl_0-256_vs_base'])}); passkey at 2,048 {c['passkey_2048'][0]:.2f} vs base {c['passkey_2048'][1]:.2f} "
+                    f"{100 * (c['ppl_0-256_vs_base'] - 1):+.1f}% ({short_context_verdict(c['ppl_0-256_vs_base'])}); "
+                    f"passkey at 2,048 {c['passkey_2048'][0]:.2f} vs base {c['passkey_2048'][1]:.2f} "
                     f"({'ok' if c['passkey_2048'][0] > c['passkey_2048'][1] else 'MISSED'})")
     print()
     for r in rows:

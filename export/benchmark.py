@@ -23,6 +23,7 @@ Accuracy: per subject, fraction of its questions right; overall and per category
 of the subjects' accuracies (the official figure); also the question-weighted mean.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -373,34 +374,31 @@ def run_benchmark(args) -> int:
         raise UserError("--tokenizer applies to one --model; each of several models uses its own tokenizer")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive")
-    if args.out:   # one writer per --out: two runs would leave one's predictions beside the other's summary
-        with output_lock(args.out, "zhllama eval --benchmark", "results folder"):
-            return _score_models(args, fmt)
-    return _score_models(args, fmt)
-
-
-def _score_models(args, fmt) -> int:
-    max_length = args.max_length or 2048
-    only = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    subjects = load_subjects(args.data, fmt, args.shots, only, args.limit)
-    for m in args.model:
-        if not Path(m).is_dir():
-            raise UserError(f"--model {m}: not a directory")
-    out_dirs = _out_dirs(Path(args.out), args.model) if args.out else [None] * len(args.model)
-    log.info("%s: %d subjects, %d questions, %d-shot", fmt.name, len(subjects),
-             sum(len(s.questions) for s in subjects), args.shots)
-    results = []
-    for model_dir, out_dir in zip(args.model, out_dirs):
-        model, tok = load_for_inference(model_dir, args.tokenizer, args.device, args.dtype)
-        summary, preds = evaluate_model(model, tok, subjects, fmt, args.shots, max_length, args.batch_size)
-        r = {"benchmark": fmt.name, "model": str(model_dir), "shots": args.shots, "max_length": max_length,
-             **summary}
-        log.info("%s: %s accuracy %.2f%% (%d questions, %.1f questions/s)", model_dir, fmt.name,
-                 100 * r["accuracy"], r["questions"], r["questions_per_s"] or 0.0)
-        if out_dir is not None:
-            _write_outputs(out_dir, subjects, preds, r)
-        results.append(r)
-        del model
+    # One writer per --out, taken before any work: two runs would leave one's predictions beside the
+    # other's summary.
+    lock = output_lock(args.out, "zhllama eval --benchmark", "results folder") if args.out else contextlib.nullcontext()
+    with lock:
+        max_length = args.max_length or 2048
+        only = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+        subjects = load_subjects(args.data, fmt, args.shots, only, args.limit)
+        for m in args.model:
+            if not Path(m).is_dir():
+                raise UserError(f"--model {m}: not a directory")
+        out_dirs = _out_dirs(Path(args.out), args.model) if args.out else [None] * len(args.model)
+        log.info("%s: %d subjects, %d questions, %d-shot", fmt.name, len(subjects),
+                 sum(len(s.questions) for s in subjects), args.shots)
+        results = []
+        for model_dir, out_dir in zip(args.model, out_dirs):
+            model, tok = load_for_inference(model_dir, args.tokenizer, args.device, args.dtype)
+            summary, preds = evaluate_model(model, tok, subjects, fmt, args.shots, max_length, args.batch_size)
+            r = {"benchmark": fmt.name, "model": str(model_dir), "shots": args.shots, "max_length": max_length,
+                 **summary}
+            log.info("%s: %s accuracy %.2f%% (%d questions, %.1f questions/s)", model_dir, fmt.name,
+                     100 * r["accuracy"], r["questions"], r["questions_per_s"] or 0.0)
+            if out_dir is not None:
+                _write_outputs(out_dir, subjects, preds, r)
+            results.append(r)
+            del model
     if args.json:
         print(json.dumps({"results": results}, ensure_ascii=False, indent=2))
     else:
